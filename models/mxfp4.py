@@ -1,0 +1,76 @@
+"""MXFP4 (OCP Microscaling Formats v1.0): E2M1 elements, one E8M0 scale per 32.
+
+Blocks run along the LAST dimension (the input dim K of a [N, K] weight).
+Packed layout (as gpt-oss checkpoints):
+  blocks uint8 [..., N, K/32, 16]   two E2M1 codes per byte, low nibble = even element
+  scales uint8 [..., N, K/32]       E8M0: value 2^(s - 127); 255 = NaN
+
+Shape legend: N output rows, K input columns, NB = K/32 blocks.
+"""
+import torch
+
+BLOCK = 32
+E8M0_BIAS = 127
+E2M1_MAX = 6.0
+E2M1_EMAX = 2            # exponent of the largest normal E2M1 value (6 = 1.5 * 2^2)
+
+# Code c (4 bits: sign | 2-bit exponent | 1-bit mantissa) -> value.
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                            -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_MAGNITUDES = E2M1_VALUES[:8]
+
+
+def _round_to_e2m1(a: torch.Tensor) -> torch.Tensor:
+    """Magnitudes a >= 0 -> nearest E2M1 magnitude, ties to even code, saturating at 6."""
+    # The E2M1 grid has step 0.5 in [0, 2], 1 in [2, 4], 2 in [4, 6]; torch.round is half-to-even,
+    # and an even multiple of each step is exactly an even code.
+    fine = torch.round(a * 2) / 2
+    mid = torch.round(a)
+    coarse = torch.round(a / 2) * 2
+    q = torch.where(a < 2, fine, torch.where(a < 4, mid, coarse))
+    return q.clamp(max=E2M1_MAX)
+
+
+def _shared_exponent(amax: torch.Tensor) -> torch.Tensor:
+    """floor(log2(amax)) - emax(E2M1), clamped to the E8M0 range; 0-blocks get the smallest."""
+    _, exp = torch.frexp(amax)              # amax = m * 2^exp, m in [0.5, 1) -> floor(log2) = exp - 1
+    e = exp.to(torch.int32) - 1 - E2M1_EMAX
+    e = torch.where(amax > 0, e, torch.full_like(e, -E8M0_BIAS))
+    return e.clamp(-E8M0_BIAS, E8M0_BIAS)
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] float -> (blocks uint8 [..., N, K/32, 16], scales uint8 [..., N, K/32])."""
+    K = w.shape[-1]
+    if K % BLOCK:
+        raise ValueError(f"quantize_mxfp4: last dim must be a multiple of {BLOCK}, found {K}")
+    x = w.detach().float().reshape(*w.shape[:-1], K // BLOCK, BLOCK)     # [..., N, NB, 32]
+    if not torch.isfinite(x).all():
+        raise ValueError("quantize_mxfp4: weight has NaN or Inf entries")
+    e = _shared_exponent(x.abs().amax(dim=-1))                           # [..., N, NB]
+    scaled = torch.ldexp(x, (-e).unsqueeze(-1).float())
+    mag = _round_to_e2m1(scaled.abs())
+    codes = torch.searchsorted(_MAGNITUDES.to(x.device), mag).to(torch.uint8)
+    codes = codes | ((x < 0).to(torch.uint8) << 3)                        # [..., N, NB, 32]
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)                   # [..., N, NB, 16]
+    scales = (e + E8M0_BIAS).to(torch.uint8)
+    return blocks.contiguous(), scales.contiguous()
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(blocks [..., N, NB, 16], scales [..., N, NB]) -> w [..., N, NB*32] in `dtype`."""
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1)             # [..., N, NB, 16, 2]
+    codes = codes.reshape(*blocks.shape[:-1], BLOCK).long()               # [..., N, NB, 32]
+    vals = E2M1_VALUES.to(blocks.device)[codes]
+    exp = scales.to(torch.int32) - E8M0_BIAS
+    scale = torch.ldexp(torch.ones_like(exp, dtype=torch.float32), exp.float())
+    scale = torch.where(scales == 255, torch.full_like(scale, float("nan")), scale)
+    w = vals * scale.unsqueeze(-1)
+    return w.reshape(*blocks.shape[:-2], blocks.shape[-2] * BLOCK).to(dtype)
+
+
+def fake_quantize_mxfp4(w: torch.Tensor) -> torch.Tensor:
+    """MXFP4 round trip in the forward pass, identity gradient (straight-through estimator)."""
+    q = dequantize_mxfp4(*quantize_mxfp4(w), dtype=w.dtype)
+    return w + (q - w).detach()
