@@ -1,0 +1,1 @@
+"""Task-kind bodies of the megakernel: @triton.jit device functions the templates call."""
