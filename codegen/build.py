@@ -1,0 +1,117 @@
+"""Build generated megakernels for a GPU target without a GPU, and report their resources.
+
+`build_report(path, programs)` compiles the one @triton.jit kernel of a generated
+module with `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`,
+runs ptxas -v on the PTX for registers and spills, and checks that `programs`
+persistent programs can all be resident at once (a persistent kernel whose
+programs are not co-resident deadlocks).
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tilecomp.errors import TilecompError
+
+from .triton_gen import kernel_of, load_kernel_module
+
+# Hopper (H100 SXM): SMs, registers per SM, shared memory per SM, max resident blocks per SM.
+SM90 = dict(sms=132, regs_per_sm=65536, smem_per_sm=228 * 1024, blocks_per_sm=32)
+SIGNATURE = {
+    "records": "*i64", "queue": "*i32", "counters": "*i32", "errors": "*i64", "epoch": "i32",
+    "arena_w": "*bf16", "arena_f32": "*fp32", "arena_u8": "*u8", "arena_i32": "*i32",
+}
+GPU_SPINS = 1 << 24
+
+
+@dataclass
+class KernelReport:
+    kernel: str
+    target: str
+    num_warps: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    blocks_per_sm: int
+    programs: int
+    max_resident: int
+
+    @property
+    def fits(self) -> bool:
+        return self.programs <= self.max_resident
+
+    def line(self) -> str:
+        status = "ok" if self.fits else "NOT CO-RESIDENT (deadlock risk)"
+        return (f"{self.kernel}: {self.target} warps={self.num_warps} regs={self.registers} "
+                f"spills={self.spill_stores}B/{self.spill_loads}B smem={self.shared_bytes}B "
+                f"blocks/SM={self.blocks_per_sm} grid={self.programs}/{self.max_resident} {status}")
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"fits": self.fits}
+
+
+def _parse_arch(target: str) -> int:
+    match = re.fullmatch(r"sm_(\d+)a?", target)
+    if not match:
+        raise TilecompError(f"--target {target!r}: expected sm_<NN>, e.g. sm_90")
+    return int(match.group(1))
+
+
+def _ptxas_path(arch: int) -> str:
+    from triton.backends.nvidia import compiler as nv
+    if hasattr(nv, "get_ptxas"):
+        return nv.get_ptxas(arch).path
+    from triton import knobs
+    return knobs.nvidia.ptxas.path
+
+
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes of the kernel in `ptx`, from `ptxas -v`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        out = subprocess.run([_ptxas_path(arch), "-v", f"--gpu-name={gpu}", str(src),
+                              "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+
+    def number(pattern):
+        m = re.search(pattern, out)
+        return int(m.group(1)) if m else 0
+    return dict(registers=number(r"Used (\d+) registers"),
+                spill_stores=number(r"(\d+) bytes spill stores"),
+                spill_loads=number(r"(\d+) bytes spill loads"))
+
+
+def compile_kernel(module, arch: int, num_warps: int = 4):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = kernel_of(module)
+    constexprs = dict(module.CONSTEXPRS, SPIN_LIMIT=GPU_SPINS)
+    signature = dict(SIGNATURE, **{name: "constexpr" for name in constexprs})
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def build_report(path, programs: int, target: str = "sm_90", num_warps: int = 4) -> KernelReport:
+    """Compile the generated kernel in `path` for `target`; raise TilecompError if it does not build."""
+    arch = _parse_arch(target)
+    module = load_kernel_module(Path(path).read_text())
+    try:
+        compiled = compile_kernel(module, arch, num_warps)
+    except Exception as exc:  # Triton raises many types; the user needs the kernel and the reason
+        raise TilecompError(f"{path}: megakernel does not build for {target}: {exc}") from exc
+    usage = ptxas_usage(compiled.asm["ptx"], arch)
+    shared = int(compiled.metadata.shared)
+    threads = 32 * num_warps
+    by_regs = SM90["regs_per_sm"] // max(usage["registers"] * threads, 1)
+    by_smem = SM90["smem_per_sm"] // shared if shared else SM90["blocks_per_sm"]
+    blocks = min(by_regs, by_smem, SM90["blocks_per_sm"])
+    return KernelReport(module.KERNEL_NAME, target, num_warps, usage["registers"],
+                        usage["spill_stores"], usage["spill_loads"], shared, blocks, programs,
+                        blocks * SM90["sms"])

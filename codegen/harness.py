@@ -1,0 +1,109 @@
+"""Render and run a megakernel holding a chosen set of task kinds on given buffers.
+
+Used by the runtime and by the per-kind tests: build TaskRecords by hand,
+put the tensors in an ArenaBuilder, call `run_tasks`. Example:
+
+    b = ArenaBuilder(torch.float32)
+    b.add("x", x, "f32"); b.add("w", w, "w"); b.reserve("y", (T, N), "f32")
+    arenas = b.build()
+    rec = TaskRecord("linear", task=0, args=dict(x=b.offset("x"), ...), signals=[0])
+    run_tasks([[rec]], arenas, constexprs=dict(BLOCK_T=8, BLOCK_N=32, BLOCK_K=32))
+    y = arenas.view("y")
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tilecomp.errors import DeadlockError
+from tilecomp.runtime.buffers import Arenas
+
+from . import layout as L
+from .triton_gen import generate_kernel, kernel_of, load_kernel_module
+
+# Under the interpreter programs run one after another, so a wait that is not
+# met at once never will be; on a GPU a wait spins up to ~seconds.
+INTERPRETER_SPINS = 2
+GPU_SPINS = 1 << 24
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass
+class Megakernel:
+    """One generated, loaded kernel plus what a launch needs."""
+    source: str
+    module: object
+    constexprs: dict
+    spin_limit: int
+
+    @classmethod
+    def build(cls, kinds, constexprs: dict, name: str = "decode_step", spin_limit=None,
+              cache_dir=None) -> "Megakernel":
+        source = generate_kernel(kinds, name=name, constexprs=constexprs)
+        module = load_kernel_module(source, cache_dir)
+        spins = spin_limit or (INTERPRETER_SPINS if interpreting() else GPU_SPINS)
+        return cls(source, module, dict(module.CONSTEXPRS), spins)
+
+    @property
+    def kernel(self):
+        return kernel_of(self.module)
+
+    def launch(self, records, queue, counters, errors, epoch: int, arenas: Arenas):
+        programs = queue.numel() - 1
+        self.kernel[(programs,)](records, queue, counters, errors, epoch, *arenas.pointers(),
+                                 SPIN_LIMIT=self.spin_limit, **self.constexprs)
+
+
+def new_counters(n_counters: int, device="cpu") -> torch.Tensor:
+    return torch.zeros(max(n_counters, 1) * L.COUNTER_STRIDE, dtype=torch.int32, device=device)
+
+
+def new_errors(programs: int, device="cpu") -> torch.Tensor:
+    return torch.zeros(programs, L.ERROR_WORDS, dtype=torch.int64, device=device)
+
+
+def counter_values(counters: torch.Tensor) -> torch.Tensor:
+    return counters.view(-1, L.COUNTER_STRIDE)[:, 0]
+
+
+def raise_on_timeout(errors: torch.Tensor, epoch: int, task_names=None, counter_names=None):
+    """Raise DeadlockError naming (task, counter, value, target) of every timed-out program."""
+    rows = errors.cpu().tolist()
+    failed = [(p, r) for p, r in enumerate(rows) if r[0]]
+    if not failed:
+        return
+    lines = []
+    for program, (_, task, counter, value, need) in failed:
+        tname = task_names[task] if task_names else f"t{task}"
+        cname = counter_names[counter] if counter_names else f"c{counter}"
+        lines.append(f"program {program}: task {task} ({tname}) waited on counter {counter} "
+                     f"({cname}): value {value}, target {need}")
+    raise DeadlockError(f"megakernel step {epoch}: {len(failed)} bounded wait(s) timed out; "
+                        "first: " + lines[0] + ("; all: " + " | ".join(lines) if len(lines) > 1 else ""))
+
+
+def run_tasks(queues: list[list[L.TaskRecord]], arenas: Arenas, constexprs: dict,
+              n_counters: int | None = None, counters: torch.Tensor | None = None,
+              epoch: int = 1, kinds=None, spin_limit=None) -> torch.Tensor:
+    """Run the given per-program queues once; return the counters (pass them back for epoch + 1).
+
+    Raises DeadlockError when a wait times out.
+    """
+    device = arenas.data["f32"].device
+    all_records = [r for q in queues for r in q]
+    kinds = sorted(set(kinds or [r.kind for r in all_records]))
+    kernel = Megakernel.build(kinds, constexprs, spin_limit=spin_limit)
+    records, queue = L.pack_records(queues, device)
+    if counters is None:
+        used = [c for r in all_records for c in r.signals + [w[0] for w in r.waits]]
+        counters = new_counters(n_counters or (max(used) + 1 if used else 1), device)
+    errors = new_errors(len(queues), device)
+    kernel.launch(records, queue, counters, errors, epoch, arenas)
+    names = {r.task: r.kind for r in all_records}
+    raise_on_timeout(errors, epoch, task_names=names)
+    return counters

@@ -1,0 +1,187 @@
+"""The task-record layout of the megakernel, defined once.
+
+A task record is RECORD_WORDS int64 words in a device buffer; records are
+stored program-major in queue order, and `queue[p]:queue[p+1]` are the
+records program p runs. The generated kernel reads fields with the offsets
+below (rendered into the template), and the runtime packs records with
+`pack_records` from the same table, so the two cannot disagree.
+
+Word map (W = RECORD_WORDS):
+  0            kind        KIND_IDS[kind]
+  1            task        task id in the tile program (for error reports)
+  2 .. 2+A     args        kind-specific ints, named per kind in KINDS
+  then         waits       MAX_WAITS x (counter, target, per_step); counter -1 = unused
+  then         signals     MAX_SIGNALS x counter; -1 = unused
+
+A wait on counter c with (target, per_step) is satisfied at step `epoch`
+(1, 2, ...) when counters[c] >= (epoch - 1) * per_step + target: counters
+only grow, `per_step` is the static number of signals c gets per step, so
+no memset is needed between steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tilecomp.errors import ScheduleError
+
+RECORD_DTYPE = torch.int64
+MAX_ARGS = 24
+MAX_WAITS = 4
+MAX_SIGNALS = 2
+# Counters sit on their own 128-byte line (32 int32 words), so programs
+# polling one counter do not slow the release of another.
+COUNTER_STRIDE = 32
+# Error buffer: one row per program: (flag, task, counter, value, target).
+ERROR_WORDS = 5
+
+F_KIND = 0
+F_TASK = 1
+F_ARG0 = 2
+F_WAIT0 = F_ARG0 + MAX_ARGS
+WAIT_WORDS = 3
+F_SIGNAL0 = F_WAIT0 + MAX_WAITS * WAIT_WORDS
+RECORD_WORDS = F_SIGNAL0 + MAX_SIGNALS
+
+
+@dataclass(frozen=True)
+class KindABI:
+    """What one task kind's body reads from its record and the kernel signature.
+
+    args: names of the kind's record args; the frame loads each into a local
+      `r_<name>` (int64 scalar) at the top of the kind's branch.
+    constexprs: kernel constexpr parameters the body uses (by name).
+    """
+    name: str
+    id: int
+    args: tuple[str, ...]
+    constexprs: tuple[str, ...] = ()
+
+    def arg_word(self, name: str) -> int:
+        return F_ARG0 + self.args.index(name)
+
+
+def _kinds(*specs) -> dict[str, KindABI]:
+    table = {}
+    for i, (name, args, constexprs) in enumerate(specs, start=1):
+        assert len(args) <= MAX_ARGS, name
+        assert len(set(args)) == len(args), name
+        table[name] = KindABI(name, i, tuple(args), tuple(constexprs))
+    return table
+
+
+# Offsets named `*` are element offsets into an arena (see codegen/README.md);
+# the others are sizes, indices or flags. Kinds keep the INTERFACES.md order.
+KINDS: dict[str, KindABI] = _kinds(
+    # token rows -> x rows; ids < 0 or == mask_id take the mask embedding
+    ("embed", ("ids", "table", "mask_row", "mask_id", "out", "n_rows", "dim", "row0"),
+     ("BLOCK_T", "BLOCK_D")),
+    # y[t, n0:n0+BN] (+)= norm?(x[t, :]) @ W[n0:n0+BN, k0:k1]^T (+ bias) (+ residual)
+    ("linear", ("x", "x_stride", "w", "k_dim", "n_dim", "n0", "k0", "k1",
+                "norm", "eps_bits", "bias", "res", "res_stride", "y", "y_stride", "n_rows",
+                "rows"),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
+    # y[t, n0:n0+BN] = sum_s part[s, t, n0:n0+BN] (+ residual)
+    ("linear_reduce", ("part", "n_split", "split_stride", "n_dim", "n0", "res", "y",
+                       "y_stride", "n_rows", "rows"),
+     ("BLOCK_T", "BLOCK_N")),
+    # one KV head group: q/k/v rows for T tokens, partial RoPE, K/V cache write
+    ("qkv_rope_kv", ("x", "norm", "eps_bits", "wq", "wk", "wv", "q_out", "k_cache", "v_cache",
+                     "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim", "rope_dim",
+                     "theta_bits", "dim", "pos", "cache_len", "ring", "n_rows", "rows"),
+     ("BLOCK_T", "BLOCK_K", "BLOCK_HD")),
+    ("attn_partial", ("q", "k_cache", "v_cache", "sink", "part_m", "part_l", "part_acc",
+                      "head", "chunk", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
+                      "window", "pos", "cache_len", "ring", "scale_bits", "n_rows"),
+     ("BLOCK_T", "BLOCK_S", "BLOCK_HD")),
+    ("attn_reduce", ("part_m", "part_l", "part_acc", "out", "head", "n_chunks", "n_heads_q",
+                     "n_kv_heads", "v_head_dim", "v_scale_bits", "n_rows"),
+     ("BLOCK_T", "BLOCK_HD")),
+    ("moe_route", ("x", "norm", "eps_bits", "gate", "bias", "plan", "weights", "n_experts",
+                   "top_k", "dim", "n_rows"),
+     ("BLOCK_T", "BLOCK_E", "BLOCK_K")),
+    ("expert_up_gate", ("x", "plan", "weights", "blocks", "scales", "act", "slot", "n0",
+                        "inter", "dim", "n_rows"),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
+    ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0",
+                     "inter", "dim", "n_rows"),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
+    ("moe_combine", ("part", "n_slots", "res", "y", "n0", "dim", "n_rows"),
+     ("BLOCK_T", "BLOCK_N")),
+    # logits tile + per-tile (max key, argmax) for every row
+    ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "logits",
+                 "tile_key", "tile_arg", "tile", "n_tiles", "state", "temp_bits", "seed",
+                 "n_rows", "rows"),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
+    # reduce the per-tile keys -> token per row
+    ("sample_reduce", ("tile_key", "tile_arg", "n_tiles", "out", "n_rows"),
+     ("BLOCK_T", "BLOCK_V")),
+    # DFlash acceptance + next-step state
+    ("accept", ("state", "block", "draft_tok", "post_tok", "n_block", "out_tokens", "mask_id",
+                "mode"),
+     ("BLOCK_T",)),
+    ("allreduce", ("buf", "numel", "rank"), ()),
+    ("send", ("buf", "numel", "peer"), ()),
+    ("recv", ("buf", "numel", "peer"), ()),
+)
+
+KIND_IDS = {name: k.id for name, k in KINDS.items()}
+
+
+def kind_abi(name: str) -> KindABI:
+    if name not in KINDS:
+        raise ScheduleError(f"task kind {name!r}: no codegen body; known kinds: {sorted(KINDS)}")
+    return KINDS[name]
+
+
+@dataclass
+class TaskRecord:
+    """One task as the kernel sees it (the runtime builds these from the tile IR)."""
+    kind: str
+    task: int
+    args: dict[str, int] = field(default_factory=dict)
+    waits: list[tuple[int, int, int]] = field(default_factory=list)  # (counter, target, per_step)
+    signals: list[int] = field(default_factory=list)
+
+
+def encode_record(rec: TaskRecord) -> list[int]:
+    """One record -> RECORD_WORDS ints. Unknown arg names and overflows raise ScheduleError."""
+    abi = kind_abi(rec.kind)
+    words = [0] * RECORD_WORDS
+    words[F_KIND] = abi.id
+    words[F_TASK] = rec.task
+    for name, value in rec.args.items():
+        if name not in abi.args:
+            raise ScheduleError(f"task {rec.task} ({rec.kind}): unknown record arg {name!r}; "
+                                f"expected one of {abi.args}")
+        words[abi.arg_word(name)] = int(value)
+    if len(rec.waits) > MAX_WAITS or len(rec.signals) > MAX_SIGNALS:
+        raise ScheduleError(f"task {rec.task} ({rec.kind}): {len(rec.waits)} waits / "
+                            f"{len(rec.signals)} signals; the record holds at most "
+                            f"{MAX_WAITS} / {MAX_SIGNALS}")
+    for i in range(MAX_WAITS):
+        base = F_WAIT0 + i * WAIT_WORDS
+        counter, target, per_step = rec.waits[i] if i < len(rec.waits) else (-1, 0, 0)
+        if counter >= 0 and not 0 < target <= per_step:
+            raise ScheduleError(f"task {rec.task} ({rec.kind}): wait on counter {counter} has "
+                                f"target {target}, expected 1..{per_step} (signals per step)")
+        words[base:base + WAIT_WORDS] = [counter, target, per_step]
+    for i in range(MAX_SIGNALS):
+        words[F_SIGNAL0 + i] = rec.signals[i] if i < len(rec.signals) else -1
+    return words
+
+
+def pack_records(queues: list[list[TaskRecord]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-program queues -> (records int64 [n, RECORD_WORDS], queue offsets int32 [P + 1])."""
+    rows, offsets = [], [0]
+    for queue in queues:
+        rows.extend(encode_record(r) for r in queue)
+        offsets.append(len(rows))
+    records = torch.tensor(rows, dtype=RECORD_DTYPE).reshape(len(rows), RECORD_WORDS)
+    return records.to(device), torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def float_bits(x: float) -> int:
+    """An fp32 value as the int32 bit pattern stored in `*_bits` args."""
+    return int(torch.tensor([x], dtype=torch.float32).view(torch.int32).item())

@@ -1,0 +1,132 @@
+"""Render ONE persistent `@triton.jit` kernel per step kind from the task kinds it runs.
+
+The frame (templates/megakernel.py.j2) walks the program's queue and
+dispatches on the task kind; each kind's body comes from
+templates/tasks/<kind>.j2, which defines two macros:
+  prefetch()  loads that depend on no other task (weights), issued before the wait
+  compute()   everything after the wait: activation loads, math, stores
+The snippet API (names a body may use) is documented in codegen/README.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+import tilecomp
+from tilecomp.errors import ScheduleError
+
+from . import layout as L
+
+TEMPLATES = Path(__file__).parent / "templates"
+STEP_KINDS = ("decode_step", "prefill_chunk")
+
+
+def _f32_arg(name: str) -> str:
+    """A `*_bits` record arg as an fp32 scalar."""
+    return f"r_{name}.to(tl.int32).to(tl.float32, bitcast=True)"
+
+
+def _act_load(ptr: str, mask: str = "None", other: str = "0.0") -> str:
+    """A load of data another task wrote in this launch: bypass L1 (not coherent across SMs)."""
+    return f'tl.load({ptr}, mask={mask}, other={other}, cache_modifier=".cg")'
+
+
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.globals.update(L=L, f32_arg=_f32_arg, act_load=_act_load)
+    return env
+
+
+@dataclass(frozen=True)
+class Body:
+    prefetch: str
+    compute: str
+
+
+def render_body(env: jinja2.Environment, kind: str) -> Body:
+    """The two parts of one kind's body, rendered, with leading/trailing blank lines stripped."""
+    path = f"tasks/{kind}.j2"
+    try:
+        module = env.get_template(path).module
+    except jinja2.TemplateNotFound:
+        raise ScheduleError(f"task kind {kind!r}: no body template codegen/templates/{path}")
+    compute = str(module.compute()).strip("\n")
+    prefetch = str(module.prefetch()).strip("\n") if hasattr(module, "prefetch") else ""
+    if not compute.strip():
+        raise ScheduleError(f"codegen/templates/{path}: compute() renders nothing")
+    return Body(prefetch, compute)
+
+
+def kernel_constexprs(kinds: list[str]) -> list[str]:
+    """Sorted union of the constexpr parameters the given kinds' bodies use."""
+    names = set()
+    for kind in kinds:
+        names.update(L.kind_abi(kind).constexprs)
+    return sorted(names)
+
+
+def generate_kernel(kinds, name: str = "decode_step", constexprs: dict | None = None) -> str:
+    """Python source of one persistent kernel running the given task kinds.
+
+    kinds: task kind names (any order; the dispatch follows layout.KINDS order).
+    constexprs: values of the kernel's constexpr parameters, recorded in the
+      module's CONSTEXPRS dict (launch and build use it); must cover every name
+      the kinds need.
+    """
+    if name not in STEP_KINDS and not name.isidentifier():
+        raise ScheduleError(f"kernel name {name!r} is not an identifier")
+    abis = sorted({L.kind_abi(k) for k in kinds}, key=lambda a: a.id)
+    names = kernel_constexprs([a.name for a in abis])
+    values = dict(constexprs or {})
+    missing = [n for n in names if n not in values]
+    if constexprs is not None and missing:
+        raise ScheduleError(f"kernel {name}: constexpr values missing for {missing}")
+    env = environment()
+    bodies = {a.name: render_body(env, a.name) for a in abis}
+    wait_block = env.get_template("wait.j2").render().strip("\n")
+    recorded = {n: values[n] for n in names if n in values}
+    return env.get_template("megakernel.py.j2").render(
+        version=tilecomp.__version__, kernel_name=name, kinds=abis, bodies=bodies,
+        wait_block=wait_block, constexpr_names=names, constexpr_values=repr(recorded),
+    )
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def load_kernel_module(source: str, directory: str | os.PathLike | None = None):
+    """Write the source to `directory/<name>_<hash>.py` and import it (Triton needs a file)."""
+    directory = Path(directory or os.environ.get("TILECOMP_CACHE",
+                                                 Path.home() / ".cache" / "tilecomp")) / "kernels"
+    directory.mkdir(parents=True, exist_ok=True)
+    module_name = f"tilecomp_mk_{source_hash(source)}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = directory / f"{module_name}.py"
+    if not path.exists() or path.read_text() != source:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        tmp.replace(path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_of(module):
+    """The one @triton.jit function of a generated module."""
+    return getattr(module, module.KERNEL_NAME)

@@ -1,0 +1,70 @@
+"""The linear body against torch: RMSNorm prologue, split-K, residual epilogue, dynamic rows."""
+import pytest
+import torch
+
+from tilecomp.codegen.harness import run_tasks
+from tilecomp.codegen.layout import TaskRecord, float_bits
+from tilecomp.runtime.buffers import ArenaBuilder
+
+CONST = dict(BLOCK_T=16, BLOCK_N=32, BLOCK_K=32)
+
+
+def linear_record(task, b, n0, k0, k1, *, T, N, K, norm, res, y="y", y_stride=None, rows=-1):
+    return TaskRecord("linear", task, dict(
+        x=b.offset("x"), x_stride=K, w=b.offset("w"), k_dim=K, n_dim=N, n0=n0, k0=k0, k1=k1,
+        norm=b.offset("g") if norm else -1, eps_bits=float_bits(1e-5), bias=-1,
+        res=b.offset("res") if res else -1, res_stride=N, y=b.offset(y),
+        y_stride=y_stride or N, n_rows=T, rows=rows), signals=[0])
+
+
+@pytest.mark.parametrize("norm,res", [(False, False), (True, True)])
+def test_linear_matches_torch(norm, res):
+    g = torch.Generator().manual_seed(1)
+    T, K, N = 5, 80, 72  # neither a multiple of the tiles
+    x, w, gain, resid = (torch.randn(s, generator=g) for s in [(T, K), (N, K), (K,), (T, N)])
+    b = ArenaBuilder(torch.float32)
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", gain, "w"), b.add("res", resid, "f32")
+    b.reserve("y", (T, N), "f32")
+    arenas = b.build()
+    recs = [linear_record(i, b, n0, 0, K, T=T, N=N, K=K, norm=norm, res=res)
+            for i, n0 in enumerate(range(0, N, 32))]
+    counters = run_tasks([recs], arenas, CONST)
+    xin = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain if norm else x
+    want = xin @ w.T + (resid if res else 0)
+    torch.testing.assert_close(arenas.view("y"), want, rtol=1e-5, atol=1e-4)
+    assert counters[0].item() == len(recs)
+
+
+def test_linear_split_k_partials_and_dynamic_rows():
+    g = torch.Generator().manual_seed(2)
+    T, K, N = 6, 96, 32
+    x, w = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g)
+    b = ArenaBuilder(torch.float32)
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", torch.ones(K), "w")
+    b.add("res", torch.zeros(T, N), "f32"), b.add("rows", torch.tensor([4], dtype=torch.int32), "i32")
+    b.add("part", torch.full((2, T, N), 7.0), "f32")
+    arenas = b.build()
+    recs = [linear_record(s, b, 0, s * 64, min(K, s * 64 + 64), T=T, N=N, K=K, norm=False,
+                          res=False, y="part", rows=b.offset("rows")) for s in range(2)]
+    recs[1].args["y"] += T * N
+    run_tasks([recs], arenas, CONST)
+    part = arenas.view("part")
+    torch.testing.assert_close(part.sum(0)[:4], x[:4] @ w.T, rtol=1e-5, atol=1e-4)
+    assert (part[:, 4:] == 7.0).all(), "rows past the dynamic count must stay untouched"
+
+
+def test_embed_gathers_rows_and_mask_embedding():
+    g = torch.Generator().manual_seed(4)
+    V, D, T = 11, 40, 5
+    table, mask_row = torch.randn(V, D, generator=g), torch.randn(D, generator=g)
+    ids = torch.tensor([3, 10, 99, 0, 99], dtype=torch.int32)  # 99 = MASK
+    b = ArenaBuilder(torch.float32)
+    b.add("table", table, "w"), b.add("mask", mask_row, "w"), b.add("ids", ids, "i32")
+    b.reserve("out", (T, D), "f32")
+    arenas = b.build()
+    rec = TaskRecord("embed", 0, dict(ids=b.offset("ids"), table=b.offset("table"),
+                                      mask_row=b.offset("mask"), mask_id=99, out=b.offset("out"),
+                                      n_rows=T, dim=D, row0=0))
+    run_tasks([[rec]], arenas, dict(BLOCK_T=8, BLOCK_D=32))
+    want = torch.stack([table[3], table[10], mask_row, table[0], mask_row])
+    torch.testing.assert_close(arenas.view("out"), want)

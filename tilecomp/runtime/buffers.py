@@ -1,0 +1,88 @@
+"""Typed arenas: every tensor the megakernel touches lives in one of four flat
+buffers and is addressed by an element offset (the offsets go into task records).
+
+  w    weights and KV caches, in the engine's weight dtype (fp32 on CPU tests, bf16 on GPU)
+  f32  fp32 activations, logits, partials and fp32 parameters (router, sinks)
+  u8   MXFP4 expert blocks and scales
+  i32  token ids, step state, routing plans
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tilecomp.errors import CheckpointError
+
+ARENAS = ("w", "f32", "u8", "i32")
+ALIGN = 64  # elements; keeps every slot 128-byte aligned for bf16 and wider
+
+
+@dataclass
+class Slot:
+    arena: str
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class ArenaBuilder:
+    """Collects named tensors / reservations, then lays them out in the four arenas."""
+    wdtype: torch.dtype = torch.float32
+    slots: dict[str, Slot] = field(default_factory=dict)
+    _sizes: dict[str, int] = field(default_factory=lambda: {a: 0 for a in ARENAS})
+    _init: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def dtype(self, arena: str) -> torch.dtype:
+        return {"w": self.wdtype, "f32": torch.float32, "u8": torch.uint8,
+                "i32": torch.int32}[arena]
+
+    def reserve(self, name: str, shape, arena: str) -> Slot:
+        if name in self.slots:
+            raise CheckpointError(f"arena slot {name!r} allocated twice")
+        if arena not in ARENAS:
+            raise CheckpointError(f"slot {name!r}: arena {arena!r}, expected one of {ARENAS}")
+        slot = Slot(arena, self._sizes[arena], tuple(int(s) for s in shape))
+        self._sizes[arena] += -(-max(slot.numel, 1) // ALIGN) * ALIGN
+        self.slots[name] = slot
+        return slot
+
+    def add(self, name: str, tensor: torch.Tensor, arena: str) -> Slot:
+        slot = self.reserve(name, tensor.shape, arena)
+        self._init[name] = tensor
+        return slot
+
+    def offset(self, name: str) -> int:
+        return self.slots[name].offset
+
+    def build(self, device="cpu") -> "Arenas":
+        data = {a: torch.zeros(max(self._sizes[a], ALIGN), dtype=self.dtype(a), device=device)
+                for a in ARENAS}
+        arenas = Arenas(data, dict(self.slots))
+        for name, tensor in self._init.items():
+            arenas.view(name).copy_(tensor.to(arenas.view(name).dtype))
+        return arenas
+
+
+@dataclass
+class Arenas:
+    data: dict[str, torch.Tensor]
+    slots: dict[str, Slot]
+
+    def view(self, name: str) -> torch.Tensor:
+        """A tensor view of one slot (writes go to the arena)."""
+        slot = self.slots[name]
+        return self.data[slot.arena][slot.offset:slot.offset + slot.numel].view(slot.shape)
+
+    def offset(self, name: str) -> int:
+        return self.slots[name].offset
+
+    def pointers(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.data[a] for a in ARENAS)
