@@ -11,7 +11,7 @@ Word map (W = RECORD_WORDS):
   1            task        task id in the tile program (for error reports)
   2 .. 2+A     args        kind-specific ints, named per kind in KINDS
   then         waits       MAX_WAITS x (counter, target, per_step); counter -1 = unused
-  then         signals     MAX_SIGNALS x counter; -1 = unused
+  then         signals     MAX_SIGNALS x (counter, increment); counter -1 = unused
 
 A wait on counter c with (target, per_step) is satisfied at step `epoch`
 (1, 2, ...) when counters[c] >= (epoch - 1) * per_step + target: counters
@@ -42,7 +42,8 @@ F_ARG0 = 2
 F_WAIT0 = F_ARG0 + MAX_ARGS
 WAIT_WORDS = 3
 F_SIGNAL0 = F_WAIT0 + MAX_WAITS * WAIT_WORDS
-RECORD_WORDS = F_SIGNAL0 + MAX_SIGNALS
+SIGNAL_WORDS = 2
+RECORD_WORDS = F_SIGNAL0 + MAX_SIGNALS * SIGNAL_WORDS
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,16 @@ KINDS: dict[str, KindABI] = _kinds(
                      "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim", "rope_dim",
                      "theta_bits", "dim", "pos", "cache_len", "ring", "n_rows", "rows"),
      ("BLOCK_T", "BLOCK_K", "BLOCK_HD")),
-    ("attn_partial", ("q", "k_cache", "v_cache", "sink", "part_m", "part_l", "part_acc",
-                      "head", "chunk", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
-                      "window", "pos", "cache_len", "ring", "scale_bits", "n_rows"),
+    # (kv head, chunk): partial (m, l, acc) of the head group's queries; pos = arena_i32
+    # offset of the block start; causal 0 = draft form (see templates/tasks/attn_partial.j2)
+    ("attn_partial", ("q", "k_cache", "v_cache", "part_m", "part_l", "part_acc",
+                      "head", "chunk", "chunk_len", "n_heads_q", "n_kv_heads", "head_dim",
+                      "v_head_dim", "window", "causal", "pos", "cache_len", "ring", "scale_bits",
+                      "n_rows"),
      ("BLOCK_T", "BLOCK_S", "BLOCK_HD")),
-    ("attn_reduce", ("part_m", "part_l", "part_acc", "out", "head", "n_chunks", "n_heads_q",
-                     "n_kv_heads", "v_head_dim", "v_scale_bits", "n_rows"),
+    # kv head: merge the chunk partials, sink (-1 = none) in the denominator, normalise
+    ("attn_reduce", ("part_m", "part_l", "part_acc", "sink", "out", "head", "n_chunks",
+                     "n_heads_q", "n_kv_heads", "v_head_dim", "n_rows"),
      ("BLOCK_T", "BLOCK_HD")),
     ("moe_route", ("x", "norm", "eps_bits", "gate", "bias", "plan", "weights", "n_experts",
                    "top_k", "dim", "n_rows"),
@@ -142,7 +147,7 @@ class TaskRecord:
     task: int
     args: dict[str, int] = field(default_factory=dict)
     waits: list[tuple[int, int, int]] = field(default_factory=list)  # (counter, target, per_step)
-    signals: list[int] = field(default_factory=list)
+    signals: list[int | tuple[int, int]] = field(default_factory=list)  # counter or (counter, add)
 
 
 def encode_record(rec: TaskRecord) -> list[int]:
@@ -168,7 +173,9 @@ def encode_record(rec: TaskRecord) -> list[int]:
                                 f"target {target}, expected 1..{per_step} (signals per step)")
         words[base:base + WAIT_WORDS] = [counter, target, per_step]
     for i in range(MAX_SIGNALS):
-        words[F_SIGNAL0 + i] = rec.signals[i] if i < len(rec.signals) else -1
+        signal = rec.signals[i] if i < len(rec.signals) else (-1, 0)
+        counter, add = (signal, 1) if isinstance(signal, int) else signal
+        words[F_SIGNAL0 + i * SIGNAL_WORDS:F_SIGNAL0 + (i + 1) * SIGNAL_WORDS] = [counter, add]
     return words
 
 

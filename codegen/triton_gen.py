@@ -5,6 +5,8 @@ dispatches on the task kind; each kind's body comes from
 templates/tasks/<kind>.j2, which defines two macros:
   prefetch()  loads that depend on no other task (weights), issued before the wait
   compute()   everything after the wait: activation loads, math, stores
+  imports()   optional: import lines for @triton.jit device functions the body calls
+              (from tilecomp.codegen.tasks...); the step stays ONE kernel
 The snippet API (names a body may use) is documented in codegen/README.md.
 """
 from __future__ import annotations
@@ -53,6 +55,7 @@ def environment() -> jinja2.Environment:
 class Body:
     prefetch: str
     compute: str
+    imports: tuple[str, ...] = ()
 
 
 def render_body(env: jinja2.Environment, kind: str) -> Body:
@@ -66,7 +69,8 @@ def render_body(env: jinja2.Environment, kind: str) -> Body:
     prefetch = str(module.prefetch()).strip("\n") if hasattr(module, "prefetch") else ""
     if not compute.strip():
         raise ScheduleError(f"codegen/templates/{path}: compute() renders nothing")
-    return Body(prefetch, compute)
+    imports = str(module.imports()).split("\n") if hasattr(module, "imports") else []
+    return Body(prefetch, compute, tuple(line.strip() for line in imports if line.strip()))
 
 
 def kernel_constexprs(kinds: list[str]) -> list[str]:
@@ -97,9 +101,10 @@ def generate_kernel(kinds, name: str = "decode_step", constexprs: dict | None = 
     bodies = {a.name: render_body(env, a.name) for a in abis}
     wait_block = env.get_template("wait.j2").render().strip("\n")
     recorded = {n: values[n] for n in names if n in values}
+    imports = sorted({line for b in bodies.values() for line in b.imports})
     return env.get_template("megakernel.py.j2").render(
         version=tilecomp.__version__, kernel_name=name, kinds=abis, bodies=bodies,
-        wait_block=wait_block, constexpr_names=names, constexpr_values=repr(recorded),
+        wait_block=wait_block, imports=imports, constexpr_names=names, constexpr_values=repr(recorded),
     )
 
 
