@@ -53,7 +53,7 @@ def _check_value(name: str, value, tp):
         if not isinstance(value, list):
             raise ConfigError(f"field '{name}': expected a list, found {type(value).__name__} {value!r}")
         return [_check_value(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"field '{name}': expected an object, found {type(value).__name__} {value!r}")
         return dict(value)

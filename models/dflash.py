@@ -157,7 +157,8 @@ class DFlashDraft(nn.Module):
         self.layers = nn.ModuleList(DFlashLayer(dcfg) for _ in range(dcfg.num_hidden_layers))
         self.norm = DFlashRMSNorm(d, dcfg.layernorm_epsilon)
         self.mask_embedding = nn.Parameter(torch.zeros(d))
-        self.reset_parameters()
+        if not self.mask_embedding.is_meta:     # meta builds (checkpoint loading) skip the init
+            self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02):
         """Random init: linears and the mask embedding ~ N(0, std), norms = 1."""

@@ -18,12 +18,24 @@ from .mxfp4 import dequantize_mxfp4, fake_quantize_mxfp4, quantize_mxfp4
 INIT_STD = 0.02
 
 
+class Linear(nn.Linear):
+    """nn.Linear without its own init (init_weights sets every weight; meta builds stay free)."""
+
+    def reset_parameters(self):
+        pass
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self):
+        pass
+
+
 class MiMoForCausalLM(nn.Module):
     def __init__(self, config: MiMoConfig, dtype: torch.dtype = torch.float32, experts: str = "mxfp4"):
         super().__init__()
         self.config = config
         self.model = MiMoModel(config, dtype, experts)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         if not self.lm_head.weight.is_meta:
@@ -46,7 +58,7 @@ class MiMoForCausalLM(nn.Module):
 class MiMoModel(nn.Module):
     def __init__(self, config: MiMoConfig, dtype: torch.dtype, experts: str):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(Block(config, i, dtype, experts)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype)
@@ -101,10 +113,10 @@ class Attention(nn.Module):
         self.spec, self.layer_idx = spec, layer_idx
         self.value_scale = 1.0 if value_scale is None else value_scale
         H, G = spec.n_heads, spec.n_kv_heads
-        self.q_proj = nn.Linear(dim, H * spec.head_dim, bias=False, dtype=dtype)
-        self.k_proj = nn.Linear(dim, G * spec.head_dim, bias=False, dtype=dtype)
-        self.v_proj = nn.Linear(dim, G * spec.v_head_dim, bias=False, dtype=dtype)
-        self.o_proj = nn.Linear(H * spec.v_head_dim, dim, bias=False, dtype=dtype)
+        self.q_proj = Linear(dim, H * spec.head_dim, bias=False, dtype=dtype)
+        self.k_proj = Linear(dim, G * spec.head_dim, bias=False, dtype=dtype)
+        self.v_proj = Linear(dim, G * spec.v_head_dim, bias=False, dtype=dtype)
+        self.o_proj = Linear(H * spec.v_head_dim, dim, bias=False, dtype=dtype)
         if spec.has_sink:
             self.attention_sink_bias = nn.Parameter(torch.zeros(H, dtype=torch.float32))
         else:
@@ -166,9 +178,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dtype: torch.dtype):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(dim, hidden, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(hidden, dim, bias=False, dtype=dtype)
+        self.gate_proj = Linear(dim, hidden, bias=False, dtype=dtype)
+        self.up_proj = Linear(dim, hidden, bias=False, dtype=dtype)
+        self.down_proj = Linear(hidden, dim, bias=False, dtype=dtype)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

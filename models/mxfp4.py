@@ -17,7 +17,6 @@ E2M1_EMAX = 2            # exponent of the largest normal E2M1 value (6 = 1.5 * 
 # Code c (4 bits: sign | 2-bit exponent | 1-bit mantissa) -> value.
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                             -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
-_MAGNITUDES = E2M1_VALUES[:8]
 
 
 def _round_to_e2m1(a: torch.Tensor) -> torch.Tensor:
@@ -29,6 +28,12 @@ def _round_to_e2m1(a: torch.Tensor) -> torch.Tensor:
     coarse = torch.round(a / 2) * 2
     q = torch.where(a < 2, fine, torch.where(a < 4, mid, coarse))
     return q.clamp(max=E2M1_MAX)
+
+
+def _e2m1_code(mag: torch.Tensor) -> torch.Tensor:
+    """Exact E2M1 magnitudes -> 3-bit codes: 0..2 step 0.5 -> 0..4, then 3 -> 5, 4 -> 6, 6 -> 7."""
+    code = torch.where(mag <= 2, mag * 2, torch.where(mag == 3, 5.0, torch.where(mag == 4, 6.0, 7.0)))
+    return code.to(torch.uint8)
 
 
 def _shared_exponent(amax: torch.Tensor) -> torch.Tensor:
@@ -50,8 +55,8 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e = _shared_exponent(x.abs().amax(dim=-1))                           # [..., N, NB]
     scaled = torch.ldexp(x, (-e).unsqueeze(-1).float())
     mag = _round_to_e2m1(scaled.abs())
-    codes = torch.searchsorted(_MAGNITUDES.to(x.device), mag).to(torch.uint8)
-    codes = codes | ((x < 0).to(torch.uint8) << 3)                        # [..., N, NB, 32]
+    codes = _e2m1_code(mag)
+    codes = codes | (torch.signbit(x).to(torch.uint8) << 3)                # [..., N, NB, 32]
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)                   # [..., N, NB, 16]
     scales = (e + E8M0_BIAS).to(torch.uint8)
     return blocks.contiguous(), scales.contiguous()
