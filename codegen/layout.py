@@ -92,12 +92,11 @@ KINDS: dict[str, KindABI] = _kinds(
                      "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim", "rope_dim",
                      "theta_bits", "dim", "pos", "cache_len", "ring", "n_rows", "rows"),
      ("BLOCK_T", "BLOCK_K", "BLOCK_HD")),
-    # (kv head, chunk): partial (m, l, acc) of the head group's queries; pos = arena_i32
-    # offset of the block start; causal 0 = draft form (see templates/tasks/attn_partial.j2)
+    # (kv head, chunk): partial (m, l, acc) of the head group's queries; key j at cache row
+    # j % ring; pos = arena_i32 offset of the block start; causal 0 = the draft's form
     ("attn_partial", ("q", "k_cache", "v_cache", "part_m", "part_l", "part_acc",
                       "head", "chunk", "chunk_len", "n_heads_q", "n_kv_heads", "head_dim",
-                      "v_head_dim", "window", "causal", "pos", "cache_len", "ring", "scale_bits",
-                      "n_rows"),
+                      "v_head_dim", "window", "causal", "pos", "ring", "scale_bits", "n_rows"),
      ("BLOCK_T", "BLOCK_S", "BLOCK_HD")),
     # kv head: merge the chunk partials, sink (-1 = none) in the denominator, normalise
     ("attn_reduce", ("part_m", "part_l", "part_acc", "sink", "out", "head", "n_chunks",

@@ -1,146 +1,126 @@
-"""attn_partial + attn_reduce bodies against a torch reference (CPU interpreter).
+"""attn_partial + attn_reduce bodies, run through the megakernel frame on CPU.
 
-Each body runs inside a tiny standalone @triton.jit wrapper whose grid walks
-the tasks the lowering emits: one program per (kv head, chunk), then one per
-kv head for the reduce.
+One program runs every (kv head, chunk) partial, then each kv head's reduce,
+which waits on the counter its head's partials signal. Causal cases compare
+with models.mimo.attend (the reference); the draft (non-causal) form with
+DFlash's visibility rule: every block key, context keys within the window.
 """
 import math
 
 import pytest
 import torch
 import triton
-import triton.language as tl
 
-from tilecomp.codegen.tasks.attention import attn_partial_tile, attn_reduce_tile
-from tilecomp.codegen.tasks.tile_math import MM_DOT_F32, MM_SUM
-
-
-@triton.jit
-def _partial_kernel(q, k, v, m, l, acc, start, sm_scale, T: tl.constexpr, REP: tl.constexpr,
-                    DQK: tl.constexpr, DV: tl.constexpr, N_HEADS: tl.constexpr, N_KV: tl.constexpr,
-                    RING: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
-                    CHUNK: tl.constexpr, NCHUNK: tl.constexpr, BR: tl.constexpr,
-                    BDQK: tl.constexpr, BDV: tl.constexpr, BLOCK_N: tl.constexpr, MM: tl.constexpr):
-    pid = tl.program_id(0)
-    attn_partial_tile(q, k, v, m, l, acc, pid // NCHUNK, pid % NCHUNK, start, sm_scale,
-                      T, REP, DQK, DV, N_HEADS, N_KV * DQK, DQK, N_KV * DV, DV, RING,
-                      WINDOW, CAUSAL, CHUNK, NCHUNK, BR, BDQK, BDV, BLOCK_N, MM)
+from tilecomp.codegen.harness import run_tasks
+from tilecomp.codegen.layout import TaskRecord, float_bits
+from tilecomp.models.mimo import attend
+from tilecomp.runtime.buffers import ArenaBuilder
 
 
-@triton.jit
-def _reduce_kernel(m, l, acc, sink, o, start, T: tl.constexpr, REP: tl.constexpr,
-                   DV: tl.constexpr, N_HEADS: tl.constexpr, WINDOW: tl.constexpr,
-                   CHUNK: tl.constexpr, NCHUNK: tl.constexpr, HAS_SINK: tl.constexpr,
-                   BR: tl.constexpr, BDV: tl.constexpr):
-    attn_reduce_tile(m, l, acc, sink, o, tl.program_id(0), start, T, REP, DV, N_HEADS,
-                     WINDOW, CHUNK, NCHUNK, HAS_SINK, BR, BDV)
-
-
-def reference_attention(q, k_pos, v_pos, start, window, causal, sink, sm_scale):
-    """q [T, H, DQK]; k_pos/v_pos [L, KVH, D] indexed by absolute position
-    (L = start + T); sink [H] or None -> o [T, H, DV] (fp64 math)."""
-    T, H, _ = q.shape
-    L, kvh, _ = k_pos.shape
-    rep = H // kvh
-    k = k_pos.double().repeat_interleave(rep, dim=1)                   # [L, H, DQK]
-    v = v_pos.double().repeat_interleave(rep, dim=1)
-    s = torch.einsum("thd,lhd->htl", q.double(), k) * sm_scale          # [H, T, L]
-    qpos = start + torch.arange(T)[:, None]
-    j = torch.arange(L)[None, :]
-    vis = j < start + T
-    if causal:
-        vis = vis & (j <= qpos)
-    if window:
-        vis = vis & (j >= qpos - window)
+def draft_reference(q, k, v, start, window, sink, scale):
+    """q [H, T, Dk], k/v [G, S, D] at positions 0..S-1 -> [H, T, Dv]; no causal mask."""
+    T, S = q.shape[1], k.shape[1]
+    rep = q.shape[0] // k.shape[0]
+    s = q.double() @ k.double().repeat_interleave(rep, 0).transpose(-1, -2) * scale
+    qpos, kpos = start + torch.arange(T)[:, None], torch.arange(S)[None, :]
+    vis = kpos >= qpos - window if window else torch.ones(T, S, dtype=torch.bool)
     s = s.masked_fill(~vis, float("-inf"))
     if sink is not None:
-        s = torch.cat([s, sink.double()[:, None, None].expand(H, T, 1)], dim=-1)
-    p = torch.softmax(s, dim=-1)[..., :L]
-    return torch.einsum("htl,lhd->thd", p, v)
+        s = torch.cat([s, sink.double()[:, None, None].expand(-1, T, 1)], dim=-1)
+    return (s.softmax(-1)[..., :S] @ v.double().repeat_interleave(rep, 0)).float()
 
 
-def run_attention(q, k_pos, v_pos, start, *, window, causal, sink, chunk, block_n, ring, mm):
-    T, H, DQK = q.shape
-    L, KVH, DV = v_pos.shape
-    rep = H // KVH
-    # write the cache in ring layout: position j -> row j % ring
-    k_cache = torch.full((ring, KVH, DQK), float("nan"))
-    v_cache = torch.full((ring, KVH, DV), float("nan"))
-    for j in range(max(0, L - ring), L):
-        k_cache[j % ring] = k_pos[j]
-        v_cache[j % ring] = v_pos[j]
-    span = (window + T) if window else ring
-    nchunk = triton.cdiv(span, chunk)
-    R = T * rep
-    m = torch.full((KVH * nchunk * R,), 7.0)       # garbage: every slot must be written
-    l = torch.full_like(m, 7.0)
-    acc = torch.full((KVH * nchunk * R * DV,), 7.0)
-    o = torch.zeros(T, H * DV)
-    sm_scale = 1.0 / math.sqrt(DQK)
-    BR = max(16, triton.next_power_of_2(R)) if mm else triton.next_power_of_2(R)
-    sizes = dict(BR=BR, BDQK=triton.next_power_of_2(DQK), BDV=triton.next_power_of_2(DV))
-    _partial_kernel[(KVH * nchunk,)](
-        q.reshape(T, -1), k_cache, v_cache, m, l, acc, start, sm_scale, T=T, REP=rep,
-        DQK=DQK, DV=DV, N_HEADS=H, N_KV=KVH, RING=ring, WINDOW=window, CAUSAL=causal,
-        CHUNK=chunk, NCHUNK=nchunk, BLOCK_N=block_n, MM=mm, **sizes)
-    has_sink = sink is not None
-    _reduce_kernel[(KVH,)](
-        m, l, acc, sink if has_sink else o, o, start, T=T, REP=rep, DV=DV, N_HEADS=H,
-        WINDOW=window, CHUNK=chunk, NCHUNK=nchunk, HAS_SINK=has_sink,
-        BR=sizes["BR"], BDV=sizes["BDV"])
-    return o.reshape(T, H, DV)
+def attention_records(b, *, T, H, G, Dk, Dv, chunk, n_chunks, window, causal, ring, sink, scale):
+    parts, reduces = [], []
+    common = dict(part_m=b.offset("m"), part_l=b.offset("l"), part_acc=b.offset("acc"),
+                  n_heads_q=H, n_kv_heads=G, v_head_dim=Dv, n_rows=T)
+    for g in range(G):
+        for c in range(n_chunks):
+            parts.append(TaskRecord("attn_partial", len(parts), dict(
+                common, q=b.offset("q"), k_cache=b.offset("k"), v_cache=b.offset("v"), head=g,
+                chunk=c, chunk_len=chunk, head_dim=Dk, window=window, causal=int(causal),
+                pos=b.offset("pos"), ring=ring,
+                scale_bits=float_bits(scale)), signals=[g]))
+        reduces.append(TaskRecord("attn_reduce", 1000 + g, dict(
+            common, sink=b.offset("sink") if sink else -1, out=b.offset("out"), head=g,
+            n_chunks=n_chunks), waits=[(g, n_chunks, n_chunks)]))
+    return parts + reduces
+
+
+def run_attention(q, k_pos, v_pos, start, *, window, causal, sink, chunk, ring):
+    """q [H, T, Dk]; k_pos/v_pos [G, start+T, D] by absolute position -> o [H, T, Dv]."""
+    H, T, Dk = q.shape
+    G, L, Dv = v_pos.shape
+    cache_len = window + T if ring else L + 5
+    k_cache = torch.full((G, cache_len, Dk), float("nan"))    # unwritten slots must never be read
+    v_cache = torch.full((G, cache_len, Dv), float("nan"))
+    for j in range(max(0, L - cache_len), L):
+        k_cache[:, j % cache_len], v_cache[:, j % cache_len] = k_pos[:, j], v_pos[:, j]
+    n_chunks = triton.cdiv(window + T if window else cache_len, chunk)
+    b = ArenaBuilder(torch.float32)
+    b.add("q", q.transpose(0, 1).reshape(T, H * Dk), "f32")
+    b.add("k", k_cache, "w"), b.add("v", v_cache, "w")
+    b.add("pos", torch.tensor([start], dtype=torch.int32), "i32")
+    b.add("sink", sink if sink is not None else torch.zeros(H), "f32")
+    b.add("m", torch.full((n_chunks, H, T), 7.0), "f32")       # garbage: every partial is written
+    b.add("l", torch.full((n_chunks, H, T), 7.0), "f32")
+    b.add("acc", torch.full((n_chunks, H, T, Dv), 7.0), "f32")
+    b.reserve("out", (T, H * Dv), "f32")
+    arenas = b.build()
+    scale = Dk ** -0.5
+    recs = attention_records(b, T=T, H=H, G=G, Dk=Dk, Dv=Dv, chunk=chunk, n_chunks=n_chunks,
+                             window=window, causal=causal, ring=cache_len,
+                             sink=sink is not None, scale=scale)
+    block_hd = triton.next_power_of_2(max(Dk, Dv))
+    counters = run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_S=16, BLOCK_HD=block_hd))
+    assert counters.view(-1, 32)[:G, 0].tolist() == [n_chunks] * G
+    return arenas.view("out").view(T, H, Dv).transpose(0, 1)
+
+
+def reference(q, k_pos, v_pos, start, window, causal, sink):
+    scale = q.shape[-1] ** -0.5
+    if not causal:
+        return draft_reference(q, k_pos, v_pos, start, window, sink, scale)
+    T, L = q.shape[1], k_pos.shape[1]
+    qpos, kpos = torch.arange(start, start + T), torch.arange(L)
+    return attend(q[None], k_pos[None], v_pos[None], qpos, kpos, window or None, sink, scale)[0]
 
 
 CASES = [
-    # T, H, KVH, DQK, DV, start, window, causal, sink, chunk, block_n, ring
-    pytest.param(8, 4, 2, 24, 16, 21, 0, True, False, 16, 8, 40, id="full-T8-multichunk"),
-    pytest.param(1, 4, 2, 24, 16, 13, 0, True, False, 8, 8, 32, id="full-T1"),
-    pytest.param(8, 4, 1, 24, 16, 30, 12, True, True, 8, 4, 20, id="swa-ring-crosswindow-sink"),
-    pytest.param(8, 2, 2, 24, 16, 3, 12, True, True, 8, 8, 20, id="swa-short-context"),
-    pytest.param(1, 4, 2, 24, 16, 37, 12, True, True, 8, 8, 13, id="swa-T1"),
-    pytest.param(8, 4, 2, 24, 16, 25, 10, False, False, 8, 8, 18, id="draft-noncausal-window"),
-    pytest.param(4, 8, 2, 12, 8, 0, 0, True, True, 16, 8, 16, id="start0-sink"),
+    # T, H, G, Dk, Dv, start, window, causal, sink, chunk, ring
+    pytest.param(8, 4, 2, 24, 16, 21, 0, True, False, 16, False, id="full-T8-multichunk"),
+    pytest.param(1, 4, 2, 24, 16, 13, 0, True, False, 16, False, id="full-T1"),
+    pytest.param(8, 4, 1, 24, 16, 30, 12, True, True, 16, True, id="swa-ring-crosses-window-sink"),
+    pytest.param(8, 2, 2, 24, 16, 3, 12, True, True, 16, True, id="swa-context-shorter-than-window"),
+    pytest.param(1, 4, 2, 24, 16, 37, 12, True, True, 16, True, id="swa-T1"),
+    pytest.param(8, 4, 2, 24, 16, 25, 10, False, True, 16, False, id="draft-noncausal-window"),
+    pytest.param(4, 8, 2, 12, 8, 0, 0, True, True, 32, False, id="start0-sink"),
+    pytest.param(8, 4, 1, 192, 128, 19, 16, True, True, 16, True, id="mimo-head-dims-192-128"),
 ]
 
 
-@pytest.mark.parametrize("T,H,KVH,DQK,DV,start,window,causal,sink,chunk,block_n,ring", CASES)
-def test_attention_matches_reference(T, H, KVH, DQK, DV, start, window, causal, sink, chunk,
-                                     block_n, ring):
-    gen = torch.Generator().manual_seed(1000 + start * 7 + T)
+@pytest.mark.parametrize("T,H,G,Dk,Dv,start,window,causal,sink,chunk,ring", CASES)
+def test_attention_matches_reference(T, H, G, Dk, Dv, start, window, causal, sink, chunk, ring):
+    gen = torch.Generator().manual_seed(1000 + 7 * start + T + Dk)
     L = start + T
-    q = torch.randn(T, H, DQK, generator=gen)
-    k_pos = torch.randn(L, KVH, DQK, generator=gen)
-    v_pos = torch.randn(L, KVH, DV, generator=gen)
+    q = torch.randn(H, T, Dk, generator=gen)
+    k_pos, v_pos = torch.randn(G, L, Dk, generator=gen), torch.randn(G, L, Dv, generator=gen)
     sinks = torch.randn(H, generator=gen) if sink else None
     got = run_attention(q, k_pos, v_pos, start, window=window, causal=causal, sink=sinks,
-                        chunk=chunk, block_n=block_n, ring=ring, mm=MM_SUM)
-    want = reference_attention(q, k_pos, v_pos, start, window, causal, sinks, 1 / math.sqrt(DQK))
-    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+                        chunk=chunk, ring=ring)
+    want = reference(q, k_pos, v_pos, start, window, causal, sinks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_dot_path_mimo_head_dims():
-    """q/k 192, v 128 (non-power-of-2 padded aranges), rows padded to 16 for tl.dot."""
-    gen = torch.Generator().manual_seed(7)
-    T, H, KVH, DQK, DV, start, window = 8, 4, 1, 192, 128, 19, 16
-    L = start + T
-    q = torch.randn(T, H, DQK, generator=gen)
-    k_pos = torch.randn(L, KVH, DQK, generator=gen)
-    v_pos = torch.randn(L, KVH, DV, generator=gen)
-    sinks = torch.randn(H, generator=gen)
-    got = run_attention(q, k_pos, v_pos, start, window=window, causal=True, sink=sinks,
-                        chunk=16, block_n=16, ring=window + T, mm=MM_DOT_F32)
-    want = reference_attention(q, k_pos, v_pos, start, window, True, sinks, 1 / math.sqrt(DQK))
-    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
-
-
-def test_bf16_inputs_are_upcast():
-    gen = torch.Generator().manual_seed(11)
-    T, H, KVH, D, start = 8, 4, 2, 16, 9
-    q = torch.randn(T, H, D, generator=gen).bfloat16()
-    k_pos = torch.randn(start + T, KVH, D, generator=gen).bfloat16()
-    v_pos = torch.randn(start + T, KVH, D, generator=gen).bfloat16()
-    got = run_attention(q, k_pos, v_pos, start, window=0, causal=True, sink=None,
-                        chunk=8, block_n=8, ring=32, mm=MM_SUM)
-    want = reference_attention(q.float(), k_pos.float(), v_pos.float(), start, 0, True, None,
-                               1 / math.sqrt(D))
-    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+def test_window_changes_the_result():
+    """The window must cut keys: the same inputs without it give a different answer."""
+    gen = torch.Generator().manual_seed(3)
+    T, H, G, D, start = 8, 2, 1, 16, 30
+    q = torch.randn(H, T, D, generator=gen)
+    k_pos, v_pos = torch.randn(G, start + T, D, generator=gen), torch.randn(G, start + T, D, generator=gen)
+    windowed = run_attention(q, k_pos, v_pos, start, window=6, causal=True, sink=None, chunk=16,
+                             ring=True)
+    full = reference(q, k_pos, v_pos, start, 0, True, None)
+    assert (windowed - full).abs().max() > 1e-2
+    torch.testing.assert_close(windowed, reference(q, k_pos, v_pos, start, 6, True, None),
+                               rtol=1e-5, atol=1e-5)
