@@ -88,10 +88,13 @@ KINDS: dict[str, KindABI] = _kinds(
                        "y_stride", "n_rows", "rows"),
      ("BLOCK_T", "BLOCK_N")),
     # one KV head group: q/k/v rows for T tokens, partial RoPE, K/V cache write
-    ("qkv_rope_kv", ("x", "norm", "eps_bits", "wq", "wk", "wv", "q_out", "k_cache", "v_cache",
-                     "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim", "rope_dim",
-                     "theta_bits", "dim", "pos", "cache_len", "ring", "n_rows", "rows"),
-     ("BLOCK_T", "BLOCK_K", "BLOCK_HD")),
+    # one KV head: its REP query heads, k and v rows for the tokens; partial RoPE on q/k;
+    # k/v written to the cache at slot (pos + t) % ring. wq < 0: k/v only (draft context)
+    ("qkv_rope_kv", ("x", "x_stride", "norm", "eps_bits", "wq", "wk", "wv", "q_out", "k_cache",
+                     "v_cache", "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
+                     "rope_dim", "theta_bits", "v_scale_bits", "dim", "pos", "ring", "n_rows",
+                     "rows"),
+     ("BLOCK_T", "BLOCK_K", "BLOCK_HD", "BLOCK_R")),
     # (kv head, chunk): partial (m, l, acc) of the head group's queries; key j at cache row
     # j % ring; pos = arena_i32 offset of the block start; causal 0 = the draft's form
     ("attn_partial", ("q", "k_cache", "v_cache", "part_m", "part_l", "part_acc",
@@ -102,28 +105,32 @@ KINDS: dict[str, KindABI] = _kinds(
     ("attn_reduce", ("part_m", "part_l", "part_acc", "sink", "out", "head", "n_chunks",
                      "n_heads_q", "n_kv_heads", "v_head_dim", "n_rows"),
      ("BLOCK_T", "BLOCK_HD")),
-    ("moe_route", ("x", "norm", "eps_bits", "gate", "bias", "plan", "weights", "n_experts",
-                   "top_k", "dim", "n_rows"),
+    # layer: (norm +) router + sigmoid + biased top-k + weights -> plan (count, experts
+    # ascending) and weights [n_slots, n_rows]; gate < 0: x holds router logits already
+    ("moe_route", ("x", "norm", "eps_bits", "gate", "bias", "xn", "plan", "weights",
+                   "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_E", "BLOCK_K")),
-    ("expert_up_gate", ("x", "plan", "weights", "blocks", "scales", "act", "slot", "n0",
-                        "inter", "dim", "n_rows"),
+    # (slot, n tile): act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
+    ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
+                        "act", "slot", "n0", "inter", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
+    # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0",
                      "inter", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
-    ("moe_combine", ("part", "n_slots", "res", "y", "n0", "dim", "n_rows"),
+    # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
+    ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
-    # logits tile + per-tile (max key, argmax) for every row
+    # logits tile + per-row (max key, argmax) of the tile; key = logit (greedy) or
+    # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift
     ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "logits",
-                 "tile_key", "tile_arg", "tile", "n_tiles", "state", "temp_bits", "seed",
-                 "n_rows", "rows"),
+                 "tile_key", "tile_arg", "tile", "n_tiles", "state", "pos_shift", "n_rows", "rows"),
      ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
-    # reduce the per-tile keys -> token per row
+    # out[t] = token of the largest tile key of row t (lowest token on ties)
     ("sample_reduce", ("tile_key", "tile_arg", "n_tiles", "out", "n_rows"),
      ("BLOCK_T", "BLOCK_V")),
-    # DFlash acceptance + next-step state
-    ("accept", ("state", "block", "draft_tok", "post_tok", "n_block", "out_tokens", "mask_id",
-                "mode"),
+    # DFlash acceptance (mode 1) or plain decoding (mode 0): commit, next-step state
+    ("accept", ("state", "draft_tok", "post_tok", "n_block", "out_tokens", "block", "draft_block"),
      ("BLOCK_T",)),
     ("allreduce", ("buf", "numel", "rank"), ()),
     ("send", ("buf", "numel", "peer"), ()),
@@ -131,6 +138,21 @@ KINDS: dict[str, KindABI] = _kinds(
 )
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}
+
+# The step state: int32 words in arena_i32 (at the engine's `state` slot). The host
+# writes them once per request; the accept task updates them at the end of each step.
+STATE_FIELDS = (
+    "pos",         # absolute position of block token 0 (the last committed token)
+    "last",        # the last committed token
+    "temp_bits",   # sampling temperature as fp32 bits (0 = greedy)
+    "seed",        # sampling seed (uint32 bits)
+    "n_ctx",       # draft: new context rows (taps of the tokens committed last step)
+    "ctx_pos",     # draft: absolute position of the first new context row
+    "acc",         # accepted draft tokens this step
+    "n_out",       # tokens committed this step (out_tokens[:n_out])
+)
+STATE = {name: i for i, name in enumerate(STATE_FIELDS)}
+STATE_WORDS = 16
 
 
 def kind_abi(name: str) -> KindABI:

@@ -1,0 +1,121 @@
+"""qkv_rope_kv, linear_reduce, lm_head + sample_reduce and accept bodies against torch."""
+import pytest
+import torch
+
+from tilecomp.codegen import layout as L
+from tilecomp.codegen.harness import run_tasks
+from tilecomp.codegen.layout import TaskRecord, float_bits
+from tilecomp.models.mimo import apply_rope
+from tilecomp.models.sampling import sample
+from tilecomp.runtime.buffers import ArenaBuilder
+
+
+def state_words(pos=0, last=0, temp=0.0, seed=0):
+    s = torch.zeros(L.STATE_WORDS, dtype=torch.int32)
+    s[L.STATE["pos"]], s[L.STATE["last"]] = pos, last
+    s[L.STATE["temp_bits"]], s[L.STATE["seed"]] = float_bits(temp), seed
+    return s
+
+
+@pytest.mark.parametrize("rope_dim,n_rows", [(8, 5), (16, 3)])
+def test_qkv_rope_kv_matches_reference_projection_and_rope(rope_dim, n_rows):
+    g = torch.Generator().manual_seed(5)
+    D, H, G, hd, vd, ring, pos, theta = 48, 4, 2, 16, 12, 11, 9, 10000.0
+    x = torch.randn(n_rows, D, generator=g)
+    wq, wk, wv = (torch.randn(n, D, generator=g) for n in (H * hd, G * hd, G * vd))
+    gain = torch.rand(D, generator=g) + 0.5
+    b = ArenaBuilder(torch.float32)
+    for name, t in dict(wq=wq, wk=wk, wv=wv, g=gain).items():
+        b.add(name, t, "w")
+    b.add("x", x, "f32"), b.add("st", state_words(pos=pos), "i32")
+    b.add("kc", torch.zeros(ring, G, hd), "w"), b.add("vc", torch.zeros(ring, G, vd), "w")
+    b.reserve("q", (n_rows, H * hd), "f32")
+    arenas = b.build()
+    recs = [TaskRecord("qkv_rope_kv", h, dict(
+        x=b.offset("x"), x_stride=D, norm=b.offset("g"), eps_bits=float_bits(1e-5),
+        wq=b.offset("wq"), wk=b.offset("wk"), wv=b.offset("wv"), q_out=b.offset("q"),
+        k_cache=b.offset("kc"), v_cache=b.offset("vc"), head=h, n_heads_q=H, n_kv_heads=G,
+        head_dim=hd, v_head_dim=vd, rope_dim=rope_dim, theta_bits=float_bits(theta),
+        v_scale_bits=float_bits(0.5), dim=D, pos=b.offset("st") + L.STATE["pos"], ring=ring,
+        n_rows=n_rows, rows=-1)) for h in range(G)]
+    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_K=32, BLOCK_HD=16, BLOCK_R=16))
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain
+    p = torch.arange(pos, pos + n_rows)
+    q = apply_rope((h @ wq.T).view(n_rows, H, hd).transpose(0, 1)[None], p, rope_dim, theta)[0]
+    k = apply_rope((h @ wk.T).view(n_rows, G, hd).transpose(0, 1)[None], p, rope_dim, theta)[0]
+    v = (h @ wv.T).view(n_rows, G, vd) * 0.5
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(arenas.view("q").view(n_rows, H, hd), q.transpose(0, 1), **tol)
+    torch.testing.assert_close(arenas.view("kc")[p % ring], k.transpose(0, 1), **tol)
+    torch.testing.assert_close(arenas.view("vc")[p % ring], v, **tol)
+
+
+def test_linear_reduce_sums_splits_in_order_plus_residual():
+    g = torch.Generator().manual_seed(6)
+    S, T, N = 3, 4, 40
+    part, res = torch.randn(S, T, N, generator=g), torch.randn(T, N, generator=g)
+    b = ArenaBuilder(torch.float32)
+    b.add("part", part, "f32"), b.add("res", res, "f32"), b.reserve("y", (T, N), "f32")
+    arenas = b.build()
+    recs = [TaskRecord("linear_reduce", i, dict(
+        part=b.offset("part"), n_split=S, split_stride=T * N, n_dim=N, n0=n0, res=b.offset("res"),
+        y=b.offset("y"), y_stride=N, n_rows=T, rows=-1)) for i, n0 in enumerate((0, 32))]
+    run_tasks([recs], arenas, dict(BLOCK_T=8, BLOCK_N=32))
+    torch.testing.assert_close(arenas.view("y"), part[0] + part[1] + part[2] + res)
+
+
+def _head(temp, seed, vocab=200, T=6, D=32, pos=17, shift=1, ties=False):
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(T, D, generator=g), torch.randn(vocab, D, generator=g)
+    if ties:  # equal best logits in different tiles: the lowest token must win
+        w[150] = w[7]
+    BN = 64
+    n_tiles = -(-vocab // BN)
+    b = ArenaBuilder(torch.float32)
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("st", state_words(pos, 0, temp, seed), "i32")
+    b.reserve("logits", (T, vocab), "f32"), b.reserve("key", (T, n_tiles), "f32")
+    b.reserve("arg", (T, n_tiles), "i32"), b.reserve("tok", (T,), "i32")
+    arenas = b.build()
+    heads = [TaskRecord("lm_head", i, dict(
+        x=b.offset("x"), x_stride=D, norm=-1, eps_bits=0, w=b.offset("w"), dim=D, vocab=vocab,
+        n0=i * BN, logits=b.offset("logits"), tile_key=b.offset("key"), tile_arg=b.offset("arg"),
+        tile=i, n_tiles=n_tiles, state=b.offset("st"), pos_shift=shift, n_rows=T, rows=-1),
+        signals=[0]) for i in range(n_tiles)]
+    reduce = TaskRecord("sample_reduce", n_tiles, dict(
+        tile_key=b.offset("key"), tile_arg=b.offset("arg"), n_tiles=n_tiles, out=b.offset("tok"),
+        n_rows=T), waits=[(0, n_tiles, n_tiles)])
+    run_tasks([heads + [reduce]], arenas, dict(BLOCK_T=16, BLOCK_N=BN, BLOCK_K=32, BLOCK_V=2))
+    logits = x @ w.T
+    want = sample(logits, torch.arange(pos + shift, pos + shift + T), temp, 1.0, seed)
+    return arenas, logits, want
+
+
+@pytest.mark.parametrize("temp,seed,ties", [(0.0, 0, False), (0.0, 0, True), (0.8, 1, False),
+                                            (1.5, 12345, False)])
+def test_lm_head_and_sample_reduce_follow_the_shared_sampling_rule(temp, seed, ties):
+    arenas, logits, want = _head(temp, seed, ties=ties)
+    torch.testing.assert_close(arenas.view("logits"), logits, rtol=1e-5, atol=1e-4)
+    assert arenas.view("tok").tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("drafted,posterior,acc", [
+    ([5, 6, 7], [5, 6, 9, 4], 2), ([1, 2, 3], [1, 2, 3, 8], 3), ([1, 2, 3], [4, 2, 3, 8], 0), ([], [42], 0)])
+def test_accept_commits_prefix_and_updates_state(drafted, posterior, acc):
+    S = len(posterior)
+    b = ArenaBuilder(torch.float32)
+    b.add("st", state_words(pos=30, last=3), "i32")
+    b.add("d", torch.tensor(drafted + [0], dtype=torch.int32), "i32")
+    b.add("p", torch.tensor(posterior, dtype=torch.int32), "i32")
+    b.add("out", torch.full((S,), -7, dtype=torch.int32), "i32")
+    b.add("blk", torch.zeros(S, dtype=torch.int32), "i32"), b.add("dblk", torch.zeros(S, dtype=torch.int32), "i32")
+    arenas = b.build()
+    rec = TaskRecord("accept", 0, dict(state=b.offset("st"), draft_tok=b.offset("d"), post_tok=b.offset("p"),
+                                       n_block=S, out_tokens=b.offset("out"), block=b.offset("blk"),
+                                       draft_block=b.offset("dblk")))
+    run_tasks([[rec]], arenas, dict(BLOCK_T=8))
+    committed = drafted[:acc] + [posterior[acc]]
+    assert arenas.view("out").tolist()[:acc + 1] == committed
+    st = arenas.view("st").tolist()
+    assert (st[L.STATE["acc"]], st[L.STATE["n_out"]], st[L.STATE["pos"]]) == (acc, acc + 1, 31 + acc)
+    assert (st[L.STATE["ctx_pos"]], st[L.STATE["n_ctx"]], st[L.STATE["last"]]) == (30, acc + 1, committed[-1])
+    assert arenas.view("blk")[0].item() == committed[-1] == arenas.view("dblk")[0].item()
