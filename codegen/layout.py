@@ -89,7 +89,7 @@ KINDS: dict[str, KindABI] = _kinds(
      ("BLOCK_T", "BLOCK_N")),
     # one KV head group: q/k/v rows for T tokens, partial RoPE, K/V cache write
     # one KV head: its REP query heads, k and v rows for the tokens; partial RoPE on q/k;
-    # k/v written to the cache at slot (pos + t) % ring. wq < 0: k/v only (draft context)
+    # k/v written to cache row (pos + t) % ring of the head ([n_kv, ring, D]). wq < 0: k/v only (draft context)
     ("qkv_rope_kv", ("x", "x_stride", "norm", "eps_bits", "wq", "wk", "wv", "q_out", "k_cache",
                      "v_cache", "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
                      "rope_dim", "theta_bits", "v_scale_bits", "dim", "pos", "ring", "n_rows",

@@ -28,7 +28,7 @@ def test_qkv_rope_kv_matches_reference_projection_and_rope(rope_dim, n_rows):
     for name, t in dict(wq=wq, wk=wk, wv=wv, g=gain).items():
         b.add(name, t, "w")
     b.add("x", x, "f32"), b.add("st", state_words(pos=pos), "i32")
-    b.add("kc", torch.zeros(ring, G, hd), "w"), b.add("vc", torch.zeros(ring, G, vd), "w")
+    b.add("kc", torch.zeros(G, ring, hd), "w"), b.add("vc", torch.zeros(G, ring, vd), "w")
     b.reserve("q", (n_rows, H * hd), "f32")
     arenas = b.build()
     recs = [TaskRecord("qkv_rope_kv", h, dict(
@@ -46,8 +46,8 @@ def test_qkv_rope_kv_matches_reference_projection_and_rope(rope_dim, n_rows):
     v = (h @ wv.T).view(n_rows, G, vd) * 0.5
     tol = dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(arenas.view("q").view(n_rows, H, hd), q.transpose(0, 1), **tol)
-    torch.testing.assert_close(arenas.view("kc")[p % ring], k.transpose(0, 1), **tol)
-    torch.testing.assert_close(arenas.view("vc")[p % ring], v, **tol)
+    torch.testing.assert_close(arenas.view("kc")[:, p % ring], k, **tol)
+    torch.testing.assert_close(arenas.view("vc")[:, p % ring], v.transpose(0, 1), **tol)
 
 
 def test_linear_reduce_sums_splits_in_order_plus_residual():
