@@ -108,16 +108,16 @@ class OpKind(enum.Enum):
     attention
       rope(x[T, H*Dh], pos i32[]) {n_heads, head_dim, rope_dim, theta} -> x
           neox rotation of the first rope_dim dims of each head; row t at pos + t
-      kv_write(cache[C, H, Dh], x[T, H*Dh], pos i32[]; count=i32[]) {value_scale} -> cache
+      kv_write(cache[H, C, Dh], x[T, H*Dh], pos i32[]; count=i32[]) {value_scale} -> cache
           row t (times value_scale) goes to slot (pos + t) % C; with `count`, only rows t < count
-      attention(q[T, Hq*Dqk], k[C, Hkv, Dqk], v[C, Hkv, Dv], pos i32[]; sink=f32[Hq])
+      attention(q[T, Hq*Dqk], k[Hkv, C, Dqk], v[Hkv, C, Dv], pos i32[]; sink=f32[Hq])
           {n_heads, n_kv_heads, head_dim, v_head_dim, window, causal, scale} -> [T, Hq*Dv]
           query t sits at pos + t and sees key j when j >= pos + t - window (window 0: no
           limit) and, if causal, j <= pos + t; if not causal, every key of the block
           [pos, pos + T) is visible. A slot of a ring cache holds the latest position
           < pos + T that maps to it.
-      qkv_rope_kv(x[T, D], wq[Hq*Dqk, D], wk[Hkv*Dqk, D], wv[Hkv*Dv, D], k[C, Hkv, Dqk],
-          v[C, Hkv, Dv], pos; norm=[D]) {eps, n_heads, n_kv_heads, head_dim, v_head_dim,
+      qkv_rope_kv(x[T, D], wq[Hq*Dqk, D], wk[Hkv*Dqk, D], wv[Hkv*Dv, D], k[Hkv, C, Dqk],
+          v[Hkv, C, Dv], pos; norm=[D]) {eps, n_heads, n_kv_heads, head_dim, v_head_dim,
           rope_dim, theta, value_scale} -> (q[T, Hq*Dqk] roped, k cache, v cache)
     MLP and mixture of experts
       swiglu_mlp(x[T, D], wg[I, D], wu[I, D], wd[D, I]; norm=[D], residual=[T, D]) {eps} -> [T, D]

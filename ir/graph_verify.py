@@ -165,7 +165,7 @@ def _rope(c):
 def _kv_write(c):
     cache, x, pos = c.args
     _ndim(cache, 3, "cache")
-    _, heads, hd = cache.shape
+    heads, _, hd = cache.shape
     _shape(x, (x.shape[0], heads * hd), "new rows")
     _want(x.dtype == cache.dtype, f"new rows: expected dtype {cache.dtype.value}, found {x.dtype.value}")
     _scalar_int(pos, "pos")
@@ -179,8 +179,9 @@ def _attn_dims(c, q, k, v):
     dqk, dv = c.attr("head_dim"), c.attr("v_head_dim")
     _want(hkv > 0 and hq % hkv == 0, f"n_heads {hq} is not a multiple of n_kv_heads {hkv}")
     _shape(q, (q.shape[0], hq * dqk), "q")
-    _shape(k, (k.shape[0], hkv, dqk), "k cache")
-    _shape(v, (k.shape[0], hkv, dv), "v cache")
+    _ndim(k, 3, "k cache")
+    _shape(k, (hkv, k.shape[1], dqk), "k cache")
+    _shape(v, (hkv, k.shape[1], dv), "v cache")
     return hq, dv
 
 

@@ -50,13 +50,13 @@ def rope(x, pos, n_heads, head_dim, rope_dim, theta):
 
 
 def kv_write(cache, x, pos, count=None, value_scale=None):
-    slots, heads, hd = cache.shape
-    rows = x.view(x.shape[0], heads, hd)
+    heads, slots, hd = cache.shape
+    rows = x.view(x.shape[0], heads, hd).transpose(0, 1)                  # [H, T, Dh]
     if value_scale is not None:
         rows = rows * value_scale
     n = x.shape[0] if count is None else int(count)
     out = cache.clone()
-    out[(int(pos) + torch.arange(n)) % slots] = rows[:n].to(cache.dtype)
+    out[:, (int(pos) + torch.arange(n)) % slots] = rows[:, :n].to(cache.dtype)
     return out
 
 
@@ -69,7 +69,7 @@ def slot_positions(slots: int, end: int) -> torch.Tensor:
 
 def attention(q, k, v, pos, sink=None, *, n_heads, n_kv_heads, head_dim, v_head_dim, window, causal, scale):
     t, pos = q.shape[0], int(pos)
-    kpos = slot_positions(k.shape[0], pos + t)                            # [C]
+    kpos = slot_positions(k.shape[1], pos + t)                            # [C]
     qpos = pos + torch.arange(t)                                          # [T]
     visible = (kpos >= 0)[None, :].expand(t, -1).clone()                # [T, C]
     if window:
@@ -79,8 +79,8 @@ def attention(q, k, v, pos, sink=None, *, n_heads, n_kv_heads, head_dim, v_head_
         visible &= kpos[None, :] <= qpos[:, None]
     group = n_heads // n_kv_heads
     qh = q.float().view(t, n_heads, head_dim).transpose(0, 1)                        # [H, T, Dk]
-    kh = k.float().transpose(0, 1).repeat_interleave(group, dim=0)                   # [H, C, Dk]
-    vh = v.float().transpose(0, 1).repeat_interleave(group, dim=0)                   # [H, C, Dv]
+    kh = k.float().repeat_interleave(group, dim=0)                                   # [H, C, Dk]
+    vh = v.float().repeat_interleave(group, dim=0)                                   # [H, C, Dv]
     scores = (qh @ kh.transpose(-1, -2)) * scale                                     # [H, T, C]
     scores = scores.masked_fill(~visible, float("-inf"))
     if sink is not None:

@@ -218,11 +218,11 @@ def _declare_caches(b: GraphBuilder, target, draft, options: TraceOptions, block
     for i in range(cfg.num_hidden_layers):
         s = cfg.attn(i)
         slots = options.max_len if s.window is None else min(options.max_len, s.window + block)
-        target_caches.append((b.input(f"cache.k.{i}", TensorType(dt, (slots, s.n_kv_heads, s.head_dim))),
-                              b.input(f"cache.v.{i}", TensorType(dt, (slots, s.n_kv_heads, s.v_head_dim)))))
+        target_caches.append((b.input(f"cache.k.{i}", TensorType(dt, (s.n_kv_heads, slots, s.head_dim))),
+                              b.input(f"cache.v.{i}", TensorType(dt, (s.n_kv_heads, slots, s.v_head_dim)))))
     dc = draft.config
     for j in range(dc.num_hidden_layers):
-        shape = (options.max_len, dc.num_key_value_heads, dc.head_dim)
+        shape = (dc.num_key_value_heads, options.max_len, dc.head_dim)
         draft_caches.append((b.input(f"draft_cache.k.{j}", TensorType(dt, shape)),
                              b.input(f"draft_cache.v.{j}", TensorType(dt, shape))))
     return target_caches, draft_caches

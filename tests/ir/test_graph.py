@@ -14,7 +14,7 @@ def small_graph():
     pos = b.input("pos", TensorType(I32, ()))
     w = b.param("model.layers.0.self_attn.q_proj.weight", TensorType(BF16, (32, 16)))
     n = b.param("model.layers.0.input_layernorm.weight", TensorType(BF16, (16,)))
-    kc = b.input("k_cache", TensorType(BF16, (64, 2, 16)))
+    kc = b.input("k_cache", TensorType(BF16, (2, 64, 16)))
     h = b.op(OpKind.RMSNORM, [x, n], "h", eps=1e-5)
     q = b.op(OpKind.LINEAR, [h, w], "q")
     q = b.op(OpKind.ROPE, [q, pos], "q_rot", n_heads=2, head_dim=16, rope_dim=6, theta=10000.0)
