@@ -78,8 +78,9 @@ KINDS: dict[str, KindABI] = _kinds(
     # token rows -> x rows; ids < 0 or == mask_id take the mask embedding
     ("embed", ("ids", "table", "mask_row", "mask_id", "out", "n_rows", "dim", "row0"),
      ("BLOCK_T", "BLOCK_D")),
-    # y[t, n0:n0+BN] (+)= norm?(x[t, :]) @ W[n0:n0+BN, k0:k1]^T (+ bias) (+ residual)
-    ("linear", ("x", "x_stride", "w", "k_dim", "n_dim", "n0", "k0", "k1",
+    # y[t, n0:n0+BN] (+)= norm?(x[t, :]) @ W[n0:n0+BN, k0:k1]^T (+ bias) (+ residual);
+    # w_up >= 0: SwiGLU, y = silu(norm?(x) @ W^T) * (norm?(x) @ W_up^T)
+    ("linear", ("x", "x_stride", "w", "w_up", "k_dim", "n_dim", "n0", "k0", "k1",
                 "norm", "eps_bits", "bias", "res", "res_stride", "y", "y_stride", "n_rows",
                 "rows"),
      ("BLOCK_T", "BLOCK_N", "BLOCK_K")),

@@ -11,7 +11,7 @@ CONST = dict(BLOCK_T=16, BLOCK_N=32, BLOCK_K=32)
 
 def linear_record(task, b, n0, k0, k1, *, T, N, K, norm, res, y="y", y_stride=None, rows=-1):
     return TaskRecord("linear", task, dict(
-        x=b.offset("x"), x_stride=K, w=b.offset("w"), k_dim=K, n_dim=N, n0=n0, k0=k0, k1=k1,
+        x=b.offset("x"), x_stride=K, w=b.offset("w"), w_up=-1, k_dim=K, n_dim=N, n0=n0, k0=k0, k1=k1,
         norm=b.offset("g") if norm else -1, eps_bits=float_bits(1e-5), bias=-1,
         res=b.offset("res") if res else -1, res_stride=N, y=b.offset(y),
         y_stride=y_stride or N, n_rows=T, rows=rows), signals=[0])
@@ -68,3 +68,20 @@ def test_embed_gathers_rows_and_mask_embedding():
     run_tasks([[rec]], arenas, dict(BLOCK_T=8, BLOCK_D=32))
     want = torch.stack([table[3], table[10], mask_row, table[0], mask_row])
     torch.testing.assert_close(arenas.view("out"), want)
+
+
+def test_linear_swiglu_epilogue():
+    g = torch.Generator().manual_seed(8)
+    T, K, N = 4, 64, 48
+    x, wg, wu = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, K, generator=g)
+    b = ArenaBuilder(torch.float32)
+    b.add("x", x, "f32"), b.add("w", wg, "w"), b.add("wu", wu, "w"), b.add("g", torch.ones(K), "w")
+    b.add("res", torch.zeros(T, N), "f32"), b.reserve("y", (T, N), "f32")
+    arenas = b.build()
+    recs = [linear_record(i, b, n0, 0, K, T=T, N=N, K=K, norm=True, res=False) for i, n0 in enumerate((0, 32))]
+    for r in recs:
+        r.args["w_up"] = b.offset("wu")
+    run_tasks([recs], arenas, CONST)
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    want = torch.nn.functional.silu(xn @ wg.T) * (xn @ wu.T)
+    torch.testing.assert_close(arenas.view("y"), want, rtol=1e-5, atol=1e-4)
