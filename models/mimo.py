@@ -229,18 +229,23 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Shared forward of the expert stores; subclasses give `expert(e) -> (gate, up, down)`."""
+    """Shared forward of the expert stores; subclasses give `weights(ids) -> (gate, up, down)`."""
 
     def forward(self, h, idx, weights):
         """h [N, D], idx / weights [N, A] -> [N, D]; only the chosen experts are touched."""
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        for e in idx.unique().tolist():
+        used = idx.unique()                                               # [U]
+        gate, up, down = self.weights(used)                               # [U, F, D], [U, F, D], [U, D, F]
+        for j, e in enumerate(used.tolist()):
             tok, slot = torch.where(idx == e)
-            gate, up, down = self.expert(e)                               # [F, D], [F, D], [D, F]
             x = h[tok].to(gate.dtype)                                     # [n, D]
-            y = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+            y = F.linear(F.silu(F.linear(x, gate[j])) * F.linear(x, up[j]), down[j])
             out.index_add_(0, tok, y.float() * weights[tok, slot, None])
         return out.to(h.dtype)
+
+    def expert(self, e: int):
+        """(gate [F, D], up [F, D], down [D, F]) of expert e."""
+        return tuple(w[0] for w in self.weights(torch.tensor([e])))
 
 
 class MXFP4Experts(Experts):
@@ -254,8 +259,9 @@ class MXFP4Experts(Experts):
             self.register_buffer(f"{name}_blocks", torch.zeros(n_experts, N, K // 32, 16, dtype=torch.uint8))
             self.register_buffer(f"{name}_scales", torch.zeros(n_experts, N, K // 32, dtype=torch.uint8))
 
-    def expert(self, e: int):
-        return tuple(dequantize_mxfp4(getattr(self, f"{n}_blocks")[e], getattr(self, f"{n}_scales")[e],
+    def weights(self, ids: torch.Tensor):
+        ids = ids.to(self.gate_proj_blocks.device)
+        return tuple(dequantize_mxfp4(getattr(self, f"{n}_blocks")[ids], getattr(self, f"{n}_scales")[ids],
                                       self.dtype) for n in ("gate_proj", "up_proj", "down_proj"))
 
     def set_expert(self, e: int, gate, up, down):
@@ -276,8 +282,9 @@ class DenseExperts(Experts):
         self.up_proj = nn.Parameter(torch.zeros(n_experts, hidden, dim, dtype=dtype))
         self.down_proj = nn.Parameter(torch.zeros(n_experts, dim, hidden, dtype=dtype))
 
-    def expert(self, e: int):
-        ws = (self.gate_proj[e], self.up_proj[e], self.down_proj[e])
+    def weights(self, ids: torch.Tensor):
+        ids = ids.to(self.gate_proj.device)
+        ws = (self.gate_proj[ids], self.up_proj[ids], self.down_proj[ids])
         return tuple(fake_quantize_mxfp4(w) for w in ws) if self.fake_quant else ws
 
     def to_mxfp4(self) -> MXFP4Experts:

@@ -62,17 +62,25 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks.contiguous(), scales.contiguous()
 
 
+def _pair_table(device) -> torch.Tensor:
+    """Byte -> (value of low nibble, value of high nibble): [256, 2] fp32."""
+    byte = torch.arange(256)
+    return torch.stack([E2M1_VALUES[byte & 0x0F], E2M1_VALUES[byte >> 4]], dim=-1).to(device)
+
+
+_PAIRS = {}
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(blocks [..., N, NB, 16], scales [..., N, NB]) -> w [..., N, NB*32] in `dtype`."""
-    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1)             # [..., N, NB, 16, 2]
-    codes = codes.reshape(*blocks.shape[:-1], BLOCK).long()               # [..., N, NB, 32]
-    vals = E2M1_VALUES.to(blocks.device)[codes]
-    exp = scales.to(torch.int32) - E8M0_BIAS
-    scale = torch.ldexp(torch.ones_like(exp, dtype=torch.float32), exp.float())
-    scale = torch.where(scales == 255, torch.full_like(scale, float("nan")), scale)
-    w = vals * scale.unsqueeze(-1)
-    return w.reshape(*blocks.shape[:-2], blocks.shape[-2] * BLOCK).to(dtype)
+    if blocks.device not in _PAIRS:
+        _PAIRS[blocks.device] = _pair_table(blocks.device)
+    vals = _PAIRS[blocks.device][blocks.long()]                           # [..., N, NB, 16, 2]
+    scale = torch.ldexp(torch.ones((), device=scales.device), scales.float() - E8M0_BIAS)
+    scale = scale.masked_fill(scales == 255, float("nan"))                # [..., N, NB]
+    w = vals.flatten(-2) * scale.unsqueeze(-1)                            # [..., N, NB, 32]
+    return w.flatten(-2).to(dtype)
 
 
 def fake_quantize_mxfp4(w: torch.Tensor) -> torch.Tensor:
