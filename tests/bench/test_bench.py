@@ -1,0 +1,89 @@
+"""The benchmark's pieces on CPU: the compiled baseline's static step computes the
+reference's logits, the floor adds up, and `run_bench` produces a complete report."""
+import argparse
+
+import pytest
+import torch
+
+from tilecomp.bench.eager_step import EagerStep
+from tilecomp.bench.floor import MXFP4_BYTES_PER_ELEM, kv_read_positions, step_bytes
+from tilecomp.bench.random_model import random_draft, random_target
+from tilecomp.bench.run import format_table, run_bench
+from tilecomp.bench.static_step import StaticStep
+from tilecomp.models import preset
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg, dcfg = preset("tiny")
+    torch.manual_seed(0)
+    target = random_target(cfg, "cpu", dtype=torch.float32)
+    for p in target.parameters():                    # non-trivial norms and sinks
+        if p.ndim == 1:
+            p.data.normal_(1.0, 0.1)
+    return cfg, dcfg, target
+
+
+def test_static_step_verify_matches_reference_forward(tiny):
+    """The static-cache, gathered-expert verify gives the module's own logits, across the window."""
+    cfg, _, target = tiny
+    T, ctx = 8, 21                                   # context > sliding window (8)
+    ids = torch.randint(0, cfg.vocab_size, (ctx + T,))
+    want = target(ids[None])[0]                      # full-sequence forward [ctx + T, V]
+    step = StaticStep(target, None, context=ctx, block=T)
+    with torch.no_grad():
+        step.verify(ids[:ctx], torch.arange(ctx))    # fills the static caches
+        got, _ = step.verify(ids[ctx:], torch.arange(ctx, ctx + T))
+    torch.testing.assert_close(got, want[ctx:], rtol=1e-4, atol=1e-4)
+
+
+def test_static_step_dflash_call_runs_and_accepts_prefix(tiny):
+    cfg, dcfg, target = tiny
+    draft = random_draft(dcfg, cfg, "cpu", dtype=torch.float32)
+    step = StaticStep(target, draft, context=30, block=8)
+    ids = torch.full((8,), dcfg.mask_token_id)
+    ids[0] = 5
+    with torch.no_grad():
+        block, posterior, acc = step(ids, torch.tensor(30))
+    assert block[0] == 5 and (block[1:] != dcfg.mask_token_id).all()
+    n = int(acc)
+    assert 0 <= n <= 7 and torch.equal(block[1:1 + n], posterior[:n])
+    assert n == 7 or block[1 + n] != posterior[n]
+
+
+def test_floor_counts_routed_experts_and_window():
+    cfg, dcfg = preset("mimo-v2-flash", layers=8)
+    unique = [0] + [64] * 7
+    b8 = step_bytes(cfg, dcfg, context=4096, block=8, unique_experts=unique)
+    per_expert = 3 * 2048 * 4096 * MXFP4_BYTES_PER_ELEM
+    assert b8.parts["experts_routed"] == int(7 * 64 * per_expert) or \
+        abs(b8.parts["experts_routed"] - 7 * 64 * per_expert) < 8
+    assert b8.parts["lm_head"] == 152576 * 4096 * 2
+    assert kv_read_positions(128, 4096, 8) == 135 and kv_read_positions(None, 4096, 8) == 4096
+    b1 = step_bytes(cfg, dcfg, context=4096, block=1, unique_experts=[0] + [8] * 7)
+    assert "draft_weights" not in b1.parts and b1.total < b8.total
+    assert b8.total == sum(b8.parts.values())
+
+
+def test_eager_step_records_unique_experts(tiny):
+    cfg, dcfg, target = tiny
+    draft = random_draft(dcfg, cfg, "cpu", dtype=torch.float32)
+    step = EagerStep(target, draft, context=40, block=8)
+    committed = step()
+    assert 1 <= committed <= 8
+    for i in range(cfg.num_hidden_layers):
+        if cfg.is_moe(i):
+            assert cfg.num_experts_per_tok <= step.unique_experts[i] <= cfg.n_routed_experts
+    step.close()
+
+
+def test_run_bench_report_on_cpu():
+    args = argparse.Namespace(checkpoint=None, preset="tiny", layers=None, context=32, block=8,
+                              acceptance=6.3, programs=None, iters=3, eager_iters=2, skip_compile=False,
+                              skip_megakernel=True, skip_bf16=True, json=None)
+    report = run_bench(args)
+    assert report["floor"]["ms"] > 0 and report["copy_bandwidth_gbps"] > 0
+    for name in ("eager", "torch_compile"):
+        r = report["results"][name]
+        assert r["median_ms"] > 0 and r["ratio_to_floor"] > 0
+    assert "floor" in format_table(report)

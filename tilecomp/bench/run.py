@@ -1,0 +1,179 @@
+"""`tilecomp bench`: the megakernel step against eager, torch.compile and the floor, in ONE run.
+
+Every figure in the JSON names the GPU, the model shape, the context and the
+block, and each time comes with its ratio to the floor and achieved GB/s.
+"""
+import gc
+import json
+import platform
+import time
+
+import torch
+
+from tilecomp import __version__
+from tilecomp.errors import TilecompError
+
+from .eager_step import EagerStep
+from .floor import step_bytes
+from .static_step import StaticStep
+from .timing import copy_bandwidth_gbps, sync, time_steps
+
+
+def describe_device() -> str:
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB)"
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def entry(stats: dict, floor_ms: float, nbytes: int, tokens_per_step: float) -> dict:
+    ms = stats["median_ms"]
+    return {**stats, "ratio_to_floor": ms / floor_ms, "achieved_gbps": nbytes / (ms * 1e-3) / 1e9,
+            "steps_per_s": 1e3 / ms, "tokens_per_s": 1e3 / ms * tokens_per_step}
+
+
+def load_models(args, device):
+    from tilecomp.models import load_pretrained, preset
+    from .random_model import random_draft, random_target
+    if args.checkpoint:
+        target, draft = load_pretrained(args.checkpoint, dtype=torch.bfloat16, device=device)
+        return target.config, (draft.config if draft is not None else None), target, draft
+    cfg, dcfg = preset(args.preset, args.layers)
+    target = random_target(cfg, device)
+    draft = random_draft(dcfg, cfg, device) if args.block > 1 else None
+    return cfg, dcfg, target, draft
+
+
+def measure_megakernel(target, draft, args, iters: int) -> dict | None:
+    """The generated megakernel's step as generation runs it (launch + accepted-token read-back)."""
+    try:
+        from tilecomp.runtime.megakernel import MegakernelEngine
+    except ImportError as e:                                           # pragma: no cover
+        return {"error": f"megakernel engine unavailable: {e}"}
+    engine = MegakernelEngine(target, draft if args.block > 1 else None,
+                              max_len=args.context + 4 * args.block, programs=args.programs)
+    step = engine.bench_step(context=args.context, block=args.block)
+    return time_steps(step, iters, warmup=10)
+
+
+def run_bench(args) -> dict:
+    if args.block not in (1, 8):
+        raise TilecompError(f"--block: expected 8 (DFlash) or 1 (plain decode), found {args.block}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    t0 = time.time()
+    cfg, dcfg, target, draft = load_models(args, device)
+    report = {"tilecomp": __version__, "torch": torch.__version__, "device": describe_device(),
+              "date": time.strftime("%Y-%m-%d"), "model": args.checkpoint or args.preset,
+              "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "experts": cfg.n_routed_experts,
+              "context": args.context, "block": args.block, "draft": draft is not None,
+              "build_s": time.time() - t0}
+    bw = copy_bandwidth_gbps()
+    report["copy_bandwidth_gbps"] = bw
+    results = {}
+    with torch.no_grad():
+        eager = EagerStep(target, draft, args.context, args.block)
+        results["eager"] = time_steps(eager, args.eager_iters, warmup=2)
+        eager.close()
+        unique = eager.unique_experts
+        del eager
+        nbytes = step_bytes(cfg, dcfg if draft is not None else None, args.context, args.block, unique)
+        floor_ms = nbytes.total / (bw * 1e9) * 1e3
+        report["unique_experts_per_layer"] = unique
+        report["floor"] = {"bytes": nbytes.total, "ms": floor_ms, "bytes_by_part": nbytes.parts,
+                           "bandwidth_gbps": bw}
+        if not args.skip_compile:
+            results["torch_compile"] = measure_compiled(target, draft, args)
+        if not args.skip_megakernel:
+            results["megakernel"] = measure_megakernel(target, draft, args, args.iters)
+    gc.collect()
+    acc = args.acceptance if args.block > 1 else 0.0
+    tokens_per_step = acc if args.block > 1 else 1.0
+    report["assumed_acceptance"] = acc if args.block > 1 else None
+    report["results"] = {k: (entry(v, floor_ms, nbytes.total, tokens_per_step) if "median_ms" in v else v)
+                         for k, v in results.items() if v is not None}
+    if not args.skip_bf16 and device == "cuda":
+        report["bf16_experts"] = measure_bf16_experts(cfg, dcfg, args, target, draft)
+    add_speedups(report)
+    return report
+
+
+def measure_compiled(target, draft, args) -> dict:
+    step = StaticStep(target, draft, args.context, args.block)
+    ids = torch.randint(0, target.config.vocab_size, (args.block,), device=target.lm_head.weight.device)
+    if draft is not None and args.block > 1:
+        ids[1:] = draft.config.mask_token_id
+    pos0 = torch.tensor(args.context, device=ids.device)
+    fn = torch.compile(step, mode="reduce-overhead", fullgraph=True) if ids.is_cuda else step
+    t0 = time.time()
+
+    def run():
+        out = fn(ids, pos0)
+        out[2].item()                                  # the host read-back of the accepted count
+    run()
+    sync()
+    stats = time_steps(run, args.iters, warmup=5)
+    stats["compile_s"] = time.time() - t0
+    return stats
+
+
+def measure_bf16_experts(cfg, dcfg, args, target, draft) -> dict:
+    """torch.compile step with bf16 experts, on as many layers as fit next to nothing else."""
+    import dataclasses
+    from .random_model import random_target
+    free, _ = torch.cuda.mem_get_info()
+    per_layer = 3 * cfg.n_routed_experts * cfg.moe_intermediate_size * cfg.hidden_size * 2
+    fit = max(1, min(cfg.num_hidden_layers, int(0.8 * free / max(per_layer, 1))))
+    layers = fit if fit < cfg.num_hidden_layers else cfg.num_hidden_layers
+    small = dataclasses.replace(cfg, num_hidden_layers=layers,
+                                hybrid_layer_pattern=cfg.hybrid_layer_pattern[:layers],
+                                moe_layer_freq=cfg.moe_layer_freq[:layers])
+    try:
+        model = random_target(small, "cuda", experts="dense")
+        stats = measure_compiled(model, None, type(args)(**{**vars(args), "block": args.block}))
+    except torch.cuda.OutOfMemoryError as e:
+        return {"error": f"out of memory at {layers} layers: {e}"}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+    stats["layers"] = layers
+    stats["ms_per_layer"] = stats["median_ms"] / layers
+    return stats
+
+
+def add_speedups(report: dict):
+    res = report["results"]
+    mk = res.get("megakernel", {}).get("median_ms")
+    if mk:
+        for name in ("eager", "torch_compile"):
+            if name in res and "median_ms" in res[name]:
+                report.setdefault("speedup_of_megakernel", {})[name] = res[name]["median_ms"] / mk
+
+
+def format_table(report: dict) -> str:
+    fl = report["floor"]
+    lines = [f"tilecomp bench  {report['device']}  model={report['model']} layers={report['layers']} "
+             f"context={report['context']} block={report['block']} draft={report['draft']}",
+             f"copy bandwidth {report['copy_bandwidth_gbps']:.0f} GB/s   floor {fl['bytes'] / 1e9:.3f} GB "
+             f"-> {fl['ms']:.3f} ms",
+             f"{'step':<16}{'median ms':>10}{'p10':>9}{'p90':>9}{'x floor':>9}{'GB/s':>8}{'tok/s':>10}"]
+    for name, r in report["results"].items():
+        if "median_ms" not in r:
+            lines.append(f"{name:<16}{r.get('error', 'n/a')}")
+            continue
+        lines.append(f"{name:<16}{r['median_ms']:>10.3f}{r['p10_ms']:>9.3f}{r['p90_ms']:>9.3f}"
+                     f"{r['ratio_to_floor']:>9.2f}{r['achieved_gbps']:>8.0f}{r['tokens_per_s']:>10.0f}")
+    if report.get("assumed_acceptance"):
+        lines.append(f"tokens/s assume {report['assumed_acceptance']} tokens per step (--acceptance, assumed)")
+    for name, s in report.get("speedup_of_megakernel", {}).items():
+        lines.append(f"megakernel speedup over {name}: {s:.2f}x")
+    b = report.get("bf16_experts")
+    if b and "median_ms" in b:
+        lines.append(f"bf16 experts (torch.compile, {b['layers']} layers): {b['median_ms']:.3f} ms, "
+                     f"{b['ms_per_layer']:.3f} ms/layer")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str):
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
