@@ -10,6 +10,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The test models are tiny: one intra-op thread is faster, and on a shared
+# 2-core machine extra threads spin against other processes (25x slower seen).
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
