@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tilecomp.errors import TilecompError
+
 from .cache import KVCache
 from .config import AttnSpec, MiMoConfig
 from .mxfp4 import dequantize_mxfp4, fake_quantize_mxfp4, quantize_mxfp4
@@ -44,6 +46,10 @@ class MiMoForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
                 tap_layers: list[int] | None = None):
         """input_ids [B, T] at positions start_pos.. -> logits [B, T, V] fp32 (, taps [B, T, n*D])."""
+        end, limit = start_pos + input_ids.shape[1], self.config.max_position_embeddings
+        if end > limit:
+            raise TilecompError(f"positions up to {end - 1} requested; the model supports "
+                                f"max_position_embeddings={limit}")
         h, taps = self.model(input_ids, cache, start_pos, tap_layers)
         logits = self.lm_head(h).float()                                  # [B, T, V]
         return logits if tap_layers is None else (logits, taps)
@@ -308,8 +314,9 @@ def init_weights(model: MiMoForCausalLM, std: float = INIT_STD):
         if isinstance(module, MXFP4Experts):
             E, F_, D = module.gate_proj_blocks.shape[0], module.gate_proj_blocks.shape[1], \
                 module.down_proj_blocks.shape[1]
+            dev = module.gate_proj_blocks.device
             for e in range(E):
-                module.set_expert(e, torch.randn(F_, D) * std, torch.randn(F_, D) * std,
-                                  torch.randn(D, F_) * std)
+                module.set_expert(e, torch.randn(F_, D, device=dev) * std,
+                                  torch.randn(F_, D, device=dev) * std, torch.randn(D, F_, device=dev) * std)
         elif isinstance(module, Router):
             module.e_score_correction_bias.zero_()

@@ -118,3 +118,13 @@ def test_bf16_model_runs_and_tracks_fp32(tiny):
     got, want = bf(ids), tiny(ids)
     assert got.dtype == torch.float32
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+@torch.no_grad()
+def test_positions_past_max_position_embeddings_are_an_error():
+    cfg, _ = preset("tiny", layers=1)
+    cfg.max_position_embeddings = 12
+    model = MiMoForCausalLM(cfg)
+    model(tokens(12, 9, batch=1))
+    with pytest.raises(TilecompError, match="positions up to 12 requested.*max_position_embeddings=12"):
+        model(tokens(3, 9, batch=1), start_pos=10)
