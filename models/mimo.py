@@ -312,8 +312,7 @@ def init_weights(model: MiMoForCausalLM, std: float = INIT_STD):
             p.normal_(0.0, std)
     for module in model.modules():
         if isinstance(module, MXFP4Experts):
-            E, F_, D = module.gate_proj_blocks.shape[0], module.gate_proj_blocks.shape[1], \
-                module.down_proj_blocks.shape[1]
+            E, F_, D = module.gate_proj_blocks.shape[:2] + module.down_proj_blocks.shape[1:2]
             dev = module.gate_proj_blocks.device
             for e in range(E):
                 module.set_expert(e, torch.randn(F_, D, device=dev) * std,

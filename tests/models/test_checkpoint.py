@@ -223,3 +223,16 @@ def test_bad_config_files(saved, tmp_path):
     os.remove(os.path.join(path, "config.json"))
     with pytest.raises(ConfigError, match=r"config\.json: file not found"):
         load_pretrained(path)
+
+
+def test_loader_builds_on_meta_and_never_initialises(saved, monkeypatch):
+    """No random init and no full-size temporary: modules come from the meta device."""
+    import tilecomp.models.mimo as mimo
+
+    def fail(*args, **kwargs):
+        raise AssertionError("load_pretrained must not initialise weights")
+
+    monkeypatch.setattr(mimo, "init_weights", fail)
+    monkeypatch.setattr(mimo.MXFP4Experts, "set_expert", fail)      # stacked experts: no quantization
+    target, _ = load_pretrained(saved, dtype=torch.float32)
+    assert not any(t.is_meta for t in target.state_dict().values())
