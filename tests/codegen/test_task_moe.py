@@ -1,0 +1,196 @@
+"""moe_route -> expert_up_gate -> expert_down -> moe_combine through the megakernel frame
+on CPU, against the reference MoE block of models/mimo.py (Router + MXFP4Experts).
+
+One program runs the whole chain; each stage waits on the counter the previous
+stage signals, as the lowering chains them. Slots past the plan's count hold
+NaN garbage: a body that reads them poisons the result.
+"""
+import dataclasses
+
+import pytest
+import torch
+import triton
+
+from tilecomp.codegen.harness import run_tasks
+from tilecomp.codegen.layout import TaskRecord, float_bits
+from tilecomp.models.mimo import MoE, RMSNorm
+from tilecomp.models.mxfp4 import quantize_mxfp4
+from tilecomp.models.presets import preset
+from tilecomp.runtime.buffers import ArenaBuilder
+
+BLOCK_N, BLOCK_K = 32, 32
+
+
+def make_moe(gen, *, dim, inter, n_experts, top_k, scaling=None, norm_topk=True):
+    cfg, _ = preset("tiny")
+    cfg = dataclasses.replace(cfg, hidden_size=dim, moe_intermediate_size=inter,
+                              n_routed_experts=n_experts, num_experts_per_tok=top_k,
+                              routed_scaling_factor=scaling, norm_topk_prob=norm_topk)
+    moe = MoE(cfg, torch.float32, "mxfp4")
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.randn(n_experts, dim, generator=gen) * 0.3)
+        moe.gate.e_score_correction_bias.copy_(torch.randn(n_experts, generator=gen) * 0.3)
+        for e in range(n_experts):
+            moe.experts.set_expert(e, *(torch.randn(n, k, generator=gen) * 0.2 for n, k in
+                                        ((inter, dim), (inter, dim), (dim, inter))))
+    return moe
+
+
+def moe_arenas(moe, x, norm_w, n_slots, *, logits_in=False):
+    T, D = x.shape
+    ex = moe.experts
+    E, inter = ex.gate_proj_blocks.shape[:2]
+    b = ArenaBuilder(torch.float32)
+    b.add("x", x, "f32")
+    if logits_in:
+        b.add("logits", x @ moe.gate.weight.T, "f32")
+    b.add("norm", norm_w, "w")
+    b.add("gate", moe.gate.weight.detach(), "f32")
+    b.add("bias", moe.gate.e_score_correction_bias, "f32")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        b.add(f"{name}_blocks", getattr(ex, f"{name}_blocks"), "u8")
+        b.add(f"{name}_scales", getattr(ex, f"{name}_scales"), "u8")
+    b.reserve("xn", (T, D), "f32")
+    b.add("plan", torch.full((1 + n_slots,), -7, dtype=torch.int32), "i32")
+    b.add("weights", torch.full((n_slots, T), float("nan")), "f32")
+    b.add("act", torch.full((n_slots, T, inter), float("nan")), "f32")
+    b.add("part", torch.full((n_slots, T, D), float("nan")), "f32")
+    b.reserve("y", (T, D), "f32")
+    return b
+
+
+def moe_records(b, moe, T, D, n_slots, *, logits_in=False):
+    E, inter = moe.experts.gate_proj_blocks.shape[:2]
+    rsf = moe.gate.routed_scaling_factor
+    route = TaskRecord("moe_route", 0, dict(
+        x=b.offset("logits") if logits_in else b.offset("x"), norm=-1 if logits_in else b.offset("norm"),
+        eps_bits=float_bits(1e-5), gate=-1 if logits_in else b.offset("gate"),
+        bias=b.offset("bias"), xn=-1 if logits_in else b.offset("xn"), plan=b.offset("plan"),
+        weights=b.offset("weights"), n_experts=E, top_k=moe.gate.top_k, scale_bits=float_bits(rsf),
+        norm_topk=int(moe.gate.norm_topk_prob), dim=D, n_rows=T), signals=[0])
+    n_up = n_slots * triton.cdiv(inter, BLOCK_N)
+    n_down = n_slots * triton.cdiv(D, BLOCK_N)
+    up = [TaskRecord("expert_up_gate", 1 + i, dict(
+        x=b.offset("xn"), plan=b.offset("plan"), gate_blocks=b.offset("gate_proj_blocks"),
+        gate_scales=b.offset("gate_proj_scales"), up_blocks=b.offset("up_proj_blocks"),
+        up_scales=b.offset("up_proj_scales"), act=b.offset("act"), slot=s, n0=n0, inter=inter,
+        dim=D, n_rows=T), waits=[(0, 1, 1)], signals=[1])
+        for i, (s, n0) in enumerate((s, n0) for s in range(n_slots) for n0 in range(0, inter, BLOCK_N))]
+    down = [TaskRecord("expert_down", 1000 + i, dict(
+        act=b.offset("act"), plan=b.offset("plan"), weights=b.offset("weights"),
+        blocks=b.offset("down_proj_blocks"), scales=b.offset("down_proj_scales"), out=b.offset("part"),
+        slot=s, n0=n0, inter=inter, dim=D, n_rows=T), waits=[(1, n_up, n_up)], signals=[2])
+        for i, (s, n0) in enumerate((s, n0) for s in range(n_slots) for n0 in range(0, D, BLOCK_N))]
+    combine = [TaskRecord("moe_combine", 2000 + i, dict(
+        part=b.offset("part"), plan=b.offset("plan"), n_slots=n_slots, res=b.offset("x"),
+        y=b.offset("y"), n0=n0, dim=D, n_rows=T), waits=[(2, n_down, n_down)], signals=[3])
+        for i, n0 in enumerate(range(0, D, BLOCK_N))]
+    return [route] + up + down + combine
+
+
+def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None):
+    T, D = x.shape
+    b = moe_arenas(moe, x, norm_w, n_slots, logits_in=logits_in)
+    arenas = b.build()
+    recs = moe_records(b, moe, T, D, n_slots, logits_in=logits_in)
+    if stages is not None:
+        recs = [r for r in recs if r.kind in stages]
+    E = moe.experts.gate_proj_blocks.shape[0]
+    const = dict(BLOCK_T=16, BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_K=BLOCK_K,
+                 BLOCK_N=BLOCK_N)
+    run_tasks([recs], arenas, const, n_counters=4)
+    return arenas
+
+
+def reference_plan(moe, xn):
+    weights, idx = moe.gate(xn)                                           # [T, A]
+    experts = idx.unique().tolist()                                       # ascending
+    dense = torch.zeros(xn.shape[0], moe.experts.gate_proj_blocks.shape[0])
+    dense.scatter_(1, idx, weights)
+    return experts, dense[:, experts].T                                   # [count, T]
+
+
+CASES = [
+    # T, dim, inter, E, top_k, scaling, norm_topk
+    pytest.param(8, 64, 32, 16, 4, None, True, id="tiny-T8"),
+    pytest.param(1, 64, 32, 16, 4, None, True, id="tiny-T1"),
+    pytest.param(5, 96, 64, 24, 3, 2.5, True, id="partial-tiles-scaled"),
+    pytest.param(3, 64, 32, 8, 2, 1.5, False, id="no-renorm"),
+]
+
+
+@pytest.mark.parametrize("T,dim,inter,E,top_k,scaling,norm_topk", CASES)
+def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk):
+    gen = torch.Generator().manual_seed(100 * T + dim + E)
+    moe = make_moe(gen, dim=dim, inter=inter, n_experts=E, top_k=top_k, scaling=scaling,
+                   norm_topk=norm_topk)
+    x = torch.randn(T, dim, generator=gen)
+    norm = RMSNorm(dim, 1e-5, torch.float32)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(dim, generator=gen))
+        xn = norm(x)
+        want_y = x + moe(xn[None])[0]
+    experts, weights = reference_plan(moe, xn)
+    n_slots = min(E, len(experts) + 2)               # more slots than chosen experts: some empty
+    arenas = run_moe(moe, x, norm.weight.detach(), n_slots)
+    plan = arenas.view("plan")
+    count = int(plan[0])
+    assert count == len(experts) and plan[1:1 + count].tolist() == experts
+    assert count < n_slots, "the case must exercise empty slots"
+    torch.testing.assert_close(arenas.view("xn"), xn, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(arenas.view("weights")[:count], weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(arenas.view("y"), want_y, rtol=1e-5, atol=1e-5)
+
+
+def test_route_from_precomputed_logits():
+    """gate < 0: the router logits come from linear tasks; the plan must be the same."""
+    gen = torch.Generator().manual_seed(5)
+    moe = make_moe(gen, dim=64, inter=32, n_experts=16, top_k=4)
+    x = torch.randn(8, 64, generator=gen)
+    arenas = run_moe(moe, x, torch.ones(64), 16, logits_in=True, stages={"moe_route"})
+    experts, weights = reference_plan(moe, x)
+    plan = arenas.view("plan")
+    assert plan[1:1 + int(plan[0])].tolist() == experts
+    torch.testing.assert_close(arenas.view("weights")[:len(experts)], weights, rtol=1e-5, atol=1e-6)
+
+
+def test_bias_steers_selection_but_not_weights():
+    """A large bias on expert 3 forces it into every token's top-k; its weight is its unbiased score."""
+    gen = torch.Generator().manual_seed(9)
+    moe = make_moe(gen, dim=64, inter=32, n_experts=16, top_k=2)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.zero_()
+        moe.gate.e_score_correction_bias[3] = 10.0
+    x = torch.randn(4, 64, generator=gen)
+    arenas = run_moe(moe, x, torch.ones(64), 16, logits_in=True, stages={"moe_route"})
+    plan = arenas.view("plan")
+    experts = plan[1:1 + int(plan[0])].tolist()
+    assert 3 in experts
+    _, weights = reference_plan(moe, x)
+    got = arenas.view("weights")[experts.index(3)]
+    torch.testing.assert_close(got, weights[experts.index(3)], rtol=1e-5, atol=1e-6)
+    assert (got < 1).all() and (got > 0).all()
+
+
+def test_mxfp4_dequant_matches_models_mxfp4():
+    """Every E2M1 code and a spread of E8M0 scales through one expert_up_gate tile."""
+    from tilecomp.models.mxfp4 import dequantize_mxfp4
+    gen = torch.Generator().manual_seed(2)
+    T, D, inter = 1, 64, 32
+    blocks = torch.randint(0, 256, (1, inter, D // 32, 16), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(118, 128, (1, inter, D // 32), generator=gen, dtype=torch.uint8)
+    w = dequantize_mxfp4(blocks, scales)[0]                             # [inter, D]
+    x = torch.randn(T, D, generator=gen)
+    b = ArenaBuilder(torch.float32)
+    b.add("x", x, "f32"), b.add("blocks", blocks, "u8"), b.add("scales", scales, "u8")
+    b.add("plan", torch.tensor([1, 0], dtype=torch.int32), "i32")
+    b.reserve("act", (1, T, inter), "f32")
+    arenas = b.build()
+    rec = TaskRecord("expert_up_gate", 0, dict(
+        x=b.offset("x"), plan=b.offset("plan"), gate_blocks=b.offset("blocks"),
+        gate_scales=b.offset("scales"), up_blocks=b.offset("blocks"), up_scales=b.offset("scales"),
+        act=b.offset("act"), slot=0, n0=0, inter=inter, dim=D, n_rows=T))
+    run_tasks([[rec]], arenas, dict(BLOCK_T=16, BLOCK_N=32, BLOCK_K=32))
+    h = x @ w.T
+    torch.testing.assert_close(arenas.view("act")[0], torch.nn.functional.silu(h) * h,
+                               rtol=1e-5, atol=1e-5)
