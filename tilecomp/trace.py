@@ -272,7 +272,7 @@ def trace_prefill_step(target, draft, options: TraceOptions = TraceOptions()) ->
     """A prefill chunk: T prompt tokens through the target, draft context K/V, next tokens."""
     dc = draft.config
     block = dc.block_size
-    t = options.prefill_chunk or block
+    t = block if options.prefill_chunk is None else options.prefill_chunk
     if not 1 <= t <= block:
         raise TilecompError(f"prefill_chunk: expected 1..{block} (the SWA ring holds window + block), found {t}")
     b = GraphBuilder("prefill_step")

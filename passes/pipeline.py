@@ -1,0 +1,143 @@
+"""The compiler pipeline: one straight list of named passes, then `compile_model`.
+
+    config ──trace──> graph ──GRAPH_PASSES──> fused graph ──TILE_PASSES──> tile / schedule
+
+Every pass is a pure function verified on the way in and out. `compile_model`
+returns every stage; it reads only the configs and the options (never weights),
+and the same inputs give the same stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tilecomp.ir.graph import Graph, parse_graph, print_graph
+from tilecomp.models.config import DFlashConfig, MiMoConfig
+from tilecomp.settings import Settings, settings as read_settings
+from tilecomp.trace import TraceOptions, build_modules, trace_decode_step, trace_prefill_step
+
+from .dce import dce
+from .fuse_norm_prologue import fuse_norm_prologue
+from .fuse_residual import fuse_residual
+from .fuse_rope_kv import fuse_rope_kv
+from .fuse_router import fuse_router
+from .fuse_swiglu import fuse_swiglu
+
+GRAPH_PASSES: tuple[Callable[[Graph], Graph], ...] = (
+    # router matmul + sigmoid + biased top-k + weight normalisation -> moe_route (+ unique-expert plan)
+    fuse_router,
+    # gate, up, silu, mul, down (+ expert combine) -> swiglu_mlp / moe_experts
+    fuse_swiglu,
+    # RMSNorm into the prologue of the matmuls that read it
+    fuse_norm_prologue,
+    # q/k/v projections + RoPE + KV-cache writes -> qkv_rope_kv
+    fuse_rope_kv,
+    # residual adds into the epilogue of the op that produces the added value
+    fuse_residual,
+    # drop ops and parameters nothing uses
+    dce,
+)
+
+# Tile passes, in order: (stage name, function(previous stage, options) -> next stage).
+# The stage named "tile" is dumped as tile.ir, the last one as schedule.ir.
+TILE_PASSES: tuple = ()
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    dtype: str = "bf16"             # weights, activations and KV caches (experts stay MXFP4)
+    max_len: int = 4096             # KV cache positions (full-attention layers and the draft)
+    programs: int = 132             # persistent programs the schedule targets (H100: 132 SMs)
+    prefill_chunk: int | None = None    # tokens per prefill step (default: the block size)
+
+    def trace_options(self) -> TraceOptions:
+        return TraceOptions(dtype=self.dtype, max_len=self.max_len, prefill_chunk=self.prefill_chunk)
+
+
+@dataclass
+class Compiled:
+    """Every stage of one compile. `tile` / `schedule` are None until TILE_PASSES are listed."""
+
+    config: MiMoConfig
+    draft_config: DFlashConfig
+    options: CompileOptions
+    graph: Graph                    # traced decode step
+    fused: Graph                    # decode step after GRAPH_PASSES
+    prefill: Graph                  # traced prefill chunk
+    prefill_fused: Graph
+    tile: object | None = None
+    schedule: object | None = None
+    seconds: dict[str, float] = field(default_factory=dict, compare=False)
+
+
+Progress = Callable[[str], None]
+
+
+def stderr_progress(line: str):
+    print(f"[tilecomp] {line}", file=sys.stderr, flush=True)
+
+
+class _Stages:
+    """Times each stage, reports progress, and dumps pass outputs at debug >= 2."""
+
+    def __init__(self, progress: Progress | None, cfg: Settings):
+        self.progress, self.cfg = progress, cfg
+        self.seconds: dict[str, float] = {}
+
+    def run(self, label: str, fn, *args):
+        if self.progress:
+            self.progress(f"{label} ...")
+        start = time.perf_counter()
+        result = fn(*args)
+        self.seconds[label] = time.perf_counter() - start
+        if self.progress:
+            self.progress(f"{label} done in {self.seconds[label]:.2f} s")
+        return result
+
+    def graph_passes(self, graph: Graph) -> Graph:
+        for n, graph_pass in enumerate(GRAPH_PASSES, start=1):
+            graph = self.run(f"{graph.name}: {graph_pass.__name__}", graph_pass, graph)
+            if self.cfg.debug >= 2:
+                self.dump(graph, f"{graph.name}.{n:02d}.{graph_pass.__name__}.ir")
+        return graph
+
+    def dump(self, graph: Graph, filename: str):
+        text = print_graph(graph)
+        if parse_graph(text, filename) != graph:
+            raise AssertionError(f"{filename}: text does not round-trip")
+        if self.cfg.dump_dir:
+            os.makedirs(self.cfg.dump_dir, exist_ok=True)
+            with open(os.path.join(self.cfg.dump_dir, filename), "w") as f:
+                f.write(text)
+
+
+def compile_model(model_config: MiMoConfig, draft_config: DFlashConfig,
+                  options: CompileOptions = CompileOptions(), progress: Progress | None = None,
+                  settings: Settings | None = None) -> Compiled:
+    """Trace, fuse, lower and schedule one decode step (plus the prefill chunk's graphs)."""
+    cfg = settings or read_settings()
+    if progress is None and cfg.debug >= 1:
+        progress = stderr_progress
+    stages = _Stages(progress, cfg)
+    target, draft = stages.run("build modules (meta)", build_modules, model_config, draft_config, options.dtype)
+    trace_opts = options.trace_options()
+    graph = stages.run("trace decode step", trace_decode_step, target, draft, trace_opts)
+    prefill = stages.run("trace prefill step", trace_prefill_step, target, draft, trace_opts)
+    compiled = Compiled(model_config, draft_config, options, graph, stages.graph_passes(graph),
+                        prefill, stages.graph_passes(prefill))
+    stage = compiled.fused
+    for name, tile_pass in TILE_PASSES:
+        stage = stages.run(f"{graph.name}: {name}", tile_pass, stage, options)
+        if name == "tile":
+            compiled.tile = stage
+    if TILE_PASSES:
+        compiled.schedule = stage
+    if cfg.dump_dir:
+        for g, stage_name in ((graph, "graph"), (compiled.fused, "graph.fused"),
+                              (prefill, "graph"), (compiled.prefill_fused, "graph.fused")):
+            stages.dump(g, f"{g.name}.{stage_name}.ir")
+    return dataclasses.replace(compiled, seconds=stages.seconds)

@@ -1,0 +1,34 @@
+from graph_helpers import assert_same_outputs, kinds
+
+from tilecomp.ir.graph import DType, OpKind, TensorType
+from tilecomp.ir.graph_build import GraphBuilder
+from tilecomp.passes.fuse_norm_prologue import fuse_norm_prologue
+from tilecomp.passes.fuse_router import fuse_router
+from tilecomp.passes.fuse_swiglu import fuse_swiglu
+
+
+def test_norms_move_into_matmul_prologues(tiny_step):
+    graph, params, inputs, expected = tiny_step
+    fused = fuse_norm_prologue(fuse_swiglu(fuse_router(graph)))
+    remaining = [op for op in fused.ops if op.kind is OpKind.RMSNORM]
+    # only the MoE inputs stay (moe_experts reads the normed value too)
+    assert len(remaining) == kinds(graph)[OpKind.ROUTE_TOPK]
+    normed = [op for op in fused.ops if op.kwarg("norm")]
+    assert {op.kind for op in normed} == {OpKind.LINEAR, OpKind.LM_HEAD, OpKind.SWIGLU_MLP}
+    assert all("eps" in op.attrs for op in normed)
+    assert_same_outputs(fused, params, inputs, expected)
+
+
+def test_norm_with_a_non_matmul_user_stays():
+    b = GraphBuilder("g")
+    x = b.input("x", TensorType(DType.F32, (2, 8)))
+    h = b.op(OpKind.RMSNORM, [x, b.param("n", TensorType(DType.F32, (8,)))], "h", eps=1e-6)
+    y = b.op(OpKind.LINEAR, [h, b.param("w", TensorType(DType.F32, (4, 8)))], "y")
+    s = b.op(OpKind.SILU, [h], "s")
+    graph = b.ret(y, s)
+    assert fuse_norm_prologue(graph) == graph
+    graph.outputs = [y]
+    graph.ops.pop()                                       # drop the silu user
+    out = fuse_norm_prologue(graph)
+    assert [op.kind for op in out.ops] == [OpKind.LINEAR]
+    assert out.ops[0].args[0] == x and out.ops[0].kwarg("norm") == "@n" and out.ops[0].attrs == {"eps": 1e-6}

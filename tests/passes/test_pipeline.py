@@ -1,0 +1,62 @@
+import time
+
+import pytest
+import torch
+from graph_helpers import assert_same_outputs, kinds
+
+from tilecomp.ir.graph import OpKind, parse_graph, print_graph, verify_graph
+from tilecomp.models.presets import preset
+from tilecomp.passes.pipeline import GRAPH_PASSES, CompileOptions, compile_model
+from tilecomp.settings import Settings
+
+
+def test_fused_graph_equals_the_traced_graph(tiny_step):
+    graph, params, inputs, expected = tiny_step
+    fused = graph
+    for graph_pass in GRAPH_PASSES:
+        fused = graph_pass(fused)
+    assert_same_outputs(fused, params, inputs, expected)
+    assert set(kinds(fused)) <= {OpKind(k) for k in (
+        "embed", "rmsnorm", "linear", "rope", "kv_write", "attention", "swiglu_mlp", "moe_route",
+        "moe_experts", "qkv_rope_kv", "lm_head", "sample", "accept", "kv_commit", "concat", "slice", "sub")}
+
+
+def test_sampled_step_is_unchanged_by_fusion(tiny_step):
+    graph, params, inputs, _ = tiny_step
+    inputs = {**inputs, "%temperature": torch.tensor(0.8), "%top_p": torch.tensor(0.9)}
+    from tilecomp.interpret import run_graph
+    expected = run_graph(graph, params, inputs)
+    fused = compile_model(*preset("tiny"), CompileOptions(dtype="f32", max_len=40), settings=Settings()).fused
+    assert_same_outputs(fused, params, inputs, expected)
+
+
+def test_compile_model_is_deterministic_and_dumps(tmp_path):
+    cfg, dcfg = preset("tiny")
+    lines = []
+    a = compile_model(cfg, dcfg, progress=lines.append, settings=Settings(dump_dir=str(tmp_path), debug=2))
+    b = compile_model(cfg, dcfg, settings=Settings())
+    assert a == b and print_graph(a.fused) == print_graph(b.fused)
+    assert any("fuse_rope_kv done" in line for line in lines)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "decode_step.graph.ir" in names and "prefill_step.graph.fused.ir" in names
+    assert "decode_step.04.fuse_rope_kv.ir" in names
+    for p in tmp_path.iterdir():
+        verify_graph(parse_graph(p.read_text(), p.name), p.name)
+
+
+def test_mimo_v2_flash_graph_stages_compile_in_seconds():
+    cfg, dcfg = preset("mimo-v2-flash")
+    start = time.perf_counter()
+    compiled = compile_model(cfg, dcfg, settings=Settings())
+    elapsed = time.perf_counter() - start
+    assert cfg.num_hidden_layers == 48
+    assert kinds(compiled.fused)[OpKind.MOE_EXPERTS] == 47
+    assert kinds(compiled.fused)[OpKind.QKV_ROPE_KV] == 48 + dcfg.num_hidden_layers
+    assert elapsed < 20, f"graph stages took {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("chunk", [0, 9])
+def test_bad_prefill_chunk_is_a_clear_error(chunk):
+    from tilecomp.errors import TilecompError
+    with pytest.raises(TilecompError, match="prefill_chunk: expected 1..8"):
+        compile_model(*preset("tiny"), CompileOptions(prefill_chunk=chunk), settings=Settings())
