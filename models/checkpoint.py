@@ -14,6 +14,7 @@ filled one tensor at a time from memory-mapped files (peak RAM ~ model + one ten
 """
 import inspect
 import json
+import math
 import os
 import re
 
@@ -68,12 +69,24 @@ def _is_expert_param(key: str, expert_modules) -> bool:
 
 def _per_expert_weights(module, e: int):
     if isinstance(module, DenseExperts):           # raw weights, even when training fake-quantizes
-        return module.gate_proj[e], module.up_proj[e], module.down_proj[e]
+        return module.gate_proj[e].clone(), module.up_proj[e].clone(), module.down_proj[e].clone()
     return module.expert(e)                        # dequantized: exact in the module's dtype
 
 
-def _target_tensors(target: MiMoForCausalLM, experts: str) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors of the target in the chosen expert format."""
+def _num_experts(module) -> int:
+    return (module.gate_proj_blocks if isinstance(module, MXFP4Experts) else module.gate_proj).shape[0]
+
+
+def _nbytes(shape, dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _target_tensors(target: MiMoForCausalLM, experts: str) -> dict:
+    """Checkpoint tensors of the target in the chosen expert format, as name -> (nbytes, make()).
+
+    Tensors are made only when their shard is written, so per-expert output never holds a
+    dequantized copy of more experts than one shard's worth.
+    """
     out = {}
     expert_modules = _expert_modules(target)
     for key, t in target.state_dict().items():
@@ -81,43 +94,50 @@ def _target_tensors(target: MiMoForCausalLM, experts: str) -> dict[str, torch.Te
             continue
         if target.config.tie_word_embeddings and key == "lm_head.weight":
             continue
-        out[key] = t
+        out[key] = (_nbytes(t.shape, t.dtype), lambda t=t: t)
     for prefix, module in expert_modules.items():
         if experts == "mxfp4":
             packed = module if isinstance(module, MXFP4Experts) else module.to_mxfp4()
             for key, t in packed.state_dict().items():
-                out[f"{prefix}.{key}"] = t
-        else:
-            for e in range(_num_experts(module)):
-                for proj, w in zip(PROJS, _per_expert_weights(module, e)):
-                    out[f"{prefix}.{e}.{proj}.weight"] = w.detach()
+                out[f"{prefix}.{key}"] = (_nbytes(t.shape, t.dtype), lambda t=t: t)
+            continue
+        dtype = module.dtype if isinstance(module, MXFP4Experts) else module.gate_proj.dtype
+        for e in range(_num_experts(module)):
+            for j, proj in enumerate(PROJS):
+                make = lambda m=module, e=e, j=j: _per_expert_weights(m, e)[j]   # noqa: E731
+                out[f"{prefix}.{e}.{proj}.weight"] = (_expert_nbytes(module, j, dtype), make)
     return out
 
 
-def _num_experts(module) -> int:
-    return (module.gate_proj_blocks if isinstance(module, MXFP4Experts) else module.gate_proj).shape[0]
+def _expert_nbytes(module, j: int, dtype) -> int:
+    if isinstance(module, MXFP4Experts):
+        blocks = (module.gate_proj_blocks, module.up_proj_blocks, module.down_proj_blocks)[j]
+        return _nbytes((blocks.shape[1], blocks.shape[2] * 32), dtype)
+    return _nbytes((module.gate_proj, module.up_proj, module.down_proj)[j].shape[1:], dtype)
 
 
-def _write_tensors(tensors: dict[str, torch.Tensor], path: str, shard_size: int | None):
-    tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+def _write_tensors(tensors: dict, path: str, shard_size: int | None):
+    """tensors: name -> (nbytes, make()); one file, or shards of about shard_size bytes + index."""
+    def materialize(names):
+        return {k: tensors[k][1]().detach().contiguous().cpu() for k in names}
+
     if shard_size is None:
-        save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
+        save_file(materialize(tensors), os.path.join(path, WEIGHTS), metadata={"format": "pt"})
         return
-    shards, current, size = [], {}, 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    shards, current, size = [], [], 0
+    for key, (nbytes, _) in tensors.items():
         if current and size + nbytes > shard_size:
             shards.append(current)
-            current, size = {}, 0
-        current[key] = t
+            current, size = [], 0
+        current.append(key)
         size += nbytes
     shards.append(current)
     weight_map = {}
-    for i, shard in enumerate(shards):
+    for i, names in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-        weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(materialize(names), os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in names})
+    total = sum(nbytes for nbytes, _ in tensors.values())
     with open(os.path.join(path, INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
@@ -141,7 +161,8 @@ def save_pretrained(target: MiMoForCausalLM, draft, path, shard_size: int | None
         os.makedirs(ddir, exist_ok=True)
         with open(os.path.join(ddir, CONFIG), "w") as f:
             json.dump(draft.config.to_dict(), f, indent=2)
-        _write_tensors(draft.state_dict(), ddir, None)
+        _write_tensors({k: (_nbytes(t.shape, t.dtype), lambda t=t: t) for k, t in draft.state_dict().items()},
+                       ddir, None)
 
 
 # --- reading -----------------------------------------------------------------

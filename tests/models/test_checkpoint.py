@@ -236,3 +236,18 @@ def test_loader_builds_on_meta_and_never_initialises(saved, monkeypatch):
     monkeypatch.setattr(mimo.MXFP4Experts, "set_expert", fail)      # stacked experts: no quantization
     target, _ = load_pretrained(saved, dtype=torch.float32)
     assert not any(t.is_meta for t in target.state_dict().values())
+
+
+@pytest.mark.parametrize("experts", ["mxfp4", "per_expert"])
+def test_trained_dense_experts_save_as_mxfp4(tmp_path, experts):
+    """A model trained with DenseExperts saves either way and loads as its MXFP4 quantization."""
+    cfg, _ = preset("tiny", layers=2)
+    torch.manual_seed(2)
+    dense = MiMoForCausalLM(cfg, experts="dense").eval()
+    save_pretrained(dense, None, str(tmp_path), experts=experts)
+    loaded, _ = load_pretrained(str(tmp_path), dtype=torch.float32)
+    ex = dense.model.layers[1].mlp.experts
+    ex.fake_quant = True                                   # the loaded model computes the quantized experts
+    ids = torch.randint(0, 512, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), dense(ids), rtol=1e-6, atol=1e-6)
