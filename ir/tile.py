@@ -1,0 +1,477 @@
+"""Tile IR: the decode step as tile tasks with explicit data regions and counters.
+
+A `TileProgram` holds
+  buffers   every tensor a task touches (weights name their checkpoint tensor),
+  counters  the scoreboard: each counter expects a static number of signals
+            per step (the sum of the `+=` of the tasks that signal it),
+  tasks     `Task(kind, coords, reads, writes, waits, signals, attrs)`,
+  programs  after scheduling: one queue of task ids per persistent program.
+
+Counter targets are per-step counts. Lowering always waits for ALL of a
+counter's signals (target == expected), so the codegen's epoch target is
+`epoch * target`; the general form is `(epoch - 1) * expected + target`.
+Counters live in one int32 array; `Counter.slot` is padded so that no two
+counters share a 128-byte cache line (`COUNTER_LINE_SLOTS` int32 per line).
+
+Text form (one statement per line, `#` starts a comment):
+
+    tile v1
+    annotation programs = 4
+    buffer h.0 : bf16[8, 4096] activation
+    buffer w.q.0 : bf16[12288, 4096] weight param="model.layers.0.self_attn.q_proj.weight"
+    counter c.qkv.0 expected=18 slot=0
+    task t3 = linear[layer=0, n=2] rank=0 {op="o_proj", residual=true}
+      reads attn.0[0:8, 0:8192], w.o.0[256:384, 0:8192]
+      writes h.1[0:8, 256:384]
+      waits c.attn.0 >= 4
+      signals c.o.0 += 1
+    schedule programs=1
+    program 0: t0 t3
+
+A region dimension is `lo:hi` (static, half open) or `$idx:hi` / `$idx+lo:hi`
+(rows idx+lo .. idx+hi where idx is a runtime index such as the block's start
+position or the expert a slot holds).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import NamedTuple, Union
+
+from tilecomp.errors import IRError
+
+TILE_VERSION = "tile v1"
+COUNTER_LINE_SLOTS = 32          # int32 counters per 128-byte cache line
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "int32": 4, "int64": 8, "uint8": 1}
+
+# weight: read-only parameters (param = checkpoint tensor name)
+# activation: written and read inside one step
+# scratch: partial results inside one step (split-K partials, flash-decoding (m, l, acc), MoE plan)
+# kv_cache: persistent K/V caches (positions written this step are read this step)
+# state: persistent across steps (block tokens, positions, taps, accepted count)
+BUFFER_KINDS = ("weight", "activation", "scratch", "kv_cache", "state")
+
+TASK_KINDS = (
+    "embed",                                            # token rows (+ mask embedding)
+    "linear", "linear_reduce",                          # projections (+ split-K reduce)
+    "qkv_rope_kv", "attn_partial", "attn_reduce",       # attention
+    "moe_route", "expert_up_gate", "expert_down", "moe_combine",  # mixture of experts
+    "lm_head", "sample_reduce", "accept",               # output head, DFlash acceptance
+    "allreduce", "send", "recv",                        # communication (multi-GPU)
+)
+
+AttrValue = Union[bool, int, float, str, list]
+
+
+class Dim(NamedTuple):
+    """One dimension of a region: rows [lo, hi), offset by runtime index `index` if set."""
+    lo: int
+    hi: int
+    index: str | None = None
+
+    @property
+    def extent(self) -> int:
+        return self.hi - self.lo
+
+
+@dataclass(frozen=True)
+class Region:
+    buffer: str
+    dims: tuple[Dim, ...]
+
+    def elements(self) -> int:
+        return math.prod(d.extent for d in self.dims)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str
+    param: str | None = None
+
+    def full(self) -> Region:
+        return Region(self.name, tuple(Dim(0, s) for s in self.shape))
+
+
+@dataclass(frozen=True)
+class Counter:
+    name: str
+    expected: int          # signals per step (sum of the increments)
+    slot: int              # index in the int32 counter array (padded to a cache line)
+
+
+@dataclass
+class Task:
+    id: int
+    kind: str
+    rank: int = 0
+    coords: dict[str, int] = field(default_factory=dict)
+    reads: list[Region] = field(default_factory=list)
+    writes: list[Region] = field(default_factory=list)
+    waits: list[tuple[str, int]] = field(default_factory=list)
+    signals: list[tuple[str, int]] = field(default_factory=list)
+    attrs: dict[str, AttrValue] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"t{self.id}"
+
+
+@dataclass
+class TileProgram:
+    buffers: dict[str, Buffer] = field(default_factory=dict)
+    counters: dict[str, Counter] = field(default_factory=dict)
+    tasks: list[Task] = field(default_factory=list)
+    programs: list[list[int]] | None = None
+    annotations: dict[str, AttrValue] = field(default_factory=dict)
+
+    def region_bytes(self, region: Region) -> int:
+        return region.elements() * DTYPE_BYTES[self.buffers[region.buffer].dtype]
+
+    def task_bytes(self, task: Task) -> int:
+        """Bytes a task moves through memory: every region it reads and writes."""
+        return sum(self.region_bytes(r) for r in task.reads) + sum(self.region_bytes(r) for r in task.writes)
+
+
+# ----------------------------------------------------------------------------- printer
+
+def _fmt_value(v: AttrValue) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt_value(x) for x in v) + "]"
+    raise IRError(f"tile IR: attribute value {v!r} has unsupported type {type(v).__name__}")
+
+
+def _fmt_dim(d: Dim) -> str:
+    if d.index is None:
+        return f"{d.lo}:{d.hi}"
+    if d.lo == 0:
+        return f"${d.index}:{d.hi}"
+    return f"${d.index}+{d.lo}:{d.hi}"
+
+
+def format_region(r: Region) -> str:
+    return f"{r.buffer}[{', '.join(_fmt_dim(d) for d in r.dims)}]"
+
+
+def _fmt_task(t: Task) -> str:
+    coords = ", ".join(f"{k}={v}" for k, v in t.coords.items())
+    head = f"task {t.name} = {t.kind}[{coords}] rank={t.rank}"
+    if t.attrs:
+        head += " {" + ", ".join(f"{k}={_fmt_value(v)}" for k, v in t.attrs.items()) + "}"
+    lines = [head]
+    if t.reads:
+        lines.append("  reads " + ", ".join(format_region(r) for r in t.reads))
+    if t.writes:
+        lines.append("  writes " + ", ".join(format_region(r) for r in t.writes))
+    if t.waits:
+        lines.append("  waits " + ", ".join(f"{c} >= {n}" for c, n in t.waits))
+    if t.signals:
+        lines.append("  signals " + ", ".join(f"{c} += {n}" for c, n in t.signals))
+    return "\n".join(lines)
+
+
+def print_tile(tp: TileProgram) -> str:
+    out = [TILE_VERSION]
+    for k, v in tp.annotations.items():
+        out.append(f"annotation {k} = {_fmt_value(v)}")
+    for b in tp.buffers.values():
+        line = f"buffer {b.name} : {b.dtype}[{', '.join(map(str, b.shape))}] {b.kind}"
+        if b.param is not None:
+            line += f" param={json.dumps(b.param)}"
+        out.append(line)
+    for c in tp.counters.values():
+        out.append(f"counter {c.name} expected={c.expected} slot={c.slot}")
+    out.extend(_fmt_task(t) for t in tp.tasks)
+    if tp.programs is not None:
+        out.append(f"schedule programs={len(tp.programs)}")
+        for p, queue in enumerate(tp.programs):
+            out.append(f"program {p}:" + "".join(f" t{i}" for i in queue))
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- parser
+
+_TOKEN = re.compile(r"""
+    \s*(?:
+      (?P<str>"(?:[^"\\]|\\.)*")
+    | (?P<num>-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\d+)|-?inf|nan)
+    | (?P<name>\$?[A-Za-z_][A-Za-z0-9_.]*)
+    | (?P<op>>=|\+=|[\[\]{}(),:=+])
+    )""", re.VERBOSE)
+
+
+class _Line:
+    """Tokens of one line with a cursor; errors name the line number."""
+
+    def __init__(self, text: str, lineno: int):
+        self.lineno, self.text = lineno, text
+        self.toks: list[tuple[str, str]] = []
+        pos, text = 0, text.rstrip()
+        while pos < len(text):
+            m = _TOKEN.match(text, pos)
+            if not m or m.end() == pos:
+                self.fail(f"unexpected character {text[pos:].lstrip()[:1]!r} at column {pos + 1}")
+            kind = m.lastgroup
+            self.toks.append((kind, m.group(kind)))
+            pos = m.end()
+        self.i = 0
+
+    def fail(self, msg: str):
+        raise IRError(f"tile IR line {self.lineno}: {msg}: {self.text.strip()!r}")
+
+    def peek(self) -> str | None:
+        return self.toks[self.i][1] if self.i < len(self.toks) else None
+
+    def next(self, kind: str | None = None) -> str:
+        if self.i >= len(self.toks):
+            self.fail(f"expected {kind or 'more'} at end of line")
+        k, v = self.toks[self.i]
+        if kind is not None and k != kind:
+            self.fail(f"expected {kind}, found {v!r}")
+        self.i += 1
+        return v
+
+    def expect(self, text: str):
+        v = self.next()
+        if v != text:
+            self.fail(f"expected {text!r}, found {v!r}")
+
+    def accept(self, text: str) -> bool:
+        if self.peek() == text:
+            self.i += 1
+            return True
+        return False
+
+    def int(self) -> int:
+        v = self.next("num")
+        try:
+            return int(v)
+        except ValueError:
+            self.fail(f"expected an integer, found {v!r}")
+
+    def done(self):
+        if self.i != len(self.toks):
+            self.fail(f"unexpected {self.toks[self.i][1]!r}")
+
+    def value(self) -> AttrValue:
+        k, v = self.toks[self.i] if self.i < len(self.toks) else (None, None)
+        if v == "[":
+            self.i += 1
+            items: list = []
+            while not self.accept("]"):
+                items.append(self.value())
+                if self.peek() != "]":
+                    self.expect(",")
+            return items
+        self.next()
+        if k == "str":
+            return json.loads(v)
+        if k == "num":
+            return float(v) if any(c in v for c in ".eEn") else int(v)
+        if v in ("true", "false"):
+            return v == "true"
+        self.fail(f"expected a value, found {v!r}")
+
+    def name(self) -> str:
+        v = self.next("name")
+        if v.startswith("$"):
+            self.fail(f"name {v!r} may not start with '$'")
+        return v
+
+    def sep_list(self, item, *, brace: str | None = None) -> list:
+        items = []
+        closing = {"[": "]", "{": "}"}.get(brace)
+        if closing and self.accept(closing):
+            return items
+        while True:
+            items.append(item())
+            if closing and self.accept(closing):
+                return items
+            if closing is None and self.peek() is None:
+                return items
+            self.expect(",")
+
+
+def _parse_dim(ln: _Line) -> Dim:
+    index, lo = None, 0
+    if (ln.peek() or "").startswith("$"):
+        index = ln.next("name")[1:]
+        if ln.accept("+"):
+            lo = ln.int()
+    else:
+        lo = ln.int()
+    ln.expect(":")
+    return Dim(lo, ln.int(), index)
+
+
+def _parse_region(ln: _Line) -> Region:
+    name = ln.name()
+    ln.expect("[")
+    return Region(name, tuple(ln.sep_list(lambda: _parse_dim(ln), brace="[")))
+
+
+def _parse_pair(ln: _Line, op: str) -> tuple[str, int]:
+    name = ln.name()
+    ln.expect(op)
+    return name, ln.int()
+
+
+def _parse_kv(ln: _Line, value) -> tuple[str, AttrValue]:
+    key = ln.name()
+    ln.expect("=")
+    return key, value()
+
+
+def _parse_task_head(ln: _Line) -> Task:
+    ln.expect("task")
+    tname = ln.name()
+    if not re.fullmatch(r"t\d+", tname):
+        ln.fail(f"task name must be t<id>, found {tname!r}")
+    ln.expect("=")
+    kind = ln.name()
+    ln.expect("[")
+    coords = dict(ln.sep_list(lambda: _parse_kv(ln, ln.int), brace="["))
+    ln.expect("rank")
+    ln.expect("=")
+    rank = ln.int()
+    attrs: dict = {}
+    if ln.accept("{"):
+        attrs = dict(ln.sep_list(lambda: _parse_kv(ln, ln.value), brace="{"))
+    ln.done()
+    return Task(int(tname[1:]), kind, rank, coords, attrs=attrs)
+
+
+def _parse_task_body(ln: _Line, task: Task):
+    word = ln.next("name")
+    if word == "reads":
+        task.reads = ln.sep_list(lambda: _parse_region(ln))
+    elif word == "writes":
+        task.writes = ln.sep_list(lambda: _parse_region(ln))
+    elif word == "waits":
+        task.waits = ln.sep_list(lambda: _parse_pair(ln, ">="))
+    elif word == "signals":
+        task.signals = ln.sep_list(lambda: _parse_pair(ln, "+="))
+    else:
+        ln.fail(f"expected reads/writes/waits/signals, found {word!r}")
+    ln.done()
+
+
+def _parse_buffer(ln: _Line) -> Buffer:
+    name = ln.name()
+    ln.expect(":")
+    dtype = ln.name()
+    ln.expect("[")
+    shape = tuple(ln.sep_list(ln.int, brace="["))
+    kind = ln.name()
+    param = None
+    if ln.accept("param"):
+        ln.expect("=")
+        param = json.loads(ln.next("str"))
+    ln.done()
+    return Buffer(name, dtype, shape, kind, param)
+
+
+def _parse_counter(ln: _Line) -> Counter:
+    name = ln.name()
+    fields = {}
+    while ln.peek() is not None:
+        k, v = _parse_kv(ln, ln.int)
+        fields[k] = v
+    if set(fields) != {"expected", "slot"}:
+        ln.fail(f"counter needs expected= and slot=, found {sorted(fields)}")
+    return Counter(name, fields["expected"], fields["slot"])
+
+
+def parse_tile(text: str) -> TileProgram:
+    """Parse the text form; raises IRError naming the line on malformed input."""
+    tp = TileProgram()
+    current: Task | None = None
+    seen_header, n_programs = False, 0
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        body = raw.split("#", 1)[0] if '"' not in raw else raw
+        if not body.strip():
+            continue
+        if not seen_header:
+            if body.strip() != TILE_VERSION:
+                raise IRError(f"tile IR line {lineno}: expected header {TILE_VERSION!r}, found {body.strip()!r}")
+            seen_header = True
+            continue
+        ln = _Line(body, lineno)
+        if body[0].isspace():
+            if current is None:
+                ln.fail("indented line outside a task")
+            _parse_task_body(ln, current)
+            continue
+        current = None
+        word = ln.peek()
+        if word == "task":
+            current = _parse_task_head(ln)
+            tp.tasks.append(current)
+        elif word == "buffer":
+            ln.next()
+            b = _parse_buffer(ln)
+            if b.name in tp.buffers:
+                ln.fail(f"buffer {b.name!r} defined twice")
+            tp.buffers[b.name] = b
+        elif word == "counter":
+            ln.next()
+            c = _parse_counter(ln)
+            if c.name in tp.counters:
+                ln.fail(f"counter {c.name!r} defined twice")
+            tp.counters[c.name] = c
+        elif word == "annotation":
+            ln.next()
+            k, v = _parse_kv(ln, ln.value)
+            ln.done()
+            tp.annotations[k] = v
+        elif word == "schedule":
+            ln.next()
+            ln.expect("programs")
+            ln.expect("=")
+            n_programs = ln.int()
+            ln.done()
+            tp.programs = []
+        elif word == "program":
+            ln.next()
+            p = ln.int()
+            ln.expect(":")
+            if tp.programs is None:
+                ln.fail("program queue before the 'schedule programs=N' line")
+            if p != len(tp.programs):
+                ln.fail(f"expected program {len(tp.programs)}, found program {p}")
+            queue = []
+            while ln.peek() is not None:
+                t = ln.name()
+                if not re.fullmatch(r"t\d+", t):
+                    ln.fail(f"expected a task name t<id>, found {t!r}")
+                queue.append(int(t[1:]))
+            tp.programs.append(queue)
+        else:
+            ln.fail(f"expected task/buffer/counter/annotation/schedule/program, found {word!r}")
+    if not seen_header:
+        raise IRError(f"tile IR line 1: expected header {TILE_VERSION!r}, found an empty text")
+    if tp.programs is not None and len(tp.programs) != n_programs:
+        raise IRError(f"tile IR: 'schedule programs={n_programs}' but {len(tp.programs)} program lines follow")
+    return tp
+
+
+from .tile_verify import verify_schedule, verify_tile  # noqa: E402  (verifiers use the classes above)
+
+__all__ = [
+    "TILE_VERSION", "COUNTER_LINE_SLOTS", "DTYPE_BYTES", "BUFFER_KINDS", "TASK_KINDS",
+    "Dim", "Region", "Buffer", "Counter", "Task", "TileProgram",
+    "format_region", "print_tile", "parse_tile", "verify_tile", "verify_schedule",
+]

@@ -1,0 +1,318 @@
+"""Verifiers of the tile IR.
+
+`verify_tile` checks that a program is well formed (IRError): names resolve,
+regions lie inside their buffers, kinds are known, counters are padded.
+
+`verify_schedule` proves that the dependency structure cannot deadlock when
+all programs are co-resident (ScheduleError, naming task and counter):
+  1. every counter receives exactly `expected` signals per step and every wait
+     target is at most that (so every wait can be satisfied);
+  2. every task that reads data written in the same step waits on a counter
+     its producer signals (a read of persistent state without such a wait
+     reads the previous step, so the writer must come after the reader);
+  3. the task graph (task -> counter -> task) is acyclic;
+  4. the per-program queues are consistent with ONE global topological order
+     (the graph plus "next in queue" edges stays acyclic). Then the earliest
+     unfinished task in that order always has its inputs done and sits at the
+     head of its queue, so some program always makes progress;
+  5. with `interpreter_order=True`: every dependency points to an earlier
+     program or earlier in the same queue (Triton's CPU interpreter runs the
+     programs one after another in pid order).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from collections import defaultdict, deque
+
+from tilecomp.errors import IRError, ScheduleError
+
+from .tile import (BUFFER_KINDS, COUNTER_LINE_SLOTS, DTYPE_BYTES, TASK_KINDS, Region, Task,
+                   TileProgram, format_region)
+
+
+# ----------------------------------------------------------------------------- structure
+
+def _check_region(tp: TileProgram, t: Task, r: Region, what: str):
+    b = tp.buffers.get(r.buffer)
+    if b is None:
+        raise IRError(f"task {t.name} ({t.kind}) {what} unknown buffer {r.buffer!r}")
+    if len(r.dims) != len(b.shape):
+        raise IRError(f"task {t.name} ({t.kind}) {what} {format_region(r)}: "
+                      f"expected {len(b.shape)} dims for {b.name} {list(b.shape)}, found {len(r.dims)}")
+    for d, size in zip(r.dims, b.shape):
+        bad = d.lo < 0 or d.hi <= d.lo or (d.hi > size if d.index is None else d.extent > size)
+        if bad:
+            raise IRError(f"task {t.name} ({t.kind}) {what} {format_region(r)}: "
+                          f"range {d.lo}:{d.hi} outside {b.name} {list(b.shape)}")
+
+
+def _check_attr(owner: str, key: str, v):
+    if isinstance(v, float) and not math.isfinite(v):
+        raise IRError(f"{owner}: attribute {key} = {v!r} is not finite")
+    if isinstance(v, list):
+        for x in v:
+            _check_attr(owner, key, x)
+
+
+def verify_tile(tp: TileProgram) -> TileProgram:
+    """Check the program is well formed; returns it. Raises IRError naming the task/buffer."""
+    ranks = tp.annotations.get("ranks", 1)
+    for b in tp.buffers.values():
+        if b.dtype not in DTYPE_BYTES:
+            raise IRError(f"buffer {b.name}: dtype {b.dtype!r} not one of {sorted(DTYPE_BYTES)}")
+        if b.kind not in BUFFER_KINDS:
+            raise IRError(f"buffer {b.name}: kind {b.kind!r} not one of {list(BUFFER_KINDS)}")
+        if any(s <= 0 for s in b.shape):
+            raise IRError(f"buffer {b.name}: shape {list(b.shape)} has a non-positive size")
+        if b.kind == "weight" and not b.param:
+            raise IRError(f"buffer {b.name}: a weight buffer needs param=<checkpoint tensor name>")
+    lines: dict[int, str] = {}
+    for c in tp.counters.values():
+        if c.expected < 1 or c.slot < 0:
+            raise IRError(f"counter {c.name}: expected={c.expected} slot={c.slot}, both must be >= 1 / >= 0")
+        line = c.slot // COUNTER_LINE_SLOTS
+        if line in lines:
+            raise IRError(f"counter {c.name}: slot {c.slot} shares a cache line with counter {lines[line]}")
+        lines[line] = c.name
+    for i, t in enumerate(tp.tasks):
+        if t.id != i:
+            raise IRError(f"task {t.name}: expected id {i} (tasks are numbered in order)")
+        if t.kind not in TASK_KINDS:
+            raise IRError(f"task {t.name}: kind {t.kind!r} not one of {list(TASK_KINDS)}")
+        if not 0 <= t.rank < ranks:
+            raise IRError(f"task {t.name} ({t.kind}): rank {t.rank} outside 0..{ranks - 1}")
+        for r in t.reads:
+            _check_region(tp, t, r, "reads")
+        for r in t.writes:
+            _check_region(tp, t, r, "writes")
+            if tp.buffers[r.buffer].kind == "weight":
+                raise IRError(f"task {t.name} ({t.kind}) writes weight buffer {r.buffer}")
+        for c, n in list(t.waits) + list(t.signals):
+            if c not in tp.counters:
+                raise IRError(f"task {t.name} ({t.kind}): unknown counter {c!r}")
+            if n < 1:
+                raise IRError(f"task {t.name} ({t.kind}): counter {c} amount {n} must be >= 1")
+        for k, v in t.attrs.items():
+            _check_attr(f"task {t.name}", k, v)
+    for k, v in tp.annotations.items():
+        _check_attr("annotation", k, v)
+    if tp.programs is not None:
+        n = len(tp.tasks)
+        for p, queue in enumerate(tp.programs):
+            for i in queue:
+                if not 0 <= i < n:
+                    raise IRError(f"program {p}: unknown task t{i}")
+    return tp
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def _signalers(tp: TileProgram) -> dict[str, list[int]]:
+    sig: dict[str, list[int]] = defaultdict(list)
+    for t in tp.tasks:
+        for c, _ in t.signals:
+            sig[c].append(t.id)
+    return sig
+
+
+def check_counters(tp: TileProgram):
+    """Every counter gets `expected` signals per step; every wait target is reachable."""
+    total: dict[str, int] = defaultdict(int)
+    for t in tp.tasks:
+        for c, n in t.signals:
+            total[c] += n
+    for c in tp.counters.values():
+        if total[c.name] != c.expected:
+            raise ScheduleError(f"counter {c.name} expects {c.expected} signals per step "
+                                f"but its tasks signal it {total[c.name]} times")
+    for t in tp.tasks:
+        for c, n in t.waits:
+            if n > total[c]:
+                raise ScheduleError(f"task {t.name} ({t.kind}) waits for counter {c} >= {n}, "
+                                    f"but only {total[c]} signals per step exist: unsatisfiable")
+
+
+def _overlap(a: Region, b: Region) -> bool:
+    for x, y in zip(a.dims, b.dims):
+        if x.index is None and y.index is None and (x.hi <= y.lo or y.hi <= x.lo):
+            return False
+    return True
+
+
+class _WriterIndex:
+    """Writers of one buffer, searchable by their first-dimension range."""
+
+    def __init__(self, writes: list[tuple[Region, Task]]):
+        self.dynamic = [(r, t) for r, t in writes if r.dims and r.dims[0].index is not None]
+        static = sorted(((r, t) for r, t in writes if not r.dims or r.dims[0].index is None),
+                        key=lambda rt: rt[0].dims[0].lo if rt[0].dims else 0)
+        self.static = static
+        self.los = [r.dims[0].lo if r.dims else 0 for r, _ in static]
+        self.max_extent = max((r.dims[0].extent for r, _ in static if r.dims), default=1)
+
+    def overlapping(self, region: Region):
+        yield from ((r, t) for r, t in self.dynamic if _overlap(r, region))
+        if not region.dims or region.dims[0].index is not None:
+            cands = self.static
+        else:
+            d0 = region.dims[0]
+            i = bisect.bisect_left(self.los, d0.lo - self.max_extent + 1)
+            j = bisect.bisect_left(self.los, d0.hi)
+            cands = self.static[i:j]
+        yield from ((r, t) for r, t in cands if _overlap(r, region))
+
+
+def _reachable(tp: TileProgram, start: Task, waiters: dict[str, list[int]]) -> set[int]:
+    seen, todo = {start.id}, deque([start.id])
+    while todo:
+        for c, _ in tp.tasks[todo.popleft()].signals:
+            for w in waiters.get(c, ()):
+                if w not in seen:
+                    seen.add(w)
+                    todo.append(w)
+    return seen
+
+
+def check_data_dependencies(tp: TileProgram):
+    """A task reading data another task writes in this step waits on one of its counters."""
+    writes: dict[str, list] = defaultdict(list)
+    for t in tp.tasks:
+        for r in t.writes:
+            writes[r.buffer].append((r, t))
+    index = {b: _WriterIndex(w) for b, w in writes.items()}
+    waiters: dict[str, list[int]] = defaultdict(list)
+    for t in tp.tasks:
+        for c, _ in t.waits:
+            waiters[c].append(t.id)
+    reach_cache: dict[int, set[int]] = {}
+    for t in tp.tasks:
+        waited = {c for c, _ in t.waits}
+        for r in t.reads:
+            if r.buffer not in index:
+                continue
+            for wr, w in index[r.buffer].overlapping(r):
+                if w.id == t.id or any(c in waited for c, _ in w.signals):
+                    continue
+                if tp.buffers[r.buffer].kind in ("state", "kv_cache"):
+                    if t.id not in reach_cache:
+                        reach_cache[t.id] = _reachable(tp, t, waiters)
+                    if w.id in reach_cache[t.id]:
+                        continue     # reads the previous step's value; the writer runs after
+                producer = ", ".join(c for c, _ in w.signals) or "none"
+                raise ScheduleError(
+                    f"missing dependency: task {t.name} ({t.kind}) reads {format_region(r)} which task "
+                    f"{w.name} ({w.kind}) writes ({format_region(wr)}) but waits on none of its counters "
+                    f"({producer})")
+
+
+def _find_cycle(n_tasks: int, succ: list[list[int]], remaining: set[int], label) -> str:
+    pred: dict[int, int] = {}
+    for u in remaining:
+        for v in succ[u]:
+            if v in remaining:
+                pred.setdefault(v, u)
+    node = next(iter(remaining))
+    path, pos = [], {}
+    while node not in pos:
+        pos[node] = len(path)
+        path.append(node)
+        node = pred[node]
+    cycle = path[pos[node]:][::-1]
+    cycle.append(cycle[0])
+    return " -> ".join(label(u) for u in cycle)
+
+
+def _topo_remaining(succ: list[list[int]]) -> set[int]:
+    indeg = [0] * len(succ)
+    for vs in succ:
+        for v in vs:
+            indeg[v] += 1
+    todo = deque(i for i, d in enumerate(indeg) if d == 0)
+    done = 0
+    while todo:
+        u = todo.popleft()
+        done += 1
+        for v in succ[u]:
+            indeg[v] -= 1
+            if indeg[v] == 0:
+                todo.append(v)
+    return {i for i, d in enumerate(indeg) if d > 0}
+
+
+def check_acyclic(tp: TileProgram):
+    """The dependency graph, and the graph plus queue order, are both acyclic."""
+    n = len(tp.tasks)
+    cidx = {c: n + i for i, c in enumerate(tp.counters)}
+    names = list(tp.counters)
+    succ: list[list[int]] = [[] for _ in range(n + len(cidx))]
+    for t in tp.tasks:
+        for c, _ in t.signals:
+            succ[t.id].append(cidx[c])
+        for c, _ in t.waits:
+            succ[cidx[c]].append(t.id)
+
+    def label(u: int) -> str:
+        return f"{tp.tasks[u].name} ({tp.tasks[u].kind})" if u < n else f"counter {names[u - n]}"
+
+    left = _topo_remaining(succ)
+    if left:
+        raise ScheduleError(f"dependency cycle: {_find_cycle(n, succ, left, label)}")
+    if tp.programs is None:
+        return
+    for queue in tp.programs:
+        for a, b in zip(queue, queue[1:]):
+            succ[a].append(b)
+    left = _topo_remaining(succ)
+    if left:
+        raise ScheduleError("queues are not in one global topological order (a program would wait on a "
+                            f"task queued after it): {_find_cycle(n, succ, left, label)}")
+
+
+def check_queues(tp: TileProgram) -> dict[int, tuple[int, int]]:
+    """Every task is queued exactly once, on a program of its own rank; returns positions."""
+    pos: dict[int, tuple[int, int]] = {}
+    prog_rank: dict[int, int] = {}
+    for p, queue in enumerate(tp.programs):
+        for k, i in enumerate(queue):
+            if i in pos:
+                raise ScheduleError(f"task t{i} is queued twice (program {pos[i][0]} and program {p})")
+            pos[i] = (p, k)
+            rank = tp.tasks[i].rank
+            if prog_rank.setdefault(p, rank) != rank:
+                raise ScheduleError(f"program {p} mixes ranks {prog_rank[p]} and {rank} (task t{i})")
+    missing = [t.name for t in tp.tasks if t.id not in pos]
+    if missing:
+        raise ScheduleError(f"{len(missing)} tasks are in no program queue, e.g. {', '.join(missing[:5])}")
+    return pos
+
+
+def check_interpreter_order(tp: TileProgram, pos: dict[int, tuple[int, int]]):
+    """Every dependency is in an earlier program or earlier in the same queue."""
+    last: dict[str, tuple[tuple[int, int], int]] = {}
+    for t in tp.tasks:
+        for c, _ in t.signals:
+            if c not in last or pos[t.id] > last[c][0]:
+                last[c] = (pos[t.id], t.id)
+    for t in tp.tasks:
+        for c, _ in t.waits:
+            if c in last and last[c][0] >= pos[t.id]:
+                (p, k), w = last[c][0], tp.tasks[last[c][1]]
+                raise ScheduleError(
+                    f"interpreter order: task {t.name} ({t.kind}, program {pos[t.id][0]} #{pos[t.id][1]}) "
+                    f"waits on counter {c}, signalled by {w.name} ({w.kind}, program {p} #{k}) which the "
+                    f"CPU interpreter runs later")
+
+
+def verify_schedule(tp: TileProgram, interpreter_order: bool = False) -> TileProgram:
+    """Prove the scheduled program deadlock-free (see the module docstring); returns it."""
+    verify_tile(tp)
+    if tp.programs is None:
+        raise ScheduleError("tile program has no schedule (no program queues); run the schedule pass")
+    check_counters(tp)
+    pos = check_queues(tp)
+    check_data_dependencies(tp)
+    check_acyclic(tp)
+    if interpreter_order:
+        check_interpreter_order(tp, pos)
+    return tp
