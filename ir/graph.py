@@ -125,7 +125,8 @@ class OpKind(enum.Enum):
           top-k of scores + bias; weights are the unbiased scores
       route_normalize(w f32[T, k]) {renorm, scale} -> f32[T, k]
       moe_route(x[T, D], gate f32[E, D], bias f32[E]; norm=[D]) {k, eps, renorm, scale}
-          -> (ids i32[T, k], weights f32[T, k], plan i32[S]) plan = unique experts, -1 padded
+          -> (ids i32[T, k], weights f32[T, k], plan i32[S] (, xn[T, D] with norm=))
+          plan = the unique experts, -1 padded; xn = the normed x, which the experts read
       expert_linear(x[T, K] | [T, k, K], w mxfp4[E, N, K], ids i32[T, k]) -> [T, k, N]
       moe_combine(y[T, k, D], weights f32[T, k]; residual=[T, D]) -> [T, D]
       moe_experts(x[T, D], ids, weights, wg mxfp4[E, I, D], wu mxfp4[E, I, D],

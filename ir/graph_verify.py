@@ -247,7 +247,8 @@ def _moe_route(c):
     _same(TensorType(F32, (e,)), bias, "bias")
     _want(0 < k <= e, f"k {k} out of range for {e} experts")
     _norm_kw(c, x.shape[1])
-    return (TensorType(I32, (t, k)), TensorType(F32, (t, k)), TensorType(I32, (min(e, t * k),)))
+    routing = (TensorType(I32, (t, k)), TensorType(F32, (t, k)), TensorType(I32, (min(e, t * k),)))
+    return routing + ((x,) if c.kw("norm") is not None else ())
 
 
 def _expert_weight(w: TensorType, what: str):

@@ -185,7 +185,8 @@ def _run_op(op: Op, a: list, kw: dict, at: dict):
     if kind is K.MOE_ROUTE:
         x = rmsnorm(a[0], kw["norm"], at["eps"]) if "norm" in kw else a[0]
         ids, w = route_topk(F.linear(x.float(), a[1].float()).sigmoid(), a[2], at["k"])
-        return ids, route_normalize(w, at["renorm"], at["scale"]), unique_plan(ids, op.outputs[2].type.shape[0])
+        routing = ids, route_normalize(w, at["renorm"], at["scale"]), unique_plan(ids, op.outputs[2].type.shape[0])
+        return routing + ((x,) if "norm" in kw else ())
     if kind is K.EXPERT_LINEAR:
         return expert_linear(*a)
     if kind is K.MOE_COMBINE:

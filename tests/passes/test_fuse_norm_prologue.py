@@ -10,12 +10,15 @@ from tilecomp.passes.fuse_swiglu import fuse_swiglu
 def test_norms_move_into_matmul_prologues(tiny_step):
     graph, params, inputs, expected = tiny_step
     fused = fuse_norm_prologue(fuse_swiglu(fuse_router(graph)))
-    remaining = [op for op in fused.ops if op.kind is OpKind.RMSNORM]
-    # only the MoE inputs stay (moe_experts reads the normed value too)
-    assert len(remaining) == kinds(graph)[OpKind.ROUTE_TOPK]
+    assert OpKind.RMSNORM not in kinds(fused)
     normed = [op for op in fused.ops if op.kwarg("norm")]
-    assert {op.kind for op in normed} == {OpKind.LINEAR, OpKind.LM_HEAD, OpKind.SWIGLU_MLP}
+    assert {op.kind for op in normed} == {OpKind.LINEAR, OpKind.LM_HEAD, OpKind.SWIGLU_MLP, OpKind.MOE_ROUTE}
     assert all("eps" in op.attrs for op in normed)
+    # the router normalises the MoE input and hands the normed rows to the experts
+    routes = [op for op in fused.ops if op.kind is OpKind.MOE_ROUTE]
+    assert len(routes) == kinds(graph)[OpKind.ROUTE_TOPK]
+    experts = {op.args[0] for op in fused.ops if op.kind is OpKind.MOE_EXPERTS}
+    assert {op.outputs[3].name for op in routes} == experts
     assert_same_outputs(fused, params, inputs, expected)
 
 
