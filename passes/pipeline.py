@@ -81,6 +81,13 @@ def stderr_progress(line: str):
     print(f"[tilecomp] {line}", file=sys.stderr, flush=True)
 
 
+def _size(stage) -> str:
+    if isinstance(stage, Graph):
+        return f" ({len(stage.ops)} ops)"
+    tasks = getattr(stage, "tasks", None)
+    return "" if tasks is None else f" ({len(tasks)} tasks)"
+
+
 class _Stages:
     """Times each stage, reports progress, and dumps pass outputs at debug >= 2."""
 
@@ -88,14 +95,15 @@ class _Stages:
         self.progress, self.cfg = progress, cfg
         self.seconds: dict[str, float] = {}
 
-    def run(self, label: str, fn, *args):
-        if self.progress:
+    def run(self, label: str, fn, *args, announce: bool = False):
+        """Run one stage; report it when done (and when it starts, for long stages)."""
+        if self.progress and announce:
             self.progress(f"{label} ...")
         start = time.perf_counter()
         result = fn(*args)
         self.seconds[label] = time.perf_counter() - start
         if self.progress:
-            self.progress(f"{label} done in {self.seconds[label]:.2f} s")
+            self.progress(f"{label}: {self.seconds[label]:.2f} s{_size(result)}")
         return result
 
     def graph_passes(self, graph: Graph) -> Graph:
@@ -131,7 +139,7 @@ def compile_model(model_config: MiMoConfig, draft_config: DFlashConfig,
                         prefill, stages.graph_passes(prefill))
     stage = compiled.fused
     for name, tile_pass in TILE_PASSES:
-        stage = stages.run(f"{graph.name}: {name}", tile_pass, stage, options)
+        stage = stages.run(f"{graph.name}: {name}", tile_pass, stage, options, announce=True)
         if name == "tile":
             compiled.tile = stage
     if TILE_PASSES:

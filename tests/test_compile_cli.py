@@ -1,0 +1,113 @@
+"""`tilecomp compile` and `tilecomp ir check / stats` from the command line."""
+import argparse
+import json
+import re
+
+import pytest
+
+from tilecomp.commands import compile as compile_command
+from tilecomp.commands import ir as ir_command
+from tilecomp.errors import TilecompError
+from tilecomp.ir.graph import parse_graph, verify_graph
+
+
+def tilecomp(*argv):
+    """Run a subcommand the way tilecomp.cli does (error: ... and exit 2 on TilecompError)."""
+    parser = argparse.ArgumentParser(prog="tilecomp")
+    sub = parser.add_subparsers(dest="command", required=True)
+    compile_command.add_parser(sub)
+    ir_command.add_parser(sub)
+    args = parser.parse_args([str(a) for a in argv])
+    try:
+        return args.func(args) or 0
+    except TilecompError as err:
+        print(f"error: {err}")
+        return 2
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    assert tilecomp("compile", "--preset", "tiny", "--out", out, "--programs", 4, "--max-len", 64) == 0
+    return out
+
+
+def test_compile_writes_every_stage_and_a_manifest(tiny_out, capsys):
+    for name in ("graph.ir", "graph.fused.ir", "prefill.graph.ir", "prefill.graph.fused.ir", "manifest.json"):
+        assert (tiny_out / name).is_file(), name
+    manifest = json.loads((tiny_out / "manifest.json").read_text())
+    assert manifest["source"] == {"preset": "tiny", "layers": None}
+    assert manifest["options"] == {"dtype": "bf16", "max_len": 64, "programs": 4}
+    assert manifest["config"]["num_hidden_layers"] == 6
+    assert manifest["decode_step"]["ops_by_kind"]["qkv_rope_kv"] == 8
+    assert {i["name"] for i in manifest["decode_step"]["inputs"]} >= {"%block", "%pos", "%n_new", "%seed"}
+    for name, entry in manifest["files"].items():
+        assert entry["bytes"] == len((tiny_out / name).read_bytes())
+    for name in ("graph.ir", "graph.fused.ir"):
+        g = verify_graph(parse_graph((tiny_out / name).read_text()))
+        assert g.name == "decode_step"
+
+
+def test_compile_is_deterministic(tiny_out, tmp_path):
+    assert tilecomp("compile", "--preset", "tiny", "--out", tmp_path, "--programs", 4, "--max-len", 64,
+                    "--quiet") == 0
+    for name in ("graph.ir", "graph.fused.ir", "manifest.json"):
+        assert (tmp_path / name).read_text() == (tiny_out / name).read_text()
+
+
+def test_compile_from_a_checkpoint_reads_only_the_config(tmp_path):
+    from tilecomp.models.checkpoint import save_pretrained
+    from tilecomp.models.dflash import DFlashDraft
+    from tilecomp.models.mimo import MiMoForCausalLM
+    from tilecomp.models.presets import preset
+    cfg, dcfg = preset("tiny", layers=2)
+    save_pretrained(MiMoForCausalLM(cfg), DFlashDraft(dcfg, cfg), tmp_path / "ckpt")
+    for weights in (tmp_path / "ckpt").rglob("*.safetensors"):
+        weights.write_bytes(b"not read")                      # compiling must not touch weights
+    assert tilecomp("compile", "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "out", "--quiet") == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["config"]["num_hidden_layers"] == 2 and "checkpoint" in manifest["source"]
+
+
+def test_ir_check_accepts_dumps_and_names_the_broken_line(tiny_out, tmp_path, capsys):
+    assert tilecomp("ir", "check", tiny_out / "graph.fused.ir") == 0
+    assert "ok (graph decode_step" in capsys.readouterr().out
+    lines = (tiny_out / "graph.fused.ir").read_text().splitlines()
+    n = next(i for i, line in enumerate(lines) if "= attention(" in line)
+    lines[n] = re.sub(r"window=\d+", "window=-3", lines[n])
+    broken = tmp_path / "broken.ir"
+    broken.write_text("\n".join(lines) + "\n")
+    assert tilecomp("ir", "check", broken) == 2
+    out = capsys.readouterr().out
+    assert f"error: {broken}:{n + 1}: op attention" in out and "window must be >= 0" in out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty file"),
+    ("hello\n", ":1: expected a header 'graph NAME {' or 'tile v1'"),
+    ("graph g {\n  input %x: f32[2]\n  %y: f32[3] = silu(%x)\n  return %y\n}\n", ":3: op silu -> %y: declared"),
+    ("tile v1\nbogus line\n", "line 2"),
+])
+def test_ir_check_rejects_bad_files(tmp_path, capsys, text, message):
+    path = tmp_path / "f.ir"
+    path.write_text(text)
+    assert tilecomp("ir", "check", path) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("error: ") and message in out and str(path) in out
+
+
+def test_ir_stats_of_a_graph(tiny_out, capsys):
+    assert tilecomp("ir", "stats", tiny_out / "graph.fused.ir", "--gbps", 1000) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"moe_experts +5\n", out) and "mxfp4" in out
+    assert "bandwidth floor at 1000 GB/s" in out
+    assert tilecomp("ir", "stats", tiny_out / "graph.fused.ir", "--gbps", 0) == 2
+
+
+def test_bad_compile_arguments(tmp_path, capsys):
+    assert tilecomp("compile", "--preset", "tiny", "--layers", 99, "--out", tmp_path) == 2
+    assert "--layers: expected 1..6" in capsys.readouterr().out
+    assert tilecomp("compile", "--checkpoint", tmp_path / "nope", "--out", tmp_path) == 2
+    assert "is not a directory" in capsys.readouterr().out
+    assert tilecomp("compile", "--preset", "tiny", "--programs", 0, "--out", tmp_path) == 2
+    assert "--programs: expected a positive" in capsys.readouterr().out

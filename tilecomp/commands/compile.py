@@ -1,0 +1,121 @@
+"""`tilecomp compile`: compile a model's DFlash decode step and write every stage.
+
+    tilecomp compile (--checkpoint DIR | --preset NAME [--layers N]) --out OUT [--programs P]
+
+Needs only the config (a checkpoint's config.json, or a preset), never the
+weights. Writes OUT/graph.ir (the traced decode step), OUT/graph.fused.ir
+(after the graph passes), OUT/prefill.graph.ir and OUT/prefill.graph.fused.ir
+(the prefill chunk), OUT/tile.ir, OUT/schedule.ir and OUT/schedule.html (when
+the tile stages are in the pipeline) and OUT/manifest.json. Progress goes to
+stderr.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from tilecomp.errors import TilecompError
+
+
+def add_parser(subparsers):
+    from tilecomp.models.presets import PRESETS
+    p = subparsers.add_parser("compile", help="compile the decode step and write every IR stage",
+                              description=__doc__.split("\n\n")[0])
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (reads config.json only)")
+    source.add_argument("--preset", choices=list(PRESETS), help="a built-in model shape")
+    p.add_argument("--layers", type=int, default=None, metavar="N", help="keep the first N target layers (--preset)")
+    p.add_argument("--out", required=True, metavar="OUT", help="directory for the stages")
+    p.add_argument("--programs", type=int, default=132, metavar="P", help="persistent programs (default 132)")
+    p.add_argument("--max-len", type=int, default=4096, metavar="L", help="KV cache positions (default 4096)")
+    p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16",
+                   help="weights / activations / KV dtype (experts stay MXFP4)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=run)
+    return p
+
+
+def load_configs(args):
+    """(target config, draft config, source description) from --checkpoint or --preset."""
+    from tilecomp.models.presets import preset
+    if args.checkpoint is not None:
+        from tilecomp.models.checkpoint import load_config
+        if args.layers is not None:
+            raise TilecompError("--layers: only with --preset (a checkpoint compiles as it is)")
+        if not os.path.isdir(args.checkpoint):
+            raise TilecompError(f"--checkpoint: {args.checkpoint} is not a directory")
+        cfg, dcfg = load_config(args.checkpoint)
+        if dcfg is None:
+            raise TilecompError(f"--checkpoint: {args.checkpoint} has no dflash/config.json; "
+                                f"the compiled step needs the DFlash draft")
+        return cfg, dcfg, {"checkpoint": os.path.abspath(args.checkpoint)}
+    cfg, dcfg = preset(args.preset, args.layers)
+    return cfg, dcfg, {"preset": args.preset, "layers": args.layers}
+
+
+def _check_options(args):
+    if args.programs < 1:
+        raise TilecompError(f"--programs: expected a positive number of programs, found {args.programs}")
+    if args.max_len < 1:
+        raise TilecompError(f"--max-len: expected a positive number of positions, found {args.max_len}")
+
+
+def stage_texts(compiled) -> dict[str, str]:
+    """File name -> text of every stage that `compiled` holds."""
+    from tilecomp.ir.graph import print_graph
+    texts = {"graph.ir": print_graph(compiled.graph), "graph.fused.ir": print_graph(compiled.fused),
+             "prefill.graph.ir": print_graph(compiled.prefill),
+             "prefill.graph.fused.ir": print_graph(compiled.prefill_fused)}
+    if compiled.tile is not None:
+        from tilecomp.ir.tile import print_tile
+        texts["tile.ir"] = print_tile(compiled.tile)
+        texts["schedule.ir"] = print_tile(compiled.schedule)
+    return texts
+
+
+def manifest(compiled, source: dict, files: dict[str, str]) -> dict:
+    """What was compiled, from what, with which options, and what each file holds."""
+    from tilecomp import __version__
+    from tilecomp.ir.graph_stats import graph_stats
+    g = compiled.fused
+    stats = graph_stats(g)
+    return {
+        "tilecomp_version": __version__,
+        "source": source,
+        "options": {"dtype": compiled.options.dtype, "max_len": compiled.options.max_len,
+                    "programs": compiled.options.programs},
+        "config": compiled.config.to_dict(),
+        "draft_config": compiled.draft_config.to_dict(),
+        "decode_step": {
+            "inputs": [{"name": v.name, "type": str(v.type)} for v in g.inputs],
+            "outputs": [{"name": n, "type": str(g.types()[n])} for n in g.outputs],
+            "ops_by_kind": stats.ops_by_kind,
+            "param_bytes": stats.param_bytes,
+            "step_weight_bytes": stats.step_weight_bytes,
+        },
+        "files": {name: {"bytes": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+                  for name, text in sorted(files.items())},
+    }
+
+
+def run(args) -> int:
+    from tilecomp.passes.pipeline import CompileOptions, compile_model, stderr_progress
+    _check_options(args)
+    cfg, dcfg, source = load_configs(args)
+    options = CompileOptions(dtype=args.dtype, max_len=args.max_len, programs=args.programs)
+    compiled = compile_model(cfg, dcfg, options, progress=None if args.quiet else stderr_progress)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise TilecompError(f"--out: {args.out} exists and is not a directory")
+    os.makedirs(args.out, exist_ok=True)
+    texts = stage_texts(compiled)
+    for name, text in texts.items():
+        with open(os.path.join(args.out, name), "w") as f:
+            f.write(text)
+    with open(os.path.join(args.out, "manifest.json"), "w") as f:
+        json.dump(manifest(compiled, source, texts), f, indent=2, sort_keys=False)
+        f.write("\n")
+    if not args.quiet:
+        written = ", ".join(sorted(texts) + ["manifest.json"])
+        print(f"wrote {written} to {args.out}")
+    return 0
