@@ -147,7 +147,7 @@ class DFlashLayer(nn.Module):
 
 
 class DFlashDraft(nn.Module):
-    def __init__(self, dcfg: DFlashConfig, target_cfg: MiMoConfig):
+    def __init__(self, dcfg: DFlashConfig, target_cfg: MiMoConfig, dtype: torch.dtype = torch.float32):
         super().__init__()
         dcfg.check_target(target_cfg)
         self.config = dcfg
@@ -157,6 +157,7 @@ class DFlashDraft(nn.Module):
         self.layers = nn.ModuleList(DFlashLayer(dcfg) for _ in range(dcfg.num_hidden_layers))
         self.norm = DFlashRMSNorm(d, dcfg.layernorm_epsilon)
         self.mask_embedding = nn.Parameter(torch.zeros(d))
+        self.to(dtype)
         if not self.mask_embedding.is_meta:     # meta builds (checkpoint loading) skip the init
             self.reset_parameters()
 
