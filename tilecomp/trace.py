@@ -49,8 +49,13 @@ class TraceOptions:
     prefill_chunk: int | None = None      # default: the draft block size
 
 
+COMPUTE_DTYPES = ("bf16", "f16", "f32")
+
+
 def build_modules(cfg: MiMoConfig, dcfg: DFlashConfig, dtype: str = "bf16"):
     """Target and draft on the meta device (shapes only, no memory, no weights)."""
+    if dtype not in COMPUTE_DTYPES:
+        raise TilecompError(f"dtype: expected one of {', '.join(COMPUTE_DTYPES)}, found {dtype!r}")
     torch_dtype = TORCH_DTYPES[dtype]
     with torch.device("meta"):
         target = mimo.MiMoForCausalLM(cfg, dtype=torch_dtype, experts="mxfp4")
@@ -212,6 +217,8 @@ class Tracer:
 # ---------------------------------------------------------------- steps
 
 def _declare_caches(b: GraphBuilder, target, draft, options: TraceOptions, block: int):
+    if options.max_len < 2 * block:
+        raise TilecompError(f"max_len: expected at least two blocks ({2 * block} positions), found {options.max_len}")
     dt = DType(options.dtype)
     target_caches, draft_caches = [], []
     cfg = target.config
