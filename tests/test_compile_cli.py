@@ -111,3 +111,13 @@ def test_bad_compile_arguments(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().out
     assert tilecomp("compile", "--preset", "tiny", "--programs", 0, "--out", tmp_path) == 2
     assert "--programs: expected a positive" in capsys.readouterr().out
+
+
+def test_the_console_script_lists_and_runs_both_commands(tiny_out, capsys):
+    from tilecomp.cli import main
+    assert main(["ir", "check", str(tiny_out / "graph.ir")]) == 0
+    assert main(["ir", "stats", str(tiny_out / "nope.ir")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    assert "--checkpoint DIR" in capsys.readouterr().out

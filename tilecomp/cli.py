@@ -1,7 +1,8 @@
 """`tilecomp` console script: one subcommand per module in tilecomp/commands/.
 
-Each command module has `add_parser(subparsers)` (which sets `func=run` on its
-parser) and `run(args) -> int | None`. A TilecompError (bad user input) prints
+Each command module has `add_parser(subparsers)` (returning its parser; it may
+set `func` itself, e.g. per action) and `run(args) -> int | None`, called
+with the parsed arguments. A TilecompError (bad user input) prints
 `error: <message>` on stderr and exits 2, without a traceback.
 """
 from __future__ import annotations
@@ -10,13 +11,17 @@ import argparse
 import sys
 
 from tilecomp import __version__
-from tilecomp.commands import generate, init
+from tilecomp.commands import compile as compile_command
+from tilecomp.commands import bench, generate, init, ir
 from tilecomp.errors import TilecompError
 
 # The subcommands, in the order `tilecomp --help` lists them (one line each).
 COMMANDS = [
     init,
     generate,
+    compile_command,
+    ir,
+    bench,
 ]
 
 
@@ -28,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tilecomp {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        command.add_parser(subparsers)
+        sub = command.add_parser(subparsers)
+        if sub is not None and sub.get_default("func") is None:
+            sub.set_defaults(func=command.run)
     return parser
 
 
