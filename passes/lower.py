@@ -1,0 +1,225 @@
+"""Lowering: fused graph IR -> tile IR (tasks with tile coords, regions, waits, signals).
+
+Every graph value becomes a tile buffer (weights keep their checkpoint names;
+an mxfp4 parameter `X` becomes `X_blocks` + `X_scales`; cache outputs and
+`next_<x>` outputs alias the buffer of their input, so persistent state is
+updated in place). Each op family has a lowering function (lower_linear.py,
+lower_attn.py, lower_moe.py) that emits tasks through `Lowering.task`, which
+derives a task's waits from its reads: it waits on every counter whose
+producer wrote an overlapping region earlier in the step. A producer region
+registered with `Lowering.produce` after the op's tasks exist. Reads of
+persistent state nobody wrote yet in this step read the previous step's value.
+
+Tile sizes are the pass options (`LowerOptions`), with Hopper defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tilecomp.errors import IRError
+from tilecomp.ir.graph import DType, Graph, Op, OpKind, TensorType, verify_graph
+from tilecomp.ir.tile import (COUNTER_LINE_SLOTS, Buffer, Counter, Dim, Region, Task, TileProgram,
+                              verify_tile)
+from tilecomp.ir.tile_verify import _overlap
+
+DTYPES = {DType.BF16: "bf16", DType.F16: "fp16", DType.F32: "fp32", DType.I32: "int32",
+          DType.I64: "int64", DType.U8: "uint8"}
+
+
+@dataclass(frozen=True)
+class LowerOptions:
+    block_n: int = 128            # output columns per linear / combine tile
+    expert_block_n: int = 256     # expert intermediate columns per expert_up_gate tile
+    expert_down_block_n: int = 512  # hidden columns per expert_down tile
+    vocab_block: int = 1024       # vocabulary rows per lm_head tile
+    kv_chunk: int = 256           # cache positions per attn_partial (flash-decoding chunk)
+    min_n_tiles: int = 32         # split K when a linear has fewer N tiles than this ...
+    split_k_min: int = 1024       # ... and at least this many K columns per split
+    max_split_k: int = 8
+    ranks: int = 1                # every task runs on rank 0 until the partition pass exists
+
+
+@dataclass
+class Lowering:
+    graph: Graph
+    options: LowerOptions
+    tp: TileProgram = field(default_factory=TileProgram)
+    types: dict[str, TensorType] = field(default_factory=dict)
+    buf: dict[str, str] = field(default_factory=dict)          # graph value -> tile buffer
+    scalar: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # derived scalar -> (expr, sources)
+    producers: dict[str, list[tuple[Region, str]]] = field(default_factory=dict)
+    consumers: dict[str, list[Op]] = field(default_factory=dict)
+    defs: dict[str, Op] = field(default_factory=dict)           # value -> op that defines it
+    done: set[int] = field(default_factory=set)                 # ids of ops already lowered
+    redirect: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # value -> (buffer, r0, r1)
+    pending_kv: dict[tuple, list] = field(default_factory=dict)  # kv_writes waiting for their partner
+    folded_norm: dict[str, Op] = field(default_factory=dict)    # rmsnorm output -> op (in moe_route)
+
+    # -- buffers --------------------------------------------------------------------------
+    def add_buffer(self, name: str, dtype: str, shape, kind: str, param: str | None = None) -> str:
+        if name not in self.tp.buffers:
+            self.tp.buffers[name] = Buffer(name, dtype, tuple(shape), kind, param)
+        return name
+
+    def value_buffer(self, value: str, kind: str = "activation", shape=None, dtype=None) -> str:
+        """The buffer holding graph value `value` (created on first use)."""
+        if value in self.buf:
+            return self.buf[value]
+        t = self.types[value]
+        name = self.add_buffer(value.lstrip("%@"), dtype or DTYPES[t.dtype],
+                               shape if shape is not None else t.shape, kind)
+        self.buf[value] = name
+        return name
+
+    def shape(self, value: str) -> tuple[int, ...]:
+        return self.types[value].shape
+
+    def region(self, value_or_buffer: str, *ranges) -> Region:
+        """Region of a value's buffer; each range is (lo, hi), (lo, hi, index) or None (whole dim)."""
+        name = self.buf.get(value_or_buffer, value_or_buffer)
+        shape = self.tp.buffers[name].shape
+        if len(ranges) < len(shape):
+            ranges = tuple(ranges) + (None,) * (len(shape) - len(ranges))
+        dims = tuple(Dim(0, s) if r is None else Dim(*r) for r, s in zip(ranges, shape))
+        return Region(name, dims)
+
+    def scalar_reads(self, value: str) -> tuple[str, list[Region]]:
+        """A runtime scalar: its expression for the codegen and the regions it reads."""
+        if value in self.scalar:
+            expr, sources = self.scalar[value]
+            return expr, [self.region(s) for s in sources]
+        name = self.value_buffer(value)
+        return name, [self.region(name)]
+
+    # -- counters and tasks -----------------------------------------------------------------
+    def produce(self, region: Region, counter: str):
+        self.producers.setdefault(region.buffer, []).append((region, counter))
+
+    def task(self, kind: str, coords: dict, reads: list[Region], writes: list[Region], signal: str,
+             attrs: dict) -> Task:
+        waits: list[str] = []
+        for r in reads:
+            for preg, counter in self.producers.get(r.buffer, ()):
+                if counter not in waits and counter != signal and _overlap(preg, r):
+                    waits.append(counter)
+        for counter in waits:
+            if counter not in self.tp.counters:
+                raise IRError(f"lowering: task {kind}{coords} waits on counter {counter} nobody signals")
+        prev = self.tp.counters.get(signal)
+        self.tp.counters[signal] = Counter(signal, (prev.expected if prev else 0) + 1, 0)
+        t = Task(len(self.tp.tasks), kind, 0, dict(coords), reads, writes,
+                 [(c, self.tp.counters[c].expected) for c in waits], [(signal, 1)],
+                 {k: v for k, v in attrs.items() if v is not None})
+        self.tp.tasks.append(t)
+        return t
+
+    def weight(self, value: str) -> str:
+        return self.buf[value]
+
+    def mxfp4(self, value: str) -> tuple[str, str]:
+        return self.buf[value + "_blocks"], self.buf[value + "_scales"]
+
+
+def _declare_values(lw: Lowering):
+    g = lw.graph
+    names = {v.name for v in g.inputs}
+    for v in g.inputs:
+        kind = "kv_cache" if v.name.startswith(("%cache.", "%draft_cache.")) else "state"
+        lw.value_buffer(v.name, kind)
+    for p in g.params:
+        ckpt = p.name[1:]
+        if p.type.dtype is DType.MXFP4:
+            e, n, k = p.type.shape
+            lw.buf[p.name + "_blocks"] = lw.add_buffer(ckpt + "_blocks", "uint8", (e, n, k // 32, 16),
+                                                       "weight", ckpt + "_blocks")
+            lw.buf[p.name + "_scales"] = lw.add_buffer(ckpt + "_scales", "uint8", (e, n, k // 32),
+                                                       "weight", ckpt + "_scales")
+        else:
+            lw.buf[p.name] = lw.add_buffer(ckpt, DTYPES[p.type.dtype], p.type.shape, "weight", ckpt)
+    for op in g.ops:       # cache outputs and next_<x> outputs update their input in place
+        for i, out in enumerate(op.outputs):
+            base = "%" + out.name[len("%next_"):] if out.name.startswith("%next_") else None
+            if base in names and lw.types[base] == out.type:
+                lw.buf[out.name] = lw.buf[base]
+        if op.kind in (OpKind.KV_WRITE,):
+            lw.buf[op.outputs[0].name] = lw.buf[op.args[0]]
+        if op.kind is OpKind.QKV_ROPE_KV:
+            lw.buf[op.outputs[1].name] = lw.buf[op.args[4]]
+            lw.buf[op.outputs[2].name] = lw.buf[op.args[5]]
+
+
+def _lower_scalar(lw: Lowering, op: Op):
+    """add / sub of runtime scalars: an expression the consuming tasks evaluate."""
+    exprs, sources = [], []
+    for a in op.args:
+        expr, regions = lw.scalar_reads(a)
+        exprs.append(expr if " " not in expr else f"({expr})")
+        sources += [r.buffer for r in regions]
+    sign = {OpKind.ADD: " + ", OpKind.SUB: " - "}[op.kind]
+    lw.scalar[op.out.name] = (sign.join(exprs), sources)
+
+
+def _lowerers():
+    from . import lower_attn, lower_linear, lower_moe
+    return {
+        OpKind.EMBED: lower_linear.lower_embed,
+        OpKind.LINEAR: lower_linear.lower_linear,
+        OpKind.SWIGLU_MLP: lower_linear.lower_swiglu,
+        OpKind.CONCAT: lower_linear.lower_concat,
+        OpKind.LM_HEAD: lower_linear.lower_lm_head,
+        OpKind.SAMPLE: lower_linear.lower_sample,
+        OpKind.ACCEPT: lower_linear.lower_accept,
+        OpKind.QKV_ROPE_KV: lower_attn.lower_qkv,
+        OpKind.KV_WRITE: lower_attn.lower_kv_write,
+        OpKind.ROPE: lower_attn.defer_to_kv_write,
+        OpKind.ATTENTION: lower_attn.lower_attention,
+        OpKind.RMSNORM: lower_moe.lower_rmsnorm,
+        OpKind.MOE_ROUTE: lower_moe.lower_route,
+        OpKind.MOE_EXPERTS: lower_moe.lower_experts,
+        OpKind.SLICE: lower_linear.lower_slice,
+        OpKind.KV_COMMIT: lower_linear.folded_into_accept,
+    }
+
+
+def _assign_counter_slots(tp: TileProgram):
+    """One 128-byte line per counter, so programs polling one never slow another's release."""
+    tp.counters = {c.name: Counter(c.name, c.expected, i * COUNTER_LINE_SLOTS)
+                   for i, c in enumerate(tp.counters.values())}
+
+
+def lower(graph: Graph, options: LowerOptions = LowerOptions()) -> TileProgram:
+    """Lower a fused graph (one step) to a verified, unscheduled tile program."""
+    verify_graph(graph)
+    lw = Lowering(graph, options)
+    lw.types = graph.types()
+    for op in graph.ops:
+        for name in op.operands():
+            lw.consumers.setdefault(name, []).append(op)
+        for v in op.outputs:
+            lw.defs[v.name] = op
+    lw.tp.annotations = {"step": graph.name, "ranks": options.ranks}
+    _declare_values(lw)
+    from .lower_linear import plan_block_assembly
+    plan_block_assembly(lw)
+    table = _lowerers()
+    for i, op in enumerate(graph.ops):
+        if id(op) in lw.done:
+            continue
+        if op.kind in (OpKind.ADD, OpKind.SUB) and lw.types[op.out.name].shape == ():
+            _lower_scalar(lw, op)
+        elif op.kind in table:
+            table[op.kind](lw, op)
+        else:
+            raise IRError(f"lowering: op {op.out.name} = {op.kind.value}(...) at graph line "
+                          f"{graph.op_line(i)} has no tile lowering")
+        lw.done.add(id(op))
+    unpaired = [op.out.name for queue in lw.pending_kv.values() for op, *_ in queue]
+    if unpaired:
+        raise IRError(f"lowering: kv_write {', '.join(unpaired)} has no K/V partner of the same input")
+    _assign_counter_slots(lw.tp)
+    return verify_tile(lw.tp)
+
+
+def lower_pass(graph: Graph, options=None) -> TileProgram:
+    """Pipeline entry: `lower` with the tile options found on the compile options (or defaults)."""
+    return lower(graph, getattr(options, "lower", None) or LowerOptions())

@@ -1,0 +1,161 @@
+"""Lowering of attention: QKV projection + RoPE + KV write per KV head, the draft's
+context K/V (linear [+ rope] + kv_write pairs), and flash-decoding attention.
+
+Shape legend: T rows, D hidden, Hq query heads, Hkv KV heads (G = Hq / Hkv per
+group), Dqk / Dv head dims, C cache slots (ring), Ck KV positions per chunk.
+"""
+from __future__ import annotations
+
+from tilecomp.errors import IRError
+from tilecomp.ir.graph import Op, OpKind
+
+from .lower import Lowering
+
+
+def _producer(lw: Lowering, value: str) -> Op | None:
+    return lw.defs.get(value)
+
+
+def _only_user(lw: Lowering, value: str, kind: OpKind) -> Op | None:
+    users = lw.consumers.get(value, [])
+    return users[0] if len(users) == 1 and users[0].kind is kind else None
+
+
+def is_ctx_projection(lw: Lowering, op: Op) -> bool:
+    """linear -> [rope ->] kv_write: the draft's context K/V, lowered at the kv_write."""
+    out = op.out.name
+    rope = _only_user(lw, out, OpKind.ROPE)
+    if rope is not None:
+        return _only_user(lw, rope.out.name, OpKind.KV_WRITE) is not None
+    write = _only_user(lw, out, OpKind.KV_WRITE)
+    return write is not None and write.args[1] == out
+
+
+def defer_to_kv_write(lw: Lowering, op: Op):
+    if _only_user(lw, op.out.name, OpKind.KV_WRITE) is None:
+        raise IRError(f"lowering: rope {op.out.name} is only lowered in front of a kv_write")
+
+
+def _ctx_source(lw: Lowering, write: Op) -> tuple[Op, Op | None]:
+    x = write.args[1]
+    src = _producer(lw, x)
+    rope = src if src is not None and src.kind is OpKind.ROPE else None
+    lin = _producer(lw, rope.args[0]) if rope else src
+    if lin is None or lin.kind is not OpKind.LINEAR:
+        raise IRError(f"lowering: kv_write {write.out.name} writes {x}, expected a linear (+ rope) output")
+    return lin, rope
+
+
+def lower_kv_write(lw: Lowering, op: Op):
+    """Pair the K write (roped) with the V write of the same projection input; emit both."""
+    lin, rope = _ctx_source(lw, op)
+    key = (lin.args[0], lin.kwarg("norm"), op.args[2], op.kwarg("count"))
+    queue = lw.pending_kv.setdefault(key, [])
+    partner = next((p for p in queue if (p[1] is None) != (rope is None)), None)
+    if partner is None:
+        queue.append((op, rope, lin))
+        return
+    queue.remove(partner)
+    k_write, k_rope, k_lin = (op, rope, lin) if rope is not None else partner
+    v_write, _, v_lin = partner if rope is not None else (op, rope, lin)
+    _emit_ctx_kv(lw, k_write, k_rope, k_lin, v_write, v_lin)
+
+
+def _emit_ctx_kv(lw: Lowering, kw: Op, rope: Op, klin: Op, vw: Op, vlin: Op):
+    x = klin.args[0]
+    T = lw.shape(x)[0]
+    kc, vc = lw.buf[kw.args[0]], lw.buf[vw.args[0]]
+    n_kv, _, hd = lw.tp.buffers[kc].shape
+    vd = lw.tp.buffers[vc].shape[2]
+    wk, wv = lw.weight(klin.args[1]), lw.weight(vlin.args[1])
+    norm = klin.kwarg("norm") and lw.weight(klin.kwarg("norm"))
+    pos, pos_regions = lw.scalar_reads(kw.args[2])
+    count, count_regions = lw.scalar_reads(kw.kwarg("count")) if kw.kwarg("count") else (None, [])
+    signal = f"c.{kw.out.name[1:]}"
+    for g in range(n_kv):
+        reads = [lw.region(x), lw.region(wk, (g * hd, (g + 1) * hd)), lw.region(wv, (g * vd, (g + 1) * vd))]
+        reads += ([lw.region(norm)] if norm else []) + pos_regions + count_regions
+        writes = [lw.region(kc, (g, g + 1), (0, T, "pos")), lw.region(vc, (g, g + 1), (0, T, "pos"))]
+        lw.task("qkv_rope_kv", {"kv_head": g}, reads, writes, signal,
+                dict(op=kw.out.name[1:], x=lw.buf[x], norm=norm, eps=klin.attrs.get("eps"), wk=wk, wv=wv,
+                     k_cache=kc, v_cache=vc, head=g, n_kv_heads=n_kv, head_dim=hd, v_head_dim=vd,
+                     rope_dim=rope.attrs["rope_dim"], theta=float(rope.attrs["theta"]),
+                     v_scale=float(vw.attrs.get("value_scale", 1.0)), pos=pos, count=count, n_rows=T))
+        for r in writes:
+            lw.produce(r, signal)
+    for o in (kw, vw, rope, klin, vlin):
+        lw.done.add(id(o))
+
+
+def lower_qkv(lw: Lowering, op: Op):
+    """One task per KV head: its G query heads, k and v rows, partial RoPE, cache write."""
+    x, wq, wk, wv, k_in, v_in, pos_v = op.args
+    a = op.attrs
+    hq, hkv, hd, vd = a["n_heads"], a["n_kv_heads"], a["head_dim"], a["v_head_dim"]
+    G = hq // hkv
+    T = lw.shape(x)[0]
+    q = lw.value_buffer(op.outputs[0].name)
+    kc, vc = lw.buf[k_in], lw.buf[v_in]
+    norm = op.kwarg("norm") and lw.weight(op.kwarg("norm"))
+    pos, pos_regions = lw.scalar_reads(pos_v)
+    for g in range(hkv):
+        reads = [lw.region(x), lw.region(lw.weight(wq), (g * G * hd, (g + 1) * G * hd)),
+                 lw.region(lw.weight(wk), (g * hd, (g + 1) * hd)),
+                 lw.region(lw.weight(wv), (g * vd, (g + 1) * vd))]
+        reads += ([lw.region(norm)] if norm else []) + pos_regions
+        writes = [lw.region(q, None, (g * G * hd, (g + 1) * G * hd)),
+                  lw.region(kc, (g, g + 1), (0, T, "pos")), lw.region(vc, (g, g + 1), (0, T, "pos"))]
+        signal = f"c.{q}.h{g}"
+        lw.task("qkv_rope_kv", {"kv_head": g}, reads, writes, signal,
+                dict(op=q, x=lw.buf[x], norm=norm, eps=a.get("eps"), wq=lw.weight(wq), wk=lw.weight(wk),
+                     wv=lw.weight(wv), q_out=q, k_cache=kc, v_cache=vc, head=g, n_heads_q=hq,
+                     n_kv_heads=hkv, head_dim=hd, v_head_dim=vd, rope_dim=a["rope_dim"],
+                     theta=float(a["theta"]), v_scale=float(a.get("value_scale", 1.0)), pos=pos,
+                     n_rows=T))
+        for r in writes:
+            lw.produce(r, signal)
+
+
+def lower_attention(lw: Lowering, op: Op):
+    """Flash decoding: attn_partial per (KV head, chunk) over the keys a query can see
+    (the window only, for sliding-window attention), attn_reduce per KV head."""
+    q, k, v, pos_v = op.args
+    a = op.attrs
+    hq, hkv, hd, vd = a["n_heads"], a["n_kv_heads"], a["head_dim"], a["v_head_dim"]
+    G, window = hq // hkv, a.get("window") or 0
+    T = lw.shape(q)[0]
+    kc, vc = lw.buf[k], lw.buf[v]
+    C = lw.tp.buffers[kc].shape[1]
+    ring_window = 0 < window and window + T < C       # keys live at a runtime offset in a big ring
+    span = window + T if ring_window else C
+    ck = min(lw.options.kv_chunk, span)
+    n_chunks = -(-span // ck)
+    out = lw.value_buffer(op.out.name)
+    m = lw.add_buffer(f"{out}.part_m", "fp32", (n_chunks, hq, T), "scratch")
+    l_ = lw.add_buffer(f"{out}.part_l", "fp32", (n_chunks, hq, T), "scratch")
+    acc = lw.add_buffer(f"{out}.part_acc", "fp32", (n_chunks, hq, T, vd), "scratch")
+    pos, pos_regions = lw.scalar_reads(pos_v)
+    common = dict(op=out, q=lw.buf[q], k_cache=kc, v_cache=vc, part_m=m, part_l=l_, part_acc=acc,
+                  chunk_len=ck, n_chunks=n_chunks, n_heads_q=hq, n_kv_heads=hkv, head_dim=hd,
+                  v_head_dim=vd, window=window, causal=bool(a.get("causal", True)),
+                  scale=float(a["scale"]), pos=pos, ring=C, n_rows=T)
+    for g in range(hkv):
+        heads = (g * G, (g + 1) * G)
+        for c in range(n_chunks):
+            keys = (c * ck, min(span, (c + 1) * ck)) + (("window_start",) if ring_window else ())
+            reads = [lw.region(q, None, (g * G * hd, (g + 1) * G * hd)),
+                     lw.region(kc, (g, g + 1), keys), lw.region(vc, (g, g + 1), keys)] + pos_regions
+            writes = [lw.region(m, (c, c + 1), heads), lw.region(l_, (c, c + 1), heads),
+                      lw.region(acc, (c, c + 1), heads)]
+            lw.task("attn_partial", {"kv_head": g, "chunk": c}, reads, writes, f"c.{out}.part.h{g}",
+                    dict(common, head=g, chunk=c))
+        for r in (lw.region(m, None, heads), lw.region(l_, None, heads), lw.region(acc, None, heads)):
+            lw.produce(r, f"c.{out}.part.h{g}")
+    sink = op.kwarg("sink") and lw.weight(op.kwarg("sink"))
+    for g in range(hkv):
+        heads = (g * G, (g + 1) * G)
+        reads = [lw.region(m, None, heads), lw.region(l_, None, heads), lw.region(acc, None, heads)]
+        reads += [lw.region(sink, heads)] if sink else []
+        lw.task("attn_reduce", {"kv_head": g}, reads, [lw.region(out, None, (g * G * vd, (g + 1) * G * vd))],
+                f"c.{out}", dict(common, sink=sink, out=out, head=g))
+    lw.produce(lw.region(out), f"c.{out}")

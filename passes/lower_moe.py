@@ -1,0 +1,107 @@
+"""Lowering of the mixture of experts with unique-expert dispatch.
+
+moe_route (one task per layer) writes the plan: the distinct experts the
+block's tokens chose (count, then up to S = min(E, T * k) expert ids) and the
+per-slot token weights [S, T]. expert_up_gate / expert_down run per
+(slot, N tile): each routed expert's MXFP4 weights are read once for all the
+block's tokens that chose it; a slot past the plan's count exits early but
+still signals. moe_combine sums the slots in fixed order (+ residual).
+
+Shape legend: T rows, D hidden, E experts, k experts per token, I expert
+intermediate, S plan slots.
+"""
+from __future__ import annotations
+
+from tilecomp.errors import IRError
+from tilecomp.ir.graph import Op, OpKind
+
+from .lower import Lowering
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def lower_rmsnorm(lw: Lowering, op: Op):
+    """A standalone RMSNorm is only lowered as the prologue of the moe_route that reads it."""
+    users = lw.consumers.get(op.out.name, [])
+    if not users or any(u.kind not in (OpKind.MOE_ROUTE, OpKind.MOE_EXPERTS) or u.args[0] != op.out.name
+                        for u in users):
+        raise IRError(f"lowering: rmsnorm {op.out.name} must feed only moe_route / moe_experts "
+                      f"(other norms are fused into matmul prologues by the graph passes)")
+    lw.folded_norm[op.out.name] = op
+
+
+def lower_route(lw: Lowering, op: Op):
+    x, gate, bias = op.args
+    a = op.attrs
+    xn = None
+    if x in lw.folded_norm:
+        rms = lw.folded_norm[x]
+        x_src, norm, eps, xn = rms.args[0], lw.weight(rms.args[1]), rms.attrs.get("eps"), x
+    else:
+        x_src, norm, eps = x, op.kwarg("norm") and lw.weight(op.kwarg("norm")), a.get("eps")
+        xn = op.outputs[3].name if len(op.outputs) > 3 else None
+    T = lw.shape(x_src)[0]
+    E = lw.types[gate].shape[0]
+    S = op.outputs[2].type.shape[0]
+    plan = lw.value_buffer(op.outputs[2].name, "scratch", shape=(1 + S,))
+    slot_w = lw.add_buffer(f"{plan}.slot_weights", "fp32", (S, T), "scratch")
+    reads = [lw.region(x_src), lw.region(lw.weight(gate)), lw.region(lw.weight(bias))]
+    reads += [lw.region(norm)] if norm else []
+    writes = [lw.region(plan), lw.region(slot_w)]
+    if xn is not None:
+        writes.append(lw.region(lw.value_buffer(xn)))
+    signal = f"c.{plan}"
+    lw.task("moe_route", {"layer": 0}, reads, writes, signal,
+            dict(op=plan, x=lw.buf[x_src], norm=norm, eps=eps, gate=lw.weight(gate), bias=lw.weight(bias),
+                 xn=xn and lw.buf[xn], plan=plan, weights=slot_w, n_experts=E, top_k=a["k"],
+                 n_slots=S, scale=float(a.get("scale", 1.0)), norm_topk=bool(a.get("renorm", True)),
+                 dim=lw.shape(x_src)[1], n_rows=T))
+    for r in writes:
+        lw.produce(r, signal)
+
+
+def lower_experts(lw: Lowering, op: Op):
+    x, _ids, _weights, wg, wu, wd = op.args
+    plan_v = op.kwarg("plan")
+    if plan_v is None:
+        raise IRError(f"lowering: moe_experts {op.out.name} needs plan= (the unique-expert plan of moe_route)")
+    plan = lw.buf[plan_v]
+    slot_w = f"{plan}.slot_weights"
+    E, I, D = lw.types[wg].shape
+    T = lw.shape(x)[0]
+    S = lw.tp.buffers[plan].shape[0] - 1
+    out = lw.value_buffer(op.out.name)
+    act = lw.add_buffer(f"{out}.act", "fp32", (S, T, I), "scratch")
+    eout = lw.add_buffer(f"{out}.slot_out", "fp32", (S, T, D), "scratch")
+    (gb, gs), (ub, us), (db, ds) = lw.mxfp4(wg), lw.mxfp4(wu), lw.mxfp4(wd)
+    res = op.kwarg("residual")
+    expert = (0, 1, "expert")
+    bn_up, bn_down, bn = lw.options.expert_block_n, lw.options.expert_down_block_n, lw.options.block_n
+    common = dict(op=out, plan=plan, n_slots=S, inter=I, dim=D, n_rows=T)
+    for s in range(S):
+        for n in range(_cdiv(I, bn_up)):
+            n0, n1 = n * bn_up, min(I, (n + 1) * bn_up)
+            reads = [lw.region(plan), lw.region(x)]
+            reads += [lw.region(w, expert, (n0, n1)) for w in (gb, gs, ub, us)]
+            lw.task("expert_up_gate", {"slot": s, "n": n}, reads, [lw.region(act, (s, s + 1), None, (n0, n1))],
+                    f"c.{act}.s{s}", dict(common, x=lw.buf[x], gate_blocks=gb, gate_scales=gs,
+                                          up_blocks=ub, up_scales=us, act=act, slot=s, n0=n0, n1=n1))
+        lw.produce(lw.region(act, (s, s + 1)), f"c.{act}.s{s}")
+    for s in range(S):
+        for n in range(_cdiv(D, bn_down)):
+            n0, n1 = n * bn_down, min(D, (n + 1) * bn_down)
+            reads = [lw.region(act, (s, s + 1)), lw.region(plan), lw.region(slot_w, (s, s + 1))]
+            reads += [lw.region(w, expert, (n0, n1)) for w in (db, ds)]
+            lw.task("expert_down", {"slot": s, "n": n}, reads, [lw.region(eout, (s, s + 1), None, (n0, n1))],
+                    f"c.{eout}", dict(common, act=act, weights=slot_w, blocks=db, scales=ds, out=eout,
+                                      slot=s, n0=n0, n1=n1))
+    lw.produce(lw.region(eout), f"c.{eout}")
+    for n in range(_cdiv(D, bn)):
+        n0, n1 = n * bn, min(D, (n + 1) * bn)
+        reads = [lw.region(eout, None, None, (n0, n1)), lw.region(plan)]
+        reads += [lw.region(res, None, (n0, n1))] if res else []
+        lw.task("moe_combine", {"n": n}, reads, [lw.region(out, None, (n0, n1))], f"c.{out}",
+                dict(common, part=eout, res=res and lw.buf[res], y=out, n0=n0, n1=n1))
+    lw.produce(lw.region(out), f"c.{out}")

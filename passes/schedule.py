@@ -1,0 +1,138 @@
+"""Scheduling: tile tasks -> per-program queues.
+
+Critical-path list scheduling: a task's cost is the time its bytes take at one
+program's share of HBM bandwidth plus a fixed per-task overhead; its priority
+is its bottom level (longest cost path to the end of the step). Ready tasks
+go, highest priority first, to the program that frees up first, so bytes are
+balanced across programs. A task becomes ready only after every task it
+waits on is placed, so the placement order is one global topological order
+and every queue follows it (no deadlock with co-resident programs).
+O((tasks + waits + signals) log tasks).
+
+`interpreter_order=True` gives the CPU interpreter's schedule: one program
+whose queue is a topological order (every dependency earlier in the queue).
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections import defaultdict
+from dataclasses import dataclass
+
+from tilecomp.errors import ScheduleError
+from tilecomp.ir.tile import TileProgram
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    programs: int = 132             # persistent programs (one per SM on an H100 SXM)
+    interpreter_order: bool = False
+    hbm_gbps: float = 3350.0        # bandwidth shared by all programs (H100 SXM peak)
+    task_overhead_us: float = 1.0   # dispatch + wait + signal per task
+
+
+@dataclass
+class _Graph:
+    """Tasks linked through counters: signalers and waiters of each counter."""
+    signalers: dict[str, list[int]]
+    waiters: dict[str, list[int]]
+    order: list[int]                # a topological order of the tasks
+
+
+def task_graph(tp: TileProgram) -> _Graph:
+    signalers: dict[str, list[int]] = defaultdict(list)
+    waiters: dict[str, list[int]] = defaultdict(list)
+    for t in tp.tasks:
+        for c, _ in t.signals:
+            signalers[c].append(t.id)
+        for c in {c for c, _ in t.waits}:
+            waiters[c].append(t.id)
+    unmet = [len({c for c, _ in t.waits}) for t in tp.tasks]
+    left = {c: len(s) for c, s in signalers.items()}
+    for t in tp.tasks:
+        for c, _ in t.waits:
+            if c not in left:
+                raise ScheduleError(f"task {t.name} ({t.kind}) waits on counter {c}, which no task signals")
+    ready = [i for i, n in enumerate(unmet) if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for c, _ in tp.tasks[i].signals:
+            left[c] -= 1
+            if left[c] == 0:
+                for w in waiters[c]:
+                    unmet[w] -= 1
+                    if unmet[w] == 0:
+                        heapq.heappush(ready, w)
+    if len(order) != len(tp.tasks):
+        stuck = next(t for t in tp.tasks if unmet[t.id] > 0)
+        raise ScheduleError(f"cannot schedule: task {stuck.name} ({stuck.kind}) is on a dependency cycle "
+                            f"or waits on a counter that never completes ({', '.join(c for c, _ in stuck.waits)})")
+    return _Graph(signalers, waiters, order)
+
+
+def task_costs_us(tp: TileProgram, options: ScheduleOptions) -> list[float]:
+    per_program = options.hbm_gbps * 1e3 / max(1, options.programs)     # bytes per microsecond
+    return [tp.task_bytes(t) / per_program + options.task_overhead_us for t in tp.tasks]
+
+
+def bottom_levels(tp: TileProgram, g: _Graph, cost: list[float]) -> list[float]:
+    level = [0.0] * len(tp.tasks)
+    counter_level: dict[str, float] = {}
+    for i in reversed(g.order):
+        after = 0.0
+        for c, _ in tp.tasks[i].signals:
+            if c not in counter_level:
+                counter_level[c] = max((level[w] for w in g.waiters.get(c, ())), default=0.0)
+            after = max(after, counter_level[c])
+        level[i] = cost[i] + after
+    return level
+
+
+def _list_schedule(tp: TileProgram, g: _Graph, options: ScheduleOptions) -> tuple[list[list[int]], float]:
+    cost = task_costs_us(tp, options)
+    level = bottom_levels(tp, g, cost)
+    unmet = [len({c for c, _ in t.waits}) for t in tp.tasks]
+    left = {c: len(s) for c, s in g.signalers.items()}
+    done_at: dict[str, float] = defaultdict(float)
+    ready_at = [0.0] * len(tp.tasks)
+    ready = [(-level[i], i) for i, n in enumerate(unmet) if n == 0]
+    heapq.heapify(ready)
+    free = [(0.0, p) for p in range(options.programs)]
+    queues: list[list[int]] = [[] for _ in range(options.programs)]
+    makespan = 0.0
+    while ready:
+        _, i = heapq.heappop(ready)
+        at, p = heapq.heappop(free)
+        finish = max(at, ready_at[i]) + cost[i]
+        makespan = max(makespan, finish)
+        queues[p].append(i)
+        heapq.heappush(free, (finish, p))
+        for c, _ in tp.tasks[i].signals:
+            left[c] -= 1
+            done_at[c] = max(done_at[c], finish)
+            if left[c] == 0:
+                for w in g.waiters.get(c, ()):
+                    ready_at[w] = max(ready_at[w], done_at[c])
+                    unmet[w] -= 1
+                    if unmet[w] == 0:
+                        heapq.heappush(ready, (-level[w], w))
+    return queues, makespan
+
+
+def schedule(tp: TileProgram, options: ScheduleOptions = ScheduleOptions()) -> TileProgram:
+    """Return a copy of `tp` with program queues (and the schedule's annotations)."""
+    if options.programs < 1:
+        raise ScheduleError(f"schedule: programs must be >= 1, found {options.programs}")
+    g = task_graph(tp)
+    notes = dict(tp.annotations)
+    if options.interpreter_order:
+        queues = [list(g.order)]
+        notes.update(schedule="interpreter_order", programs=1)
+    else:
+        queues, makespan = _list_schedule(tp, g, options)
+        notes.update(schedule="critical_path", programs=options.programs,
+                     predicted_us=round(makespan, 3), hbm_gbps=options.hbm_gbps)
+    return dataclasses.replace(tp, programs=queues, annotations=notes)

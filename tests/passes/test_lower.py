@@ -1,0 +1,120 @@
+"""Lowering fused graphs to tile tasks: kinds, regions, bytes, dependencies, MoE dispatch."""
+from collections import Counter
+
+import pytest
+
+from tilecomp.ir.tile import parse_tile, print_tile, verify_tile
+from tilecomp.models.presets import preset
+from tilecomp.passes.lower import LowerOptions, lower
+from tilecomp.passes.pipeline import compile_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg, dcfg = preset("tiny")
+    return cfg, dcfg, compile_model(cfg, dcfg)
+
+
+def kinds(tp):
+    return Counter(t.kind for t in tp.tasks)
+
+
+def test_tiny_decode_step_task_counts(tiny):
+    cfg, dcfg, c = tiny
+    tp = lower(c.fused)
+    verify_tile(tp)
+    assert parse_tile(print_tile(tp)) == tp
+    n = kinds(tp)
+    L, J = cfg.num_hidden_layers, dcfg.num_hidden_layers
+    kv_heads = [cfg.attn(i).n_kv_heads for i in range(L)]
+    # one qkv task per KV head (target + draft block) + draft context K/V per draft KV head
+    assert n["qkv_rope_kv"] == sum(kv_heads) + 2 * J * dcfg.num_key_value_heads
+    assert n["attn_reduce"] == sum(kv_heads) + J * dcfg.num_key_value_heads
+    n_moe = sum(cfg.is_moe(i) for i in range(L))
+    slots = min(cfg.n_routed_experts, dcfg.block_size * cfg.num_experts_per_tok)
+    assert n["moe_route"] == n_moe
+    up_tiles = -(-cfg.moe_intermediate_size // LowerOptions().expert_block_n)
+    assert n["expert_up_gate"] == n_moe * slots * up_tiles
+    assert n["embed"] == 2 and n["sample_reduce"] == 2 and n["accept"] == 1
+    assert n["lm_head"] == 2 * -(-cfg.vocab_size // LowerOptions().vocab_block)
+
+
+def test_every_task_signals_and_waits_on_earlier_producers(tiny):
+    tp = lower(tiny[2].fused)
+    signalled = set()
+    for t in tp.tasks:
+        assert len(t.signals) == 1 and t.rank == 0
+        for c, target in t.waits:
+            assert c in signalled, f"{t.name} waits on {c} before any signal"
+            assert target == tp.counters[c].expected
+        signalled.update(c for c, _ in t.signals)
+
+
+def test_swa_attention_reads_only_the_window(tiny):
+    cfg, dcfg, c = tiny
+    tp = lower(c.fused, LowerOptions(kv_chunk=4))
+    for i in range(cfg.num_hidden_layers):
+        spec = cfg.attn(i)
+        parts = [t for t in tp.tasks if t.kind == "attn_partial" and t.attrs["op"] == f"L{i}.attn"]
+        cache = parts[0].attrs["k_cache"]
+        keys = {(r.dims[1].lo, r.dims[1].hi) for t in parts for r in t.reads if r.buffer == cache}
+        ring = tp.buffers[cache].shape[1]
+        covered = max(hi for _, hi in keys)
+        assert covered == ring           # the ring holds exactly window + block positions for SWA
+        if spec.window is not None:
+            assert ring == spec.window + dcfg.block_size
+        assert len(parts) == spec.n_kv_heads * -(-ring // 4)
+    # draft layers: a sliding window inside a long cache -> chunks over window + block, at a runtime offset
+    draft = [t for t in tp.tasks if t.kind == "attn_partial" and t.attrs["op"] == "D0.attn"]
+    span = dcfg.sliding_window + dcfg.block_size
+    assert len(draft) == dcfg.num_key_value_heads * -(-span // 4)
+    assert all(r.dims[1].index == "window_start" for t in draft for r in t.reads if r.buffer == t.attrs["k_cache"])
+
+
+def test_moe_unique_expert_dispatch_reads_each_expert_once(tiny):
+    cfg, dcfg, c = tiny
+    tp = lower(c.fused)
+    ups = [t for t in tp.tasks if t.kind == "expert_up_gate" and t.attrs["op"] == "L1.out"]
+    slots = {t.coords["slot"] for t in ups}
+    assert len(slots) == min(cfg.n_routed_experts, dcfg.block_size * cfg.num_experts_per_tok)
+    for t in ups:
+        w = [r for r in t.reads if r.buffer.endswith("gate_proj_blocks")]
+        assert len(w) == 1 and w[0].dims[0].index == "expert" and w[0].dims[0].extent == 1
+        plan = [r for r in t.reads if r.buffer == t.attrs["plan"]]
+        assert plan, "every slot task reads the plan"
+        assert any(c.startswith("c.L1.mlp.plan") for c, _ in t.waits)
+    # one expert's gate weights cross the slot tiles exactly once: tiles partition the N range
+    for s in slots:
+        ranges = sorted((r.dims[1].lo, r.dims[1].hi) for t in ups if t.coords["slot"] == s
+                        for r in t.reads if r.buffer.endswith("gate_proj_blocks"))
+        assert ranges[0][0] == 0 and ranges[-1][1] == cfg.moe_intermediate_size
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_split_k_with_reduce_when_n_is_small(tiny):
+    tp = lower(tiny[2].fused, LowerOptions(block_n=32, min_n_tiles=8, split_k_min=32))
+    verify_tile(tp)
+    fc = [t for t in tp.tasks if t.attrs.get("op") == "draft.fc"]
+    parts = [t for t in fc if t.kind == "linear"]
+    reduces = [t for t in fc if t.kind == "linear_reduce"]
+    K = 3 * 64
+    # N=64 -> 2 tiles; 4 splits wanted, K=192 in 64-aligned chunks -> 3 splits
+    assert len(parts) == 2 * 3 and len(reduces) == 2
+    ks = sorted({(t.attrs["k0"], t.attrs["k1"]) for t in parts})
+    assert ks[0][0] == 0 and ks[-1][1] == K
+    assert all(any(c == "c.draft.fc.part" for c, _ in r.waits) for r in reduces)
+
+
+def test_bytes_follow_regions(tiny):
+    tp = lower(tiny[2].fused)
+    t = next(t for t in tp.tasks if t.kind == "linear" and t.attrs["op"] == "L0.x")
+    # o_proj tile: attn rows [8, 64] + weight [64, 64] + residual [8, 64] read, y [8, 64] written, bf16
+    assert tp.task_bytes(t) == 2 * (8 * 64 + 64 * 64 + 8 * 64 + 8 * 64)
+    route = next(t for t in tp.tasks if t.kind == "moe_route")
+    assert tp.region_bytes(route.reads[1]) == 16 * 64 * 4         # fp32 router [E, D]
+
+
+def test_prefill_step_lowers(tiny):
+    tp = lower(tiny[2].prefill_fused)
+    verify_tile(tp)
+    assert kinds(tp)["accept"] == 0 and kinds(tp)["sample_reduce"] == 1
