@@ -12,7 +12,7 @@ import sys
 
 from tilecomp import __version__
 from tilecomp.commands import compile as compile_command
-from tilecomp.commands import bench, generate, init, ir
+from tilecomp.commands import bench, generate, init, ir, train
 from tilecomp.errors import TilecompError
 
 # The subcommands, in the order `tilecomp --help` lists them (one line each).
@@ -22,6 +22,7 @@ COMMANDS = [
     compile_command,
     ir,
     bench,
+    train,
 ]
 
 
