@@ -60,3 +60,14 @@ def test_bad_prefill_chunk_is_a_clear_error(chunk):
     from tilecomp.errors import TilecompError
     with pytest.raises(TilecompError, match="prefill_chunk: expected 1..8"):
         compile_model(*preset("tiny"), CompileOptions(prefill_chunk=chunk), settings=Settings())
+
+
+def test_passes_do_not_mutate_their_input(tiny_step):
+    graph = tiny_step[0]
+    text = print_graph(graph)
+    snapshot = parse_graph(text)
+    fused = graph
+    for graph_pass in GRAPH_PASSES:
+        fused = graph_pass(fused)
+    assert graph == snapshot and print_graph(graph) == text
+    assert fused != graph
