@@ -121,3 +121,29 @@ def test_the_console_script_lists_and_runs_both_commands(tiny_out, capsys):
     with pytest.raises(SystemExit):
         main(["compile", "--help"])
     assert "--checkpoint DIR" in capsys.readouterr().out
+
+
+def _tile_text(queues):
+    from tilecomp.ir.tile import Buffer, Counter, Dim, Region, Task, TileProgram, print_tile
+    bufs = [Buffer("x", "bf16", (8, 64), "activation"),
+            Buffer("w", "bf16", (128, 64), "weight", "model.layers.0.mlp.up_proj.weight"),
+            Buffer("y", "fp32", (8, 128), "activation")]
+    tasks = [Task(0, "embed", writes=[Region("x", (Dim(0, 8), Dim(0, 64)))], signals=[("c.x", 1)]),
+             Task(1, "linear", coords={"n": 0},
+                  reads=[Region("x", (Dim(0, 8), Dim(0, 64))), Region("w", (Dim(0, 128), Dim(0, 64)))],
+                  writes=[Region("y", (Dim(0, 8), Dim(0, 128)))], waits=[("c.x", 1)])]
+    return print_tile(TileProgram({b.name: b for b in bufs}, {"c.x": Counter("c.x", 1, 0)}, tasks, queues))
+
+
+def test_ir_check_and_stats_of_tile_files(tmp_path, capsys):
+    good, unordered = tmp_path / "schedule.ir", tmp_path / "bad.ir"
+    good.write_text(_tile_text([[0, 1]]))
+    unordered.write_text(_tile_text([[1, 0]]))                 # waits on a later task of its queue
+    assert tilecomp("ir", "check", good) == 0
+    assert "ok (tile: 2 tasks, 1 counters, scheduled on 1 programs)" in capsys.readouterr().out
+    assert tilecomp("ir", "check", unordered) == 2
+    assert capsys.readouterr().out.startswith(f"error: {unordered}: ")
+    assert tilecomp("ir", "stats", good, "--gbps", 1) == 0
+    out = capsys.readouterr().out
+    moved = 8 * 64 * 2 + (8 * 64 * 2 + 128 * 64 * 2 + 8 * 128 * 4)
+    assert re.search(rf"total +2 +{moved:,}\n", out) and f"{moved / 1e9 * 1e6:,.1f} us" in out
