@@ -94,7 +94,7 @@ CASES = [
     pytest.param(8, 2, 2, 24, 16, 3, 12, True, True, 16, True, id="swa-context-shorter-than-window"),
     pytest.param(1, 4, 2, 24, 16, 37, 12, True, True, 16, True, id="swa-T1"),
     pytest.param(8, 4, 2, 24, 16, 25, 10, False, True, 16, False, id="draft-noncausal-window"),
-    pytest.param(4, 8, 2, 12, 8, 0, 0, True, True, 32, False, id="start0-sink"),
+    pytest.param(4, 8, 2, 16, 8, 0, 0, True, True, 32, False, id="start0-sink"),
     pytest.param(8, 4, 1, 192, 128, 19, 16, True, True, 16, True, id="mimo-head-dims-192-128"),
 ]
 
