@@ -26,6 +26,7 @@ def _budget_args(p):
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (1 is best on a busy CPU)")
 
 
 def add_parser(subparsers):
@@ -60,7 +61,9 @@ def add_parser(subparsers):
     r.add_argument("--batch", type=int, default=32)
     r.add_argument("--anchors", type=int, default=24)
     r.add_argument("--lr", type=float, default=2e-3)
+    r.add_argument("--gen-batch", type=int, default=256)
     r.add_argument("--eval-prompts", type=int, default=24)
+    r.add_argument("--eval-new-tokens", type=int, default=128)
 
     e = sub.add_parser("eval", help="acceptance per step on held-out code and prose (reference engine)")
     e.add_argument("--checkpoint", required=True)
@@ -82,6 +85,9 @@ def run(args) -> int:
         return 0
     if args.train_cmd == "eval":
         return _run_eval(args)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     budget = loop.Budget(steps=args.steps, minutes=args.minutes, chunk_minutes=args.chunk_minutes)
     if args.train_cmd == "target":
         settings = target.TargetSettings(batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
@@ -89,11 +95,11 @@ def run(args) -> int:
                                       not args.quiet, args.eval_windows)
     else:
         settings = draft.DraftSettings(prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                       sequences=args.sequences, batch=args.batch, anchors=args.anchors,
-                                       lr=args.lr, seed=args.seed)
+                                       sequences=args.sequences, gen_batch=args.gen_batch,
+                                       batch=args.batch, anchors=args.anchors, lr=args.lr, seed=args.seed)
         summary = pipeline.run_draft(args.data, args.target, args.run, args.out, args.size, budget,
                                      settings, args.gen_minutes, args.device, not args.quiet,
-                                     args.eval_prompts)
+                                     args.eval_prompts, args.eval_new_tokens)
     print(pipeline.describe(summary))
     if not summary["done"]:
         print(f"chunk finished at step {summary['step']}; run the same command again to resume",
