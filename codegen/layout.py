@@ -107,10 +107,12 @@ KINDS: dict[str, KindABI] = _kinds(
                      "n_heads_q", "n_kv_heads", "v_head_dim", "n_rows"),
      ("BLOCK_T", "BLOCK_HD")),
     # layer: (norm +) router + sigmoid + biased top-k + weights -> plan (count, experts
-    # ascending) and weights [n_slots, n_rows]; gate < 0: x holds router logits already
+    # ascending) and weights [n_slots, n_rows]; gate < 0: x holds router logits already;
+    # split != 0: only the logits of experts e0 .. e0 + BLOCK_N (a split router's first phase)
     ("moe_route", ("x", "norm", "eps_bits", "gate", "bias", "xn", "plan", "weights",
-                   "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows"),
-     ("BLOCK_T", "BLOCK_E", "BLOCK_K")),
+                   "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows",
+                   "split", "e0", "logits"),
+     ("BLOCK_T", "BLOCK_E", "BLOCK_N")),
     # (slot, n tile): act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "inter", "dim", "n_rows"),

@@ -154,6 +154,34 @@ def test_route_from_precomputed_logits():
     torch.testing.assert_close(arenas.view("weights")[:len(experts)], weights, rtol=1e-5, atol=1e-6)
 
 
+def test_split_router_matches_single_task():
+    """split: logits of expert tiles on separate tasks (+ xn from the e0 == 0 tile), then the
+    plan task reads the logits; same plan, weights and xn as the reference."""
+    gen = torch.Generator().manual_seed(13)
+    T, D, E = 8, 64, 24
+    moe = make_moe(gen, dim=D, inter=32, n_experts=E, top_k=4, scaling=2.0)
+    x, gain = torch.randn(T, D, generator=gen), 1 + 0.1 * torch.randn(D, generator=gen)
+    b = moe_arenas(moe, x, gain, E)
+    b.add("logits", torch.full((T, E), float("nan")), "f32")
+    arenas = b.build()
+    route = moe_records(b, moe, T, D, E)[0]
+    tiles = [TaskRecord("moe_route", i, dict(route.args, split=1, e0=e0, logits=b.offset("logits")),
+                        signals=[0]) for i, e0 in enumerate(range(0, E, 16))]
+    plan_task = TaskRecord("moe_route", 9, dict(route.args, x=b.offset("logits"), gate=-1, norm=-1,
+                                                xn=-1), waits=[(0, len(tiles), len(tiles))])
+    run_tasks([tiles + [plan_task]], arenas, dict(BLOCK_T=16, BLOCK_E=32, BLOCK_N=16), n_counters=1)
+    norm = RMSNorm(D, 1e-5, torch.float32)
+    with torch.no_grad():
+        norm.weight.copy_(gain)
+        xn = norm(x)
+    torch.testing.assert_close(arenas.view("logits"), xn @ moe.gate.weight.detach().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(arenas.view("xn"), xn, rtol=1e-5, atol=1e-6)
+    experts, weights = reference_plan(moe, xn)
+    plan = arenas.view("plan")
+    assert plan[1:1 + int(plan[0])].tolist() == experts
+    torch.testing.assert_close(arenas.view("weights")[:len(experts)], weights, rtol=1e-5, atol=1e-6)
+
+
 def test_bias_steers_selection_but_not_weights():
     """A large bias on expert 3 forces it into every token's top-k; its weight is its unbiased score."""
     gen = torch.Generator().manual_seed(9)
