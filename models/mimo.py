@@ -15,7 +15,7 @@ from tilecomp.errors import TilecompError
 
 from .cache import KVCache
 from .config import AttnSpec, MiMoConfig
-from .mxfp4 import dequantize_mxfp4, fake_quantize_mxfp4, quantize_mxfp4
+from .mxfp4 import dequantize_mxfp4, fake_quantize_mxfp4, quantize_mxfp4, random_mxfp4
 
 INIT_STD = 0.02
 
@@ -312,10 +312,10 @@ def init_weights(model: MiMoForCausalLM, std: float = INIT_STD):
             p.normal_(0.0, std)
     for module in model.modules():
         if isinstance(module, MXFP4Experts):
-            E, F_, D = module.gate_proj_blocks.shape[:2] + module.down_proj_blocks.shape[1:2]
-            dev = module.gate_proj_blocks.device
-            for e in range(E):
-                module.set_expert(e, torch.randn(F_, D, device=dev) * std,
-                                  torch.randn(F_, D, device=dev) * std, torch.randn(D, F_, device=dev) * std)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                blocks, scales = getattr(module, f"{name}_blocks"), getattr(module, f"{name}_scales")
+                b, s = random_mxfp4((*scales.shape[:-1], scales.shape[-1] * 32), std, blocks.device)
+                blocks.copy_(b)
+                scales.copy_(s)
         elif isinstance(module, Router):
             module.e_score_correction_bias.zero_()

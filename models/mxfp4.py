@@ -7,6 +7,8 @@ Packed layout (as gpt-oss checkpoints):
 
 Shape legend: N output rows, K input columns, NB = K/32 blocks.
 """
+import math
+
 import torch
 
 BLOCK = 32
@@ -87,3 +89,14 @@ def fake_quantize_mxfp4(w: torch.Tensor) -> torch.Tensor:
     """MXFP4 round trip in the forward pass, identity gradient (straight-through estimator)."""
     q = dequantize_mxfp4(*quantize_mxfp4(w), dtype=w.dtype)
     return w + (q - w).detach()
+
+
+def random_mxfp4(shape, std: float, device=None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random packed weights [..., N, K] for presets, without a float copy: uniform random codes
+    (RMS of the 16 E2M1 values = sqrt(8.5625)) under one scale 2^round(log2(std / RMS))."""
+    *lead, K = shape
+    blocks = torch.randint(0, 256, (*lead, K // BLOCK, BLOCK // 2), dtype=torch.uint8,
+                           device=device, generator=generator)
+    exp = round(math.log2(std / math.sqrt(8.5625)))
+    scales = torch.full((*lead, K // BLOCK), exp + E8M0_BIAS, dtype=torch.uint8, device=device)
+    return blocks, scales

@@ -110,3 +110,11 @@ def test_dense_experts_to_mxfp4_matches_fake_quant():
         torch.testing.assert_close(packed(h, idx, weights), dense(h, idx, weights), rtol=0, atol=0)
         dense.fake_quant = False
         assert not torch.equal(packed(h, idx, weights), dense(h, idx, weights))
+
+
+def test_random_mxfp4_has_the_requested_scale():
+    from tilecomp.models.mxfp4 import random_mxfp4
+    blocks, scales = random_mxfp4((4, 64, 128), 0.02, generator=torch.Generator().manual_seed(3))
+    assert blocks.shape == (4, 64, 4, 16) and scales.shape == (4, 64, 4)
+    w = dequantize_mxfp4(blocks, scales)
+    assert 0.014 < w.std().item() < 0.028 and abs(w.mean().item()) < 0.002
