@@ -395,6 +395,84 @@ def _parse_counter(ln: _Line) -> Counter:
     return Counter(name, fields["expected"], fields["slot"])
 
 
+# ----------------------------------------------------------------------------- fast paths
+# Whole-line regexes for the common statements; a line they do not match goes
+# through the tokenizer above, which gives the precise error message.
+
+_N = r"[A-Za-z_][A-Za-z0-9_.]*"
+_DIM = rf"(?:\$?{_N}(?:\+\d+)?|\d+):\d+"
+_REGION = rf"{_N}\[(?:{_DIM}(?:, {_DIM})*)?\]"
+_FAST_REGIONS = re.compile(rf"  (reads|writes) ({_REGION}(?:, {_REGION})*)")
+_FAST_PAIRS = re.compile(rf"  (waits|signals) ({_N} (?:>=|\+=) \d+(?:, {_N} (?:>=|\+=) \d+)*)")
+_FAST_HEAD = re.compile(rf"task t(\d+) = ({_N})\[((?:{_N}=-?\d+(?:, )?)*)\] rank=(\d+)(?: \{{(.*)\}})?")
+_FIND_REGION = re.compile(rf"({_N})\[([^\]]*)\]")
+_FIND_PAIR = re.compile(rf"({_N}) (?:>=|\+=) (\d+)")
+_FIND_ATTR = re.compile(rf'({_N})=("(?:[^"\\]|\\.)*"|[^,"\[\]{{}}]+)(?:, |$)')
+_NUMBER = re.compile(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
+_BAD = object()
+
+
+def _fast_dim(text: str) -> Dim:
+    start, hi = text.rsplit(":", 1)
+    if start[0] != "$":
+        return Dim(int(start), int(hi))
+    index, _, lo = start[1:].partition("+")
+    return Dim(int(lo) if lo else 0, int(hi), index)
+
+
+def _fast_regions(body: str) -> list[Region]:
+    return [Region(name, tuple(_fast_dim(d) for d in dims.split(", ")) if dims else ())
+            for name, dims in _FIND_REGION.findall(body)]
+
+
+def _fast_value(text: str):
+    if text[0] == '"':
+        return json.loads(text)
+    if text in ("true", "false"):
+        return text == "true"
+    if _NUMBER.fullmatch(text):
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    return _BAD
+
+
+def _fast_attrs(body: str) -> dict | None:
+    found = _FIND_ATTR.findall(body)
+    if sum(len(k) + len(v) + 3 for k, v in found) - 2 != len(body):
+        return None
+    attrs = {}
+    for k, v in found:
+        value = _fast_value(v)
+        if value is _BAD or k in attrs:
+            return None
+        attrs[k] = value
+    return attrs
+
+
+def _fast_head(line: str) -> Task | None:
+    m = _FAST_HEAD.fullmatch(line)
+    if m is None:
+        return None
+    tid, kind, coords, rank, attr_text = m.groups()
+    attrs = _fast_attrs(attr_text) if attr_text else {}
+    if attrs is None:
+        return None
+    pairs = [c.split("=") for c in coords.split(", ")] if coords else []
+    return Task(int(tid), kind, int(rank), {k: int(v) for k, v in pairs}, attrs=attrs)
+
+
+def _fast_body(line: str, task: Task) -> bool:
+    m = _FAST_REGIONS.fullmatch(line)
+    if m is not None:
+        setattr(task, m.group(1), _fast_regions(m.group(2)))
+        return True
+    m = _FAST_PAIRS.fullmatch(line)
+    if m is not None and (m.group(1) == "waits") == (">=" in m.group(2)) and \
+            (m.group(1) == "signals") == ("+=" in m.group(2)):
+        setattr(task, m.group(1), [(c, int(n)) for c, n in _FIND_PAIR.findall(m.group(2))])
+        return True
+    return False
+
+
 def parse_tile(text: str) -> TileProgram:
     """Parse the text form; raises IRError naming the line on malformed input."""
     tp = TileProgram()
@@ -409,12 +487,20 @@ def parse_tile(text: str) -> TileProgram:
                 raise IRError(f"tile IR line {lineno}: expected header {TILE_VERSION!r}, found {body.strip()!r}")
             seen_header = True
             continue
-        ln = _Line(body, lineno)
         if body[0].isspace():
+            if current is not None and _fast_body(body.rstrip(), current):
+                continue
+            ln = _Line(body, lineno)
             if current is None:
                 ln.fail("indented line outside a task")
             _parse_task_body(ln, current)
             continue
+        if body.startswith("task "):
+            current = _fast_head(body.rstrip())
+            if current is not None:
+                tp.tasks.append(current)
+                continue
+        ln = _Line(body, lineno)
         current = None
         word = ln.peek()
         if word == "task":

@@ -7,10 +7,10 @@ regions lie inside their buffers, kinds are known, counters are padded.
 all programs are co-resident (ScheduleError, naming task and counter):
   1. every counter receives exactly `expected` signals per step and every wait
      target is at most that (so every wait can be satisfied);
-  2. every task that reads data written in the same step waits on a counter
+  2. the task graph (task -> counter -> task) is acyclic;
+  3. every task that reads data written in the same step waits on a counter
      its producer signals (a read of persistent state without such a wait
      reads the previous step, so the writer must come after the reader);
-  3. the task graph (task -> counter -> task) is acyclic;
   4. the per-program queues are consistent with ONE global topological order
      (the graph plus "next in queue" edges stays acyclic). Then the earliest
      unfinished task in that order always has its inputs done and sits at the
@@ -151,53 +151,56 @@ class _WriterIndex:
         self.los = [r.dims[0].lo if r.dims else 0 for r, _ in static]
         self.max_extent = max((r.dims[0].extent for r, _ in static if r.dims), default=1)
 
-    def overlapping(self, region: Region):
-        yield from ((r, t) for r, t in self.dynamic if _overlap(r, region))
+    def candidates(self, region: Region) -> list:
+        """Writers that may overlap `region` (exact for the first dimension only)."""
         if not region.dims or region.dims[0].index is not None:
-            cands = self.static
-        else:
-            d0 = region.dims[0]
-            i = bisect.bisect_left(self.los, d0.lo - self.max_extent + 1)
-            j = bisect.bisect_left(self.los, d0.hi)
-            cands = self.static[i:j]
-        yield from ((r, t) for r, t in cands if _overlap(r, region))
+            return self.dynamic + self.static
+        d0 = region.dims[0]
+        i = bisect.bisect_left(self.los, d0.lo - self.max_extent + 1)
+        j = bisect.bisect_left(self.los, d0.hi)
+        return self.dynamic + self.static[i:j]
 
 
-def _reachable(tp: TileProgram, start: Task, waiters: dict[str, list[int]]) -> set[int]:
-    seen, todo = {start.id}, deque([start.id])
-    while todo:
-        for c, _ in tp.tasks[todo.popleft()].signals:
-            for w in waiters.get(c, ()):
-                if w not in seen:
-                    seen.add(w)
-                    todo.append(w)
-    return seen
+def _state_writer_descendants(tp: TileProgram, graph, writers: list[int]) -> dict[int, int]:
+    """For each task, a bitmask of the given writers that run after it (reachable through counters)."""
+    n, succ, order, _ = graph
+    bit = {w: 1 << k for k, w in enumerate(writers)}
+    desc = [0] * len(succ)
+    for u in reversed(order):
+        mask = 0
+        for v in succ[u]:
+            mask |= desc[v] | bit.get(v, 0)
+        desc[u] = mask
+    return {i: desc[i] for i in range(n)}, bit
 
 
-def check_data_dependencies(tp: TileProgram):
-    """A task reading data another task writes in this step waits on one of its counters."""
+def check_data_dependencies(tp: TileProgram, graph):
+    """A task reading data another task writes in this step waits on one of its counters.
+
+    A read of persistent state (kv_cache, state) without such a wait reads the previous
+    step's value: then the writer must come after the reader (write-after-read order).
+    """
     writes: dict[str, list] = defaultdict(list)
     for t in tp.tasks:
         for r in t.writes:
             writes[r.buffer].append((r, t))
     index = {b: _WriterIndex(w) for b, w in writes.items()}
-    waiters: dict[str, list[int]] = defaultdict(list)
-    for t in tp.tasks:
-        for c, _ in t.waits:
-            waiters[c].append(t.id)
-    reach_cache: dict[int, set[int]] = {}
+    persistent = sorted({t.id for b, w in writes.items() if tp.buffers[b].kind in ("state", "kv_cache")
+                         for _, t in w})
+    signals = {t.id: {c for c, _ in t.signals} for ws in writes.values() for _, t in ws}
+    desc, bit = None, None
     for t in tp.tasks:
         waited = {c for c, _ in t.waits}
         for r in t.reads:
             if r.buffer not in index:
                 continue
-            for wr, w in index[r.buffer].overlapping(r):
-                if w.id == t.id or any(c in waited for c, _ in w.signals):
+            for wr, w in index[r.buffer].candidates(r):
+                if w.id == t.id or not signals[w.id].isdisjoint(waited) or not _overlap(wr, r):
                     continue
                 if tp.buffers[r.buffer].kind in ("state", "kv_cache"):
-                    if t.id not in reach_cache:
-                        reach_cache[t.id] = _reachable(tp, t, waiters)
-                    if w.id in reach_cache[t.id]:
+                    if desc is None:
+                        desc, bit = _state_writer_descendants(tp, graph, persistent)
+                    if desc[t.id] & bit[w.id]:
                         continue     # reads the previous step's value; the writer runs after
                 producer = ", ".join(c for c, _ in w.signals) or "none"
                 raise ScheduleError(
@@ -223,25 +226,27 @@ def _find_cycle(n_tasks: int, succ: list[list[int]], remaining: set[int], label)
     return " -> ".join(label(u) for u in cycle)
 
 
-def _topo_remaining(succ: list[list[int]]) -> set[int]:
+def _topo(succ: list[list[int]]) -> tuple[list[int], set[int]]:
+    """Kahn's algorithm: (topological order, nodes left on or behind a cycle)."""
     indeg = [0] * len(succ)
     for vs in succ:
         for v in vs:
             indeg[v] += 1
     todo = deque(i for i, d in enumerate(indeg) if d == 0)
-    done = 0
+    order = []
     while todo:
         u = todo.popleft()
-        done += 1
+        order.append(u)
         for v in succ[u]:
             indeg[v] -= 1
             if indeg[v] == 0:
                 todo.append(v)
-    return {i for i, d in enumerate(indeg) if d > 0}
+    return order, {i for i, d in enumerate(indeg) if d > 0}
 
 
 def check_acyclic(tp: TileProgram):
-    """The dependency graph, and the graph plus queue order, are both acyclic."""
+    """The dependency graph is acyclic. Returns (task count, successors over task + counter
+    nodes, a topological order, node labeller)."""
     n = len(tp.tasks)
     cidx = {c: n + i for i, c in enumerate(tp.counters)}
     names = list(tp.counters)
@@ -255,15 +260,20 @@ def check_acyclic(tp: TileProgram):
     def label(u: int) -> str:
         return f"{tp.tasks[u].name} ({tp.tasks[u].kind})" if u < n else f"counter {names[u - n]}"
 
-    left = _topo_remaining(succ)
+    order, left = _topo(succ)
     if left:
         raise ScheduleError(f"dependency cycle: {_find_cycle(n, succ, left, label)}")
-    if tp.programs is None:
-        return
+    return n, succ, order, label
+
+
+def check_queue_order(tp: TileProgram, graph):
+    """The dependency graph plus "next in the same queue" edges stays acyclic."""
+    n, succ, _, label = graph
+    succ = [list(x) for x in succ]
     for queue in tp.programs:
         for a, b in zip(queue, queue[1:]):
             succ[a].append(b)
-    left = _topo_remaining(succ)
+    _, left = _topo(succ)
     if left:
         raise ScheduleError("queues are not in one global topological order (a program would wait on a "
                             f"task queued after it): {_find_cycle(n, succ, left, label)}")
@@ -311,8 +321,9 @@ def verify_schedule(tp: TileProgram, interpreter_order: bool = False) -> TilePro
         raise ScheduleError("tile program has no schedule (no program queues); run the schedule pass")
     check_counters(tp)
     pos = check_queues(tp)
-    check_data_dependencies(tp)
-    check_acyclic(tp)
+    graph = check_acyclic(tp)
+    check_data_dependencies(tp, graph)
+    check_queue_order(tp, graph)
     if interpreter_order:
         check_interpreter_order(tp, pos)
     return tp

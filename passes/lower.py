@@ -29,8 +29,8 @@ DTYPES = {DType.BF16: "bf16", DType.F16: "fp16", DType.F32: "fp32", DType.I32: "
 @dataclass(frozen=True)
 class LowerOptions:
     block_n: int = 128            # output columns per linear / combine tile
-    expert_block_n: int = 256     # expert intermediate columns per expert_up_gate tile
-    expert_down_block_n: int = 512  # hidden columns per expert_down tile
+    expert_block_n: int = 512     # expert intermediate columns per expert_up_gate tile (gate + up)
+    expert_down_block_n: int = 1024  # hidden columns per expert_down tile
     vocab_block: int = 1024       # vocabulary rows per lm_head tile
     kv_chunk: int = 256           # cache positions per attn_partial (flash-decoding chunk)
     min_n_tiles: int = 32         # split K when a linear has fewer N tiles than this ...
@@ -54,6 +54,8 @@ class Lowering:
     redirect: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # value -> (buffer, r0, r1)
     pending_kv: dict[tuple, list] = field(default_factory=dict)  # kv_writes waiting for their partner
     folded_norm: dict[str, Op] = field(default_factory=dict)    # rmsnorm output -> op (in moe_route)
+    _waits_memo: dict[Region, tuple[int, list[str]]] = field(default_factory=dict)
+    _full: dict[str, Region] = field(default_factory=dict)
 
     # -- buffers --------------------------------------------------------------------------
     def add_buffer(self, name: str, dtype: str, shape, kind: str, param: str | None = None) -> str:
@@ -77,11 +79,30 @@ class Lowering:
     def region(self, value_or_buffer: str, *ranges) -> Region:
         """Region of a value's buffer; each range is (lo, hi), (lo, hi, index) or None (whole dim)."""
         name = self.buf.get(value_or_buffer, value_or_buffer)
+        if not ranges:
+            full = self._full.get(name)
+            if full is None:
+                full = self._full[name] = self.tp.buffers[name].full()
+            return full
         shape = self.tp.buffers[name].shape
-        if len(ranges) < len(shape):
-            ranges = tuple(ranges) + (None,) * (len(shape) - len(ranges))
-        dims = tuple(Dim(0, s) if r is None else Dim(*r) for r, s in zip(ranges, shape))
-        return Region(name, dims)
+        dims = []
+        for i, size in enumerate(shape):
+            r = ranges[i] if i < len(ranges) else None
+            dims.append(Dim(0, size) if r is None else Dim(*r))
+        return Region(name, tuple(dims))
+
+    def waits_for(self, region: Region) -> list[str]:
+        """Counters of the producers whose writes overlap `region` so far (memoised)."""
+        entries = self.producers.get(region.buffer, ())
+        memo = self._waits_memo.get(region)
+        if memo is not None and memo[0] == len(entries):
+            return memo[1]
+        found = []
+        for preg, counter in entries:
+            if counter not in found and _overlap(preg, region):
+                found.append(counter)
+        self._waits_memo[region] = (len(entries), found)
+        return found
 
     def scalar_reads(self, value: str) -> tuple[str, list[Region]]:
         """A runtime scalar: its expression for the codegen and the regions it reads."""
@@ -99,8 +120,8 @@ class Lowering:
              attrs: dict) -> Task:
         waits: list[str] = []
         for r in reads:
-            for preg, counter in self.producers.get(r.buffer, ()):
-                if counter not in waits and counter != signal and _overlap(preg, r):
+            for counter in self.waits_for(r):
+                if counter not in waits and counter != signal:
                     waits.append(counter)
         for counter in waits:
             if counter not in self.tp.counters:
