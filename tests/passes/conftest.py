@@ -1,5 +1,8 @@
 """Shared fixtures of the graph-pass tests: the tiny preset traced in fp32, its real
 random weights, random step inputs, and the unfused graph's outputs on them."""
+from collections import Counter
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -10,9 +13,33 @@ from tilecomp.models.presets import preset
 from tilecomp.trace import TraceOptions, build_modules, trace_decode_step
 
 
+@dataclass
+class Step:
+    """A traced step with weights, inputs and its outputs on them."""
+    graph: object
+    params: dict
+    inputs: dict
+    expected: dict
+
+    def __iter__(self):
+        return iter((self.graph, self.params, self.inputs, self.expected))
+
+    def assert_same_outputs(self, graph, inputs=None, expected=None):
+        """`graph` gives the same outputs as the traced graph (or `expected`) on the inputs."""
+        got = run_graph(graph, self.params, inputs or self.inputs)
+        expected = self.expected if expected is None else expected
+        assert list(got) == list(expected)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def kinds(graph) -> Counter:
+    return Counter(op.kind for op in graph.ops)
+
+
 @pytest.fixture(scope="session")
 def tiny_step():
-    """(traced decode graph, params, inputs, outputs of the traced graph)."""
+    """The tiny preset's traced decode step (fp32) with real random weights and random inputs."""
     torch.manual_seed(1)
     cfg, dcfg = preset("tiny")
     params = model_params(MiMoForCausalLM(cfg), DFlashDraft(dcfg, cfg))
@@ -25,4 +52,9 @@ def tiny_step():
                    "%pos": torch.tensor(21, dtype=torch.int32), "%n_new": torch.tensor(3, dtype=torch.int32),
                    "%seed": torch.tensor(3, dtype=torch.int32), "%temperature": torch.tensor(0.0),
                    "%top_p": torch.tensor(1.0)})
-    return graph, params, inputs, run_graph(graph, params, inputs)
+    return Step(graph, params, inputs, run_graph(graph, params, inputs))
+
+
+@pytest.fixture
+def count_kinds():
+    return kinds

@@ -16,5 +16,5 @@ def test_dead_ops_and_their_params_go_live_ones_stay():
 
 
 def test_dce_keeps_a_whole_traced_step(tiny_step):
-    graph = tiny_step[0]
+    graph = tiny_step.graph
     assert dce(graph) == graph

@@ -1,4 +1,3 @@
-from graph_helpers import assert_same_outputs, kinds
 
 from tilecomp.ir.graph import DType, OpKind, TensorType
 from tilecomp.ir.graph_build import GraphBuilder
@@ -7,19 +6,19 @@ from tilecomp.passes.fuse_router import fuse_router
 from tilecomp.passes.fuse_swiglu import fuse_swiglu
 
 
-def test_norms_move_into_matmul_prologues(tiny_step):
-    graph, params, inputs, expected = tiny_step
+def test_norms_move_into_matmul_prologues(tiny_step, count_kinds):
+    graph = tiny_step.graph
     fused = fuse_norm_prologue(fuse_swiglu(fuse_router(graph)))
-    assert OpKind.RMSNORM not in kinds(fused)
+    assert OpKind.RMSNORM not in count_kinds(fused)
     normed = [op for op in fused.ops if op.kwarg("norm")]
     assert {op.kind for op in normed} == {OpKind.LINEAR, OpKind.LM_HEAD, OpKind.SWIGLU_MLP, OpKind.MOE_ROUTE}
     assert all("eps" in op.attrs for op in normed)
     # the router normalises the MoE input and hands the normed rows to the experts
     routes = [op for op in fused.ops if op.kind is OpKind.MOE_ROUTE]
-    assert len(routes) == kinds(graph)[OpKind.ROUTE_TOPK]
+    assert len(routes) == count_kinds(graph)[OpKind.ROUTE_TOPK]
     experts = {op.args[0] for op in fused.ops if op.kind is OpKind.MOE_EXPERTS}
     assert {op.outputs[3].name for op in routes} == experts
-    assert_same_outputs(fused, params, inputs, expected)
+    tiny_step.assert_same_outputs(fused)
 
 
 def test_norm_with_a_non_matmul_user_stays():

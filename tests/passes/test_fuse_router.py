@@ -1,14 +1,13 @@
-from graph_helpers import assert_same_outputs, kinds
 
 from tilecomp.ir.graph import DType, OpKind, TensorType
 from tilecomp.ir.graph_build import GraphBuilder
 from tilecomp.passes.fuse_router import fuse_router
 
 
-def test_router_chain_becomes_one_moe_route(tiny_step):
-    graph, params, inputs, expected = tiny_step
+def test_router_chain_becomes_one_moe_route(tiny_step, count_kinds):
+    graph = tiny_step.graph
     fused = fuse_router(graph)
-    before, after = kinds(graph), kinds(fused)
+    before, after = count_kinds(graph), count_kinds(fused)
     n_moe = before[OpKind.ROUTE_TOPK]
     assert after[OpKind.MOE_ROUTE] == n_moe
     for kind in (OpKind.ROUTE_TOPK, OpKind.ROUTE_NORMALIZE, OpKind.SIGMOID, OpKind.CAST):
@@ -16,7 +15,7 @@ def test_router_chain_becomes_one_moe_route(tiny_step):
     assert after[OpKind.LINEAR] == before[OpKind.LINEAR] - n_moe
     route = next(op for op in fused.ops if op.kind is OpKind.MOE_ROUTE)
     assert route.outputs[2].name.endswith(".plan") and route.attrs["k"] == 4
-    assert_same_outputs(fused, params, inputs, expected)
+    tiny_step.assert_same_outputs(fused)
 
 
 def test_router_with_other_users_of_the_scores_is_left_alone():

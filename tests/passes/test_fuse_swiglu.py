@@ -1,4 +1,3 @@
-from graph_helpers import assert_same_outputs, kinds
 
 from tilecomp.ir.graph import DType, OpKind, TensorType
 from tilecomp.ir.graph_build import GraphBuilder
@@ -6,25 +5,25 @@ from tilecomp.passes.fuse_router import fuse_router
 from tilecomp.passes.fuse_swiglu import fuse_swiglu
 
 
-def test_dense_and_expert_mlps_become_one_op_each(tiny_step):
-    graph, params, inputs, expected = tiny_step
+def test_dense_and_expert_mlps_become_one_op_each(tiny_step, count_kinds):
+    graph = tiny_step.graph
     fused = fuse_swiglu(graph)
-    after = kinds(fused)
-    n_expert_layers = kinds(graph)[OpKind.EXPERT_LINEAR] // 3
+    after = count_kinds(fused)
+    n_expert_layers = count_kinds(graph)[OpKind.EXPERT_LINEAR] // 3
     assert after[OpKind.MOE_EXPERTS] == n_expert_layers
     assert after[OpKind.SWIGLU_MLP] == 1 + 2            # target layer 0 + two draft layers
     assert OpKind.SILU not in after and OpKind.MUL not in after and OpKind.EXPERT_LINEAR not in after
     assert all(op.kwarg("plan") is None for op in fused.ops if op.kind is OpKind.MOE_EXPERTS)
-    assert_same_outputs(fused, params, inputs, expected)
+    tiny_step.assert_same_outputs(fused)
 
 
 def test_expert_mlp_takes_the_routing_plan(tiny_step):
-    graph, params, inputs, expected = tiny_step
+    graph = tiny_step.graph
     fused = fuse_swiglu(fuse_router(graph))
     experts = [op for op in fused.ops if op.kind is OpKind.MOE_EXPERTS]
     plans = {op.outputs[2].name for op in fused.ops if op.kind is OpKind.MOE_ROUTE}
     assert experts and {op.kwarg("plan") for op in experts} == plans
-    assert_same_outputs(fused, params, inputs, expected)
+    tiny_step.assert_same_outputs(fused)
 
 
 def test_mlp_whose_activation_escapes_is_left_alone():

@@ -2,21 +2,21 @@ import time
 
 import pytest
 import torch
-from graph_helpers import assert_same_outputs, kinds
 
+from tilecomp.interpret import run_graph
 from tilecomp.ir.graph import OpKind, parse_graph, print_graph, verify_graph
 from tilecomp.models.presets import preset
 from tilecomp.passes.pipeline import GRAPH_PASSES, CompileOptions, compile_model
 from tilecomp.settings import Settings
 
 
-def test_fused_graph_equals_the_traced_graph(tiny_step):
-    graph, params, inputs, expected = tiny_step
+def test_fused_graph_equals_the_traced_graph(tiny_step, count_kinds):
+    graph = tiny_step.graph
     fused = graph
     for graph_pass in GRAPH_PASSES:
         fused = graph_pass(fused)
-    assert_same_outputs(fused, params, inputs, expected)
-    assert set(kinds(fused)) <= {OpKind(k) for k in (
+    tiny_step.assert_same_outputs(fused)
+    assert set(count_kinds(fused)) <= {OpKind(k) for k in (
         "embed", "rmsnorm", "linear", "rope", "kv_write", "attention", "swiglu_mlp", "moe_route",
         "moe_experts", "qkv_rope_kv", "lm_head", "sample", "accept", "kv_commit", "concat", "slice", "sub")}
 
@@ -24,10 +24,9 @@ def test_fused_graph_equals_the_traced_graph(tiny_step):
 def test_sampled_step_is_unchanged_by_fusion(tiny_step):
     graph, params, inputs, _ = tiny_step
     inputs = {**inputs, "%temperature": torch.tensor(0.8), "%top_p": torch.tensor(0.9)}
-    from tilecomp.interpret import run_graph
     expected = run_graph(graph, params, inputs)
     fused = compile_model(*preset("tiny"), CompileOptions(dtype="f32", max_len=40), settings=Settings()).fused
-    assert_same_outputs(fused, params, inputs, expected)
+    tiny_step.assert_same_outputs(fused, inputs, expected)
 
 
 def test_compile_model_is_deterministic_and_dumps(tmp_path):
@@ -44,14 +43,14 @@ def test_compile_model_is_deterministic_and_dumps(tmp_path):
         verify_graph(parse_graph(p.read_text(), p.name), p.name)
 
 
-def test_mimo_v2_flash_graph_stages_compile_in_seconds():
+def test_mimo_v2_flash_graph_stages_compile_in_seconds(count_kinds):
     cfg, dcfg = preset("mimo-v2-flash")
     start = time.perf_counter()
     compiled = compile_model(cfg, dcfg, settings=Settings())
     elapsed = time.perf_counter() - start
     assert cfg.num_hidden_layers == 48
-    assert kinds(compiled.fused)[OpKind.MOE_EXPERTS] == 47
-    assert kinds(compiled.fused)[OpKind.QKV_ROPE_KV] == 48 + dcfg.num_hidden_layers
+    assert count_kinds(compiled.fused)[OpKind.MOE_EXPERTS] == 47
+    assert count_kinds(compiled.fused)[OpKind.QKV_ROPE_KV] == 48 + dcfg.num_hidden_layers
     assert elapsed < 20, f"graph stages took {elapsed:.1f} s"
 
 
@@ -63,7 +62,7 @@ def test_bad_prefill_chunk_is_a_clear_error(chunk):
 
 
 def test_passes_do_not_mutate_their_input(tiny_step):
-    graph = tiny_step[0]
+    graph = tiny_step.graph
     text = print_graph(graph)
     snapshot = parse_graph(text)
     fused = graph
