@@ -188,7 +188,7 @@ def check_data_dependencies(tp: TileProgram, graph):
     persistent = sorted({t.id for b, w in writes.items() if tp.buffers[b].kind in ("state", "kv_cache")
                          for _, t in w})
     signals = {t.id: {c for c, _ in t.signals} for ws in writes.values() for _, t in ws}
-    desc, bit = None, None
+    previous_step = []
     for t in tp.tasks:
         waited = {c for c, _ in t.waits}
         for r in t.reads:
@@ -198,15 +198,22 @@ def check_data_dependencies(tp: TileProgram, graph):
                 if w.id == t.id or not signals[w.id].isdisjoint(waited) or not _overlap(wr, r):
                     continue
                 if tp.buffers[r.buffer].kind in ("state", "kv_cache"):
-                    if desc is None:
-                        desc, bit = _state_writer_descendants(tp, graph, persistent)
-                    if desc[t.id] & bit[w.id]:
-                        continue     # reads the previous step's value; the writer runs after
-                producer = ", ".join(c for c, _ in w.signals) or "none"
-                raise ScheduleError(
-                    f"missing dependency: task {t.name} ({t.kind}) reads {format_region(r)} which task "
-                    f"{w.name} ({w.kind}) writes ({format_region(wr)}) but waits on none of its counters "
-                    f"({producer})")
+                    previous_step.append((t, r, w, wr))    # checked below, after every direct read
+                else:
+                    _missing(t, r, w, wr)
+    if previous_step:
+        desc, bit = _state_writer_descendants(tp, graph, persistent)
+        for t, r, w, wr in previous_step:
+            if not desc[t.id] & bit[w.id]:
+                _missing(t, r, w, wr)
+
+
+def _missing(t: Task, r: Region, w: Task, wr: Region):
+    producer = ", ".join(c for c, _ in w.signals) or "none"
+    raise ScheduleError(
+        f"missing dependency: task {t.name} ({t.kind}) reads {format_region(r)} which task "
+        f"{w.name} ({w.kind}) writes ({format_region(wr)}) but waits on none of its counters "
+        f"({producer}), and the writer is not ordered after it")
 
 
 def _find_cycle(n_tasks: int, succ: list[list[int]], remaining: set[int], label) -> str:
