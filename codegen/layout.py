@@ -9,9 +9,11 @@ below (rendered into the template), and the runtime packs records with
 Word map (W = RECORD_WORDS):
   0            kind        KIND_IDS[kind]
   1            task        task id in the tile program (for error reports)
-  2 .. 2+A     args        kind-specific ints, named per kind in KINDS
-  then         waits       MAX_WAITS x (counter, target, per_step); counter -1 = unused
-  then         signals     MAX_SIGNALS x (counter, increment); counter -1 = unused
+  2            n_wait      waits used (the first n_wait wait slots)
+  3            n_signal    signals used (the first n_signal signal slots)
+  4 .. 4+A     args        kind-specific ints, named per kind in KINDS
+  then         waits       MAX_WAITS x (counter, target, per_step)
+  then         signals     MAX_SIGNALS x (counter, increment)
 
 A wait on counter c with (target, per_step) is satisfied at step `epoch`
 (1, 2, ...) when counters[c] >= (epoch - 1) * per_step + target: counters
@@ -38,7 +40,9 @@ ERROR_WORDS = 5
 
 F_KIND = 0
 F_TASK = 1
-F_ARG0 = 2
+F_NWAIT = 2
+F_NSIGNAL = 3
+F_ARG0 = 4
 F_WAIT0 = F_ARG0 + MAX_ARGS
 WAIT_WORDS = 3
 F_SIGNAL0 = F_WAIT0 + MAX_WAITS * WAIT_WORDS
@@ -95,7 +99,7 @@ KINDS: dict[str, KindABI] = _kinds(
                      "v_cache", "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
                      "rope_dim", "theta_bits", "v_scale_bits", "dim", "pos", "ring", "n_rows",
                      "rows"),
-     ("BLOCK_T", "BLOCK_K", "BLOCK_HD", "BLOCK_R")),
+     ("BLOCK_T", "BLOCK_K", "BLOCK_HD")),
     # (kv head, chunk): partial (m, l, acc) of the head group's queries; key j at cache row
     # j % ring; pos = arena_i32 offset of the block start; causal 0 = the draft's form
     ("attn_partial", ("q", "k_cache", "v_cache", "part_m", "part_l", "part_acc",
@@ -180,6 +184,8 @@ def encode_record(rec: TaskRecord) -> list[int]:
     words = [0] * RECORD_WORDS
     words[F_KIND] = abi.id
     words[F_TASK] = rec.task
+    words[F_NWAIT] = len(rec.waits)
+    words[F_NSIGNAL] = len(rec.signals)
     for name, value in rec.args.items():
         if name not in abi.args:
             raise ScheduleError(f"task {rec.task} ({rec.kind}): unknown record arg {name!r}; "

@@ -38,7 +38,7 @@ def test_qkv_rope_kv_matches_reference_projection_and_rope(rope_dim, n_rows):
         head_dim=hd, v_head_dim=vd, rope_dim=rope_dim, theta_bits=float_bits(theta),
         v_scale_bits=float_bits(0.5), dim=D, pos=b.offset("st") + L.STATE["pos"], ring=ring,
         n_rows=n_rows, rows=-1)) for h in range(G)]
-    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_K=32, BLOCK_HD=16, BLOCK_R=16))
+    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_K=32, BLOCK_HD=16))
     h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain
     p = torch.arange(pos, pos + n_rows)
     q = apply_rope((h @ wq.T).view(n_rows, H, hd).transpose(0, 1)[None], p, rope_dim, theta)[0]

@@ -1,0 +1,201 @@
+"""MegakernelEngine: generation with ONE persistent-kernel launch per decode step.
+
+The engine owns the typed arenas (weights, KV caches, activations, step state),
+the scoreboard counters of each step program and its task queues. A DFlash step
+(draft context + draft forward + target verify + acceptance + next-step state)
+is one launch of the `decode_step` kernel; the host then reads the step's
+committed tokens (its only synchronisation). The prompt runs through the
+`prefill_chunk` kernel, one launch per chunk of at most `block` tokens.
+Counters are never reset: each program's launches use epoch targets 1, 2, ...
+
+Same interface as ReferenceEngine (docs/INTERFACES.md).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from tilecomp.codegen import layout as L
+from tilecomp.codegen.harness import (Megakernel, interpreting, new_counters, new_errors,
+                                      raise_on_timeout)
+from tilecomp.errors import TilecompError
+
+from .buffers import ArenaBuilder
+from .plan import StepPlanner, constexprs_for, reserve_activations
+from .reference import GenerationResult, ReferenceEngine, _Output
+from .weights import add_weights
+
+KINDS = ("embed", "linear", "linear_reduce", "qkv_rope_kv", "attn_partial", "attn_reduce",
+         "moe_route", "expert_up_gate", "expert_down", "moe_combine", "lm_head", "sample_reduce",
+         "accept")
+
+
+@dataclass
+class StepProgram:
+    """One step's packed queues plus its own scoreboard and epoch."""
+    kernel: Megakernel
+    records: torch.Tensor
+    queue: torch.Tensor
+    counters: torch.Tensor
+    errors: torch.Tensor
+    counter_names: list[str]
+    task_names: dict[int, str]
+    epoch: int = 0
+
+    def launch(self, arenas):
+        self.epoch += 1
+        self.kernel.launch(self.records, self.queue, self.counters, self.errors, self.epoch, arenas)
+
+    def check(self):
+        raise_on_timeout(self.errors, self.epoch, self.task_names, self.counter_names)
+
+
+class MegakernelEngine:
+    def __init__(self, target, draft=None, max_len: int = 4096, programs: int | None = None,
+                 cache_dir=None, chunk_len: int = 64):
+        self.target, self.draft, self.config = target, draft, target.config
+        self.max_len = max_len
+        self.dcfg = draft.config if draft is not None else None
+        self.block = self.dcfg.block_size if draft is not None else 8
+        self.rows = self.block                       # prefill chunk = block rows
+        self.device = target.lm_head.weight.device
+        self.programs = programs or (1 if interpreting() else
+                                     torch.cuda.get_device_properties(self.device).multi_processor_count)
+        wdtype = torch.float32 if interpreting() else target.lm_head.weight.dtype
+        builder = ArenaBuilder(wdtype)
+        add_weights(builder, target, draft)
+        reserve_activations(builder, self.config, self.dcfg, self.rows, max_len, self.block)
+        self.builder = builder
+        self.arenas = builder.build(self.device)
+        self.consts = constexprs_for(self.config, self.dcfg, self.rows)
+        self.chunk_len = chunk_len
+        self.cache_dir = cache_dir
+        self._kernels: dict[str, Megakernel] = {}
+        self._steps: dict[tuple, StepProgram] = {}
+
+    # -- step programs -------------------------------------------------------------------------
+    def kernel(self, name: str) -> Megakernel:
+        if name not in self._kernels:
+            self._kernels[name] = Megakernel.build(KINDS, self.consts, name=name,
+                                                   cache_dir=self.cache_dir)
+        return self._kernels[name]
+
+    def _planner(self, rows: int) -> StepPlanner:
+        return StepPlanner(self.builder, self.config, self.dcfg, rows, self.rows, self.max_len,
+                           self.consts, self.chunk_len)
+
+    def _pack(self, kernel_name: str, planner: StepPlanner) -> StepProgram:
+        queues, counter_names, task_names = planner.stages.queues(self.programs)
+        records, queue = L.pack_records(queues, self.device)
+        return StepProgram(self.kernel(kernel_name), records, queue,
+                           new_counters(len(counter_names), self.device),
+                           new_errors(self.programs, self.device), counter_names, task_names)
+
+    def step_program(self, kind: str, rows: int = 0) -> StepProgram:
+        key = (kind, rows)
+        if key not in self._steps:
+            build = {"dflash": self._plan_dflash, "plain": self._plan_plain,
+                     "prefill": self._plan_prefill}[kind]
+            self._steps[key] = build(rows)
+        return self._steps[key]
+
+    def _plan_dflash(self, _rows) -> StepProgram:
+        p = self._planner(self.block)
+        p.draft_context(rows=p.st + L.STATE["n_ctx"])
+        p.draft_block()
+        h = p.target_forward(p.o("block"), taps=True)
+        self._verify_and_accept(p, h, self.block)
+        return self._pack("decode_step", p)
+
+    def _plan_plain(self, _rows) -> StepProgram:
+        p = self._planner(1)
+        h = p.target_forward(p.o("block"), taps=False)
+        self._verify_and_accept(p, h, 1)
+        return self._pack("decode_step", p)
+
+    def _verify_and_accept(self, p: StepPlanner, h: str, n_block: int):
+        p.head("lm_head", p.o(h), p.o("model.norm.weight"), p.o("post_tok"), pos_shift=1,
+               rows_n=n_block, eps=p.eps)
+        p.stages.add("accept", [L.TaskRecord("accept", 0, dict(
+            state=p.st, draft_tok=p.o("block") + 1, post_tok=p.o("post_tok"), n_block=n_block,
+            out_tokens=p.o("out_tokens"), block=p.o("block"),
+            draft_block=p.o("draft_block") if self.draft is not None else -1))])
+
+    def _plan_prefill(self, rows: int) -> StepProgram:
+        p = self._planner(rows)
+        h = p.target_forward(p.o("prompt"), taps=self.draft is not None)
+        if self.draft is not None:
+            p.draft_context(rows_n=rows, pos_field="pos")
+        p.head("lm_head", p.o(h) + (rows - 1) * self.config.hidden_size, p.o("model.norm.weight"),
+               p.o("post_tok"), pos_shift=rows, rows_n=1, eps=p.eps)
+        return self._pack("prefill_chunk", p)
+
+    @torch.no_grad()
+    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """fp32 logits [V] the target gives after the prompt (the prefill kernel's last row)."""
+        self._set_state(temp_bits=0, seed=0)
+        self._prefill([int(t) for t in prompt_ids])
+        return self.arenas.view("logits")[0].clone()
+
+    # -- generation ----------------------------------------------------------------------------
+    def _set_state(self, **fields):
+        state = self.arenas.view("state")
+        for name, value in fields.items():
+            state[L.STATE[name]] = value
+
+    def _prefill(self, prompt_ids: list[int]) -> int:
+        """Run the prompt in chunks; return the first new token (position len(prompt))."""
+        for start in range(0, len(prompt_ids), self.rows):
+            chunk = prompt_ids[start:start + self.rows]
+            self.arenas.view("prompt")[:len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
+            self._set_state(pos=start)
+            step = self.step_program("prefill", len(chunk))
+            step.launch(self.arenas)
+            step.check()
+        return int(self.arenas.view("post_tok")[0].item())
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, use_draft: bool = True,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        prompt_ids = [int(t) for t in prompt_ids]
+        ReferenceEngine.check_request(self, prompt_ids, max_new_tokens, use_draft)
+        if temperature < 0 or not 0.0 < top_p <= 1.0:
+            raise TilecompError(f"sampling: expected temperature >= 0 and 0 < top_p <= 1, "
+                                f"found temperature={temperature}, top_p={top_p}")
+        if top_p < 1.0:
+            raise TilecompError(f"sampling: the megakernel engine samples with top_p = 1 only, "
+                                f"found top_p={top_p} (use --engine reference)")
+        out = _Output(max_new_tokens, on_tokens)
+        result = GenerationResult(tokens=out.tokens)
+        start = time.perf_counter()
+        if max_new_tokens > 0:
+            seed32 = int(seed) & 0xFFFFFFFF                 # the low 32 bits, as int32 bits
+            self._set_state(temp_bits=L.float_bits(temperature),
+                            seed=seed32 - 2 ** 32 if seed32 >= 2 ** 31 else seed32)
+            self._decode(prompt_ids, out, use_draft, result.acceptance)
+        result.elapsed_s = time.perf_counter() - start
+        return result
+
+    def _decode(self, prompt_ids, out: _Output, use_draft: bool, acceptance: list[int]):
+        first = self._prefill(prompt_ids)
+        out.emit([first])
+        n = len(prompt_ids)
+        self._set_state(pos=n, last=first, n_ctx=0, ctx_pos=n)
+        self.arenas.view("block")[0] = first
+        if use_draft:
+            draft_block = self.arenas.view("draft_block")
+            draft_block.fill_(self.dcfg.mask_token_id)
+            draft_block[0] = first
+        step = self.step_program("dflash" if use_draft else "plain")
+        state, tokens = self.arenas.view("state"), self.arenas.view("out_tokens")
+        while not out.done:
+            step.launch(self.arenas)
+            committed = torch.cat([state[L.STATE["n_out"]:L.STATE["n_out"] + 1], tokens]).tolist()
+            step.check()
+            out.emit(committed[1:1 + committed[0]])
+            if use_draft:
+                acceptance.append(committed[0] - 1)
