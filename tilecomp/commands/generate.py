@@ -86,11 +86,15 @@ def prompt_ids(args, tokenizer) -> list[int]:
     return ids
 
 
-def make_engine(name: str, target, draft, max_len: int):
+def make_engine(name: str, target, draft, max_len: int, device: str = "cpu"):
     """The engine class named by --engine; both take (target, draft, max_len)."""
     if name == "reference":
         from tilecomp.runtime.reference import ReferenceEngine
         return ReferenceEngine(target, draft, max_len=max_len)
+    if str(device).startswith("cpu"):
+        # no GPU: the generated kernels run in Triton's interpreter, which must be
+        # chosen before any kernel module is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
         from tilecomp.runtime.megakernel import MegakernelEngine
     except ImportError as e:
@@ -158,7 +162,7 @@ def run(args) -> int:
                             f"run with --no-draft")
     block = draft.config.block_size if use_draft else 1
     max_len = args.max_len or len(ids) + args.max_new_tokens + block
-    engine = make_engine(args.engine, target, draft, max_len)
+    engine = make_engine(args.engine, target, draft, max_len, device)
     stream = None if args.json else TextStream(tokenizer)
     result = engine.generate(ids, args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed, use_draft=use_draft, on_tokens=stream)
