@@ -10,7 +10,15 @@ from tilecomp.codegen.triton_gen import generate_kernel
 from tilecomp.errors import DeadlockError, ScheduleError
 from tilecomp.runtime.buffers import ArenaBuilder
 
-from test_linear import CONST, linear_record
+CONST = dict(BLOCK_T=16, BLOCK_N=32, BLOCK_K=32)
+
+
+def linear_record(task, b, *, T, N, K):
+    """y = x @ w^T over the whole of x [T, K], w [N, K] (one N tile)."""
+    return L.TaskRecord("linear", task, dict(
+        x=b.offset("x"), x_stride=K, w=b.offset("w"), w_up=-1, k_dim=K, n_dim=N, n0=0, k0=0, k1=K,
+        norm=-1, eps_bits=0, bias=-1, res=-1, res_stride=N, y=b.offset("y"), y_stride=N,
+        n_rows=T, rows=-1))
 
 
 def jit_functions(source):
@@ -42,10 +50,9 @@ def _chain(T=3, K=32, N=32):
     g = torch.Generator().manual_seed(3)
     b = ArenaBuilder(torch.float32)
     b.add("x", torch.randn(T, K, generator=g), "f32"), b.add("w", torch.randn(N, K, generator=g), "w")
-    b.add("g", torch.ones(K), "w"), b.add("res", torch.zeros(T, N), "f32")
     b.reserve("y", (T, N), "f32")
-    first = linear_record(0, b, 0, 0, K, T=T, N=N, K=K, norm=False, res=False)
-    second = linear_record(1, b, 0, 0, K, T=T, N=N, K=K, norm=False, res=False)
+    first = linear_record(0, b, T=T, N=N, K=K)
+    second = linear_record(1, b, T=T, N=N, K=K)
     first.signals, second.waits, second.signals = [0], [(0, 1, 1)], [1]
     return b.build(), first, second
 

@@ -1,0 +1,36 @@
+"""Golden files pin the generated source (regenerate: TILECOMP_UPDATE_GOLDEN=1 pytest tests/codegen)."""
+import ast
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tilecomp.codegen import layout as L
+from tilecomp.codegen.triton_gen import generate_kernel
+from tilecomp.runtime.megakernel import KINDS
+
+GOLDEN = Path(__file__).parent / "golden"
+FRAME_KINDS = ["embed", "linear", "accept"]
+CONSTS = dict(BLOCK_T=16, BLOCK_D=64, BLOCK_N=64, BLOCK_K=64)
+
+
+@pytest.mark.parametrize("name", ["decode_step", "prefill_chunk"])
+def test_frame_source_matches_golden(name):
+    source = generate_kernel(FRAME_KINDS, name=name, constexprs=CONSTS)
+    path = GOLDEN / f"{name}.py"
+    if os.environ.get("TILECOMP_UPDATE_GOLDEN") == "1":
+        path.write_text(source)
+    assert source == path.read_text(), f"generated {name} differs from {path}"
+
+
+def test_engine_kernel_is_one_jit_with_one_commented_branch_per_kind_in_order():
+    source = generate_kernel(KINDS, name="decode_step")
+    tree = ast.parse(source)
+    jitted = [f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)]
+    assert jitted == ["decode_step"]
+    assert source.count("@triton.jit") == 1
+    branches = re.findall(r"^        (?:el)?if kind == (\d+):  # (\w+)$", source, re.M)
+    assert [(int(i), k) for i, k in branches] == [(L.KIND_IDS[k], k) for k in KINDS]
+    assert source.count("sem=\"acquire\"") == 2 * len(KINDS)   # first poll + spin, per branch
+    assert source.count("sem=\"release\"") == 1
