@@ -154,7 +154,7 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.checkpoint)
     ids = prompt_ids(args, tokenizer)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if device == "cpu" else torch.bfloat16)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if str(device).startswith("cpu") else torch.bfloat16)
     target, draft = load_pretrained(args.checkpoint, dtype=dtype, device=device)
     use_draft = not args.no_draft
     if use_draft and draft is None:
@@ -175,8 +175,8 @@ def run(args) -> int:
         print(json.dumps(report))
     else:
         stream.finish()
-        steps = len(result.acceptance) if use_draft else len(result.tokens)
-        print(f"[{len(result.tokens)} tokens in {steps} steps, mean acceptance "
+        steps = len(result.acceptance) if use_draft else max(len(result.tokens) - 1, 0)
+        print(f"[{len(result.tokens)} tokens: prefill + {steps} decode steps, mean acceptance "
               f"{result.mean_acceptance:.2f} tokens/step, {result.tokens_per_s:.1f} tokens/s, "
               f"engine {args.engine}{'' if use_draft else ', no draft'}]", file=sys.stderr)
     return 0
