@@ -115,7 +115,8 @@ def _run_eval(args) -> int:
     from tilecomp.train.data import load_data
 
     device = loop.pick_device(args.device)
-    target, draft_model = load_pretrained(args.checkpoint, dtype=torch.bfloat16, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    target, draft_model = load_pretrained(args.checkpoint, dtype=dtype, device=device)
     if draft_model is None:
         raise TilecompError(f"{args.checkpoint}: has no dflash/ draft to evaluate")
     result = evaluate.evaluate_acceptance(target, draft_model, load_data(args.data), args.prompts,

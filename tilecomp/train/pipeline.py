@@ -80,7 +80,8 @@ def run_draft(data_dir, target_ckpt, run_dir, out_dir, size: str, budget: loop.B
     data = load_data(data_dir)
     device = loop.pick_device(device)
     run_dir = Path(run_dir)
-    target, _ = load_pretrained(target_ckpt, dtype=torch.bfloat16, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32     # CPU: fp32 is faster
+    target, _ = load_pretrained(target_ckpt, dtype=dtype, device=device)
     _, dcfg = _configs(size, data.vocab_size)
     sequences = _sequences(target, data, run_dir, s, gen_minutes, device, progress).long()
     torch.manual_seed(s.seed)
@@ -92,7 +93,7 @@ def run_draft(data_dir, target_ckpt, run_dir, out_dir, size: str, budget: loop.B
         out_dir = Path(out_dir)
         save_pretrained(target.cpu(), draft.cpu(), out_dir, shard_size=SHARD_BYTES)
         shutil.copy(Path(data_dir) / "tokenizer.json", out_dir / "tokenizer.json")
-        target, draft = load_pretrained(out_dir, dtype=torch.bfloat16, device=device)
+        target, draft = load_pretrained(out_dir, dtype=dtype, device=device)
         summary["acceptance"] = evaluate.evaluate_acceptance(target, draft, data, eval_prompts,
                                                              new_tokens=eval_new_tokens)
         loop.write_json(run_dir / "acceptance.json", summary)
