@@ -75,6 +75,7 @@ def verify_tile(tp: TileProgram) -> TileProgram:
         if line in lines:
             raise IRError(f"counter {c.name}: slot {c.slot} shares a cache line with counter {lines[line]}")
         lines[line] = c.name
+    checked: set[Region] = set()          # regions already found inside their buffer
     for i, t in enumerate(tp.tasks):
         if t.id != i:
             raise IRError(f"task {t.name}: expected id {i} (tasks are numbered in order)")
@@ -83,9 +84,13 @@ def verify_tile(tp: TileProgram) -> TileProgram:
         if not 0 <= t.rank < ranks:
             raise IRError(f"task {t.name} ({t.kind}): rank {t.rank} outside 0..{ranks - 1}")
         for r in t.reads:
-            _check_region(tp, t, r, "reads")
+            if r not in checked:
+                _check_region(tp, t, r, "reads")
+                checked.add(r)
         for r in t.writes:
-            _check_region(tp, t, r, "writes")
+            if r not in checked:
+                _check_region(tp, t, r, "writes")
+                checked.add(r)
             if tp.buffers[r.buffer].kind == "weight":
                 raise IRError(f"task {t.name} ({t.kind}) writes weight buffer {r.buffer}")
         for c, n in list(t.waits) + list(t.signals):
@@ -94,7 +99,8 @@ def verify_tile(tp: TileProgram) -> TileProgram:
             if n < 1:
                 raise IRError(f"task {t.name} ({t.kind}): counter {c} amount {n} must be >= 1")
         for k, v in t.attrs.items():
-            _check_attr(f"task {t.name}", k, v)
+            if type(v) is float or type(v) is list:
+                _check_attr(f"task {t.name}", k, v)
     for k, v in tp.annotations.items():
         _check_attr("annotation", k, v)
     if tp.programs is not None:

@@ -26,6 +26,11 @@ from .fuse_residual import fuse_residual
 from .fuse_rope_kv import fuse_rope_kv
 from .fuse_router import fuse_router
 from .fuse_swiglu import fuse_swiglu
+from .lower import lower_pass
+from .pipelining import pipelining_pass
+from .schedule import schedule_pass
+from .verify_schedule import verify_schedule_pass
+from .warp_spec import warp_spec_pass
 
 GRAPH_PASSES: tuple[Callable[[Graph], Graph], ...] = (
     # router matmul + sigmoid + biased top-k + weight normalisation -> moe_route (+ unique-expert plan)
@@ -44,7 +49,18 @@ GRAPH_PASSES: tuple[Callable[[Graph], Graph], ...] = (
 
 # Tile passes, in order: (stage name, function(previous stage, options) -> next stage).
 # The stage named "tile" is dumped as tile.ir, the last one as schedule.ir.
-TILE_PASSES: tuple = ()
+TILE_PASSES: tuple = (
+    # fused graph -> tile tasks: N tiles (+ split-K), KV heads x chunks, expert slots, vocab tiles
+    ("tile", lower_pass),
+    # critical-path list scheduling onto the programs (or the CPU interpreter's one queue)
+    ("schedule", schedule_pass),
+    # mark the loads that can be issued before the wait (weights always)
+    ("pipelining", pipelining_pass),
+    # producer / consumer warp roles and shared-memory stages
+    ("warp_spec", warp_spec_pass),
+    # prove the schedule deadlock-free with co-resident programs (+ interpreter order)
+    ("verify_schedule", verify_schedule_pass),
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,7 @@ class CompileOptions:
     dtype: str = "bf16"             # weights, activations and KV caches (experts stay MXFP4)
     max_len: int = 4096             # KV cache positions (full-attention layers and the draft)
     programs: int = 132             # persistent programs the schedule targets (H100: 132 SMs)
+    interpreter_order: bool = False     # one program, one topological queue (CPU interpreter)
     prefill_chunk: int | None = None    # tokens per prefill step (default: the block size)
 
     def trace_options(self) -> TraceOptions:

@@ -12,30 +12,34 @@ import dataclasses
 from collections import defaultdict
 
 from tilecomp.ir.tile import Region, TileProgram, verify_tile
-from tilecomp.ir.tile_verify import _overlap
+from tilecomp.ir.tile_verify import _overlap, _WriterIndex
 
 
-def _written_regions(tp: TileProgram) -> dict[str, list[Region]]:
-    written: dict[str, list[Region]] = defaultdict(list)
+def _written_regions(tp: TileProgram) -> dict[str, _WriterIndex]:
+    written: dict[str, dict] = defaultdict(dict)
     for t in tp.tasks:
         for r in t.writes:
-            if r not in written[r.buffer]:
-                written[r.buffer].append(r)
-    return written
+            written[r.buffer].setdefault(r, (r, t))
+    return {b: _WriterIndex(list(regions.values())) for b, regions in written.items()}
 
 
-def prefetchable(tp: TileProgram, region: Region, written: dict[str, list[Region]]) -> bool:
+def prefetchable(tp: TileProgram, region: Region, written: dict[str, _WriterIndex]) -> bool:
     if tp.buffers[region.buffer].kind == "weight":
         return True
-    return not any(_overlap(w, region) for w in written.get(region.buffer, ()))
+    index = written.get(region.buffer)
+    return index is None or not any(_overlap(w, region) for w, _ in index.candidates(region))
 
 
 def pipeline_loads(tp: TileProgram) -> TileProgram:
     """Return a copy of `tp` whose tasks carry `prefetch` / `prefetch_bytes` attributes."""
     written = _written_regions(tp)
     tasks, early, total = [], 0, 0
+    memo: dict[Region, bool] = {}
     for t in tp.tasks:
-        idx = [i for i, r in enumerate(t.reads) if prefetchable(tp, r, written)]
+        for r in t.reads:
+            if r not in memo:
+                memo[r] = prefetchable(tp, r, written)
+        idx = [i for i, r in enumerate(t.reads) if memo[r]]
         nbytes = sum(tp.region_bytes(t.reads[i]) for i in idx)
         early += nbytes
         total += sum(tp.region_bytes(r) for r in t.reads)
@@ -44,3 +48,8 @@ def pipeline_loads(tp: TileProgram) -> TileProgram:
         tasks.append(dataclasses.replace(t, attrs=attrs))
     notes = dict(tp.annotations, prefetch_fraction=round(early / total, 4) if total else 0.0)
     return verify_tile(dataclasses.replace(tp, tasks=tasks, annotations=notes))
+
+
+def pipelining_pass(tp: TileProgram, options=None) -> TileProgram:
+    """Pipeline entry (no options)."""
+    return pipeline_loads(tp)

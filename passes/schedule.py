@@ -136,3 +136,41 @@ def schedule(tp: TileProgram, options: ScheduleOptions = ScheduleOptions()) -> T
         notes.update(schedule="critical_path", programs=options.programs,
                      predicted_us=round(makespan, 3), hbm_gbps=options.hbm_gbps)
     return dataclasses.replace(tp, programs=queues, annotations=notes)
+
+
+def simulate(tp: TileProgram, options: ScheduleOptions) -> tuple[list[float], list[float]]:
+    """(start, finish) in microseconds of every task when the queues run with the cost model."""
+    cost = task_costs_us(tp, options)
+    g = task_graph(tp)
+    prev = {}
+    for queue in tp.programs or []:
+        for a, b in zip(queue, queue[1:]):
+            prev[b] = a
+    nxt = {a: b for b, a in prev.items()}
+    unmet = [len({c for c, _ in t.waits}) + (t.id in prev) for t in tp.tasks]
+    left = {c: len(s) for c, s in g.signalers.items()}
+    done_at: dict[str, float] = defaultdict(float)
+    start, finish = [0.0] * len(tp.tasks), [0.0] * len(tp.tasks)
+    ready = [i for i, n in enumerate(unmet) if n == 0]
+    while ready:
+        i = ready.pop()
+        t = tp.tasks[i]
+        start[i] = max([finish[prev[i]] if i in prev else 0.0] + [done_at[c] for c, _ in t.waits])
+        finish[i] = start[i] + cost[i]
+        woken = [nxt[i]] if i in nxt else []
+        for c, _ in t.signals:
+            left[c] -= 1
+            done_at[c] = max(done_at[c], finish[i])
+            if left[c] == 0:
+                woken += g.waiters.get(c, [])
+        for w in woken:
+            unmet[w] -= 1
+            if unmet[w] == 0:
+                ready.append(w)
+    return start, finish
+
+
+def schedule_pass(tp: TileProgram, options=None) -> TileProgram:
+    """Pipeline entry: programs / interpreter_order from the compile options."""
+    return schedule(tp, ScheduleOptions(programs=getattr(options, "programs", 132),
+                                        interpreter_order=getattr(options, "interpreter_order", False)))

@@ -59,3 +59,8 @@ def specialize_warps(tp: TileProgram, options: WarpSpecOptions = WarpSpecOptions
                             f"more than the {options.smem_limit} an SM has: programs would not be co-resident")
     notes = dict(tp.annotations, smem_bytes=smem)
     return verify_tile(dataclasses.replace(tp, tasks=tasks, annotations=notes))
+
+
+def warp_spec_pass(tp: TileProgram, options=None) -> TileProgram:
+    """Pipeline entry: WarpSpecOptions from `options.warp_spec` when present."""
+    return specialize_warps(tp, getattr(options, "warp_spec", None) or WarpSpecOptions())

@@ -71,6 +71,8 @@ def stage_texts(compiled) -> dict[str, str]:
         from tilecomp.ir.tile import print_tile
         texts["tile.ir"] = print_tile(compiled.tile)
         texts["schedule.ir"] = print_tile(compiled.schedule)
+        from tilecomp.viz import schedule_html
+        texts["schedule.html"] = schedule_html(compiled.schedule)
     return texts
 
 

@@ -86,19 +86,6 @@ def run_stats(args) -> int:
 
 
 def tile_stats_text(program, gbps: float) -> str:
-    """Tasks and bytes moved (every region read and written) by kind, and the floor."""
-    count: dict[str, int] = {}
-    moved: dict[str, int] = {}
-    for task in program.tasks:
-        count[task.kind] = count.get(task.kind, 0) + 1
-        moved[task.kind] = moved.get(task.kind, 0) + program.task_bytes(task)
-    total = sum(moved.values())
-    lines = [f"tile program: {len(program.tasks)} tasks, {len(program.buffers)} buffers, "
-             f"{len(program.counters)} counters"]
-    if program.programs is not None:
-        lines[0] += f", {len(program.programs)} programs"
-    lines.append(f"  {'kind':<16} {'tasks':>7} {'bytes moved':>18}")
-    lines += [f"  {kind:<16} {count[kind]:>7} {moved[kind]:>18,}" for kind in sorted(count)]
-    lines.append(f"  {'total':<16} {len(program.tasks):>7} {total:>18,}")
-    lines.append(f"bandwidth floor at {gbps:g} GB/s: {total / (gbps * 1e9) * 1e6:,.1f} us per step")
-    return "\n".join(lines) + "\n"
+    """Tasks and bytes moved by kind, the bandwidth floor, program balance (tilecomp.stats)."""
+    from tilecomp.stats import format_tile_stats
+    return format_tile_stats(program, gbps)
