@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,7 @@ from tilecomp.errors import DeadlockError
 from tilecomp.runtime.buffers import Arenas
 
 from . import layout as L
-from .triton_gen import generate_kernel, kernel_of, load_kernel_module
+from .triton_gen import generate_kernel, kernel_of, load_kernel_file, load_kernel_module
 
 # Under the interpreter programs run one after another, so a wait that is not
 # met at once never will be; on a GPU a wait spins up to ~seconds.
@@ -46,6 +47,14 @@ class Megakernel:
               cache_dir=None) -> "Megakernel":
         source = generate_kernel(kinds, name=name, constexprs=constexprs)
         module = load_kernel_module(source, cache_dir)
+        spins = spin_limit or (INTERPRETER_SPINS if interpreting() else GPU_SPINS)
+        return cls(source, module, dict(module.CONSTEXPRS), spins)
+
+    @classmethod
+    def from_file(cls, path, spin_limit=None) -> "Megakernel":
+        """A generated kernel written earlier (tilecomp compile --out, or the cache)."""
+        source = Path(path).read_text()
+        module = load_kernel_file(path)
         spins = spin_limit or (INTERPRETER_SPINS if interpreting() else GPU_SPINS)
         return cls(source, module, dict(module.CONSTEXPRS), spins)
 

@@ -125,6 +125,19 @@ def load_kernel_module(source: str, directory: str | os.PathLike | None = None):
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(source)
         tmp.replace(path)
+    return _import_file(module_name, path)
+
+
+def load_kernel_file(path) -> object:
+    """Import a generated kernel file where it lies (Triton reads the source from the file)."""
+    path = Path(path)
+    module_name = f"tilecomp_mk_{source_hash(path.read_text())}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    return _import_file(module_name, path)
+
+
+def _import_file(module_name: str, path: Path):
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module

@@ -8,7 +8,7 @@ import pytest
 
 from tilecomp.codegen import layout as L
 from tilecomp.codegen.triton_gen import generate_kernel
-from tilecomp.runtime.megakernel import KINDS
+from tilecomp.codegen.kernels import ENGINE_KINDS as KINDS
 
 GOLDEN = Path(__file__).parent / "golden"
 FRAME_KINDS = ["embed", "linear", "accept"]

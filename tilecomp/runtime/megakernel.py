@@ -19,18 +19,16 @@ from typing import Callable
 import torch
 
 from tilecomp.codegen import layout as L
+from tilecomp.codegen.kernels import constexprs_for, kernel_files, step_rows
 from tilecomp.codegen.harness import (Megakernel, interpreting, new_counters, new_errors,
                                       raise_on_timeout)
 from tilecomp.errors import TilecompError
 
 from .buffers import ArenaBuilder
-from .plan import StepPlanner, constexprs_for, reserve_activations
+from .plan import StepPlanner, reserve_activations
 from .reference import GenerationResult, ReferenceEngine, _Output
 from .weights import add_weights
 
-KINDS = ("embed", "linear", "linear_reduce", "qkv_rope_kv", "attn_partial", "attn_reduce",
-         "moe_route", "expert_up_gate", "expert_down", "moe_combine", "lm_head", "sample_reduce",
-         "accept")
 
 
 @dataclass
@@ -55,32 +53,35 @@ class StepProgram:
 
 class MegakernelEngine:
     def __init__(self, target, draft=None, max_len: int = 4096, programs: int | None = None,
-                 cache_dir=None, chunk_len: int = 64):
+                 artifacts=None, cache_dir=None, chunk_len: int | None = None):
+        """artifacts: a `tilecomp compile --out` directory whose kernels/ to use; otherwise the
+        kernels are generated once and cached (cache_dir, default ~/.cache/tilecomp)."""
         self.target, self.draft, self.config = target, draft, target.config
         self.max_len = max_len
         self.dcfg = draft.config if draft is not None else None
-        self.block = self.dcfg.block_size if draft is not None else 8
-        self.rows = self.block                       # prefill chunk = block rows
+        self.rows = self.block = step_rows(self.dcfg)     # prefill chunk = block rows
         self.device = target.lm_head.weight.device
         self.programs = programs or (1 if interpreting() else
                                      torch.cuda.get_device_properties(self.device).multi_processor_count)
         wdtype = torch.float32 if interpreting() else target.lm_head.weight.dtype
         builder = ArenaBuilder(wdtype)
         add_weights(builder, target, draft)
-        reserve_activations(builder, self.config, self.dcfg, self.rows, max_len, self.block)
+        # KV positions per flash-decoding partial: the interpreter runs one chunk per head
+        # (fewer tasks); a GPU splits the context so the partials fill the SMs
+        self.chunk_len = chunk_len or (None if interpreting() else 256)
+        reserve_activations(builder, self.config, self.dcfg, self.rows, max_len, self.block,
+                            self.chunk_len)
         self.builder = builder
         self.arenas = builder.build(self.device)
         self.consts = constexprs_for(self.config, self.dcfg, self.rows)
-        self.chunk_len = chunk_len
-        self.cache_dir = cache_dir
+        self.kernel_paths = kernel_files(self.config, self.dcfg, artifacts, cache_dir)
         self._kernels: dict[str, Megakernel] = {}
         self._steps: dict[tuple, StepProgram] = {}
 
     # -- step programs -------------------------------------------------------------------------
     def kernel(self, name: str) -> Megakernel:
         if name not in self._kernels:
-            self._kernels[name] = Megakernel.build(KINDS, self.consts, name=name,
-                                                   cache_dir=self.cache_dir)
+            self._kernels[name] = Megakernel.from_file(self.kernel_paths[name])
         return self._kernels[name]
 
     def _planner(self, rows: int) -> StepPlanner:

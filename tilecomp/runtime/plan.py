@@ -45,27 +45,11 @@ class Stages:
         return queues, list(self.names), task_names
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def constexprs_for(cfg, dcfg, rows: int) -> dict:
-    """Tile sizes for a step of `rows` rows: few big tiles (the interpreter pays per task)."""
-    head_dims = [cfg.attn(i).head_dim for i in range(cfg.num_hidden_layers)]
-    head_dims += [cfg.attn(i).v_head_dim for i in range(cfg.num_hidden_layers)]
-    if dcfg is not None:
-        head_dims.append(dcfg.head_dim)
-    return dict(BLOCK_T=max(16, _pow2(rows)), BLOCK_D=min(128, _pow2(cfg.hidden_size)),
-                BLOCK_N=64, BLOCK_K=64, BLOCK_HD=max(16, _pow2(max(head_dims))),
-                BLOCK_S=32,
-                BLOCK_E=max(16, _pow2(cfg.n_routed_experts)), BLOCK_V=16)
-
-
 class StepPlanner:
     """Records of one step over the arena slots of `b` (weights already added)."""
 
     def __init__(self, b: ArenaBuilder, cfg, dcfg, rows: int, ring_rows: int, max_len: int,
-                 consts: dict, chunk_len: int = 64):
+                 consts: dict, chunk_len: int | None = None):
         self.b, self.cfg, self.dcfg, self.T, self.max_len = b, cfg, dcfg, rows, max_len
         self.ring_rows = ring_rows
         self.BN, self.chunk_len = consts["BLOCK_N"], chunk_len
@@ -99,9 +83,10 @@ class StepPlanner:
 
     def attention(self, name, q, spec, kc, vc, ring, out, *, window, causal, sink, scale, span):
         H, G, hd, vd = spec[:4]
-        n_chunks = -(-span // self.chunk_len)
+        chunk_len = self.chunk_len or span          # None: one chunk over the whole span
+        n_chunks = -(-span // chunk_len)
         args = dict(q=q, k_cache=kc, v_cache=vc, part_m=self.o("part_m"), part_l=self.o("part_l"),
-                    part_acc=self.o("part_acc"), chunk_len=self.chunk_len, n_heads_q=H,
+                    part_acc=self.o("part_acc"), chunk_len=chunk_len, n_heads_q=H,
                     n_kv_heads=G, head_dim=hd, v_head_dim=vd, window=window or 0,
                     causal=int(causal), pos=self.st + STATE["pos"], ring=ring,
                     scale_bits=float_bits(scale), n_rows=self.T)
@@ -247,7 +232,8 @@ class StepPlanner:
                   pos_shift=1, rows_n=self.T - 1, eps=eps)
 
 
-def reserve_activations(b: ArenaBuilder, cfg, dcfg, rows: int, max_len: int, block: int):
+def reserve_activations(b: ArenaBuilder, cfg, dcfg, rows: int, max_len: int, block: int,
+                        chunk_len: int | None):
     """Activation, scratch, KV and state slots shared by every step program."""
     D, V, T = cfg.hidden_size, cfg.vocab_size, rows
     heads = [cfg.attn(i) for i in range(cfg.num_hidden_layers)]
@@ -255,7 +241,7 @@ def reserve_activations(b: ArenaBuilder, cfg, dcfg, rows: int, max_len: int, blo
     hd = max([s.head_dim for s in heads] + ([dcfg.head_dim] if dcfg else []))
     inter = max(cfg.intermediate_size, dcfg.intermediate_size if dcfg else 0)
     slots = min(cfg.n_routed_experts, T * cfg.num_experts_per_tok)
-    chunks = -(-max_len // 64)
+    chunks = -(-max_len // chunk_len) if chunk_len else 1
     for name, shape in (("h0", (T, D)), ("h1", (T, D)), ("h_mid", (T, D)), ("q", (T, H * hd)),
                         ("attn", (T, H * hd)), ("mlp_act", (T, inter)), ("xn", (T, D)),
                         ("route_w", (slots, T)), ("expert_act", (slots, T, cfg.moe_intermediate_size)),

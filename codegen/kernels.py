@@ -1,0 +1,107 @@
+"""The step kernels of a model: which task kinds, which tile sizes, where the sources live.
+
+One kernel per step kind (STEP_KINDS: decode_step, prefill_chunk), each holding a
+dispatch branch for every kind the engine's step programs use. The sources are
+written by `tilecomp compile --out OUT` to OUT/kernels/<step>.py and cached under
+`~/.cache/tilecomp/<key>/kernels/` with key = hash(model config, draft config,
+options, tilecomp version); the engine loads them from either place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import tilecomp
+from tilecomp.errors import TilecompError
+
+from .triton_gen import STEP_KINDS, generate_kernel
+
+ENGINE_KINDS = ("embed", "linear", "linear_reduce", "qkv_rope_kv", "attn_partial", "attn_reduce",
+                "moe_route", "expert_up_gate", "expert_down", "moe_combine", "lm_head",
+                "sample_reduce", "accept")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def constexprs_for(cfg, dcfg, rows: int) -> dict:
+    """Tile sizes for steps of up to `rows` rows: few big tiles (the interpreter pays per task)."""
+    head_dims = [cfg.attn(i).head_dim for i in range(cfg.num_hidden_layers)]
+    head_dims += [cfg.attn(i).v_head_dim for i in range(cfg.num_hidden_layers)]
+    if dcfg is not None:
+        head_dims.append(dcfg.head_dim)
+    return dict(BLOCK_T=max(16, _pow2(rows)), BLOCK_D=min(128, _pow2(cfg.hidden_size)),
+                BLOCK_N=64, BLOCK_K=64, BLOCK_HD=max(16, _pow2(max(head_dims))), BLOCK_S=32,
+                BLOCK_E=max(16, _pow2(cfg.n_routed_experts)), BLOCK_V=16)
+
+
+def step_rows(dcfg) -> int:
+    """Rows of a step: the DFlash block (prefill chunks use the same)."""
+    return dcfg.block_size if dcfg is not None else 8
+
+
+def kernel_sources(cfg, dcfg) -> dict[str, str]:
+    consts = constexprs_for(cfg, dcfg, step_rows(dcfg))
+    return {name: generate_kernel(ENGINE_KINDS, name=name, constexprs=consts) for name in STEP_KINDS}
+
+
+def _codegen_digest() -> str:
+    """Hash of the templates and the record layout (a template edit must not hit a stale cache)."""
+    here = Path(__file__).parent
+    files = sorted((here / "templates").rglob("*.j2")) + [here / "layout.py", here / "triton_gen.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def artifact_key(cfg, dcfg, options: dict | None = None) -> str:
+    blob = json.dumps({"config": cfg.to_dict(), "draft": dcfg.to_dict() if dcfg else None,
+                       "options": options or {}, "version": tilecomp.__version__,
+                       "codegen": _codegen_digest()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_kernels(cfg, dcfg, out_dir) -> list[Path]:
+    """Write OUT/kernels/<step>.py for every step kind; return the paths."""
+    kernels = Path(out_dir) / "kernels"
+    kernels.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, source in kernel_sources(cfg, dcfg).items():
+        path = kernels / f"{name}.py"
+        path.write_text(source)
+        paths.append(path)
+    return paths
+
+
+def kernel_files(cfg, dcfg, artifacts=None, cache_dir=None) -> dict[str, Path]:
+    """Paths of the step kernels: from `artifacts` (a `tilecomp compile --out` dir), else the cache
+    (written on first use). Artifacts compiled for another config are refused."""
+    if artifacts is not None:
+        paths = {n: Path(artifacts) / "kernels" / f"{n}.py" for n in STEP_KINDS}
+        expected = constexprs_for(cfg, dcfg, step_rows(dcfg))
+        for name, path in paths.items():
+            if not path.is_file():
+                raise TilecompError(f"{path}: missing; run `tilecomp compile --out {artifacts}`")
+            found = _recorded_constexprs(path)
+            if found != expected:
+                raise TilecompError(f"{path}: compiled for tile sizes {found}, this model needs "
+                                    f"{expected}; recompile with `tilecomp compile`")
+        return paths
+    root = Path(cache_dir or os.environ.get("TILECOMP_CACHE", Path.home() / ".cache" / "tilecomp"))
+    out = root / artifact_key(cfg, dcfg)
+    paths = {n: out / "kernels" / f"{n}.py" for n in STEP_KINDS}
+    if not all(p.is_file() for p in paths.values()):
+        write_kernels(cfg, dcfg, out)
+    return paths
+
+
+def _recorded_constexprs(path: Path) -> dict:
+    for line in path.read_text().splitlines():
+        if line.startswith("CONSTEXPRS = "):
+            import ast
+            return ast.literal_eval(line[len("CONSTEXPRS = "):])
+    raise TilecompError(f"{path}: not a generated megakernel (no CONSTEXPRS line)")
