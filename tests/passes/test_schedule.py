@@ -48,3 +48,36 @@ def test_multi_program_schedule_breaks_interpreter_order(tiny_tile):
     s = schedule(tiny_tile, ScheduleOptions(programs=4))
     with pytest.raises(ScheduleError, match="interpreter order: task t\\d+ .* waits on counter"):
         verify_schedule(s, interpreter_order=True)
+
+
+def test_truncated_mimo_v2_flash_tiles_schedule_and_verify():
+    """Real MiMo-V2-Flash shapes (3 layers: full, 2 SWA; 2 MoE) through every tile pass."""
+    import time
+    from collections import Counter
+
+    from tilecomp.ir.tile import parse_tile, print_tile
+    from tilecomp.passes.lower import LowerOptions
+    from tilecomp.settings import Settings
+    cfg, dcfg = preset("mimo-v2-flash", 3)
+    start = time.perf_counter()
+    c = compile_model(cfg, dcfg, settings=Settings())
+    tile_s = sum(v for k, v in c.seconds.items() if k.split(": ")[-1] in
+                 ("tile", "schedule", "pipelining", "warp_spec", "verify_schedule"))
+    assert tile_s < 30, f"tile stages took {tile_s:.1f} s for 3 layers"
+    n = Counter(t.kind for t in c.schedule.tasks)
+    o = LowerOptions()
+    slots = min(cfg.n_routed_experts, dcfg.block_size * cfg.num_experts_per_tok)     # 64 of 256
+    assert n["moe_route"] == 2
+    assert n["expert_up_gate"] == 2 * slots * (cfg.moe_intermediate_size // o.expert_block_n)
+    assert n["expert_down"] == 2 * slots * (cfg.hidden_size // o.expert_down_block_n)
+    full, swa = cfg.attn(0), cfg.attn(1)
+    chunks_full = c.options.max_len // o.kv_chunk
+    chunks_swa = -(-(swa.window + dcfg.block_size) // o.kv_chunk)
+    target_parts = full.n_kv_heads * chunks_full + 2 * swa.n_kv_heads * chunks_swa
+    draft_parts = dcfg.num_hidden_layers * dcfg.num_key_value_heads * \
+        -(-(dcfg.sliding_window + dcfg.block_size) // o.kv_chunk)
+    assert n["attn_partial"] == target_parts + draft_parts
+    assert n["lm_head"] == 2 * -(-cfg.vocab_size // o.vocab_block)
+    assert parse_tile(print_tile(c.schedule)) == c.schedule
+    verify_schedule(c.schedule)
+    assert time.perf_counter() - start < 120
