@@ -127,6 +127,11 @@ _HF_IGNORED = frozenset({
 })
 
 
+# Ignored HF fields whose other values would change the model: value must be one of these.
+_UNSUPPORTED = {"n_shared_experts": (0, None), "n_group": (1, None), "topk_group": (1, None),
+                "hidden_act": ("silu",), "scoring_func": ("sigmoid",), "attention_bias": (False,)}
+
+
 @dataclass
 class MiMoConfig:
     """MiMo-V2 target; field names are the Hugging Face config.json keys."""
@@ -189,6 +194,10 @@ class MiMoConfig:
         if not 0.0 <= self.partial_rotary_factor <= 1.0:
             raise ConfigError(f"field 'partial_rotary_factor': expected a value in [0, 1], "
                               f"found {self.partial_rotary_factor}")
+        for key, allowed in _UNSUPPORTED.items():
+            if key in self.extra and self.extra[key] not in allowed:
+                raise ConfigError(f"field '{key}': this reference supports only {allowed[0]!r}, "
+                                  f"found {self.extra[key]!r}")
         q = self.quantization_config
         if q is not None and not isinstance(q.get("quant_method"), str):
             raise ConfigError(f"field 'quantization_config': expected an object with a string "

@@ -10,7 +10,8 @@ def tiny_dict() -> dict:
 
 
 def test_round_trip_keeps_unknown_hf_fields():
-    d = {**tiny_dict(), "architectures": ["MiMoV2FlashForCausalLM"], "some_future_field": 3}
+    d = {**tiny_dict(), "architectures": ["MiMoV2FlashForCausalLM"], "some_future_field": 3,
+         "n_shared_experts": 0, "hidden_act": "silu"}
     cfg = MiMoConfig.from_dict(d)
     assert cfg.to_dict() == d
     assert MiMoConfig.from_dict(cfg.to_dict()) == cfg
@@ -40,6 +41,8 @@ def test_attn_spec_per_layer_kind():
     ({"num_experts_per_tok": 99}, r"field 'num_experts_per_tok': expected <= n_routed_experts=16"),
     ({"quantization_config": {"bits": 4}}, r"field 'quantization_config'"),
     ({"hidden_size": 0}, r"field 'hidden_size': expected a positive value, found 0"),
+    ({"n_shared_experts": 1}, r"field 'n_shared_experts': this reference supports only 0, found 1"),
+    ({"scoring_func": "softmax"}, r"field 'scoring_func': this reference supports only 'sigmoid'"),
 ])
 def test_bad_target_fields(change, match):
     d = tiny_dict()
