@@ -247,7 +247,7 @@ def _fill_experts(module, prefix: str, src: TensorSource, fmt: str):
             store = getattr(module, f"{proj}_blocks" if fmt == "quantize" else proj)
             N = store.shape[1]
             K = store.shape[2] * 32 if fmt == "quantize" else store.shape[2]
-            ws.append(src.read(f"{prefix}.{e}.{proj}.weight", (N, K), "float"))
+            ws.append(src.read(f"{prefix}.{e}.{proj}.weight", (N, K), "float").to(store.device))
         if fmt == "quantize":
             module.set_expert(e, *ws)
         else:
