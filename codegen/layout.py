@@ -117,16 +117,17 @@ KINDS: dict[str, KindABI] = _kinds(
                    "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows",
                    "split", "e0", "logits"),
      ("BLOCK_T", "BLOCK_E", "BLOCK_N")),
-    # (slot, n tile): act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
+    # (slot, columns n0..n1 in BLOCK_N tiles; n1 <= n0: one tile), the same for expert_down and
+    # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
-                        "act", "slot", "n0", "inter", "dim", "n_rows"),
+                        "act", "slot", "n0", "n1", "inter", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
-    ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0",
+    ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
-    ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "dim", "n_rows"),
+    ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
     # logits tile + per-row (max key, argmax) of the tile; key = logit (greedy) or
     # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift

@@ -59,7 +59,14 @@ def moe_arenas(moe, x, norm_w, n_slots, *, logits_in=False):
     return b
 
 
-def moe_records(b, moe, T, D, n_slots, *, logits_in=False):
+def column_ranges(n, task_n):
+    """(n0, n1) per task: BLOCK_N tiles with n1 absent (0), or wider task ranges."""
+    if task_n is None:
+        return [(n0, 0) for n0 in range(0, n, BLOCK_N)]
+    return [(n0, min(n, n0 + task_n)) for n0 in range(0, n, task_n)]
+
+
+def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None):
     E, inter = moe.experts.gate_proj_blocks.shape[:2]
     rsf = moe.gate.routed_scaling_factor
     route = TaskRecord("moe_route", 0, dict(
@@ -68,31 +75,31 @@ def moe_records(b, moe, T, D, n_slots, *, logits_in=False):
         bias=b.offset("bias"), xn=-1 if logits_in else b.offset("xn"), plan=b.offset("plan"),
         weights=b.offset("weights"), n_experts=E, top_k=moe.gate.top_k, scale_bits=float_bits(rsf),
         norm_topk=int(moe.gate.norm_topk_prob), dim=D, n_rows=T), signals=[0])
-    n_up = n_slots * triton.cdiv(inter, BLOCK_N)
-    n_down = n_slots * triton.cdiv(D, BLOCK_N)
+    up_cols, down_cols = column_ranges(inter, task_n), column_ranges(D, task_n)
+    n_up, n_down = n_slots * len(up_cols), n_slots * len(down_cols)
     up = [TaskRecord("expert_up_gate", 1 + i, dict(
         x=b.offset("xn"), plan=b.offset("plan"), gate_blocks=b.offset("gate_proj_blocks"),
         gate_scales=b.offset("gate_proj_scales"), up_blocks=b.offset("up_proj_blocks"),
-        up_scales=b.offset("up_proj_scales"), act=b.offset("act"), slot=s, n0=n0, inter=inter,
+        up_scales=b.offset("up_proj_scales"), act=b.offset("act"), slot=s, n0=n0, n1=n1, inter=inter,
         dim=D, n_rows=T), waits=[(0, 1, 1)], signals=[1])
-        for i, (s, n0) in enumerate((s, n0) for s in range(n_slots) for n0 in range(0, inter, BLOCK_N))]
+        for i, (s, (n0, n1)) in enumerate((s, c) for s in range(n_slots) for c in up_cols)]
     down = [TaskRecord("expert_down", 1000 + i, dict(
         act=b.offset("act"), plan=b.offset("plan"), weights=b.offset("weights"),
         blocks=b.offset("down_proj_blocks"), scales=b.offset("down_proj_scales"), out=b.offset("part"),
-        slot=s, n0=n0, inter=inter, dim=D, n_rows=T), waits=[(1, n_up, n_up)], signals=[2])
-        for i, (s, n0) in enumerate((s, n0) for s in range(n_slots) for n0 in range(0, D, BLOCK_N))]
+        slot=s, n0=n0, n1=n1, inter=inter, dim=D, n_rows=T), waits=[(1, n_up, n_up)], signals=[2])
+        for i, (s, (n0, n1)) in enumerate((s, c) for s in range(n_slots) for c in down_cols)]
     combine = [TaskRecord("moe_combine", 2000 + i, dict(
         part=b.offset("part"), plan=b.offset("plan"), n_slots=n_slots, res=b.offset("x"),
-        y=b.offset("y"), n0=n0, dim=D, n_rows=T), waits=[(2, n_down, n_down)], signals=[3])
-        for i, n0 in enumerate(range(0, D, BLOCK_N))]
+        y=b.offset("y"), n0=n0, n1=n1, dim=D, n_rows=T), waits=[(2, n_down, n_down)], signals=[3])
+        for i, (n0, n1) in enumerate(down_cols)]
     return [route] + up + down + combine
 
 
-def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None):
+def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=None):
     T, D = x.shape
     b = moe_arenas(moe, x, norm_w, n_slots, logits_in=logits_in)
     arenas = b.build()
-    recs = moe_records(b, moe, T, D, n_slots, logits_in=logits_in)
+    recs = moe_records(b, moe, T, D, n_slots, logits_in=logits_in, task_n=task_n)
     if stages is not None:
         recs = [r for r in recs if r.kind in stages]
     E = moe.experts.gate_proj_blocks.shape[0]
@@ -111,16 +118,16 @@ def reference_plan(moe, xn):
 
 
 CASES = [
-    # T, dim, inter, E, top_k, scaling, norm_topk
-    pytest.param(8, 64, 32, 16, 4, None, True, id="tiny-T8"),
-    pytest.param(1, 64, 32, 16, 4, None, True, id="tiny-T1"),
-    pytest.param(5, 96, 64, 24, 3, 2.5, True, id="partial-tiles-scaled"),
-    pytest.param(3, 64, 32, 8, 2, 1.5, False, id="no-renorm"),
+    # T, dim, inter, E, top_k, scaling, norm_topk, task_n (columns per task; None: BLOCK_N)
+    pytest.param(8, 64, 32, 16, 4, None, True, None, id="tiny-T8"),
+    pytest.param(1, 64, 32, 16, 4, None, True, None, id="tiny-T1"),
+    pytest.param(5, 96, 64, 24, 3, 2.5, True, 64, id="wide-tasks-partial-tiles-scaled"),
+    pytest.param(3, 64, 32, 8, 2, 1.5, False, None, id="no-renorm"),
 ]
 
 
-@pytest.mark.parametrize("T,dim,inter,E,top_k,scaling,norm_topk", CASES)
-def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk):
+@pytest.mark.parametrize("T,dim,inter,E,top_k,scaling,norm_topk,task_n", CASES)
+def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk, task_n):
     gen = torch.Generator().manual_seed(100 * T + dim + E)
     moe = make_moe(gen, dim=dim, inter=inter, n_experts=E, top_k=top_k, scaling=scaling,
                    norm_topk=norm_topk)
@@ -132,7 +139,7 @@ def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk
         want_y = x + moe(xn[None])[0]
     experts, weights = reference_plan(moe, xn)
     n_slots = min(E, len(experts) + 2)               # more slots than chosen experts: some empty
-    arenas = run_moe(moe, x, norm.weight.detach(), n_slots)
+    arenas = run_moe(moe, x, norm.weight.detach(), n_slots, task_n=task_n)
     plan = arenas.view("plan")
     count = int(plan[0])
     assert count == len(experts) and plan[1:1 + count].tolist() == experts
@@ -217,7 +224,7 @@ def test_mxfp4_dequant_matches_models_mxfp4():
     rec = TaskRecord("expert_up_gate", 0, dict(
         x=b.offset("x"), plan=b.offset("plan"), gate_blocks=b.offset("blocks"),
         gate_scales=b.offset("scales"), up_blocks=b.offset("blocks"), up_scales=b.offset("scales"),
-        act=b.offset("act"), slot=0, n0=0, inter=inter, dim=D, n_rows=T))
+        act=b.offset("act"), slot=0, n0=0, n1=0, inter=inter, dim=D, n_rows=T))
     run_tasks([[rec]], arenas, dict(BLOCK_T=16, BLOCK_N=32, BLOCK_K=32))
     h = x @ w.T
     torch.testing.assert_close(arenas.view("act")[0], torch.nn.functional.silu(h) * h,
