@@ -70,17 +70,20 @@ def _emit_ctx_kv(lw: Lowering, kw: Op, rope: Op, klin: Op, vw: Op, vlin: Op):
     wk, wv = lw.weight(klin.args[1]), lw.weight(vlin.args[1])
     norm = klin.kwarg("norm") and lw.weight(klin.kwarg("norm"))
     pos, pos_regions = lw.scalar_reads(kw.args[2])
-    count, count_regions = lw.scalar_reads(kw.kwarg("count")) if kw.kwarg("count") else (None, [])
+    rows, count_regions = lw.scalar_reads(kw.kwarg("count")) if kw.kwarg("count") else (None, [])
+    D = lw.shape(x)[1]
+    ring = lw.tp.buffers[kc].shape[1]
     signal = f"c.{kw.out.name[1:]}"
     for g in range(n_kv):
         reads = [lw.region(x), lw.region(wk, (g * hd, (g + 1) * hd)), lw.region(wv, (g * vd, (g + 1) * vd))]
         reads += ([lw.region(norm)] if norm else []) + pos_regions + count_regions
         writes = [lw.region(kc, (g, g + 1), (0, T, "pos")), lw.region(vc, (g, g + 1), (0, T, "pos"))]
         lw.task("qkv_rope_kv", {"kv_head": g}, reads, writes, signal,
-                dict(op=kw.out.name[1:], x=lw.buf[x], norm=norm, eps=klin.attrs.get("eps"), wk=wk, wv=wv,
-                     k_cache=kc, v_cache=vc, head=g, n_kv_heads=n_kv, head_dim=hd, v_head_dim=vd,
-                     rope_dim=rope.attrs["rope_dim"], theta=float(rope.attrs["theta"]),
-                     v_scale=float(vw.attrs.get("value_scale", 1.0)), pos=pos, count=count, n_rows=T))
+                dict(op=kw.out.name[1:], x=lw.buf[x], x_stride=D, norm=norm, eps=klin.attrs.get("eps"),
+                     wk=wk, wv=wv, k_cache=kc, v_cache=vc, head=g, n_heads_q=0, n_kv_heads=n_kv, head_dim=hd,
+                     v_head_dim=vd, rope_dim=rope.attrs["rope_dim"], theta=float(rope.attrs["theta"]),
+                     v_scale=float(vw.attrs.get("value_scale", 1.0)), dim=D, pos=pos, ring=ring, rows=rows,
+                     n_rows=T))
         for r in writes:
             lw.produce(r, signal)
     for o in (kw, vw, rope, klin, vlin):
@@ -107,11 +110,11 @@ def lower_qkv(lw: Lowering, op: Op):
                   lw.region(kc, (g, g + 1), (0, T, "pos")), lw.region(vc, (g, g + 1), (0, T, "pos"))]
         signal = f"c.{q}.h{g}"
         lw.task("qkv_rope_kv", {"kv_head": g}, reads, writes, signal,
-                dict(op=q, x=lw.buf[x], norm=norm, eps=a.get("eps"), wq=lw.weight(wq), wk=lw.weight(wk),
-                     wv=lw.weight(wv), q_out=q, k_cache=kc, v_cache=vc, head=g, n_heads_q=hq,
-                     n_kv_heads=hkv, head_dim=hd, v_head_dim=vd, rope_dim=a["rope_dim"],
-                     theta=float(a["theta"]), v_scale=float(a.get("value_scale", 1.0)), pos=pos,
-                     n_rows=T))
+                dict(op=q, x=lw.buf[x], x_stride=lw.shape(x)[1], norm=norm, eps=a.get("eps"),
+                     wq=lw.weight(wq), wk=lw.weight(wk), wv=lw.weight(wv), q_out=q, k_cache=kc, v_cache=vc,
+                     head=g, n_heads_q=hq, n_kv_heads=hkv, head_dim=hd, v_head_dim=vd, rope_dim=a["rope_dim"],
+                     theta=float(a["theta"]), v_scale=float(a.get("value_scale", 1.0)), dim=lw.shape(x)[1],
+                     pos=pos, ring=lw.tp.buffers[kc].shape[1], n_rows=T))
         for r in writes:
             lw.produce(r, signal)
 

@@ -35,7 +35,8 @@ def emit_linear(lw: Lowering, x: str, w: str, y: str, *, norm: str | None = None
     yb = lw.value_buffer(y)
     part = lw.add_buffer(f"{yb}.part", "fp32", (splits, T, N), "scratch") if splits > 1 else None
     counter = f"c.{yb}.part" if part else f"c.{yb}"
-    base = dict(op=op, x=lw.buf[x], w=w, w_up=w_up, norm=norm, eps=eps, k_dim=K, n_dim=N, n_rows=T)
+    base = dict(op=op, x=lw.buf[x], x_stride=K, w=w, w_up=w_up, norm=norm, eps=eps, k_dim=K, n_dim=N,
+                n_rows=T)
     for n in range(n_tiles):
         n0, n1 = n * bn, min(N, (n + 1) * bn)
         for s in range(splits):
@@ -50,7 +51,8 @@ def emit_linear(lw: Lowering, x: str, w: str, y: str, *, norm: str | None = None
                 writes = [lw.region(yb, None, (n0, n1))]
             coords = {"n": n, "k": s} if part else {"n": n}
             lw.task("linear", coords, reads, writes, counter,
-                    dict(base, y=part or yb, res=None if part else (res and lw.buf[res]),
+                    dict(base, y=part or yb, y_offset=s * T * N if part else None, y_stride=N,
+                         res=None if part else (res and lw.buf[res]), res_stride=N if res and not part else None,
                          n0=n0, n1=n1, k0=k0, k1=k1, split=s if part else None))
     if not part:
         lw.produce(lw.region(yb), counter)
@@ -60,8 +62,8 @@ def emit_linear(lw: Lowering, x: str, w: str, y: str, *, norm: str | None = None
         n0, n1 = n * bn, min(N, (n + 1) * bn)
         reads = [lw.region(part, None, None, (n0, n1))] + ([lw.region(res, None, (n0, n1))] if res else [])
         lw.task("linear_reduce", {"n": n}, reads, [lw.region(yb, None, (n0, n1))], f"c.{yb}",
-                dict(op=op, part=part, n_split=splits, res=res and lw.buf[res], y=yb, n0=n0, n1=n1,
-                     n_dim=N, n_rows=T))
+                dict(op=op, part=part, n_split=splits, split_stride=T * N, res=res and lw.buf[res], y=yb,
+                     y_stride=N, n0=n0, n1=n1, n_dim=N, n_rows=T))
     lw.produce(lw.region(yb), f"c.{yb}")
 
 
@@ -97,8 +99,8 @@ def lower_embed(lw: Lowering, op: Op):
     reads += [lw.region(lw.weight(mask))] if mask else []
     out = lw.value_buffer(op.out.name)
     lw.task("embed", {"row": 0}, reads, [lw.region(out)], f"c.{out}",
-            dict(op=out, ids=lw.buf[ids], table=lw.weight(table), mask=mask and lw.weight(mask),
-                 mask_id=op.attrs.get("mask_token_id"), n_rows=T, dim=D))
+            dict(op=out, ids=lw.buf[ids], table=lw.weight(table), mask_row=mask and lw.weight(mask),
+                 mask_id=op.attrs.get("mask_token_id"), out=out, n_rows=T, dim=D, row0=0))
     lw.produce(lw.region(out), f"c.{out}")
 
 
@@ -116,8 +118,8 @@ def lower_concat(lw: Lowering, op: Op):
             n0, n1 = n * bn, min(width, (n + 1) * bn)
             lw.task("linear_reduce", {"part": j, "n": n}, [lw.region(src, None, (n0, n1))],
                     [lw.region(dst, None, (off + n0, off + n1))], f"c.{dst}",
-                    dict(op=dst, part=lw.buf[src], n_split=1, y=dst, n0=n0, n1=n1, y_col=off + n0,
-                         n_dim=width, n_rows=T))
+                    dict(op=dst, part=lw.buf[src], n_split=1, split_stride=0, y=dst, y_offset=off,
+                         y_stride=op.out.type.shape[1], n0=n0, n1=n1, n_dim=width, n_rows=T))
         off += width
     lw.produce(lw.region(dst), f"c.{dst}")
 
@@ -168,6 +170,7 @@ def lower_sample(lw: Lowering, op: Op):
     if head.kind is not OpKind.LM_HEAD:
         raise IRError(f"lowering: sample {op.out.name} reads {logits}, expected an lm_head output")
     x, w = head.args[0], lw.weight(head.args[1])
+    D = lw.shape(x)[1]
     norm = head.kwarg("norm") and lw.weight(head.kwarg("norm"))
     T, V = lw.shape(logits)
     dst, r0, r1 = lw.redirect.get(op.out.name, (None, 0, T))
@@ -187,15 +190,18 @@ def lower_sample(lw: Lowering, op: Op):
         writes = [lw.region(lb, (r0, r1), (n0, n1)), lw.region(key, (r0, r1), (t, t + 1)),
                   lw.region(arg, (r0, r1), (t, t + 1))]
         lw.task("lm_head", {"tile": t}, reads + scalar_regions, writes, f"c.{lb}",
-                dict(op=lb, x=lw.buf[x], w=w, norm=norm, eps=head.attrs.get("eps"), logits=lb,
-                     tile_key=key, tile_arg=arg, n0=n0, n1=n1, vocab=V, n_tiles=n_tiles,
-                     row0=r0, n_rows=r1 - r0, pos_shift=op.attrs.get("offset", 0), **scalars))
+                dict(op=lb, x=lw.buf[x], x_offset=r0 * D, x_stride=D, w=w, norm=norm, eps=head.attrs.get("eps"),
+                     dim=D, logits=lb, logits_offset=r0 * V, tile_key=key, tile_arg=arg,
+                     tile_key_offset=r0 * n_tiles, tile_arg_offset=r0 * n_tiles, tile=t, n0=n0, n1=n1,
+                     vocab=V, n_tiles=n_tiles, row0=r0, n_rows=r1 - r0,
+                     pos_shift=op.attrs.get("offset", 0) + r0, **scalars))
     for region in (lw.region(lb), lw.region(key), lw.region(arg)):
         lw.produce(region, f"c.{lb}")
     out = dst or lw.value_buffer(op.out.name)
     lw.task("sample_reduce", {"block": 0}, [lw.region(key, (r0, r1)), lw.region(arg, (r0, r1))],
             [lw.region(out, (r0, r1))], f"c.{op.out.name[1:]}",
-            dict(op=op.out.name[1:], tile_key=key, tile_arg=arg, n_tiles=n_tiles, out=out, row0=r0,
+            dict(op=op.out.name[1:], tile_key=key, tile_key_offset=r0 * n_tiles, tile_arg=arg,
+                 tile_arg_offset=r0 * n_tiles, n_tiles=n_tiles, out=out, out_offset=r0, row0=r0,
                  n_rows=r1 - r0))
     lw.produce(lw.region(out, (r0, r1)), f"c.{op.out.name[1:]}")
     lw.done.add(id(head))
@@ -212,8 +218,8 @@ def lower_accept(lw: Lowering, op: Op):
     commit = next((o for o in lw.consumers.get(acc, []) if o.kind is OpKind.KV_COMMIT), None)
     reads = [lw.region(block), lw.region(posterior)]
     writes = [lw.region(lw.value_buffer(v)) for v in (acc, tokens, next_block)]
-    attrs = dict(op="accept", block=lw.buf[block], posterior=lw.buf[posterior], acc=lw.buf[acc],
-                 tokens=lw.buf[tokens], next_block=lw.buf[next_block],
+    attrs = dict(op="accept", block=lw.buf[block], draft_tok=lw.buf[block], post_tok=lw.buf[posterior],
+                 acc=lw.buf[acc], out_tokens=lw.buf[tokens], next_block=lw.buf[next_block],
                  mask_id=op.attrs.get("mask_token_id"), n_block=lw.shape(block)[0])
     if commit is not None:
         pos_expr, pos_regions = lw.scalar_reads(commit.args[0])

@@ -118,3 +118,30 @@ def test_prefill_step_lowers(tiny):
     tp = lower(tiny[2].prefill_fused)
     verify_tile(tp)
     assert kinds(tp)["accept"] == 0 and kinds(tp)["sample_reduce"] == 1
+
+
+def test_draft_head_samples_rows_1_to_7_into_the_block(tiny):
+    cfg, dcfg, c = tiny
+    tp = lower(c.fused)
+    D, S = cfg.hidden_size, dcfg.block_size
+    heads = [t for t in tp.tasks if t.kind == "lm_head" and t.attrs["op"] == "draft.logits"]
+    for t in heads:
+        # graph: sample(offset=0) keys row t on pos + t; only rows 1.. are drafted -> local row j is t = j + 1
+        assert (t.attrs["row0"], t.attrs["n_rows"], t.attrs["pos_shift"]) == (1, S - 1, 1)
+        assert t.attrs["x_offset"] == D and t.reads[0].dims[0] == (1, S, None)
+    verify = [t for t in tp.tasks if t.kind == "lm_head" and t.attrs["op"] == "logits"]
+    assert all((t.attrs["row0"], t.attrs["pos_shift"]) == (0, 1) for t in verify)
+    draft_pick = next(t for t in tp.tasks if t.kind == "sample_reduce" and t.attrs["op"] == "drafted")
+    assert draft_pick.attrs["out"] == "block" and draft_pick.writes[0].dims[0] == (1, S, None)
+    # the verify embedding reads the block the draft filled in, so it waits on that pick
+    embed = next(t for t in tp.tasks if t.kind == "embed" and t.attrs["op"] == "embed")
+    assert ("c.drafted", 1) in embed.waits
+
+
+def test_split_k_partials_are_offset_per_split(tiny):
+    tp = lower(tiny[2].fused, LowerOptions(block_n=32, min_n_tiles=8, split_k_min=32))
+    parts = [t for t in tp.tasks if t.kind == "linear" and t.attrs.get("op") == "draft.fc"]
+    T, N = 8, 64
+    assert {t.attrs["split"]: t.attrs["y_offset"] for t in parts} == {s: s * T * N for s in range(3)}
+    for t in parts:
+        assert t.writes[0].dims[0] == (t.attrs["split"], t.attrs["split"] + 1, None)
