@@ -8,9 +8,10 @@ all programs are co-resident (ScheduleError, naming task and counter):
   1. every counter receives exactly `expected` signals per step and every wait
      target is at most that (so every wait can be satisfied);
   2. the task graph (task -> counter -> task) is acyclic;
-  3. every task that reads data written in the same step waits on a counter
-     its producer signals (a read of persistent state without such a wait
-     reads the previous step, so the writer must come after the reader);
+  3. every task that reads data written in the same step (on its rank: each
+     rank holds its own copy of every buffer) waits on a counter its producer
+     signals (a read of persistent state without such a wait reads the
+     previous step, so the writer must come after the reader);
   4. the per-program queues are consistent with ONE global topological order
      (the graph plus "next in queue" edges stays acyclic). Then the earliest
      unfinished task in that order always has its inputs done and sits at the
@@ -201,7 +202,8 @@ def check_data_dependencies(tp: TileProgram, graph):
             if r.buffer not in index:
                 continue
             for wr, w in index[r.buffer].candidates(r):
-                if w.id == t.id or not signals[w.id].isdisjoint(waited) or not _overlap(wr, r):
+                if w.id == t.id or w.rank != t.rank or not signals[w.id].isdisjoint(waited) or \
+                        not _overlap(wr, r):
                     continue
                 if tp.buffers[r.buffer].kind in ("state", "kv_cache"):
                     previous_step.append((t, r, w, wr))    # checked below, after every direct read

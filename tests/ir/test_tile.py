@@ -116,3 +116,25 @@ def test_verify_accepts_and_names_faults():
 def test_parse_errors_name_the_line(text, where):
     with pytest.raises(IRError, match=where):
         parse_tile(text)
+
+
+def test_communication_tasks_on_ranks_are_representable():
+    from tilecomp.errors import ScheduleError
+    from tilecomp.ir.tile import verify_schedule
+    part = Buffer("part", "fp32", (8, 64), "activation")
+    tasks = [Task(0, "embed", rank=0, writes=[part.full()], signals=[("c.a", 1)]),
+             Task(1, "send", rank=0, coords={"peer": 1}, reads=[part.full()], waits=[("c.a", 1)],
+                  signals=[("c.sent", 1)], attrs={"peer": 1, "numel": 512}),
+             Task(2, "recv", rank=1, coords={"peer": 0}, writes=[part.full()], waits=[("c.sent", 1)],
+                  signals=[("c.recv", 1)], attrs={"peer": 0, "numel": 512}),
+             Task(3, "allreduce", rank=1, reads=[part.full()], writes=[part.full()], waits=[("c.recv", 1)],
+                  signals=[("c.done", 1)])]
+    counters = {c: Counter(c, 1, i * COUNTER_LINE_SLOTS) for i, c in enumerate(["c.a", "c.sent", "c.recv", "c.done"])}
+    tp = TileProgram({"part": part}, counters, tasks, [[0, 1], [2, 3]], {"ranks": 2})
+    assert parse_tile(print_tile(verify_schedule(tp))) == tp
+    tp.programs = [[0, 1, 2], [3]]
+    with pytest.raises(ScheduleError, match="program 0 mixes ranks 0 and 1"):
+        verify_schedule(tp)
+    tp.annotations["ranks"] = 1
+    with pytest.raises(IRError, match=r"t2 \(recv\): rank 1 outside 0..0"):
+        verify_tile(tp)
