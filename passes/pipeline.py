@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from tilecomp.ir.graph import Graph, parse_graph, print_graph
+from tilecomp.ir.tile import parse_tile, print_tile
 from tilecomp.models.config import DFlashConfig, MiMoConfig
 from tilecomp.settings import Settings, settings as read_settings
 from tilecomp.trace import TraceOptions, build_modules, trace_decode_step, trace_prefill_step
@@ -77,7 +78,7 @@ class CompileOptions:
 
 @dataclass
 class Compiled:
-    """Every stage of one compile. `tile` / `schedule` are None until TILE_PASSES are listed."""
+    """Every stage of one compile: `tile` right after lowering, `schedule` after the last tile pass."""
 
     config: MiMoConfig
     draft_config: DFlashConfig
@@ -130,9 +131,25 @@ class _Stages:
                 self.dump(graph, f"{graph.name}.{n:02d}.{graph_pass.__name__}.ir")
         return graph
 
-    def dump(self, graph: Graph, filename: str):
-        text = print_graph(graph)
-        if parse_graph(text, filename) != graph:
+    def tile_passes(self, step: str, graph: Graph, options) -> tuple:
+        """(tile program right after lowering, program after the last tile pass)."""
+        stage, lowered = graph, None
+        for n, (name, tile_pass) in enumerate(TILE_PASSES, start=len(GRAPH_PASSES) + 1):
+            stage = self.run(f"{step}: {name}", tile_pass, stage, options, announce=True)
+            lowered = stage if name == "tile" else lowered
+            if self.cfg.debug >= 2:
+                self.dump(stage, f"{step}.{n:02d}.{name}.ir")
+        return lowered, (stage if TILE_PASSES else None)
+
+    def dump(self, stage, filename: str):
+        """Write a stage's text to the dump directory, checking that it parses back equal."""
+        if isinstance(stage, Graph):
+            text = print_graph(stage)
+            again = parse_graph(text, filename)
+        else:
+            text = print_tile(stage)
+            again = parse_tile(text)
+        if again != stage:
             raise AssertionError(f"{filename}: text does not round-trip")
         if self.cfg.dump_dir:
             os.makedirs(self.cfg.dump_dir, exist_ok=True)
@@ -154,15 +171,13 @@ def compile_model(model_config: MiMoConfig, draft_config: DFlashConfig,
     prefill = stages.run("trace prefill step", trace_prefill_step, target, draft, trace_opts)
     compiled = Compiled(model_config, draft_config, options, graph, stages.graph_passes(graph),
                         prefill, stages.graph_passes(prefill))
-    stage = compiled.fused
-    for name, tile_pass in TILE_PASSES:
-        stage = stages.run(f"{graph.name}: {name}", tile_pass, stage, options, announce=True)
-        if name == "tile":
-            compiled.tile = stage
-    if TILE_PASSES:
-        compiled.schedule = stage
+    compiled.tile, compiled.schedule = stages.tile_passes(graph.name, compiled.fused, options)
     if cfg.dump_dir:
-        for g, stage_name in ((graph, "graph"), (compiled.fused, "graph.fused"),
-                              (prefill, "graph"), (compiled.prefill_fused, "graph.fused")):
-            stages.dump(g, f"{g.name}.{stage_name}.ir")
+        step, chunk = graph.name, prefill.name
+        dumps = {f"{step}.graph.ir": graph, f"{step}.graph.fused.ir": compiled.fused,
+                 f"{chunk}.graph.ir": prefill, f"{chunk}.graph.fused.ir": compiled.prefill_fused,
+                 f"{step}.tile.ir": compiled.tile, f"{step}.schedule.ir": compiled.schedule}
+        for filename, stage in dumps.items():
+            if stage is not None:
+                stages.dump(stage, filename)
     return dataclasses.replace(compiled, seconds=stages.seconds)

@@ -5,6 +5,7 @@ import torch
 
 from tilecomp.interpret import run_graph
 from tilecomp.ir.graph import OpKind, parse_graph, print_graph, verify_graph
+from tilecomp.ir.tile import parse_tile, verify_tile
 from tilecomp.models.presets import preset
 from tilecomp.passes.pipeline import GRAPH_PASSES, CompileOptions, compile_model
 from tilecomp.settings import Settings
@@ -40,8 +41,14 @@ def test_compile_model_is_deterministic_and_dumps(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert "decode_step.graph.ir" in names and "prefill_step.graph.fused.ir" in names
     assert "decode_step.04.fuse_rope_kv.ir" in names
+    assert "decode_step.tile.ir" in names and "decode_step.schedule.ir" in names
+    assert f"decode_step.{len(GRAPH_PASSES) + 1:02d}.tile.ir" in names
     for p in tmp_path.iterdir():
-        verify_graph(parse_graph(p.read_text(), p.name), p.name)
+        if ".graph" in p.name or p.name.split(".")[2] in {gp.__name__ for gp in GRAPH_PASSES}:
+            verify_graph(parse_graph(p.read_text(), p.name), p.name)
+        else:
+            verify_tile(parse_tile(p.read_text()))
+    assert a.tile is not None and a.schedule is not None and a.schedule.programs is not None
 
 
 def test_mimo_v2_flash_graph_stages_compile_in_seconds(count_kinds):
