@@ -27,7 +27,7 @@ from .fuse_residual import fuse_residual
 from .fuse_rope_kv import fuse_rope_kv
 from .fuse_router import fuse_router
 from .fuse_swiglu import fuse_swiglu
-from .lower import lower_pass
+from .lower import LowerOptions, lower_pass
 from .pipelining import pipelining_pass
 from .schedule import schedule_pass
 from .verify_schedule import verify_schedule_pass
@@ -70,6 +70,7 @@ class CompileOptions:
     max_len: int = 4096             # KV cache positions (full-attention layers and the draft)
     programs: int = 132             # persistent programs the schedule targets (H100: 132 SMs)
     interpreter_order: bool = False     # one program, one topological queue (CPU interpreter)
+    lower: LowerOptions = LowerOptions()    # tile sizes of the lowering (passes/lower.py)
     prefill_chunk: int | None = None    # tokens per prefill step (default: the block size)
 
     def trace_options(self) -> TraceOptions:

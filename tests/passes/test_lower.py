@@ -145,3 +145,13 @@ def test_split_k_partials_are_offset_per_split(tiny):
     assert {t.attrs["split"]: t.attrs["y_offset"] for t in parts} == {s: s * T * N for s in range(3)}
     for t in parts:
         assert t.writes[0].dims[0] == (t.attrs["split"], t.attrs["split"] + 1, None)
+
+
+def test_tile_sizes_come_from_the_compile_options():
+    from tilecomp.passes.pipeline import CompileOptions
+    cfg, dcfg = preset("tiny")
+    c = compile_model(cfg, dcfg, CompileOptions(interpreter_order=True, lower=LowerOptions(kv_chunk=1 << 16)))
+    parts = [t for t in c.schedule.tasks if t.kind == "attn_partial"]
+    heads = sum(cfg.attn(i).n_kv_heads for i in range(cfg.num_hidden_layers))
+    assert len(parts) == heads + dcfg.num_hidden_layers * dcfg.num_key_value_heads   # one chunk per head
+    assert len(c.schedule.programs) == 1
