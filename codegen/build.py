@@ -8,8 +8,11 @@ programs are not co-resident deadlocks).
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,15 +72,17 @@ def _ptxas_path(arch: int) -> str:
     return knobs.nvidia.ptxas.path
 
 
-def ptxas_usage(ptx: str, arch: int) -> dict:
-    """Registers and spill bytes of the kernel in `ptx`, from `ptxas -v`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        out = subprocess.run([_ptxas_path(arch), "-v", f"--gpu-name={gpu}", str(src),
-                              "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
+def ptxas_usage(ptx: str, arch: int, log: str = "") -> dict:
+    """Registers and spill bytes of the kernel in `ptx`, from a `ptxas -v` log (run it if empty)."""
+    out = log
+    if "registers" not in out:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "k.ptx"
+            src.write_text(ptx)
+            gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+            out = subprocess.run([_ptxas_path(arch), "-v", f"--gpu-name={gpu}", str(src),
+                                  "-o", str(Path(tmp) / "k.cubin")],
+                                 capture_output=True, text=True, check=True).stderr
 
     def number(pattern):
         m = re.search(pattern, out)
@@ -88,25 +93,46 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
 
 
 def compile_kernel(module, arch: int, num_warps: int = 4):
+    """(compiled kernel, ptxas -v log captured during the build, or "")."""
+    import contextlib
+    import io
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     fn = kernel_of(module)
+    if not hasattr(fn, "cache_key"):   # TRITON_INTERPRET=1 made it an InterpretedFunction
+        from triton.runtime.jit import JITFunction
+        fn = JITFunction(fn.fn)
     constexprs = dict(module.CONSTEXPRS, SPIN_LIMIT=GPU_SPINS)
     signature = dict(SIGNATURE, **{name: "constexpr" for name in constexprs})
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    log = io.StringIO()
+    knobs = getattr(triton, "knobs", None)
+    with contextlib.ExitStack() as stack:
+        if knobs is not None and hasattr(knobs.nvidia, "dump_ptxas_log"):
+            stack.enter_context(knobs.nvidia.scope())   # restores the knob afterwards
+            knobs.nvidia.dump_ptxas_log = True           # Triton prints ptxas -v: capture it
+        stack.enter_context(contextlib.redirect_stdout(log))
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": num_warps})
+    return compiled, log.getvalue()
 
 
 def build_report(path, programs: int, target: str = "sm_90", num_warps: int = 4) -> KernelReport:
-    """Compile the generated kernel in `path` for `target`; raise TilecompError if it does not build."""
+    """Compile the generated kernel in `path` for `target`; raise TilecompError if it does not build.
+
+    Under TRITON_INTERPRET=1 (CPU tests) Triton's language is patched for the interpreter,
+    so the build runs in a fresh process without it."""
     arch = _parse_arch(target)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return _build_in_subprocess(path, programs, target, num_warps)
     module = load_kernel_module(Path(path).read_text())
     try:
-        compiled = compile_kernel(module, arch, num_warps)
+        compiled, log = compile_kernel(module, arch, num_warps)
     except Exception as exc:  # Triton raises many types; the user needs the kernel and the reason
         raise TilecompError(f"{path}: megakernel does not build for {target}: {exc}") from exc
-    usage = ptxas_usage(compiled.asm["ptx"], arch)
+    usage = ptxas_usage(compiled.asm["ptx"], arch, log)
     shared = int(compiled.metadata.shared)
     threads = 32 * num_warps
     by_regs = SM90["regs_per_sm"] // max(usage["registers"] * threads, 1)
@@ -115,3 +141,39 @@ def build_report(path, programs: int, target: str = "sm_90", num_warps: int = 4)
     return KernelReport(module.KERNEL_NAME, target, num_warps, usage["registers"],
                         usage["spill_stores"], usage["spill_loads"], shared, blocks, programs,
                         blocks * SM90["sms"])
+
+
+def compile_kernels(cfg, dcfg, out_dir, programs: int, target: str | None = None,
+                    num_warps: int = 4) -> list[str]:
+    """`tilecomp compile`: write OUT/kernels/*.py; with a target, build each for it and write
+    OUT/kernels/report.json. Returns the report lines (empty without a target)."""
+    from .kernels import write_kernels
+    paths = write_kernels(cfg, dcfg, out_dir)
+    if target is None:
+        return []
+    reports = [build_report(p, programs, target, num_warps) for p in paths]
+    with open(Path(out_dir) / "kernels" / "report.json", "w") as f:
+        json.dump([r.to_dict() for r in reports], f, indent=2)
+        f.write("\n")
+    return [r.line() for r in reports]
+
+
+def _build_in_subprocess(path, programs, target, num_warps) -> KernelReport:
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-m", "tilecomp.codegen.build", str(path), str(programs),
+                           target, str(num_warps)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise TilecompError(done.stderr.strip().splitlines()[-1] if done.stderr.strip()
+                            else f"{path}: build for {target} failed")
+    fields = json.loads(done.stdout.strip().splitlines()[-1])
+    fields.pop("fits")
+    return KernelReport(**fields)
+
+
+if __name__ == "__main__":
+    try:
+        report = build_report(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    except TilecompError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(report.to_dict()))

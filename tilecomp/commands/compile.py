@@ -32,6 +32,10 @@ def add_parser(subparsers):
     p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16",
                    help="weights / activations / KV dtype (experts stay MXFP4)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--target", metavar="SM", default=None,
+                   help="also build OUT/kernels/*.py for this GPU (e.g. sm_90) without a GPU")
+    p.add_argument("--report", action="store_true",
+                   help="with --target: print registers, spills, shared memory, occupancy per kernel")
     p.set_defaults(func=run)
     return p
 
@@ -120,4 +124,8 @@ def run(args) -> int:
     if not args.quiet:
         written = ", ".join(sorted(texts) + ["manifest.json"])
         print(f"wrote {written} to {args.out}")
+    from tilecomp.codegen.build import compile_kernels
+    for line in compile_kernels(cfg, dcfg, args.out, args.programs, args.target):
+        if args.report:
+            print(line)
     return 0
