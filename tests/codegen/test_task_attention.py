@@ -96,6 +96,7 @@ CASES = [
     pytest.param(8, 4, 2, 24, 16, 25, 10, False, True, 16, False, id="draft-noncausal-window"),
     pytest.param(4, 8, 2, 16, 8, 0, 0, True, True, 32, False, id="start0-sink"),
     pytest.param(8, 4, 1, 192, 128, 19, 16, True, True, 16, True, id="mimo-head-dims-192-128"),
+    pytest.param(8, 6, 2, 16, 8, 11, 0, True, True, 16, False, id="group-of-3-heads-packed-2-per-tile"),
 ]
 
 
