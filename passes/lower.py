@@ -33,6 +33,8 @@ class LowerOptions:
     expert_down_block_n: int = 1024  # hidden columns per expert_down tile
     vocab_block: int = 1024       # vocabulary rows per lm_head tile
     kv_chunk: int = 256           # cache positions per attn_partial (flash-decoding chunk)
+    qkv_q_heads: int | None = None  # query heads per qkv_rope_kv task (None: the whole KV group)
+    router_block: int = 32       # experts per split-router moe_route task (0: one router task)
     min_n_tiles: int = 32         # split K when a linear has fewer N tiles than this ...
     split_k_min: int = 1024       # ... and at least this many K columns per split
     max_split_k: int = 8

@@ -90,8 +90,17 @@ def _emit_ctx_kv(lw: Lowering, kw: Op, rope: Op, klin: Op, vw: Op, vlin: Op):
         lw.done.add(id(o))
 
 
+def _qkv_parts(G: int, per_task: int | None) -> list[tuple[int, int, bool]]:
+    """(first query head in the group, query heads, writes K/V) of each task of one KV head."""
+    if not per_task or per_task >= G:
+        return [(0, G, True)]
+    return [(h, min(per_task, G - h), False) for h in range(0, G, per_task)] + [(0, 0, True)]
+
+
 def lower_qkv(lw: Lowering, op: Op):
-    """One task per KV head: its G query heads, k and v rows, partial RoPE, cache write."""
+    """Per KV head: its G query heads, k and v rows, partial RoPE, cache write. With
+    `qkv_q_heads` set, the query heads go in groups of that many per task and one more
+    task does k/v + the cache write (finer tasks for big heads; all signal one counter)."""
     x, wq, wk, wv, k_in, v_in, pos_v = op.args
     a = op.attrs
     hq, hkv, hd, vd = a["n_heads"], a["n_kv_heads"], a["head_dim"], a["v_head_dim"]
@@ -101,21 +110,32 @@ def lower_qkv(lw: Lowering, op: Op):
     kc, vc = lw.buf[k_in], lw.buf[v_in]
     norm = op.kwarg("norm") and lw.weight(op.kwarg("norm"))
     pos, pos_regions = lw.scalar_reads(pos_v)
+    parts = _qkv_parts(G, lw.options.qkv_q_heads)
     for g in range(hkv):
-        reads = [lw.region(x), lw.region(lw.weight(wq), (g * G * hd, (g + 1) * G * hd)),
-                 lw.region(lw.weight(wk), (g * hd, (g + 1) * hd)),
-                 lw.region(lw.weight(wv), (g * vd, (g + 1) * vd))]
-        reads += ([lw.region(norm)] if norm else []) + pos_regions
-        writes = [lw.region(q, None, (g * G * hd, (g + 1) * G * hd)),
-                  lw.region(kc, (g, g + 1), (0, T, "pos")), lw.region(vc, (g, g + 1), (0, T, "pos"))]
         signal = f"c.{q}.h{g}"
-        lw.task("qkv_rope_kv", {"kv_head": g}, reads, writes, signal,
-                dict(op=q, x=lw.buf[x], x_stride=lw.shape(x)[1], norm=norm, eps=a.get("eps"),
-                     wq=lw.weight(wq), wk=lw.weight(wk), wv=lw.weight(wv), q_out=q, k_cache=kc, v_cache=vc,
-                     head=g, n_heads_q=hq, n_kv_heads=hkv, head_dim=hd, v_head_dim=vd, rope_dim=a["rope_dim"],
-                     theta=float(a["theta"]), v_scale=float(a.get("value_scale", 1.0)), dim=lw.shape(x)[1],
-                     pos=pos, ring=lw.tp.buffers[kc].shape[1], n_rows=T))
-        for r in writes:
+        for part, (h0, nq, kv) in enumerate(parts):
+            cols = ((g * G + h0) * hd, (g * G + h0 + nq) * hd)
+            reads, writes = [lw.region(x)], []
+            if nq:
+                reads.append(lw.region(lw.weight(wq), cols))
+                writes.append(lw.region(q, None, cols))
+            if kv:
+                reads += [lw.region(lw.weight(wk), (g * hd, (g + 1) * hd)),
+                          lw.region(lw.weight(wv), (g * vd, (g + 1) * vd))]
+                writes += [lw.region(kc, (g, g + 1), (0, T, "pos")), lw.region(vc, (g, g + 1), (0, T, "pos"))]
+            reads += ([lw.region(norm)] if norm else []) + pos_regions
+            coords = {"kv_head": g, "part": part} if len(parts) > 1 else {"kv_head": g}
+            lw.task("qkv_rope_kv", coords, reads, writes, signal,
+                    dict(op=q, x=lw.buf[x], x_stride=lw.shape(x)[1], norm=norm, eps=a.get("eps"),
+                         wq=lw.weight(wq) if nq else None, wk=lw.weight(wk) if kv else None,
+                         wv=lw.weight(wv) if kv else None, q_out=q if nq else None,
+                         k_cache=kc if kv else None, v_cache=vc if kv else None, head=g, q_head0=h0,
+                         q_heads=nq, n_heads_q=hq, n_kv_heads=hkv, head_dim=hd, v_head_dim=vd,
+                         rope_dim=a["rope_dim"], theta=float(a["theta"]),
+                         v_scale=float(a.get("value_scale", 1.0)), dim=lw.shape(x)[1], pos=pos,
+                         ring=lw.tp.buffers[kc].shape[1], n_rows=T))
+        for r in (lw.region(q, None, (g * G * hd, (g + 1) * G * hd)), lw.region(kc, (g, g + 1), (0, T, "pos")),
+                  lw.region(vc, (g, g + 1), (0, T, "pos"))):
             lw.produce(r, signal)
 
 

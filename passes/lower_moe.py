@@ -47,17 +47,32 @@ def lower_route(lw: Lowering, op: Op):
     S = op.outputs[2].type.shape[0]
     plan = lw.value_buffer(op.outputs[2].name, "scratch", shape=(1 + S,))
     slot_w = lw.add_buffer(f"{plan}.slot_weights", "fp32", (S, T), "scratch")
-    reads = [lw.region(x_src), lw.region(lw.weight(gate)), lw.region(lw.weight(bias))]
-    reads += [lw.region(norm)] if norm else []
-    writes = [lw.region(plan), lw.region(slot_w)]
-    if xn is not None:
-        writes.append(lw.region(lw.value_buffer(xn)))
+    common = dict(op=plan, norm=norm, eps=eps, bias=lw.weight(bias), plan=plan, weights=slot_w, n_experts=E,
+                  top_k=a["k"], n_slots=S, scale=float(a.get("scale", 1.0)),
+                  norm_topk=bool(a.get("renorm", True)), dim=lw.shape(x_src)[1], n_rows=T)
+    eb = lw.options.router_block
+    xn_region = [lw.region(lw.value_buffer(xn))] if xn is not None else []
+    final_reads = [lw.region(x_src), lw.region(lw.weight(gate)), lw.region(lw.weight(bias))]
+    final_reads += [lw.region(norm)] if norm else []
+    final_attrs = dict(common, x=lw.buf[x_src], gate=lw.weight(gate), xn=xn and lw.buf[xn])
+    if eb and E > eb:
+        # split router: logits of experts [e0, e1) per task (task 0 also writes the normed rows)
+        logits = lw.add_buffer(f"{plan}.logits", "fp32", (T, E), "scratch")
+        for j, e0 in enumerate(range(0, E, eb)):
+            e1 = min(E, e0 + eb)
+            reads = [lw.region(x_src), lw.region(lw.weight(gate), (e0, e1))] + ([lw.region(norm)] if norm else [])
+            writes = [lw.region(logits, None, (e0, e1))] + (xn_region if j == 0 else [])
+            lw.task("moe_route", {"layer": 0, "split": j}, reads, writes, f"c.{logits}",
+                    dict(common, x=lw.buf[x_src], gate=lw.weight(gate), xn=lw.buf[xn] if xn and j == 0 else None,
+                         logits=logits, split=1, e0=e0, e1=e1))
+        for r in [lw.region(logits)] + xn_region:
+            lw.produce(r, f"c.{logits}")
+        final_reads = [lw.region(logits), lw.region(lw.weight(bias))]
+        final_attrs = dict(common, x=logits, gate=None, norm=None, xn=None, split=0)
+        xn_region = []
+    writes = [lw.region(plan), lw.region(slot_w)] + xn_region
     signal = f"c.{plan}"
-    lw.task("moe_route", {"layer": 0}, reads, writes, signal,
-            dict(op=plan, x=lw.buf[x_src], norm=norm, eps=eps, gate=lw.weight(gate), bias=lw.weight(bias),
-                 xn=xn and lw.buf[xn], plan=plan, weights=slot_w, n_experts=E, top_k=a["k"],
-                 n_slots=S, scale=float(a.get("scale", 1.0)), norm_topk=bool(a.get("renorm", True)),
-                 dim=lw.shape(x_src)[1], n_rows=T))
+    lw.task("moe_route", {"layer": 0}, final_reads, writes, signal, final_attrs)
     for r in writes:
         lw.produce(r, signal)
 

@@ -155,3 +155,37 @@ def test_tile_sizes_come_from_the_compile_options():
     heads = sum(cfg.attn(i).n_kv_heads for i in range(cfg.num_hidden_layers))
     assert len(parts) == heads + dcfg.num_hidden_layers * dcfg.num_key_value_heads   # one chunk per head
     assert len(c.schedule.programs) == 1
+
+
+def test_split_router_then_plan(tiny):
+    cfg, _, c = tiny
+    tp = lower(c.fused, LowerOptions(router_block=6))
+    verify_tile(tp)
+    routes = [t for t in tp.tasks if t.kind == "moe_route" and t.attrs["op"] == "L1.mlp.plan"]
+    splits, final = routes[:-1], routes[-1]
+    E = cfg.n_routed_experts
+    assert [(t.attrs["e0"], t.attrs["e1"]) for t in splits] == [(0, 6), (6, 12), (12, 16)]
+    assert [("xn" in t.attrs) for t in splits] == [True, False, False]    # task 0 writes the normed rows
+    assert final.attrs["x"] == "L1.mlp.plan.logits" and "gate" not in final.attrs
+    assert final.waits == [("c.L1.mlp.plan.logits", 3)]
+    gate_rows = sorted((r.dims[0].lo, r.dims[0].hi) for t in splits for r in t.reads
+                       if r.buffer.endswith("mlp.gate.weight"))
+    assert gate_rows[0][0] == 0 and gate_rows[-1][1] == E     # the fp32 router weight read once
+    up = next(t for t in tp.tasks if t.kind == "expert_up_gate" and t.attrs["op"] == "L1.out")
+    assert {c for c, _ in up.waits} == {"c.L1.mlp.plan", "c.L1.mlp.plan.logits"}
+
+
+def test_finer_qkv_tasks_share_one_counter(tiny):
+    cfg, _, c = tiny
+    tp = lower(c.fused, LowerOptions(qkv_q_heads=1))
+    verify_tile(tp)
+    spec = cfg.attn(1)
+    G = spec.n_heads // spec.n_kv_heads
+    tasks = [t for t in tp.tasks if t.kind == "qkv_rope_kv" and t.attrs["op"] == "L1.q_rot"]
+    assert len(tasks) == spec.n_kv_heads * (G + 1)
+    h0 = [t for t in tasks if t.coords["kv_head"] == 0]
+    assert [(t.attrs["q_head0"], t.attrs["q_heads"]) for t in h0] == [(h, 1) for h in range(G)] + [(0, 0)]
+    assert "k_cache" in h0[-1].attrs and all("k_cache" not in t.attrs for t in h0[:-1])
+    assert tp.counters["c.L1.q_rot.h0"].expected == G + 1
+    part = next(t for t in tp.tasks if t.kind == "attn_partial" and t.attrs["op"] == "L1.attn")
+    assert ("c.L1.q_rot.h0", G + 1) in part.waits
