@@ -27,6 +27,9 @@ def test_counts_bytes_and_floor():
     assert s.bytes_by_kind == {"embed": xb, "expert_up_gate": 2 * (xb + wb + yb)}
     assert s.bytes_moved == 3 * xb + 2 * wb + 2 * yb
     assert s.unique_bytes == xb + 2 * wb + 2 * yb          # x counted once
+    tp = hand_program()
+    tp.tasks[2].reads[1] = tp.tasks[1].reads[1]                # two slots, same runtime-indexed region
+    assert tile_stats(tp).unique_bytes == xb + 2 * wb + 2 * yb
     assert s.bytes_by_buffer_kind == {"activation": 3 * xb, "weight": 2 * wb, "scratch": 2 * yb}
     assert s.program_bytes == [xb + xb + wb + yb, xb + wb + yb]
     assert s.floor_us(1.0) == pytest.approx(s.bytes_moved / 1e3)

@@ -2,8 +2,10 @@
 
 `bytes moved` adds every region each task reads and writes (what the tasks
 really stream); `unique bytes` counts each distinct region once (a row block
-that 32 N tiles all read counts once): the floor for a step that moves every
-byte through HBM exactly once. Floors are in microseconds at a given GB/s.
+that 32 N tiles all read counts once; a region at a runtime index, such as
+the weights of the expert a slot holds, counts once per task, since the
+unique-expert plan gives every slot a different expert): the floor for a
+step that moves every byte through HBM exactly once (all slots in use). Floors are in microseconds at a given GB/s.
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ def tile_stats(tp: TileProgram) -> TileStats:
             b = tp.region_bytes(r)
             nbytes += b
             by_buffer[tp.buffers[r.buffer].kind] += b
-            if r not in seen:
-                seen.add(r)
+            key = (r, t.id) if any(d.index is not None for d in r.dims) else r
+            if key not in seen:          # a runtime-indexed region (an expert slot's weights) is its own
+                seen.add(key)
                 unique += b
         by_kind[t.kind] += nbytes
         task_bytes.append(nbytes)
