@@ -33,11 +33,16 @@ def tiny_out(tmp_path_factory):
 
 
 def test_compile_writes_every_stage_and_a_manifest(tiny_out, capsys):
-    for name in ("graph.ir", "graph.fused.ir", "prefill.graph.ir", "prefill.graph.fused.ir", "manifest.json"):
+    for name in ("graph.ir", "graph.fused.ir", "prefill.graph.ir", "prefill.graph.fused.ir", "tile.ir",
+                 "schedule.ir", "schedule.html", "manifest.json"):
         assert (tiny_out / name).is_file(), name
     manifest = json.loads((tiny_out / "manifest.json").read_text())
     assert manifest["source"] == {"preset": "tiny", "layers": None}
-    assert manifest["options"] == {"dtype": "bf16", "max_len": 64, "programs": 4}
+    assert manifest["options"] == {"dtype": "bf16", "max_len": 64, "programs": 4, "interpreter_order": False}
+    assert manifest["schedule"]["programs"] == 4 and manifest["schedule"]["tasks_by_kind"]["moe_route"] == 5
+    assert sum(manifest["schedule"]["tasks_by_kind"].values()) == manifest["schedule"]["tasks"]
+    for name in ("tile.ir", "schedule.ir"):
+        assert tilecomp("ir", "check", tiny_out / name) == 0
     assert manifest["config"]["num_hidden_layers"] == 6
     assert manifest["decode_step"]["ops_by_kind"]["qkv_rope_kv"] == 8
     assert {i["name"] for i in manifest["decode_step"]["inputs"]} >= {"%block", "%pos", "%n_new", "%seed"}
@@ -147,3 +152,16 @@ def test_ir_check_and_stats_of_tile_files(tmp_path, capsys):
     out = capsys.readouterr().out
     moved = 8 * 64 * 2 + (8 * 64 * 2 + 128 * 64 * 2 + 8 * 128 * 4)
     assert re.search(rf"total +2 +{moved:,}\n", out) and f"{moved / 1e9 * 1e6:,.1f} us" in out
+
+
+def test_interpreter_order_and_per_pass_dumps(tmp_path, capsys):
+    out, dumps = tmp_path / "out", tmp_path / "dumps"
+    assert tilecomp("compile", "--preset", "tiny", "--layers", 2, "--out", out, "--interpreter-order",
+                    "--dump", dumps, "--quiet") == 0
+    assert capsys.readouterr().err == ""
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schedule"]["programs"] == 1 and manifest["options"]["interpreter_order"] is True
+    names = sorted(p.name for p in dumps.iterdir())
+    assert "decode_step.01.fuse_router.ir" in names and "decode_step.schedule.ir" in names
+    for name in names:
+        assert tilecomp("ir", "check", dumps / name) == 0, name

@@ -5,9 +5,10 @@
 Needs only the config (a checkpoint's config.json, or a preset), never the
 weights. Writes OUT/graph.ir (the traced decode step), OUT/graph.fused.ir
 (after the graph passes), OUT/prefill.graph.ir and OUT/prefill.graph.fused.ir
-(the prefill chunk), OUT/tile.ir, OUT/schedule.ir and OUT/schedule.html (when
-the tile stages are in the pipeline) and OUT/manifest.json. Progress goes to
-stderr.
+(the prefill chunk), OUT/tile.ir (lowered), OUT/schedule.ir (scheduled and
+annotated), OUT/schedule.html (programs x time), OUT/kernels/*.py and
+OUT/manifest.json. Progress goes to stderr; `--dump DIR` also writes every
+pass's output.
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ def add_parser(subparsers):
     p.add_argument("--max-len", type=int, default=4096, metavar="L", help="KV cache positions (default 4096)")
     p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16",
                    help="weights / activations / KV dtype (experts stay MXFP4)")
+    p.add_argument("--interpreter-order", action="store_true",
+                   help="schedule for the CPU interpreter: one program, one topological queue")
+    p.add_argument("--dump", metavar="DIR", default=None,
+                   help="also write every pass's output to DIR as {step}.{NN}.{pass}.ir")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--target", metavar="SM", default=None,
                    help="also build OUT/kernels/*.py for this GPU (e.g. sm_90) without a GPU")
@@ -80,6 +85,21 @@ def stage_texts(compiled) -> dict[str, str]:
     return texts
 
 
+def no_progress(line: str):
+    """--quiet: progress lines go nowhere (even at TILECOMP_DEBUG >= 1)."""
+
+
+def schedule_summary(program) -> dict:
+    """Task counts by kind, counters, queues and the scheduler's annotations."""
+    by_kind: dict[str, int] = {}
+    for task in program.tasks:
+        by_kind[task.kind] = by_kind.get(task.kind, 0) + 1
+    return {"tasks": len(program.tasks), "tasks_by_kind": dict(sorted(by_kind.items())),
+            "counters": len(program.counters), "buffers": len(program.buffers),
+            "programs": None if program.programs is None else len(program.programs),
+            "annotations": dict(program.annotations)}
+
+
 def manifest(compiled, source: dict, files: dict[str, str]) -> dict:
     """What was compiled, from what, with which options, and what each file holds."""
     from tilecomp import __version__
@@ -90,7 +110,8 @@ def manifest(compiled, source: dict, files: dict[str, str]) -> dict:
         "tilecomp_version": __version__,
         "source": source,
         "options": {"dtype": compiled.options.dtype, "max_len": compiled.options.max_len,
-                    "programs": compiled.options.programs},
+                    "programs": compiled.options.programs,
+                    "interpreter_order": compiled.options.interpreter_order},
         "config": compiled.config.to_dict(),
         "draft_config": compiled.draft_config.to_dict(),
         "decode_step": {
@@ -100,6 +121,7 @@ def manifest(compiled, source: dict, files: dict[str, str]) -> dict:
             "param_bytes": stats.param_bytes,
             "step_weight_bytes": stats.step_weight_bytes,
         },
+        "schedule": None if compiled.schedule is None else schedule_summary(compiled.schedule),
         "files": {name: {"bytes": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}
                   for name, text in sorted(files.items())},
     }
@@ -107,10 +129,14 @@ def manifest(compiled, source: dict, files: dict[str, str]) -> dict:
 
 def run(args) -> int:
     from tilecomp.passes.pipeline import CompileOptions, compile_model, stderr_progress
+    from tilecomp.settings import Settings, settings as read_settings
     _check_options(args)
     cfg, dcfg, source = load_configs(args)
-    options = CompileOptions(dtype=args.dtype, max_len=args.max_len, programs=args.programs)
-    compiled = compile_model(cfg, dcfg, options, progress=None if args.quiet else stderr_progress)
+    options = CompileOptions(dtype=args.dtype, max_len=args.max_len, programs=args.programs,
+                             interpreter_order=args.interpreter_order)
+    dumps = read_settings() if args.dump is None else Settings(dump_dir=args.dump, debug=2)
+    compiled = compile_model(cfg, dcfg, options, progress=no_progress if args.quiet else stderr_progress,
+                             settings=dumps)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise TilecompError(f"--out: {args.out} exists and is not a directory")
     os.makedirs(args.out, exist_ok=True)
