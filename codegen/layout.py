@@ -134,9 +134,11 @@ KINDS: dict[str, KindABI] = _kinds(
     ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "logits",
                  "tile_key", "tile_arg", "tile", "n_tiles", "state", "pos_shift", "n_rows", "rows"),
      ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
-    # out[t] = token of the largest tile key of row t (lowest token on ties)
-    ("sample_reduce", ("tile_key", "tile_arg", "n_tiles", "out", "n_rows"),
-     ("BLOCK_T", "BLOCK_V")),
+    # out[t] = token of the largest tile key of row t (lowest token on ties); with top_p < 1
+    # (and temperature > 0) the whole logits row is re-read: top-p cut-off, then Gumbel keys
+    ("sample_reduce", ("tile_key", "tile_arg", "n_tiles", "out", "n_rows", "logits", "vocab",
+                       "state", "pos_shift"),
+     ("BLOCK_T", "BLOCK_V", "BLOCK_N")),
     # DFlash acceptance (mode 1) or plain decoding (mode 0): commit, next-step state
     ("accept", ("state", "draft_tok", "post_tok", "n_block", "out_tokens", "block", "draft_block"),
      ("BLOCK_T",)),
@@ -158,6 +160,7 @@ STATE_FIELDS = (
     "ctx_pos",     # draft: absolute position of the first new context row
     "acc",         # accepted draft tokens this step
     "n_out",       # tokens committed this step (out_tokens[:n_out])
+    "top_p_bits",  # nucleus mass as fp32 bits (1.0 = no filtering)
 )
 STATE = {name: i for i, name in enumerate(STATE_FIELDS)}
 STATE_WORDS = 16

@@ -10,8 +10,9 @@ from tilecomp.models.sampling import sample
 from tilecomp.runtime.buffers import ArenaBuilder
 
 
-def state_words(pos=0, last=0, temp=0.0, seed=0):
+def state_words(pos=0, last=0, temp=0.0, seed=0, top_p=1.0):
     s = torch.zeros(L.STATE_WORDS, dtype=torch.int32)
+    s[L.STATE["top_p_bits"]] = float_bits(top_p)
     s[L.STATE["pos"]], s[L.STATE["last"]] = pos, last
     s[L.STATE["temp_bits"]], s[L.STATE["seed"]] = float_bits(temp), seed
     return s
@@ -64,7 +65,7 @@ def test_linear_reduce_sums_splits_in_order_plus_residual():
     torch.testing.assert_close(arenas.view("y"), part[0] + part[1] + part[2] + res)
 
 
-def _head(temp, seed, vocab=200, T=6, D=32, pos=17, shift=1, ties=False):
+def _head(temp, seed, vocab=200, T=6, D=32, pos=17, shift=1, ties=False, top_p=1.0):
     g = torch.Generator().manual_seed(7)
     x, w = torch.randn(T, D, generator=g), torch.randn(vocab, D, generator=g)
     if ties:  # equal best logits in different tiles: the lowest token must win
@@ -72,7 +73,7 @@ def _head(temp, seed, vocab=200, T=6, D=32, pos=17, shift=1, ties=False):
     BN = 64
     n_tiles = -(-vocab // BN)
     b = ArenaBuilder(torch.float32)
-    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("st", state_words(pos, 0, temp, seed), "i32")
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("st", state_words(pos, 0, temp, seed, top_p), "i32")
     b.reserve("logits", (T, vocab), "f32"), b.reserve("key", (T, n_tiles), "f32")
     b.reserve("arg", (T, n_tiles), "i32"), b.reserve("tok", (T,), "i32")
     arenas = b.build()
@@ -83,17 +84,19 @@ def _head(temp, seed, vocab=200, T=6, D=32, pos=17, shift=1, ties=False):
         signals=[0]) for i in range(n_tiles)]
     reduce = TaskRecord("sample_reduce", n_tiles, dict(
         tile_key=b.offset("key"), tile_arg=b.offset("arg"), n_tiles=n_tiles, out=b.offset("tok"),
-        n_rows=T), waits=[(0, n_tiles, n_tiles)])
+        n_rows=T, logits=b.offset("logits"), vocab=vocab, state=b.offset("st"), pos_shift=shift),
+        waits=[(0, n_tiles, n_tiles)])
     run_tasks([heads + [reduce]], arenas, dict(BLOCK_T=16, BLOCK_N=BN, BLOCK_K=32, BLOCK_V=2))
     logits = x @ w.T
-    want = sample(logits, torch.arange(pos + shift, pos + shift + T), temp, 1.0, seed)
+    want = sample(logits, torch.arange(pos + shift, pos + shift + T), temp, top_p, seed)
     return arenas, logits, want
 
 
-@pytest.mark.parametrize("temp,seed,ties", [(0.0, 0, False), (0.0, 0, True), (0.8, 1, False),
-                                            (1.5, 12345, False)])
-def test_lm_head_and_sample_reduce_follow_the_shared_sampling_rule(temp, seed, ties):
-    arenas, logits, want = _head(temp, seed, ties=ties)
+@pytest.mark.parametrize("temp,seed,ties,top_p", [
+    (0.0, 0, False, 1.0), (0.0, 0, True, 1.0), (0.8, 1, False, 1.0), (1.5, 12345, False, 1.0),
+    (0.7, 5, False, 0.6), (2.0, 77, False, 0.95), (0.0, 3, False, 0.5)])
+def test_lm_head_and_sample_reduce_follow_the_shared_sampling_rule(temp, seed, ties, top_p):
+    arenas, logits, want = _head(temp, seed, ties=ties, top_p=top_p)
     torch.testing.assert_close(arenas.view("logits"), logits, rtol=1e-5, atol=1e-4)
     assert arenas.view("tok").tolist() == want.tolist()
 

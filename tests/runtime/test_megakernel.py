@@ -57,7 +57,7 @@ def test_plain_greedy_equals_reference():
 def test_sampled_follows_the_shared_rule_and_is_reproducible():
     target, draft = models(3)
     ids = prompt(3, 5)
-    kw = dict(use_draft=False, temperature=0.9, seed=1234)
+    kw = dict(use_draft=False, temperature=0.9, top_p=0.9, seed=1234)
     ref, engine, got = both(target, draft, ids, 3, **kw)
     assert got.tokens == ref.tokens
     again = engine.generate(ids, 3, **kw)        # second request on the same engine: epochs go on

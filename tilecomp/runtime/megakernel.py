@@ -137,7 +137,7 @@ class MegakernelEngine:
     @torch.no_grad()
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
         """fp32 logits [V] the target gives after the prompt (the prefill kernel's last row)."""
-        self._set_state(temp_bits=0, seed=0)
+        self._set_state(temp_bits=0, top_p_bits=L.float_bits(1.0), seed=0)
         self._prefill([int(t) for t in prompt_ids])
         return self.arenas.view("logits")[0].clone()
 
@@ -167,15 +167,12 @@ class MegakernelEngine:
         if temperature < 0 or not 0.0 < top_p <= 1.0:
             raise TilecompError(f"sampling: expected temperature >= 0 and 0 < top_p <= 1, "
                                 f"found temperature={temperature}, top_p={top_p}")
-        if top_p < 1.0:
-            raise TilecompError(f"sampling: the megakernel engine samples with top_p = 1 only, "
-                                f"found top_p={top_p} (use --engine reference)")
         out = _Output(max_new_tokens, on_tokens)
         result = GenerationResult(tokens=out.tokens)
         start = time.perf_counter()
         if max_new_tokens > 0:
             seed32 = int(seed) & 0xFFFFFFFF                 # the low 32 bits, as int32 bits
-            self._set_state(temp_bits=L.float_bits(temperature),
+            self._set_state(temp_bits=L.float_bits(temperature), top_p_bits=L.float_bits(top_p),
                             seed=seed32 - 2 ** 32 if seed32 >= 2 ** 31 else seed32)
             self._decode(prompt_ids, out, use_draft, result.acceptance)
         result.elapsed_s = time.perf_counter() - start

@@ -135,7 +135,7 @@ class StepPlanner:
             pos_shift=pos_shift, n_rows=rows_n, rows=-1)) for t in range(n_tiles)])
         self.stages.add(name + ".sample", [TaskRecord("sample_reduce", 0, dict(
             tile_key=self.o("tile_key"), tile_arg=self.o("tile_arg"), n_tiles=n_tiles, out=out,
-            n_rows=rows_n))])
+            n_rows=rows_n, logits=self.o("logits"), vocab=V, state=self.st, pos_shift=pos_shift))])
 
     # -- the target forward over T rows --------------------------------------------------------
     def target_forward(self, ids, *, taps: bool):
