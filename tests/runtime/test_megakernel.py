@@ -8,6 +8,7 @@ its own 2 layers); the whole tiny preset runs in the slow test.
 import pytest
 import torch
 
+from tilecomp.codegen.harness import Megakernel
 from tilecomp.errors import DeadlockError
 from tilecomp.models.dflash import DFlashDraft
 from tilecomp.models.mimo import MiMoForCausalLM
@@ -36,14 +37,23 @@ def both(target, draft, ids, n_new, on_tokens=None, **kw):
     return ref, engine, engine.generate(ids, n_new, on_tokens=on_tokens, **kw)
 
 
-def test_dflash_greedy_equals_reference_tokens_and_acceptance():
+def test_dflash_greedy_equals_reference_tokens_and_acceptance(monkeypatch):
     target, draft = models(0)
     ids = prompt(0, 11)                        # longer than the window (8): the SWA ring wraps
+    launches = []
+    real_launch = Megakernel.launch
+
+    def counted(self, *args):
+        launches.append(self.module.KERNEL_NAME)
+        return real_launch(self, *args)
+    monkeypatch.setattr(Megakernel, "launch", counted)
     streamed = []
     ref, _, got = both(target, draft, ids, 6, on_tokens=streamed.extend)
     assert got.tokens == ref.tokens
     assert got.acceptance == ref.acceptance
     assert streamed == got.tokens
+    # one launch per prompt chunk of 8, then exactly ONE launch per DFlash step
+    assert launches == ["prefill_chunk"] * 2 + ["decode_step"] * len(got.acceptance)
 
 
 def test_plain_greedy_equals_reference():
