@@ -80,3 +80,14 @@ def test_passes_do_not_mutate_their_input(tiny_step):
         fused = graph_pass(fused)
     assert graph == snapshot and print_graph(graph) == text
     assert fused != graph
+
+
+def test_fused_prefill_equals_the_traced_prefill(tiny_step):
+    compiled = compile_model(*preset("tiny"), CompileOptions(dtype="f32", max_len=40), settings=Settings())
+    torch.manual_seed(2)
+    inputs = {v.name: torch.randn(v.type.shape) * 0.5 for v in compiled.prefill.inputs if v.type.dtype.is_float}
+    inputs.update({"%ids": torch.randint(0, 500, (8,), dtype=torch.int32), "%pos": torch.tensor(13, dtype=torch.int32),
+                   "%seed": torch.tensor(1, dtype=torch.int32), "%temperature": torch.tensor(0.0),
+                   "%top_p": torch.tensor(1.0)})
+    expected = run_graph(compiled.prefill, tiny_step.params, inputs)
+    tiny_step.assert_same_outputs(compiled.prefill_fused, inputs, expected)
