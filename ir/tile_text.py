@@ -6,6 +6,7 @@ column of anything unexpected (IRError).
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -283,11 +284,12 @@ _FAST_PAIRS = re.compile(rf"  (waits|signals) ({_N} (?:>=|\+=) \d+(?:, {_N} (?:>
 _FAST_HEAD = re.compile(rf"task t(\d+) = ({_N})\[((?:{_N}=-?\d+(?:, )?)*)\] rank=(\d+)(?: \{{(.*)\}})?")
 _FIND_REGION = re.compile(rf"({_N})\[([^\]]*)\]")
 _FIND_PAIR = re.compile(rf"({_N}) (?:>=|\+=) (\d+)")
-_FIND_ATTR = re.compile(rf'({_N})=("(?:[^"\\]|\\.)*"|[^,"\[\]{{}}]+)(?:, |$)')
+_FIND_ATTR = re.compile(rf'({_N})=("(?:[^"\\]|\\.)*"|\[[^\]"\[{{}}]*\]|[^,"\[\]{{}}]+)(?:, |$)')
 _NUMBER = re.compile(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
 _BAD = object()
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _fast_dim(text: str) -> Dim:
     start, hi = text.rsplit(":", 1)
     if start[0] != "$":
@@ -301,14 +303,23 @@ def _fast_regions(body: str) -> list[Region]:
             for name, dims in _FIND_REGION.findall(body)]
 
 
-def _fast_value(text: str):
+@functools.lru_cache(maxsize=1 << 16)
+def _fast_scalar(text: str):
+    """An immutable attribute value (cached: names and sizes repeat on many lines)."""
     if text[0] == '"':
-        return json.loads(text)
+        return json.loads(text) if "\\" in text else text[1:-1]
     if text in ("true", "false"):
         return text == "true"
     if _NUMBER.fullmatch(text):
         return float(text) if any(c in text for c in ".eE") else int(text)
     return _BAD
+
+
+def _fast_value(text: str):
+    if text[0] == "[":
+        items = [_fast_scalar(x) for x in text[1:-1].split(", ")] if len(text) > 2 else []
+        return _BAD if any(x is _BAD or isinstance(x, bool) for x in items) else items
+    return _fast_scalar(text)
 
 
 def _fast_attrs(body: str) -> dict | None:
