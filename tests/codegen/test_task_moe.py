@@ -207,6 +207,19 @@ def test_bias_steers_selection_but_not_weights():
     assert (got < 1).all() and (got > 0).all()
 
 
+def test_ties_choose_the_lowest_expert():
+    """All scores equal (zero router, zero bias): top-3 is experts 0, 1, 2 with weight 1/3 each."""
+    gen = torch.Generator().manual_seed(21)
+    moe = make_moe(gen, dim=64, inter=32, n_experts=8, top_k=3)
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.e_score_correction_bias.zero_()
+    arenas = run_moe(moe, torch.randn(4, 64, generator=gen), torch.ones(64), 8, stages={"moe_route"})
+    plan = arenas.view("plan")
+    assert plan[:4].tolist() == [3, 0, 1, 2]
+    torch.testing.assert_close(arenas.view("weights")[:3], torch.full((3, 4), 1 / 3))
+
+
 def test_mxfp4_dequant_matches_models_mxfp4():
     """Every E2M1 code and a spread of E8M0 scales through one expert_up_gate tile."""
     from tilecomp.models.mxfp4 import dequantize_mxfp4
