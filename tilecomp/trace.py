@@ -7,6 +7,11 @@ MXFP4 expert projection, one `sample` per sampling. Parameters are named by
 their checkpoint tensor names; draft tensors (stored in `dflash/model.safetensors`)
 get the prefix `dflash.`.
 
+Runtime scalars are graph inputs: %pos (the context length: positions already
+in the target's KV cache, which is also the position of block[0]), %n_new (the
+accepted count of the previous step + 1: context rows not yet in the draft's
+cache), %seed, %temperature and %top_p.
+
 Decode step (greedy or sampled), S = block size, p = %pos:
   draft:   context rows %taps (target taps of the %n_new tokens committed last
            step, at positions p - n_new ..) -> fc -> hidden_norm -> per-layer K/V
