@@ -128,7 +128,7 @@ def test_the_console_script_lists_and_runs_both_commands(tiny_out, capsys):
     assert "--checkpoint DIR" in capsys.readouterr().out
 
 
-def _tile_text(queues):
+def _tile_text(queues, annotations=None):
     from tilecomp.ir.tile import Buffer, Counter, Dim, Region, Task, TileProgram, print_tile
     bufs = [Buffer("x", "bf16", (8, 64), "activation"),
             Buffer("w", "bf16", (128, 64), "weight", "model.layers.0.mlp.up_proj.weight"),
@@ -137,7 +137,8 @@ def _tile_text(queues):
              Task(1, "linear", coords={"n": 0},
                   reads=[Region("x", (Dim(0, 8), Dim(0, 64))), Region("w", (Dim(0, 128), Dim(0, 64)))],
                   writes=[Region("y", (Dim(0, 8), Dim(0, 128)))], waits=[("c.x", 1)])]
-    return print_tile(TileProgram({b.name: b for b in bufs}, {"c.x": Counter("c.x", 1, 0)}, tasks, queues))
+    return print_tile(TileProgram({b.name: b for b in bufs}, {"c.x": Counter("c.x", 1, 0)}, tasks, queues,
+                                  annotations or {}))
 
 
 def test_ir_check_and_stats_of_tile_files(tmp_path, capsys):
@@ -148,6 +149,12 @@ def test_ir_check_and_stats_of_tile_files(tmp_path, capsys):
     assert "ok (tile: 2 tasks, 1 counters, scheduled on 1 programs)" in capsys.readouterr().out
     assert tilecomp("ir", "check", unordered) == 2
     assert capsys.readouterr().out.startswith(f"error: {unordered}: ")
+    later = tmp_path / "later.ir"            # the consumer runs in program 0, its producer in program 1
+    later.write_text(_tile_text([[1], [0]]))
+    assert tilecomp("ir", "check", later) == 0                 # fine for co-resident programs
+    later.write_text(_tile_text([[1], [0]], {"schedule": "interpreter_order"}))
+    assert tilecomp("ir", "check", later) == 2                 # not in the CPU interpreter's pid order
+    assert "interpreter order: task t1" in capsys.readouterr().out
     assert tilecomp("ir", "stats", good, "--gbps", 1) == 0
     out = capsys.readouterr().out
     moved = 8 * 64 * 2 + (8 * 64 * 2 + 128 * 64 * 2 + 8 * 128 * 4)

@@ -56,8 +56,9 @@ def load_stage(path: str):
     from tilecomp.ir.tile_verify import verify_schedule, verify_tile
     try:
         program = verify_tile(parse_tile(text))
-        if program.programs is not None:
-            verify_schedule(program)
+        if program.programs is not None:      # a schedule made for the interpreter must keep its order
+            in_order = program.annotations.get("schedule") == "interpreter_order"
+            verify_schedule(program, interpreter_order=in_order)
     except TilecompError as err:
         raise type(err)(f"{path}: {err}") from None
     return kind, program
