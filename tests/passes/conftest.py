@@ -58,3 +58,26 @@ def tiny_step():
 @pytest.fixture
 def count_kinds():
     return kinds
+
+
+def _random_dag(seed: int, n: int):
+    """n tasks; task i writes buffer b{i} and reads (and waits on) a few earlier tasks' buffers."""
+    import random
+
+    from tilecomp.ir.tile import COUNTER_LINE_SLOTS, Buffer, Counter, Task, TileProgram
+    rng = random.Random(seed)
+    buffers = {f"b{i}": Buffer(f"b{i}", "bf16", (8, rng.randint(1, 64) * 16), "activation") for i in range(n)}
+    tasks = []
+    for i in range(n):
+        deps = sorted(rng.sample(range(i), min(i, rng.randint(0, 3))))
+        tasks.append(Task(i, rng.choice(["linear", "attn_partial", "expert_down"]),
+                          reads=[buffers[f"b{j}"].full() for j in deps], writes=[buffers[f"b{i}"].full()],
+                          waits=[(f"c{j}", 1) for j in deps], signals=[(f"c{i}", 1)]))
+    counters = {f"c{i}": Counter(f"c{i}", 1, i * COUNTER_LINE_SLOTS) for i in range(n)}
+    return TileProgram(buffers, counters, tasks)
+
+
+@pytest.fixture
+def random_dag():
+    """Builder of random tile programs (tile scheduler / verifier tests)."""
+    return _random_dag

@@ -100,3 +100,27 @@ def test_broken_text_names_the_line(one_queue):
     text = print_tile(one_queue).replace("attn_reduce[", "attn_reduce[kv_head=]", 1)
     with pytest.raises(IRError, match=r"tile IR line \d+"):
         parse_tile(text)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_verifier_catches_random_breakage(seed, random_dag):
+    import random
+
+    rng = random.Random(seed)
+    tp = random_dag(100 + seed, 30)
+    with_deps = [t for t in tp.tasks if t.waits]
+    # 1. drop one wait: the task still reads its producer's buffer
+    broken = copy.deepcopy(schedule(tp, ScheduleOptions(programs=3)))
+    victim = broken.tasks[rng.choice(with_deps).id]
+    dropped = victim.waits.pop(rng.randrange(len(victim.waits)))
+    with pytest.raises(ScheduleError, match=rf"missing dependency: task {victim.name} .*\({dropped[0]}\)"):
+        verify_schedule(broken)
+    # 2. one queue, a consumer moved in front of its producer
+    broken = copy.deepcopy(schedule(tp, ScheduleOptions(interpreter_order=True)))
+    consumer = rng.choice(with_deps)
+    producer = int(consumer.waits[0][0][1:])
+    queue = broken.programs[0]
+    queue.remove(consumer.id)
+    queue.insert(queue.index(producer), consumer.id)
+    with pytest.raises(ScheduleError, match="queues are not in one global topological order"):
+        verify_schedule(broken)
