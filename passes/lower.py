@@ -6,9 +6,10 @@ an mxfp4 parameter `X` becomes `X_blocks` + `X_scales`; cache outputs and
 updated in place). Each op family has a lowering function (lower_linear.py,
 lower_attn.py, lower_moe.py) that emits tasks through `Lowering.task`, which
 derives a task's waits from its reads: it waits on every counter whose
-producer wrote an overlapping region earlier in the step. A producer region
-registered with `Lowering.produce` after the op's tasks exist. Reads of
-persistent state nobody wrote yet in this step read the previous step's value.
+producer wrote an overlapping region earlier in the step (an op registers its
+written regions with `Lowering.produce` after creating its tasks, so tasks of
+one op never wait on each other). A read of persistent state nobody wrote yet
+in this step reads the previous step's value.
 
 Tile sizes are the pass options (`LowerOptions`), with Hopper defaults.
 """
@@ -160,11 +161,11 @@ def _declare_values(lw: Lowering):
         else:
             lw.buf[p.name] = lw.add_buffer(ckpt, DTYPES[p.type.dtype], p.type.shape, "weight", ckpt)
     for op in g.ops:       # cache outputs and next_<x> outputs update their input in place
-        for i, out in enumerate(op.outputs):
+        for out in op.outputs:
             base = "%" + out.name[len("%next_"):] if out.name.startswith("%next_") else None
             if base in names and lw.types[base] == out.type:
                 lw.buf[out.name] = lw.buf[base]
-        if op.kind in (OpKind.KV_WRITE,):
+        if op.kind is OpKind.KV_WRITE:
             lw.buf[op.outputs[0].name] = lw.buf[op.args[0]]
         if op.kind is OpKind.QKV_ROPE_KV:
             lw.buf[op.outputs[1].name] = lw.buf[op.args[4]]
