@@ -112,10 +112,10 @@ KINDS: dict[str, KindABI] = _kinds(
      ("BLOCK_T", "BLOCK_HD")),
     # layer: (norm +) router + sigmoid + biased top-k + weights -> plan (count, experts
     # ascending) and weights [n_slots, n_rows]; gate < 0: x holds router logits already;
-    # split != 0: only the logits of experts e0 .. e0 + BLOCK_N (a split router's first phase)
+    # split != 0: only the logits of experts [e0, e1) (a split router's first phase)
     ("moe_route", ("x", "norm", "eps_bits", "gate", "bias", "xn", "plan", "weights",
                    "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows",
-                   "split", "e0", "logits"),
+                   "split", "e0", "e1", "logits"),
      ("BLOCK_T", "BLOCK_E", "BLOCK_N")),
     # (slot, columns n0..n1 in BLOCK_N tiles; n1 <= n0: one tile), the same for expert_down and
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers

@@ -165,18 +165,21 @@ def test_split_router_matches_single_task():
     """split: logits of expert tiles on separate tasks (+ xn from the e0 == 0 tile), then the
     plan task reads the logits; same plan, weights and xn as the reference."""
     gen = torch.Generator().manual_seed(13)
-    T, D, E = 8, 64, 24
+    T, D, E = 8, 64, 40
     moe = make_moe(gen, dim=D, inter=32, n_experts=E, top_k=4, scaling=2.0)
     x, gain = torch.randn(T, D, generator=gen), 1 + 0.1 * torch.randn(D, generator=gen)
     b = moe_arenas(moe, x, gain, E)
     b.add("logits", torch.full((T, E), float("nan")), "f32")
     arenas = b.build()
     route = moe_records(b, moe, T, D, E)[0]
-    tiles = [TaskRecord("moe_route", i, dict(route.args, split=1, e0=e0, logits=b.offset("logits")),
-                        signals=[0]) for i, e0 in enumerate(range(0, E, 16))]
+    # expert ranges [0, 16) (absent e1: one BLOCK_N=16 tile) then [16, 40) (two tiles, one partial)
+    tiles = [TaskRecord("moe_route", 0, dict(route.args, split=1, e0=0, logits=b.offset("logits")),
+                        signals=[0]),
+             TaskRecord("moe_route", 1, dict(route.args, split=1, e0=16, e1=E, logits=b.offset("logits")),
+                        signals=[0])]
     plan_task = TaskRecord("moe_route", 9, dict(route.args, x=b.offset("logits"), gate=-1, norm=-1,
                                                 xn=-1), waits=[(0, len(tiles), len(tiles))])
-    run_tasks([tiles + [plan_task]], arenas, dict(BLOCK_T=16, BLOCK_E=32, BLOCK_N=16), n_counters=1)
+    run_tasks([tiles + [plan_task]], arenas, dict(BLOCK_T=16, BLOCK_E=64, BLOCK_N=16), n_counters=1)
     norm = RMSNorm(D, 1e-5, torch.float32)
     with torch.no_grad():
         norm.weight.copy_(gain)
