@@ -140,7 +140,8 @@ KINDS: dict[str, KindABI] = _kinds(
                        "state", "pos_shift"),
      ("BLOCK_T", "BLOCK_V", "BLOCK_N")),
     # DFlash acceptance (mode 1) or plain decoding (mode 0): commit, next-step state
-    ("accept", ("state", "draft_tok", "post_tok", "n_block", "out_tokens", "block", "draft_block"),
+    ("accept", ("state", "draft_tok", "post_tok", "n_block", "out_tokens", "block", "draft_block",
+                "mask_id"),
      ("BLOCK_T",)),
     ("allreduce", ("buf", "numel", "rank"), ()),
     ("send", ("buf", "numel", "peer"), ()),

@@ -114,7 +114,7 @@ def test_accept_commits_prefix_and_updates_state(drafted, posterior, acc):
     arenas = b.build()
     rec = TaskRecord("accept", 0, dict(state=b.offset("st"), draft_tok=b.offset("d"), post_tok=b.offset("p"),
                                        n_block=S, out_tokens=b.offset("out"), block=b.offset("blk"),
-                                       draft_block=b.offset("dblk")))
+                                       draft_block=b.offset("dblk"), mask_id=-1))
     run_tasks([[rec]], arenas, dict(BLOCK_T=8))
     committed = drafted[:acc] + [posterior[acc]]
     assert arenas.view("out").tolist()[:acc + 1] == committed

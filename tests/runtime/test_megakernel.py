@@ -37,7 +37,7 @@ def both(target, draft, ids, n_new, on_tokens=None, **kw):
     return ref, engine, engine.generate(ids, n_new, on_tokens=on_tokens, **kw)
 
 
-def test_dflash_greedy_equals_reference_tokens_and_acceptance(monkeypatch):
+def test_dflash_greedy_equals_reference_tokens_and_acceptance(monkeypatch, arena_guards):
     target, draft = models(0)
     ids = prompt(0, 11)                        # longer than the window (8): the SWA ring wraps
     launches = []
@@ -54,6 +54,7 @@ def test_dflash_greedy_equals_reference_tokens_and_acceptance(monkeypatch):
     assert streamed == got.tokens
     # one launch per prompt chunk of 8, then exactly ONE launch per DFlash step
     assert launches == ["prefill_chunk"] * 2 + ["decode_step"] * len(got.acceptance)
+    arena_guards()
 
 
 def test_plain_greedy_equals_reference():

@@ -19,12 +19,13 @@ from typing import Callable
 import torch
 
 from tilecomp.codegen import layout as L
-from tilecomp.codegen.kernels import constexprs_for, kernel_files, step_rows
+from tilecomp.codegen.kernels import ENGINE_KINDS, constexprs_for, kernel_files, step_rows
 from tilecomp.codegen.harness import (Megakernel, interpreting, new_counters, new_errors,
                                       raise_on_timeout)
 from tilecomp.errors import TilecompError
 
 from .buffers import ArenaBuilder
+from .compiled import RecordBuilder, reserve_buffers, tile_constexprs
 from .plan import StepPlanner, reserve_activations
 from .reference import GenerationResult, ReferenceEngine, _Output
 from .weights import add_weights
@@ -53,9 +54,11 @@ class StepProgram:
 
 class MegakernelEngine:
     def __init__(self, target, draft=None, max_len: int = 4096, programs: int | None = None,
-                 artifacts=None, cache_dir=None, chunk_len: int | None = None):
+                 artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None):
         """artifacts: a `tilecomp compile --out` directory whose kernels/ to use; otherwise the
-        kernels are generated once and cached (cache_dir, default ~/.cache/tilecomp)."""
+        kernels are generated once and cached (cache_dir, default ~/.cache/tilecomp).
+        schedule: a scheduled TileProgram (or the path of a schedule.ir) from `tilecomp compile`
+        (same max_len) to run as the DFlash step instead of the engine's own stage plan."""
         self.target, self.draft, self.config = target, draft, target.config
         self.max_len = max_len
         self.dcfg = draft.config if draft is not None else None
@@ -71,6 +74,9 @@ class MegakernelEngine:
         self.chunk_len = chunk_len or (None if interpreting() else 256)
         reserve_activations(builder, self.config, self.dcfg, self.rows, max_len, self.block,
                             self.chunk_len)
+        self.schedule = _load_schedule(schedule)
+        if self.schedule is not None:
+            reserve_buffers(builder, self.schedule)
         self.builder = builder
         self.arenas = builder.build(self.device)
         self.consts = constexprs_for(self.config, self.dcfg, self.rows)
@@ -104,12 +110,24 @@ class MegakernelEngine:
         return self._steps[key]
 
     def _plan_dflash(self, _rows) -> StepProgram:
+        if self.schedule is not None:
+            return self._compiled_dflash()
         p = self._planner(self.block)
         p.draft_context(rows=p.st + L.STATE["n_ctx"])
         p.draft_block()
         h = p.target_forward(p.o("block"), taps=True)
         self._verify_and_accept(p, h, self.block)
         return self._pack("decode_step", p)
+
+    def _compiled_dflash(self) -> StepProgram:
+        """The compiler's scheduled DFlash step (its queues, counters and tile sizes)."""
+        tp = self.schedule
+        queues = RecordBuilder(self.builder, tp).queues()
+        kernel = Megakernel.build(ENGINE_KINDS, tile_constexprs(tp, self.consts), name="decode_step")
+        records, queue = L.pack_records(queues, self.device)
+        return StepProgram(kernel, records, queue, new_counters(len(tp.counters), self.device),
+                           new_errors(len(queues), self.device), list(tp.counters),
+                           {t.id: f"{t.kind} {t.name}" for t in tp.tasks})
 
     def _plan_plain(self, _rows) -> StepProgram:
         p = self._planner(1)
@@ -123,7 +141,7 @@ class MegakernelEngine:
         p.stages.add("accept", [L.TaskRecord("accept", 0, dict(
             state=p.st, draft_tok=p.o("block") + 1, post_tok=p.o("post_tok"), n_block=n_block,
             out_tokens=p.o("out_tokens"), block=p.o("block"),
-            draft_block=p.o("draft_block") if self.draft is not None else -1))])
+            draft_block=p.o("draft_block") if self.draft is not None else -1, mask_id=-1))])
 
     def _plan_prefill(self, rows: int) -> StepProgram:
         p = self._planner(rows)
@@ -197,3 +215,11 @@ class MegakernelEngine:
             out.emit(committed[1:1 + committed[0]])
             if use_draft:
                 acceptance.append(committed[0] - 1)
+
+
+def _load_schedule(schedule):
+    if schedule is None or not isinstance(schedule, (str, bytes)) and not hasattr(schedule, "__fspath__"):
+        return schedule
+    from tilecomp.ir.tile import parse_tile
+    with open(schedule) as f:
+        return parse_tile(f.read())

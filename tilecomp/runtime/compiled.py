@@ -1,0 +1,122 @@
+"""Run the compiler's scheduled tile program (schedule.ir) as the engine's DFlash step.
+
+Task attrs carry the record args by name (layout.KINDS): a string names a tile
+buffer (element offset of its arena slot, plus `<arg>_offset`), a float goes to
+`<arg>_bits`, runtime scalars are state buffers (`pos`, `n_new`, `seed`,
+`temperature`, `top_p`, and `pos - n_new`) that live in the engine's step-state
+block. Buffers the engine already owns (KV caches, taps, block, state) alias its
+slots, so the engine's prefill and the compiled step share them.
+"""
+from __future__ import annotations
+
+from tilecomp.codegen import layout as L
+from tilecomp.errors import ScheduleError
+
+from .buffers import ArenaBuilder
+
+# runtime scalars of the tile program -> words of the step state
+STATE_OF = {"pos": "pos", "n_new": "n_ctx", "seed": "seed", "temperature": "temp_bits",
+            "top_p": "top_p_bits", "pos - n_new": "ctx_pos", "acc": "acc"}
+# tile buffers the engine owns -> its slot names
+ALIASES = {"block": "block", "taps": "taps", "tokens": "out_tokens", "posterior": "post_tok"}
+# record args a body treats as absent when < 0; any other missing arg is 0
+OPTIONAL_ARGS = {"norm", "bias", "res", "w_up", "rows", "wq", "q_out", "sink", "mask_row", "mask_id",
+                 "logits", "draft_block", "xn", "gate"}
+FLOAT_ARGS = {"eps_bits": "eps", "theta_bits": "theta", "v_scale_bits": "v_scale",
+              "scale_bits": "scale"}
+
+
+def slot_of(name: str) -> str | None:
+    """The engine slot a tile buffer aliases (None: the buffer gets its own slot)."""
+    if name in ALIASES:
+        return ALIASES[name]
+    for prefix, slot in (("cache.k.", "kv.{}.k"), ("cache.v.", "kv.{}.v"),
+                         ("draft_cache.k.", "dkv.{}.k"), ("draft_cache.v.", "dkv.{}.v")):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return slot.format(name[len(prefix):])
+    return None
+
+
+def weight_slot(param: str) -> str:
+    return "draft." + param[len("dflash."):] if param.startswith("dflash.") else param
+
+
+def reserve_buffers(b: ArenaBuilder, tp):
+    """Slots for the tile program's own activations and scratch (before the arenas are built)."""
+    for buf in tp.buffers.values():
+        if buf.kind == "weight" or buf.name in STATE_OF or slot_of(buf.name):
+            continue
+        arena = "i32" if buf.dtype in ("int32", "int64") else "f32"
+        b.reserve(f"tile.{buf.name}", buf.shape, arena)
+
+
+class RecordBuilder:
+    def __init__(self, b: ArenaBuilder, tp):
+        self.b, self.tp = b, tp
+        self.counter_index = {name: i for i, name in enumerate(tp.counters)}
+        self.state = b.offset("state")
+
+    def offset(self, name: str, task) -> int:
+        if name in STATE_OF:
+            return self.state + L.STATE[STATE_OF[name]]
+        buf = self.tp.buffers.get(name)
+        if buf is None:
+            raise ScheduleError(f"task {task.name} ({task.kind}): {name!r} is neither a buffer "
+                                f"nor a runtime scalar ({sorted(STATE_OF)})")
+        if buf.kind == "weight":
+            return self.b.offset(weight_slot(buf.param or buf.name))
+        alias = slot_of(name)
+        if alias is not None:
+            slot = self.b.slots[alias]
+            if slot.numel < _numel(buf.shape):
+                raise ScheduleError(f"buffer {name} {list(buf.shape)} is larger than the engine's "
+                                    f"{alias} {list(slot.shape)} (compile with the engine's max_len)")
+            return slot.offset
+        return self.b.offset(f"tile.{name}")
+
+    def record(self, task) -> L.TaskRecord:
+        abi = L.kind_abi(task.kind)
+        attrs, args = task.attrs, {}
+        for arg in abi.args:
+            if arg in FLOAT_ARGS and FLOAT_ARGS[arg] in attrs:
+                args[arg] = L.float_bits(float(attrs[FLOAT_ARGS[arg]]))
+            elif arg == "state":
+                args[arg] = self.state
+            elif arg in attrs:
+                value = attrs[arg]
+                if isinstance(value, str):
+                    value = self.offset(value, task) + int(attrs.get(f"{arg}_offset", 0))
+                args[arg] = int(value)
+            else:
+                args[arg] = -1 if arg in OPTIONAL_ARGS else 0
+        if task.kind == "accept":
+            # the compiled accept reads the drafted tokens as block[1:] and rewrites the block
+            args.update(draft_tok=args["block"] + 1, draft_block=-1)
+        waits = [(self.counter_index[c], target, self.tp.counters[c].expected)
+                 for c, target in task.waits]
+        signals = [(self.counter_index[c], inc) for c, inc in task.signals]
+        return L.TaskRecord(task.kind, task.id, args, waits, signals)
+
+    def queues(self) -> list[list[L.TaskRecord]]:
+        if self.tp.programs is None:
+            raise ScheduleError("tile program has no schedule (programs); run the schedule pass")
+        by_id = {t.id: t for t in self.tp.tasks}
+        return [[self.record(by_id[i]) for i in queue] for queue in self.tp.programs]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def tile_constexprs(tp, base: dict) -> dict:
+    """The engine's tile sizes, widened to the widest tile the schedule uses."""
+    def pow2(n):
+        return 1 << max(0, int(n - 1).bit_length())
+    widths = [t.attrs["n1"] - t.attrs["n0"] for t in tp.tasks if "n1" in t.attrs and "n0" in t.attrs]
+    consts = dict(base)
+    if widths:
+        consts["BLOCK_N"] = max(consts["BLOCK_N"], pow2(max(widths)))
+    return consts
