@@ -31,7 +31,6 @@ from .reference import GenerationResult, ReferenceEngine, _Output
 from .weights import add_weights
 
 
-
 @dataclass
 class StepProgram:
     """One step's packed queues plus its own scoreboard and epoch."""
@@ -201,11 +200,10 @@ class MegakernelEngine:
         out.emit([first])
         n = len(prompt_ids)
         self._set_state(pos=n, last=first, n_ctx=0, ctx_pos=n)
-        self.arenas.view("block")[0] = first
-        if use_draft:
-            draft_block = self.arenas.view("draft_block")
-            draft_block.fill_(self.dcfg.mask_token_id)
-            draft_block[0] = first
+        for name in ("block", "draft_block") if use_draft else ("block",):
+            block = self.arenas.view(name)          # [last, MASK x (S-1)]
+            block.fill_(self.dcfg.mask_token_id if use_draft else 0)
+            block[0] = first
         step = self.step_program("dflash" if use_draft else "plain")
         state, tokens = self.arenas.view("state"), self.arenas.view("out_tokens")
         while not out.done:
