@@ -99,3 +99,17 @@ def test_whole_tiny_preset_dflash_greedy():
     ids = prompt(6, 12)
     ref, _, got = both(target, draft, ids, 4)
     assert got.tokens == ref.tokens and got.acceptance == ref.acceptance
+
+
+def test_cli_generate_with_the_megakernel_engine_prints_the_reference_tokens(tmp_path, capsys):
+    from tilecomp.cli import main
+    ckpt = tmp_path / "m"
+    assert main(["init", "--preset", "tiny", "--layers", "2", "--out", str(ckpt), "--seed", "1"]) == 0
+    outputs = {}
+    for engine in ("reference", "megakernel"):
+        capsys.readouterr()
+        assert main(["generate", "--checkpoint", str(ckpt), "--engine", engine, "--prompt-ids",
+                     "1,2,3", "--max-new-tokens", "4"]) == 0
+        outputs[engine] = capsys.readouterr().out.split()
+    assert len(outputs["reference"]) == 4
+    assert outputs["megakernel"] == outputs["reference"]
