@@ -166,6 +166,7 @@ def prefill_chunk(
             r_out_tokens = tl.load(rec + 8)
             r_block = tl.load(rec + 9)
             r_draft_block = tl.load(rec + 10)
+            r_mask_id = tl.load(rec + 11)
             # -- accept: bounded acquire wait --
             for wi in range(0, tl.load(rec + 2)):
                 wait_counter = tl.load(rec + 28 + wi * 3)
@@ -201,6 +202,8 @@ def prefill_chunk(
                     tl.store(arena_i32 + r_block, ac_last)
                 if r_draft_block >= 0:
                     tl.store(arena_i32 + r_draft_block, ac_last)
+                if (r_mask_id >= 0) & (r_block >= 0):
+                    tl.store(arena_i32 + r_block + ac_j, (ac_j * 0 + r_mask_id).to(tl.int32), mask=(ac_j >= 1) & (ac_j < r_n_block))
         if wait_ok:
             # release: every store of this task is done before the counters move
             tl.debug_barrier()
