@@ -78,12 +78,16 @@ def test_eager_step_records_unique_experts(tiny):
 
 
 def test_run_bench_report_on_cpu():
-    args = argparse.Namespace(checkpoint=None, preset="tiny", layers=None, context=32, block=8,
-                              acceptance=6.3, programs=None, iters=3, eager_iters=2, skip_compile=False,
-                              skip_megakernel=True, skip_bf16=True, json=None)
+    """Every measured step runs (the megakernel in Triton's interpreter, on the compiler's
+    scheduled DFlash step) and the report carries floor ratios for each."""
+    args = argparse.Namespace(checkpoint=None, preset="tiny", layers=None, context=20, block=8,
+                              acceptance=6.3, programs=None, iters=1, eager_iters=2, skip_compile=False,
+                              skip_megakernel=False, skip_bf16=True, json=None)
     report = run_bench(args)
     assert report["floor"]["ms"] > 0 and report["copy_bandwidth_gbps"] > 0
-    for name in ("eager", "torch_compile"):
+    for name in ("eager", "torch_compile", "megakernel"):
         r = report["results"][name]
-        assert r["median_ms"] > 0 and r["ratio_to_floor"] > 0
+        assert r["median_ms"] > 0 and r["ratio_to_floor"] > 0, (name, r)
+    assert report["results"]["megakernel"]["schedule"] == "compiled"
+    assert set(report["speedup_of_megakernel"]) == {"eager", "torch_compile"}
     assert "floor" in format_table(report)

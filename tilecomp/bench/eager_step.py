@@ -52,7 +52,7 @@ class EagerStep:
         if not self.use_draft:
             ids = torch.tensor([[self.last_token]], device=dev)
             logits = self.target(ids, cache=self.cache, start_pos=C)
-            token = int(logits[0, -1].argmax())                  # the host read-back
+            int(logits[0, -1].argmax())                          # the host read-back
             self.cache.crop(C)
             return 1
         block = torch.full((1, T), self.mask_id, dtype=torch.long, device=dev)

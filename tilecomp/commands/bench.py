@@ -23,6 +23,11 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
+    import os
+
+    import torch
+    if not torch.cuda.is_available():      # a CPU smoke run: the megakernel runs in Triton's interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     from tilecomp.bench import format_table, run_bench, write_json
     if args.layers is not None and args.checkpoint:
         raise TilecompError("--layers: only with --preset (a checkpoint has its own layer count)")
