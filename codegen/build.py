@@ -81,7 +81,7 @@ def ptxas_usage(ptx: str, arch: int, log: str = "") -> dict:
             src = Path(tmp) / "k.ptx"
             src.write_text(ptx)
             gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-            out = subprocess.run([_ptxas_path(arch), "-v", f"--gpu-name={gpu}", str(src),
+            out = subprocess.run([_ptxas_path(arch), "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", str(src),
                                   "-o", str(Path(tmp) / "k.cubin")],
                                  capture_output=True, text=True, check=True).stderr
 
@@ -112,8 +112,10 @@ def compile_kernel(module, arch: int, num_warps: int = 4):
     knobs = getattr(triton, "knobs", None)
     with contextlib.ExitStack() as stack:
         if knobs is not None and hasattr(knobs.nvidia, "dump_ptxas_log"):
-            stack.enter_context(knobs.nvidia.scope())   # restores the knob afterwards
+            stack.enter_context(knobs.nvidia.scope())   # restores the knobs afterwards
+            stack.enter_context(knobs.compilation.scope())
             knobs.nvidia.dump_ptxas_log = True           # Triton prints ptxas -v: capture it
+            knobs.compilation.always_compile = True      # (a cache hit would run no ptxas)
         stack.enter_context(contextlib.redirect_stdout(log))
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": num_warps})
