@@ -106,8 +106,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in fp32, cast back to x's dtype, then scale by `weight` (in its own dtype)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
 class Attention(nn.Module):
@@ -171,12 +176,15 @@ def attend(q, k, v, qpos, kpos, window, sink, scale):
     if window is not None:
         visible &= kpos[None, :] >= qpos[:, None] - window
     scores = scores.masked_fill(~visible, float("-inf"))
-    if sink is not None:
-        sink_col = sink.float().view(1, H, 1, 1).expand(*scores.shape[:3], 1)
-        probs = torch.cat([scores, sink_col], dim=-1).softmax(dim=-1)[..., :-1]
-    else:
-        probs = scores.softmax(dim=-1)
-    return probs @ v
+    return softmax_with_sink(scores, sink) @ v
+
+
+def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the keys of scores [..., H, T, S]; the sink logit [H] joins the denominator only."""
+    if sink is None:
+        return scores.softmax(dim=-1)
+    sink_col = sink.float().view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.cat([scores, sink_col], dim=-1).softmax(dim=-1)[..., :-1]
 
 
 class MLP(nn.Module):

@@ -30,14 +30,9 @@ def model_params(target, draft=None) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------- op bodies
 
-def rmsnorm(x, w, eps):
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
-
-
 def linear(x, w, norm=None, residual=None, eps=None):
     if norm is not None:
-        x = rmsnorm(x, norm, eps)
+        x = mimo.rms_norm(x, norm, eps)
     y = F.linear(x, w.to(x.dtype))
     return y if residual is None else residual + y
 
@@ -83,11 +78,7 @@ def attention(q, k, v, pos, sink=None, *, n_heads, n_kv_heads, head_dim, v_head_
     vh = v.float().repeat_interleave(group, dim=0)                                   # [H, C, Dv]
     scores = (qh @ kh.transpose(-1, -2)) * scale                                     # [H, T, C]
     scores = scores.masked_fill(~visible, float("-inf"))
-    if sink is not None:
-        col = sink.float().view(n_heads, 1, 1).expand(n_heads, t, 1)
-        probs = torch.cat([scores, col], dim=-1).softmax(dim=-1)[..., :-1]
-    else:
-        probs = scores.softmax(dim=-1)
+    probs = mimo.softmax_with_sink(scores, sink)                                     # [H, T, C]
     return (probs @ vh).transpose(0, 1).reshape(t, n_heads * v_head_dim).to(q.dtype)
 
 
@@ -161,7 +152,7 @@ def _run_op(op: Op, a: list, kw: dict, at: dict):
     if kind is K.SIGMOID:
         return a[0].float().sigmoid()
     if kind is K.RMSNORM:
-        return rmsnorm(a[0], a[1], at["eps"])
+        return mimo.rms_norm(a[0], a[1], at["eps"])
     if kind is K.LINEAR:
         return linear(a[0], a[1], kw.get("norm"), kw.get("residual"), at.get("eps"))
     if kind is K.LM_HEAD:
@@ -176,14 +167,14 @@ def _run_op(op: Op, a: list, kw: dict, at: dict):
         return _qkv_rope_kv(a, kw, at)
     if kind is K.SWIGLU_MLP:
         x, wg, wu, wd = a
-        h = rmsnorm(x, kw["norm"], at["eps"]) if "norm" in kw else x
+        h = mimo.rms_norm(x, kw["norm"], at["eps"]) if "norm" in kw else x
         return linear(F.silu(linear(h, wg)) * linear(h, wu), wd, residual=kw.get("residual"))
     if kind is K.ROUTE_TOPK:
         return route_topk(a[0], a[1], at["k"])
     if kind is K.ROUTE_NORMALIZE:
         return route_normalize(a[0], at["renorm"], at["scale"])
     if kind is K.MOE_ROUTE:
-        x = rmsnorm(a[0], kw["norm"], at["eps"]) if "norm" in kw else a[0]
+        x = mimo.rms_norm(a[0], kw["norm"], at["eps"]) if "norm" in kw else a[0]
         ids, w = route_topk(F.linear(x.float(), a[1].float()).sigmoid(), a[2], at["k"])
         routing = ids, route_normalize(w, at["renorm"], at["scale"]), unique_plan(ids, op.outputs[2].type.shape[0])
         return routing + ((x,) if "norm" in kw else ())
@@ -210,7 +201,7 @@ def _run_op(op: Op, a: list, kw: dict, at: dict):
 
 def _qkv_rope_kv(a, kw, at):
     x, wq, wk, wv, kc, vc, pos = a
-    h = rmsnorm(x, kw["norm"], at["eps"]) if "norm" in kw else x
+    h = mimo.rms_norm(x, kw["norm"], at["eps"]) if "norm" in kw else x
     geometry = dict(head_dim=at["head_dim"], rope_dim=at["rope_dim"], theta=at["theta"])
     q = rope(linear(h, wq), int(pos), at["n_heads"], **geometry)
     k = rope(linear(h, wk), int(pos), at["n_kv_heads"], **geometry)
