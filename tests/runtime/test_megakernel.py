@@ -113,3 +113,16 @@ def test_cli_generate_with_the_megakernel_engine_prints_the_reference_tokens(tmp
         outputs[engine] = capsys.readouterr().out.split()
     assert len(outputs["reference"]) == 4
     assert outputs["megakernel"] == outputs["reference"]
+
+
+def test_engine_uses_compile_artifacts_and_refuses_ones_for_another_model(tmp_path):
+    from tilecomp.codegen.build import compile_kernels
+    from tilecomp.errors import TilecompError
+    target, draft = models(9)
+    compile_kernels(target.config, draft.config, tmp_path / "ok", programs=1)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, artifacts=tmp_path / "ok")
+    assert engine.kernel_paths["decode_step"] == tmp_path / "ok" / "kernels" / "decode_step.py"
+    other_cfg, other_dcfg = preset("small", layers=1)
+    compile_kernels(other_cfg, other_dcfg, tmp_path / "other", programs=1)
+    with pytest.raises(TilecompError, match="compiled for tile sizes"):
+        MegakernelEngine(target, draft, max_len=MAX_LEN, artifacts=tmp_path / "other")
