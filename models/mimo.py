@@ -235,11 +235,21 @@ class Router(nn.Module):
 
     def forward(self, h):
         scores = (h.float() @ self.weight.float().T).sigmoid()            # [N, E]
-        idx = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1).indices   # [N, A]
-        weights = scores.gather(1, idx)                                   # [N, A]
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.routed_scaling_factor, idx
+        idx, weights = route_topk(scores, self.e_score_correction_bias, self.top_k)   # [N, A], [N, A]
+        return route_normalize(weights, self.norm_topk_prob, self.routed_scaling_factor), idx
+
+
+def route_topk(scores: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts by scores + bias [N, E] -> (ids [N, k], their unbiased scores [N, k])."""
+    idx = torch.topk(scores + bias, k, dim=-1).indices
+    return idx, scores.gather(1, idx)
+
+
+def route_normalize(weights: torch.Tensor, renorm: bool, scale: float) -> torch.Tensor:
+    """Optionally renormalise the top-k weights [N, k] to sum 1, then scale them."""
+    if renorm:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scale
 
 
 class Experts(nn.Module):

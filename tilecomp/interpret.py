@@ -83,14 +83,8 @@ def attention(q, k, v, pos, sink=None, *, n_heads, n_kv_heads, head_dim, v_head_
 
 
 def route_topk(scores, bias, k):
-    ids = torch.topk(scores + bias, k, dim=-1).indices
-    return ids.to(torch.int32), scores.gather(1, ids)
-
-
-def route_normalize(w, renorm, scale):
-    if renorm:
-        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-    return w * scale
+    ids, weights = mimo.route_topk(scores, bias, k)
+    return ids.to(torch.int32), weights
 
 
 def expert_linear(x, w, ids):
@@ -172,11 +166,12 @@ def _run_op(op: Op, a: list, kw: dict, at: dict):
     if kind is K.ROUTE_TOPK:
         return route_topk(a[0], a[1], at["k"])
     if kind is K.ROUTE_NORMALIZE:
-        return route_normalize(a[0], at["renorm"], at["scale"])
+        return mimo.route_normalize(a[0], at["renorm"], at["scale"])
     if kind is K.MOE_ROUTE:
         x = mimo.rms_norm(a[0], kw["norm"], at["eps"]) if "norm" in kw else a[0]
         ids, w = route_topk(F.linear(x.float(), a[1].float()).sigmoid(), a[2], at["k"])
-        routing = ids, route_normalize(w, at["renorm"], at["scale"]), unique_plan(ids, op.outputs[2].type.shape[0])
+        weights = mimo.route_normalize(w, at["renorm"], at["scale"])
+        routing = ids, weights, unique_plan(ids, op.outputs[2].type.shape[0])
         return routing + ((x,) if "norm" in kw else ())
     if kind is K.EXPERT_LINEAR:
         return expert_linear(*a)
