@@ -20,7 +20,8 @@ import torch
 from tilecomp.errors import CheckpointError, TilecompError
 
 # The model used when --checkpoint is not given (issue 6 ships one under examples/).
-DEFAULT_CHECKPOINT: str | None = None
+DEFAULT_CHECKPOINT: str | None = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "model")
 
 TOKENIZER_FILE = "tokenizer.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
