@@ -26,21 +26,20 @@ def fuse_router(graph: Graph) -> Graph:
             continue
         ids, w = topk.outputs
         sig = uses.op(topk.args[0], OpKind.SIGMOID)
-        norm = [graph.ops[i] for i in uses.users.get(w.name, []) if i >= 0]
-        if sig is None or len(norm) != 1 or norm[0].kind is not OpKind.ROUTE_NORMALIZE \
-                or not uses.only_user(w.name, norm[0]) or not uses.only_user(sig.out.name, topk):
+        norm = uses.single_user(w.name, OpKind.ROUTE_NORMALIZE)
+        if sig is None or norm is None or not uses.only_user(sig.out.name, topk):
             continue
         lin = uses.op(sig.args[0], OpKind.LINEAR)
         if lin is None or lin.kwargs or not uses.only_user(lin.out.name, sig):
             continue
-        pattern, x = [lin, sig, topk, norm[0]], lin.args[0]
+        pattern, x = [lin, sig, topk, norm], lin.args[0]
         cast = uses.op(x, OpKind.CAST)
         if cast is not None and cast.attrs["dtype"] == DType.F32.value and uses.only_user(x, lin):
             pattern.insert(0, cast)
             x = cast.args[0]
         plan = rw.fresh(ids.name.rsplit(".", 1)[0] + ".plan")
         fused = make_op(OpKind.MOE_ROUTE, [x, lin.args[1], topk.args[1]],
-                        [ids.name, norm[0].out.name, plan], types,
-                        k=topk.attrs["k"], renorm=norm[0].attrs["renorm"], scale=norm[0].attrs["scale"])
+                        [ids.name, norm.out.name, plan], types,
+                        k=topk.attrs["k"], renorm=norm.attrs["renorm"], scale=norm.attrs["scale"])
         rw.claim(pattern, fused)
     return rw.result()

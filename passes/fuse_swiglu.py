@@ -28,14 +28,6 @@ def _gate_up(uses: Uses, mul: Op, proj: OpKind):
     return None
 
 
-def _single_user(uses: Uses, graph: Graph, name: str, kind: OpKind) -> Op | None:
-    users = uses.users.get(name, [])
-    if len(users) != 1 or users[0] < 0:
-        return None
-    op = graph.ops[users[0]]
-    return op if op.kind is kind and op.args[0] == name else None
-
-
 @graph_pass
 def fuse_swiglu(graph: Graph) -> Graph:
     rw = Rewriter(graph)
@@ -46,7 +38,7 @@ def fuse_swiglu(graph: Graph) -> Graph:
         dense = _gate_up(uses, mul, OpKind.LINEAR)
         if dense is not None:
             act, gate, up = dense
-            down = _single_user(uses, graph, mul.out.name, OpKind.LINEAR)
+            down = uses.single_user(mul.out.name, OpKind.LINEAR)
             if down is None or down.kwarg("norm") or gate.kwarg("residual"):
                 continue
             fused = make_op(OpKind.SWIGLU_MLP, [gate.args[0], gate.args[1], up.args[1], down.args[1]],
@@ -59,8 +51,8 @@ def fuse_swiglu(graph: Graph) -> Graph:
         if experts is None:
             continue
         act, gate, up = experts
-        down = _single_user(uses, graph, mul.out.name, OpKind.EXPERT_LINEAR)
-        combine = down and _single_user(uses, graph, down.out.name, OpKind.MOE_COMBINE)
+        down = uses.single_user(mul.out.name, OpKind.EXPERT_LINEAR)
+        combine = down and uses.single_user(down.out.name, OpKind.MOE_COMBINE)
         if not combine or down.args[2] != gate.args[2]:
             continue
         ids = gate.args[2]

@@ -60,6 +60,15 @@ class Uses:
         """`name` is used exactly once, by `op`, and is not a graph output."""
         return self.users.get(name, []) == [self.index(op)]
 
+    def single_user(self, name: str, kind: OpKind) -> Op | None:
+        """The one op using `name`, if it is of `kind`, takes `name` as its first arg and
+        `name` is not a graph output; else None."""
+        users = self.users.get(name, [])
+        if len(users) != 1 or users[0] == GRAPH_OUTPUT:
+            return None
+        op = self.graph.ops[users[0]]
+        return op if op.kind is kind and op.args[0] == name else None
+
     def used_only_after(self, names: list[str], position: int) -> bool:
         """Every user of these values sits after `position` (or is the graph output)."""
         return all(u == GRAPH_OUTPUT or u > position for n in names for u in self.users.get(n, []))
