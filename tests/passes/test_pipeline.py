@@ -53,15 +53,15 @@ def test_compile_model_is_deterministic_and_dumps(tmp_path):
 
 def test_mimo_v2_flash_graph_stages_compile_in_seconds(count_kinds):
     cfg, dcfg = preset("mimo-v2-flash")
-    start = time.perf_counter()
+    start = time.process_time()
     fused = trace_decode_step(*build_modules(cfg, dcfg), CompileOptions().trace_options())
     for graph_pass in GRAPH_PASSES:
         fused = graph_pass(fused)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert cfg.num_hidden_layers == 48
     assert count_kinds(fused)[OpKind.MOE_EXPERTS] == 47
     assert count_kinds(fused)[OpKind.QKV_ROPE_KV] == 48 + dcfg.num_hidden_layers
-    assert elapsed < 10, f"graph stages took {elapsed:.1f} s"
+    assert elapsed < 10, f"graph stages took {elapsed:.1f} CPU s"
 
 
 @pytest.mark.parametrize("chunk", [0, 9])
