@@ -81,12 +81,7 @@ def run_stats(args) -> int:
     if kind == "graph":
         from tilecomp.ir.graph_stats import format_graph_stats, graph_stats
         print(format_graph_stats(ir, graph_stats(ir), args.gbps), end="")
-        return 0
-    print(tile_stats_text(ir, args.gbps), end="")
+    else:
+        from tilecomp.stats import format_tile_stats
+        print(format_tile_stats(ir, args.gbps), end="")
     return 0
-
-
-def tile_stats_text(program, gbps: float) -> str:
-    """Tasks and bytes moved by kind, the bandwidth floor, program balance (tilecomp.stats)."""
-    from tilecomp.stats import format_tile_stats
-    return format_tile_stats(program, gbps)
