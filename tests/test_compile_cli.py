@@ -116,6 +116,9 @@ def test_bad_compile_arguments(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().out
     assert tilecomp("compile", "--preset", "tiny", "--programs", 0, "--out", tmp_path) == 2
     assert "--programs: expected a positive" in capsys.readouterr().out
+    (tmp_path / "a_file").write_text("")
+    assert tilecomp("compile", "--preset", "tiny", "--out", tmp_path / "a_file", "--quiet") == 2
+    assert f"--out: {tmp_path / 'a_file'} exists and is not a directory" in capsys.readouterr().out
 
 
 def test_the_console_script_lists_and_runs_both_commands(tiny_out, capsys):

@@ -68,6 +68,8 @@ def _check_options(args):
         raise TilecompError(f"--programs: expected a positive number of programs, found {args.programs}")
     if args.max_len < 1:
         raise TilecompError(f"--max-len: expected a positive number of positions, found {args.max_len}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise TilecompError(f"--out: {args.out} exists and is not a directory")
 
 
 def stage_texts(compiled) -> dict[str, str]:
@@ -137,8 +139,6 @@ def run(args) -> int:
     dumps = read_settings() if args.dump is None else Settings(dump_dir=args.dump, debug=2)
     compiled = compile_model(cfg, dcfg, options, progress=no_progress if args.quiet else stderr_progress,
                              settings=dumps)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise TilecompError(f"--out: {args.out} exists and is not a directory")
     os.makedirs(args.out, exist_ok=True)
     texts = stage_texts(compiled)
     for name, text in texts.items():
