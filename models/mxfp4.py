@@ -93,10 +93,15 @@ def fake_quantize_mxfp4(w: torch.Tensor) -> torch.Tensor:
 
 def random_mxfp4(shape, std: float, device=None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random packed weights [..., N, K] for presets, without a float copy: uniform random codes
-    (RMS of the 16 E2M1 values = sqrt(8.5625)) under one scale 2^round(log2(std / RMS))."""
+    under one scale `random_scale_code(std)`."""
     *lead, K = shape
     blocks = torch.randint(0, 256, (*lead, K // BLOCK, BLOCK // 2), dtype=torch.uint8,
                            device=device, generator=generator)
-    exp = round(math.log2(std / math.sqrt(8.5625)))
-    scales = torch.full((*lead, K // BLOCK), exp + E8M0_BIAS, dtype=torch.uint8, device=device)
+    scales = torch.full((*lead, K // BLOCK), random_scale_code(std), dtype=torch.uint8, device=device)
     return blocks, scales
+
+
+def random_scale_code(std: float) -> int:
+    """E8M0 code of 2^round(log2(std / RMS)): uniform random E2M1 codes (RMS of the 16 values
+    = sqrt(8.5625)) under this scale have a standard deviation close to std."""
+    return round(math.log2(std / math.sqrt(8.5625))) + E8M0_BIAS

@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import save_file
 
 from tilecomp.errors import TilecompError
+from tilecomp.models.mimo import INIT_STD
+from tilecomp.models.mxfp4 import random_scale_code
 
 STREAM_BYTES = 1 << 30                 # targets above 1 GiB are written layer by layer
-INIT_STD = 0.02
-RANDOM_SCALE = 120                     # E8M0 2^(120-127): random E2M1 codes then have std ~0.02
+RANDOM_SCALE = random_scale_code(INIT_STD)   # the in-memory init's expert scale (2^(120-127))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
