@@ -117,9 +117,9 @@ def write_config(obj: dict, path: str):
         json.dump(obj, f, indent=2)
 
 
-def init_streamed(tcfg, dcfg, out: str, dtype, seed: int):
-    """Write a random checkpoint without ever holding the model in memory."""
-    target, draft = meta_models(tcfg, dcfg, dtype)
+def init_streamed(target, draft, out: str, seed: int):
+    """Write a random checkpoint of meta modules without ever holding the model in memory."""
+    tcfg, dcfg = target.config, draft.config
     config = tcfg.to_dict()
     config["quantization_config"] = {**(config.get("quantization_config") or {}), "quant_method": "mxfp4"}
     config.setdefault("architectures", ["MiMoV2FlashForCausalLM"])
@@ -148,10 +148,11 @@ def run(args) -> int:
     dtype = DTYPES[args.dtype]
     prepare_out_dir(args.out, args.force)
     target, draft = meta_models(tcfg, dcfg, dtype)
-    size = nbytes(target) + nbytes(draft)
-    streamed = nbytes(target) > STREAM_BYTES
+    target_bytes = nbytes(target)
+    size = target_bytes + nbytes(draft)
+    streamed = target_bytes > STREAM_BYTES
     if streamed:
-        init_streamed(tcfg, dcfg, args.out, dtype, args.seed)
+        init_streamed(target, draft, args.out, args.seed)
     else:
         init_in_memory(tcfg, dcfg, args.out, dtype, args.seed)
     print(f"wrote {args.out}: preset {args.preset}, {tcfg.num_hidden_layers} target layers, "
