@@ -119,9 +119,9 @@ def run_bench(args) -> dict:
         if not args.skip_megakernel:
             results["megakernel"] = measure_megakernel(cfg, dcfg, target, draft, args, args.iters)
     gc.collect()
-    acc = args.acceptance if args.block > 1 else 0.0
-    tokens_per_step = acc if args.block > 1 else 1.0
-    report["assumed_acceptance"] = acc if args.block > 1 else None
+    dflash = args.block > 1
+    tokens_per_step = args.acceptance if dflash else 1.0
+    report["assumed_acceptance"] = args.acceptance if dflash else None
     report["results"] = {k: (entry(v, floor_ms, nbytes.total, tokens_per_step) if "median_ms" in v else v)
                          for k, v in results.items() if v is not None}
     if not args.skip_bf16 and device == "cuda":
@@ -155,14 +155,13 @@ def measure_bf16_experts(cfg, dcfg, args, target, draft) -> dict:
     from .random_model import random_target
     free, _ = torch.cuda.mem_get_info()
     per_layer = 3 * cfg.n_routed_experts * cfg.moe_intermediate_size * cfg.hidden_size * 2
-    fit = max(1, min(cfg.num_hidden_layers, int(0.8 * free / max(per_layer, 1))))
-    layers = fit if fit < cfg.num_hidden_layers else cfg.num_hidden_layers
+    layers = max(1, min(cfg.num_hidden_layers, int(0.8 * free / max(per_layer, 1))))
     small = dataclasses.replace(cfg, num_hidden_layers=layers,
                                 hybrid_layer_pattern=cfg.hybrid_layer_pattern[:layers],
                                 moe_layer_freq=cfg.moe_layer_freq[:layers])
     try:
         model = random_target(small, "cuda", experts="dense")
-        stats = measure_compiled(model, None, type(args)(**{**vars(args), "block": args.block}))
+        stats = measure_compiled(model, None, args)
     except torch.cuda.OutOfMemoryError as e:
         return {"error": f"out of memory at {layers} layers: {e}"}
     finally:
