@@ -16,6 +16,7 @@ from tilecomp.ir.graph import DType, Graph, Op, OpKind
 from tilecomp.models import mimo
 from tilecomp.models.mxfp4 import dequantize_mxfp4
 from tilecomp.models.sampling import sample as sample_tokens
+from tilecomp.runtime.reference import accepted_length
 
 from .trace import DRAFT_PREFIX, TORCH_DTYPES
 
@@ -112,8 +113,7 @@ def unique_plan(ids, slots):
 
 def accept(block, posterior, mask_token_id):
     s = block.shape[0]
-    match = (block[1:].long() == posterior[:-1].long()).int()
-    acc = int(torch.cumprod(match, 0).sum())
+    acc = accepted_length(block[1:].long(), posterior[:-1].long())
     tokens = torch.full((s,), -1, dtype=torch.int32)
     tokens[:acc] = block[1:acc + 1].to(torch.int32)
     tokens[acc] = posterior[acc]

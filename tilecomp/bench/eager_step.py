@@ -9,6 +9,7 @@ layer's block tokens chose: the floor counts exactly those experts.
 import torch
 
 from tilecomp.models.mimo import Router
+from tilecomp.runtime.reference import accepted_length
 
 
 class EagerStep:
@@ -62,7 +63,7 @@ class EagerStep:
         block[0, 1:] = draft_logits[0, 1:].argmax(-1)
         logits, _ = self.target(block, cache=self.cache, start_pos=C, tap_layers=self.tap_ids)
         posterior = logits[0].argmax(-1)
-        acc = int((block[0, 1:] == posterior[:-1]).long().cumprod(0).sum())   # the host read-back
+        acc = accepted_length(block[0, 1:], posterior[:-1])                    # the host read-back
         self.cache.crop(C)
         return acc + 1
 
