@@ -18,8 +18,8 @@ def state_words(pos=0, last=0, temp=0.0, seed=0, top_p=1.0):
     return s
 
 
-@pytest.mark.parametrize("rope_dim,n_rows", [(8, 5), (16, 3)])
-def test_qkv_rope_kv_matches_reference_projection_and_rope(rope_dim, n_rows):
+@pytest.mark.parametrize("rope_dim,n_rows,split", [(8, 5, False), (16, 3, False), (8, 4, True)])
+def test_qkv_rope_kv_matches_reference_projection_and_rope(rope_dim, n_rows, split):
     g = torch.Generator().manual_seed(5)
     D, H, G, hd, vd, ring, pos, theta = 48, 4, 2, 16, 12, 11, 9, 10000.0
     x = torch.randn(n_rows, D, generator=g)
@@ -39,6 +39,14 @@ def test_qkv_rope_kv_matches_reference_projection_and_rope(rope_dim, n_rows):
         head_dim=hd, v_head_dim=vd, rope_dim=rope_dim, theta_bits=float_bits(theta),
         v_scale_bits=float_bits(0.5), dim=D, pos=b.offset("st") + L.STATE["pos"], ring=ring,
         n_rows=n_rows, rows=-1)) for h in range(G)]
+    if split:  # per KV head: one task per query head (no k/v), then one k/v-only task
+        parts = []
+        for rec in recs:
+            for q_head in range(H // G):
+                parts.append(TaskRecord("qkv_rope_kv", 0, dict(rec.args, wk=-1, wv=-1, q_head0=q_head,
+                                                                q_heads=1)))
+            parts.append(TaskRecord("qkv_rope_kv", 0, dict(rec.args, wq=-1)))
+        recs = parts
     run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_K=32, BLOCK_HD=16))
     h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain
     p = torch.arange(pos, pos + n_rows)

@@ -20,8 +20,8 @@ STATE_OF = {"pos": "pos", "n_new": "n_ctx", "seed": "seed", "temperature": "temp
 # tile buffers the engine owns -> its slot names
 ALIASES = {"block": "block", "taps": "taps", "tokens": "out_tokens", "posterior": "post_tok"}
 # record args a body treats as absent when < 0; any other missing arg is 0
-OPTIONAL_ARGS = {"norm", "bias", "res", "w_up", "rows", "wq", "q_out", "sink", "mask_row", "mask_id",
-                 "logits", "draft_block", "xn", "gate"}
+OPTIONAL_ARGS = {"norm", "bias", "res", "w_up", "rows", "wq", "wk", "wv", "q_out", "k_cache",
+                 "v_cache", "sink", "mask_row", "mask_id", "logits", "draft_block", "xn", "gate"}
 FLOAT_ARGS = {"eps_bits": "eps", "theta_bits": "theta", "v_scale_bits": "v_scale",
               "scale_bits": "scale"}
 
