@@ -96,8 +96,12 @@ def preset(name: str, layers: int | None = None) -> tuple[MiMoConfig, DFlashConf
     if not 1 <= layers <= target.num_hidden_layers:
         raise ConfigError(f"--layers: expected 1..{target.num_hidden_layers} for preset {name!r}, "
                           f"found {layers}")
-    target = dataclasses.replace(target, num_hidden_layers=layers,
-                                 hybrid_layer_pattern=target.hybrid_layer_pattern[:layers],
-                                 moe_layer_freq=target.moe_layer_freq[:layers])
     draft = dataclasses.replace(draft, target_layer_ids=spread_taps(layers, len(draft.target_layer_ids)))
-    return target, draft
+    return first_layers(target, layers), draft
+
+
+def first_layers(target: MiMoConfig, layers: int) -> MiMoConfig:
+    """The config of the first `layers` target layers (attention and MoE patterns cut to match)."""
+    return dataclasses.replace(target, num_hidden_layers=layers,
+                               hybrid_layer_pattern=target.hybrid_layer_pattern[:layers],
+                               moe_layer_freq=target.moe_layer_freq[:layers])

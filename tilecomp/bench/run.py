@@ -151,14 +151,12 @@ def measure_compiled(target, draft, args) -> dict:
 
 def measure_bf16_experts(cfg, dcfg, args, target, draft) -> dict:
     """torch.compile step with bf16 experts, on as many layers as fit next to nothing else."""
-    import dataclasses
+    from tilecomp.models.presets import first_layers
     from .random_model import random_target
     free, _ = torch.cuda.mem_get_info()
     per_layer = 3 * cfg.n_routed_experts * cfg.moe_intermediate_size * cfg.hidden_size * 2
     layers = max(1, min(cfg.num_hidden_layers, int(0.8 * free / max(per_layer, 1))))
-    small = dataclasses.replace(cfg, num_hidden_layers=layers,
-                                hybrid_layer_pattern=cfg.hybrid_layer_pattern[:layers],
-                                moe_layer_freq=cfg.moe_layer_freq[:layers])
+    small = first_layers(cfg, layers)
     try:
         model = random_target(small, "cuda", experts="dense")
         stats = measure_compiled(model, None, args)
