@@ -10,6 +10,8 @@ from tilecomp.interpret import model_params, run_graph
 from tilecomp.models.dflash import DFlashDraft
 from tilecomp.models.mimo import MiMoForCausalLM
 from tilecomp.models.presets import preset
+from tilecomp.passes.lower import lower
+from tilecomp.passes.pipeline import compile_model
 from tilecomp.trace import TraceOptions, build_modules, trace_decode_step
 
 
@@ -53,6 +55,14 @@ def tiny_step():
                    "%seed": torch.tensor(3, dtype=torch.int32), "%temperature": torch.tensor(0.0),
                    "%top_p": torch.tensor(1.0)})
     return Step(graph, params, inputs, run_graph(graph, params, inputs))
+
+
+@pytest.fixture(scope="session")
+def tiny_tile():
+    """The tiny preset's fused decode step lowered to an unscheduled tile program (passes return
+    new programs, so the tests share one)."""
+    cfg, dcfg = preset("tiny")
+    return lower(compile_model(cfg, dcfg).fused)
 
 
 @pytest.fixture

@@ -2,17 +2,12 @@
 import pytest
 
 from tilecomp.ir.tile import parse_tile, print_tile
-from tilecomp.models.presets import preset
-from tilecomp.passes.lower import lower
-from tilecomp.passes.pipeline import compile_model
 from tilecomp.passes.pipelining import pipeline_loads
 
 
 @pytest.fixture(scope="module")
-def tiny_piped():
-    cfg, dcfg = preset("tiny")
-    tp = lower(compile_model(cfg, dcfg).fused)
-    return tp, pipeline_loads(tp)
+def tiny_piped(tiny_tile):
+    return tiny_tile, pipeline_loads(tiny_tile)
 
 
 def test_weights_always_prefetched_activations_never(tiny_piped):

@@ -8,12 +8,6 @@ from tilecomp.passes.pipeline import compile_model
 from tilecomp.passes.schedule import ScheduleOptions, schedule, task_costs_us
 
 
-@pytest.fixture(scope="module")
-def tiny_tile():
-    cfg, dcfg = preset("tiny")
-    return lower(compile_model(cfg, dcfg).fused)
-
-
 @pytest.mark.parametrize("programs", [1, 3, 16, 132])
 def test_schedule_verifies(tiny_tile, programs):
     s = schedule(tiny_tile, ScheduleOptions(programs=programs))

@@ -5,16 +5,7 @@ import pytest
 
 from tilecomp.errors import IRError, ScheduleError
 from tilecomp.ir.tile import parse_tile, print_tile, verify_schedule
-from tilecomp.models.presets import preset
-from tilecomp.passes.lower import lower
-from tilecomp.passes.pipeline import compile_model
 from tilecomp.passes.schedule import ScheduleOptions, schedule
-
-
-@pytest.fixture(scope="module")
-def tiny_tile():
-    cfg, dcfg = preset("tiny")
-    return lower(compile_model(cfg, dcfg).fused)
 
 
 @pytest.fixture

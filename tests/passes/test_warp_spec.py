@@ -2,16 +2,7 @@
 import pytest
 
 from tilecomp.errors import ScheduleError
-from tilecomp.models.presets import preset
-from tilecomp.passes.lower import lower
-from tilecomp.passes.pipeline import compile_model
 from tilecomp.passes.warp_spec import WarpSpecOptions, specialize_warps
-
-
-@pytest.fixture(scope="module")
-def tiny_tile():
-    cfg, dcfg = preset("tiny")
-    return lower(compile_model(cfg, dcfg).fused)
 
 
 def test_roles_follow_streamed_bytes(tiny_tile):
