@@ -78,18 +78,19 @@ def _kinds(*specs) -> dict[str, KindABI]:
 
 # Offsets named `*` are element offsets into an arena (see codegen/README.md);
 # the others are sizes, indices or flags. Kinds keep the INTERFACES.md order.
+# A tile [n0, n1) covers columns n0 .. min(n1, n0 + BLOCK_N); n1 <= n0 means one BLOCK_N tile.
 KINDS: dict[str, KindABI] = _kinds(
     # token rows -> x rows; ids < 0 or == mask_id take the mask embedding
     ("embed", ("ids", "table", "mask_row", "mask_id", "out", "n_rows", "dim", "row0"),
      ("BLOCK_T", "BLOCK_D")),
     # y[t, n0:n0+BN] (+)= norm?(x[t, :]) @ W[n0:n0+BN, k0:k1]^T (+ bias) (+ residual);
     # w_up >= 0: SwiGLU, y = silu(norm?(x) @ W^T) * (norm?(x) @ W_up^T)
-    ("linear", ("x", "x_stride", "w", "w_up", "k_dim", "n_dim", "n0", "k0", "k1",
+    ("linear", ("x", "x_stride", "w", "w_up", "k_dim", "n_dim", "n0", "n1", "k0", "k1",
                 "norm", "eps_bits", "bias", "res", "res_stride", "y", "y_stride", "n_rows",
                 "rows"),
      ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
     # y[t, n0:n0+BN] = sum_s part[s, t, n0:n0+BN] (+ residual)
-    ("linear_reduce", ("part", "n_split", "split_stride", "n_dim", "n0", "res", "y",
+    ("linear_reduce", ("part", "n_split", "split_stride", "n_dim", "n0", "n1", "res", "y",
                        "y_stride", "n_rows", "rows"),
      ("BLOCK_T", "BLOCK_N")),
     # one KV head group: q/k/v rows for T tokens, partial RoPE, K/V cache write
@@ -133,7 +134,7 @@ KINDS: dict[str, KindABI] = _kinds(
      ("BLOCK_T", "BLOCK_N")),
     # logits tile + per-row (max key, argmax) of the tile; key = logit (greedy) or
     # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift
-    ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "logits",
+    ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "n1", "logits",
                  "tile_key", "tile_arg", "tile", "n_tiles", "state", "pos_shift", "n_rows", "rows"),
      ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
     # out[t] = token of the largest tile key of row t (lowest token on ties); with top_p < 1

@@ -85,3 +85,19 @@ def test_linear_swiglu_epilogue():
     xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
     want = torch.nn.functional.silu(xn @ wg.T) * (xn @ wu.T)
     torch.testing.assert_close(arenas.view("y"), want, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_tile_stops_at_n1():
+    g = torch.Generator().manual_seed(9)
+    T, K, N = 3, 32, 40
+    x, w = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g)
+    b = ArenaBuilder(torch.float32)
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", torch.ones(K), "w")
+    b.add("res", torch.zeros(T, N), "f32"), b.add("y", torch.full((T, N), 5.0), "f32")
+    arenas = b.build()
+    rec = linear_record(0, b, 8, 0, K, T=T, N=N, K=K, norm=False, res=False)
+    rec.args["n1"] = 20                     # a 12-column tile; BLOCK_N is 32
+    run_tasks([[rec]], arenas, CONST)
+    y = arenas.view("y")
+    torch.testing.assert_close(y[:, 8:20], x @ w[8:20].T, rtol=1e-5, atol=1e-4)
+    assert (y[:, :8] == 5.0).all() and (y[:, 20:] == 5.0).all()
