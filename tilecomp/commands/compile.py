@@ -21,6 +21,7 @@ from tilecomp.errors import TilecompError
 
 def add_parser(subparsers):
     from tilecomp.models.presets import PRESETS
+    from tilecomp.trace import COMPUTE_DTYPES
     p = subparsers.add_parser("compile", help="compile the decode step and write every IR stage",
                               description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
@@ -30,7 +31,7 @@ def add_parser(subparsers):
     p.add_argument("--out", required=True, metavar="OUT", help="directory for the stages")
     p.add_argument("--programs", type=int, default=132, metavar="P", help="persistent programs (default 132)")
     p.add_argument("--max-len", type=int, default=4096, metavar="L", help="KV cache positions (default 4096)")
-    p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16",
+    p.add_argument("--dtype", choices=COMPUTE_DTYPES, default="bf16",
                    help="weights / activations / KV dtype (experts stay MXFP4)")
     p.add_argument("--interpreter-order", action="store_true",
                    help="schedule for the CPU interpreter: one program, one topological queue")
