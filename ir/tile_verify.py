@@ -115,14 +115,6 @@ def verify_tile(tp: TileProgram) -> TileProgram:
 
 # ----------------------------------------------------------------------------- schedule
 
-def _signalers(tp: TileProgram) -> dict[str, list[int]]:
-    sig: dict[str, list[int]] = defaultdict(list)
-    for t in tp.tasks:
-        for c, _ in t.signals:
-            sig[c].append(t.id)
-    return sig
-
-
 def check_counters(tp: TileProgram):
     """Every counter gets `expected` signals per step; every wait target is reachable."""
     total: dict[str, int] = defaultdict(int)
@@ -168,8 +160,9 @@ class _WriterIndex:
         return self.dynamic + self.static[i:j]
 
 
-def _state_writer_descendants(tp: TileProgram, graph, writers: list[int]) -> dict[int, int]:
-    """For each task, a bitmask of the given writers that run after it (reachable through counters)."""
+def _state_writer_descendants(tp: TileProgram, graph, writers: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+    """(task -> bitmask of the given writers that run after it (reachable through counters),
+    writer -> its bit)."""
     n, succ, order, _ = graph
     bit = {w: 1 << k for k, w in enumerate(writers)}
     desc = [0] * len(succ)
