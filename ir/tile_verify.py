@@ -132,14 +132,16 @@ def check_counters(tp: TileProgram):
                                     f"but only {total[c]} signals per step exist: unsatisfiable")
 
 
-def _overlap(a: Region, b: Region) -> bool:
+def regions_overlap(a: Region, b: Region) -> bool:
+    """False only when some dimension of static ranges proves the regions disjoint
+    (a runtime-indexed dimension may overlap anything)."""
     for x, y in zip(a.dims, b.dims):
         if x.index is None and y.index is None and (x.hi <= y.lo or y.hi <= x.lo):
             return False
     return True
 
 
-class _WriterIndex:
+class WriterIndex:
     """Writers of one buffer, searchable by their first-dimension range."""
 
     def __init__(self, writes: list[tuple[Region, Task]]):
@@ -184,7 +186,7 @@ def check_data_dependencies(tp: TileProgram, graph):
     for t in tp.tasks:
         for r in t.writes:
             writes[r.buffer].append((r, t))
-    index = {b: _WriterIndex(w) for b, w in writes.items()}
+    index = {b: WriterIndex(w) for b, w in writes.items()}
     persistent = sorted({t.id for b, w in writes.items() if tp.buffers[b].kind in ("state", "kv_cache")
                          for _, t in w})
     signals = {t.id: {c for c, _ in t.signals} for ws in writes.values() for _, t in ws}
@@ -196,7 +198,7 @@ def check_data_dependencies(tp: TileProgram, graph):
                 continue
             for wr, w in index[r.buffer].candidates(r):
                 if w.id == t.id or w.rank != t.rank or not signals[w.id].isdisjoint(waited) or \
-                        not _overlap(wr, r):
+                        not regions_overlap(wr, r):
                     continue
                 if tp.buffers[r.buffer].kind in ("state", "kv_cache"):
                     previous_step.append((t, r, w, wr))    # checked below, after every direct read

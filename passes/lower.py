@@ -21,7 +21,7 @@ from tilecomp.errors import IRError
 from tilecomp.ir.graph import DType, Graph, Op, OpKind, TensorType, verify_graph
 from tilecomp.ir.tile import (COUNTER_LINE_SLOTS, Buffer, Counter, Dim, Region, Task, TileProgram,
                               verify_tile)
-from tilecomp.ir.tile_verify import _overlap
+from tilecomp.ir.tile_verify import regions_overlap
 
 DTYPES = {DType.BF16: "bf16", DType.F16: "fp16", DType.F32: "fp32", DType.I32: "int32",
           DType.I64: "int64", DType.U8: "uint8"}
@@ -102,7 +102,7 @@ class Lowering:
             return memo[1]
         found = []
         for preg, counter in entries:
-            if counter not in found and _overlap(preg, region):
+            if counter not in found and regions_overlap(preg, region):
                 found.append(counter)
         self._waits_memo[region] = (len(entries), found)
         return found

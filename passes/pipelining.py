@@ -12,22 +12,22 @@ import dataclasses
 from collections import defaultdict
 
 from tilecomp.ir.tile import Region, TileProgram, verify_tile
-from tilecomp.ir.tile_verify import _overlap, _WriterIndex
+from tilecomp.ir.tile_verify import regions_overlap, WriterIndex
 
 
-def _written_regions(tp: TileProgram) -> dict[str, _WriterIndex]:
+def _written_regions(tp: TileProgram) -> dict[str, WriterIndex]:
     written: dict[str, dict] = defaultdict(dict)
     for t in tp.tasks:
         for r in t.writes:
             written[r.buffer].setdefault(r, (r, t))
-    return {b: _WriterIndex(list(regions.values())) for b, regions in written.items()}
+    return {b: WriterIndex(list(regions.values())) for b, regions in written.items()}
 
 
-def prefetchable(tp: TileProgram, region: Region, written: dict[str, _WriterIndex]) -> bool:
+def prefetchable(tp: TileProgram, region: Region, written: dict[str, WriterIndex]) -> bool:
     if tp.buffers[region.buffer].kind == "weight":
         return True
     index = written.get(region.buffer)
-    return index is None or not any(_overlap(w, region) for w, _ in index.candidates(region))
+    return index is None or not any(regions_overlap(w, region) for w, _ in index.candidates(region))
 
 
 def pipeline_loads(tp: TileProgram) -> TileProgram:
