@@ -172,5 +172,5 @@ def simulate(tp: TileProgram, options: ScheduleOptions) -> tuple[list[float], li
 
 def schedule_pass(tp: TileProgram, options=None) -> TileProgram:
     """Pipeline entry: programs / interpreter_order from the compile options."""
-    return schedule(tp, ScheduleOptions(programs=getattr(options, "programs", 132),
+    return schedule(tp, ScheduleOptions(programs=getattr(options, "programs", ScheduleOptions.programs),
                                         interpreter_order=getattr(options, "interpreter_order", False)))

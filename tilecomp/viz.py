@@ -32,7 +32,7 @@ def schedule_svg(tp: TileProgram, options: ScheduleOptions | None = None) -> str
     if tp.programs is None:
         raise ScheduleError("schedule picture: the tile program has no schedule (no program queues)")
     options = options or ScheduleOptions(programs=len(tp.programs),
-                                         hbm_gbps=float(tp.annotations.get("hbm_gbps", 3350.0)))
+                                         hbm_gbps=float(tp.annotations.get("hbm_gbps", ScheduleOptions.hbm_gbps)))
     start, finish = simulate(tp, options)
     span = max(finish, default=0.0) or 1.0
     scale = (WIDTH - LEFT - 10) / span
@@ -51,7 +51,8 @@ def schedule_svg(tp: TileProgram, options: ScheduleOptions | None = None) -> str
     return "\n".join(out)
 
 
-def schedule_html(tp: TileProgram, options: ScheduleOptions | None = None, gbps: float = 3350.0) -> str:
+def schedule_html(tp: TileProgram, options: ScheduleOptions | None = None,
+                  gbps: float = ScheduleOptions.hbm_gbps) -> str:
     kinds = sorted({t.kind for t in tp.tasks}, key=TASK_KINDS.index)
     legend = " ".join(f'<span style="background:{KIND_COLOUR[k]};padding:1px 6px;margin:2px">{k}</span>'
                       for k in kinds)
