@@ -142,6 +142,15 @@ def _write_tensors(tensors: dict, path: str, shard_size: int | None):
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
+def checkpoint_config(config: MiMoConfig) -> dict:
+    """The target's config.json: its fields, MXFP4 experts declared, HF architecture names."""
+    out = config.to_dict()
+    out["quantization_config"] = {**(out.get("quantization_config") or {}), "quant_method": "mxfp4"}
+    out.setdefault("architectures", ["MiMoV2FlashForCausalLM"])
+    out.setdefault("model_type", "mimo_v2_flash")
+    return out
+
+
 def save_pretrained(target: MiMoForCausalLM, draft, path, shard_size: int | None = None,
                     experts: str = "mxfp4"):
     """Write target (and draft) in the HF layout. experts: "mxfp4" (stacked blocks/scales)
@@ -149,12 +158,8 @@ def save_pretrained(target: MiMoForCausalLM, draft, path, shard_size: int | None
     if experts not in ("mxfp4", "per_expert"):
         raise ValueError(f"save_pretrained: experts must be 'mxfp4' or 'per_expert', found {experts!r}")
     os.makedirs(path, exist_ok=True)
-    config = target.config.to_dict()
-    config["quantization_config"] = {**(config.get("quantization_config") or {}), "quant_method": "mxfp4"}
-    config.setdefault("architectures", ["MiMoV2FlashForCausalLM"])
-    config.setdefault("model_type", "mimo_v2_flash")
     with open(os.path.join(path, CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump(checkpoint_config(target.config), f, indent=2)
     _write_tensors(_target_tensors(target, experts), path, shard_size)
     if draft is not None:
         ddir = os.path.join(path, DRAFT_DIR)

@@ -119,16 +119,12 @@ def write_config(obj: dict, path: str):
 
 def init_streamed(target, draft, out: str, seed: int):
     """Write a random checkpoint of meta modules without ever holding the model in memory."""
-    tcfg, dcfg = target.config, draft.config
-    config = tcfg.to_dict()
-    config["quantization_config"] = {**(config.get("quantization_config") or {}), "quant_method": "mxfp4"}
-    config.setdefault("architectures", ["MiMoV2FlashForCausalLM"])
-    config.setdefault("model_type", "mimo_v2_flash")
-    write_config(config, out)
+    from tilecomp.models.checkpoint import DRAFT_DIR, checkpoint_config
+    write_config(checkpoint_config(target.config), out)
     write_streamed(target, out, seed)
-    ddir = os.path.join(out, "dflash")
+    ddir = os.path.join(out, DRAFT_DIR)
     os.makedirs(ddir, exist_ok=True)
-    write_config(dcfg.to_dict(), ddir)
+    write_config(draft.config.to_dict(), ddir)
     write_streamed(draft, ddir, seed + 1)
 
 
