@@ -14,6 +14,11 @@ from tilecomp.errors import TilecompError
 from .config import AttnSpec
 
 
+def ring_slots(window: int | None, max_len: int, block: int) -> int:
+    """Cache slots of one layer: every position (full attention) or the last window + block."""
+    return max_len if window is None else min(max_len, window + block)
+
+
 class KVCache:
     def __init__(self, specs: list[AttnSpec], batch: int, max_len: int, block: int = 8,
                  dtype: torch.dtype = torch.float32, device=None):
@@ -24,7 +29,7 @@ class KVCache:
         self.low = [0] * len(specs)         # oldest position each layer still holds
         self.k, self.v = [], []
         for s in self.specs:
-            slots = max_len if s.window is None else min(max_len, s.window + block)
+            slots = ring_slots(s.window, max_len, block)
             self.k.append(torch.zeros(batch, s.n_kv_heads, slots, s.head_dim, dtype=dtype, device=device))
             self.v.append(torch.zeros(batch, s.n_kv_heads, slots, s.v_head_dim, dtype=dtype, device=device))
 

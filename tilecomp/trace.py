@@ -35,6 +35,7 @@ from tilecomp.ir.graph import DType, Graph, OpKind, TensorType
 from tilecomp.ir.graph_build import GraphBuilder
 from tilecomp.models import dflash as dfl
 from tilecomp.models import mimo
+from tilecomp.models.cache import ring_slots
 from tilecomp.models.config import DFlashConfig, MiMoConfig
 
 DRAFT_PREFIX = "dflash."
@@ -229,7 +230,7 @@ def _declare_caches(b: GraphBuilder, target, draft, options: TraceOptions, block
     cfg = target.config
     for i in range(cfg.num_hidden_layers):
         s = cfg.attn(i)
-        slots = options.max_len if s.window is None else min(options.max_len, s.window + block)
+        slots = ring_slots(s.window, options.max_len, block)
         target_caches.append((b.input(f"cache.k.{i}", TensorType(dt, (s.n_kv_heads, slots, s.head_dim))),
                               b.input(f"cache.v.{i}", TensorType(dt, (s.n_kv_heads, slots, s.v_head_dim)))))
     dc = draft.config
