@@ -92,7 +92,9 @@ def make_engine(name: str, target, draft, max_len: int, device: str = "cpu"):
     if name == "reference":
         from tilecomp.runtime.reference import ReferenceEngine
         return ReferenceEngine(target, draft, max_len=max_len)
-    if str(device).startswith("cpu"):
+    on_cpu = str(device).startswith("cpu")
+    programs = 1 if on_cpu else torch.cuda.get_device_properties(device).multi_processor_count
+    if on_cpu:
         # no GPU: the generated kernels run in Triton's interpreter, which must be
         # chosen before any kernel module is imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -101,7 +103,20 @@ def make_engine(name: str, target, draft, max_len: int, device: str = "cpu"):
     except ImportError as e:
         raise TilecompError(f"--engine megakernel: tilecomp.runtime.megakernel is not available "
                             f"({e}); use --engine reference") from None
-    return MegakernelEngine(target, draft, max_len=max_len)
+    if draft is not None:            # the compiled step's caches hold at least two blocks
+        max_len = max(max_len, 2 * draft.config.block_size)
+    return MegakernelEngine(target, draft, max_len=max_len, programs=programs,
+                            schedule=compile_step(target, draft, max_len, programs, on_cpu))
+
+
+def compile_step(target, draft, max_len: int, programs: int, interpreter_order: bool):
+    """The compiler's scheduled DFlash step (trace -> passes -> lower -> schedule) for the
+    engine to run; None without a draft (plain decoding uses the engine's own step)."""
+    if draft is None:
+        return None
+    from tilecomp.passes.pipeline import CompileOptions, compile_model
+    options = CompileOptions(max_len=max_len, programs=programs, interpreter_order=interpreter_order)
+    return compile_model(target.config, draft.config, options).schedule
 
 
 class TextStream:
