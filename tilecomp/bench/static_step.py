@@ -15,6 +15,7 @@ A experts per token, F expert width, G kv heads.
 import torch
 import torch.nn.functional as F
 
+from tilecomp.models.dflash import rope_cos_sin
 from tilecomp.models.mimo import MoE, apply_rope, attend
 from tilecomp.models.mxfp4 import dequantize_mxfp4
 
@@ -110,7 +111,6 @@ class StaticStep:
     def run_draft(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Ingest the previous block's taps as context, then fill the block's MASK slots."""
         d, dc, T = self.draft, self.draft.config, self.T
-        from tilecomp.models.dflash import rope_cos_sin
         ctx_pos = pos - T                                                 # last step's span
         ctx = d.hidden_norm(d.fc(self.taps))                              # [T, D]
         W = min(dc.sliding_window, self.slots - 2 * T)
