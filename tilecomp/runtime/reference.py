@@ -97,7 +97,7 @@ class ReferenceEngine:
         limit = min(self.max_len, self.config.max_position_embeddings)
         block = self.draft.config.block_size if use_draft else 1
         need = len(prompt_ids) + max_new_tokens + block
-        if len(prompt_ids) > limit or need > limit:
+        if need > limit:                                   # need > len(prompt_ids): block >= 1
             raise TilecompError(
                 f"prompt: {len(prompt_ids)} tokens + max_new_tokens {max_new_tokens} + block {block} "
                 f"= {need} positions, more than the max positions {limit} "
