@@ -8,8 +8,7 @@ the packed buffers, so a 256-expert model never exists in a wider dtype.
 import torch
 
 from tilecomp.models import DFlashConfig, MiMoConfig, MiMoForCausalLM
-
-STD = 0.02
+from tilecomp.models.mimo import INIT_STD
 
 
 @torch.no_grad()
@@ -26,7 +25,7 @@ def fill_random_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         elif name.endswith("e_score_correction_bias"):
             t.zero_()
         elif t.is_floating_point():
-            t.normal_(0.0, STD, generator=g)
+            t.normal_(0.0, INIT_STD, generator=g)
     return module
 
 
