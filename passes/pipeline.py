@@ -140,7 +140,7 @@ class _Stages:
             lowered = stage if name == "tile" else lowered
             if self.cfg.debug >= 2:
                 self.dump(stage, f"{step}.{n:02d}.{name}.ir")
-        return lowered, (stage if TILE_PASSES else None)
+        return lowered, stage
 
     def dump(self, stage, filename: str):
         """Write a stage's text to the dump directory, checking that it parses back equal."""
