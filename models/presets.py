@@ -32,8 +32,10 @@ def spread_taps(n_layers: int, n_taps: int) -> list[int]:
     return sorted(set(ids))
 
 
-def _target(hidden, layers, vocab, heads, kv, swa_kv, head_dim, v_head_dim, window, inter,
+def mimo_target(hidden, layers, vocab, heads, kv, swa_kv, head_dim, v_head_dim, window, inter,
             moe_inter, experts, top_k, max_pos, **over) -> MiMoConfig:
+    """A MiMo-layout config (layer 0 full + dense, SWA except every 6th, MXFP4 experts);
+    `over` sets any other field."""
     fields = dict(
         hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, v_head_dim=v_head_dim,
@@ -58,27 +60,27 @@ def _draft(target: MiMoConfig, layers, heads, kv, head_dim, inter, window, n_tap
 
 
 def _tiny():
-    t = _target(hidden=64, layers=6, vocab=512, heads=4, kv=1, swa_kv=2, head_dim=24, v_head_dim=16,
+    t = mimo_target(hidden=64, layers=6, vocab=512, heads=4, kv=1, swa_kv=2, head_dim=24, v_head_dim=16,
                 window=8, inter=128, moe_inter=32, experts=16, top_k=4, max_pos=4096)
     return t, _draft(t, layers=2, heads=4, kv=2, head_dim=16, inter=128, window=16, n_taps=3)
 
 
 def _small():
-    t = _target(hidden=1536, layers=8, vocab=32768, heads=16, kv=2, swa_kv=4, head_dim=192,
+    t = mimo_target(hidden=1536, layers=8, vocab=32768, heads=16, kv=2, swa_kv=4, head_dim=192,
                 v_head_dim=128, window=128, inter=6144, moe_inter=768, experts=64, top_k=8,
                 max_pos=32768)
     return t, _draft(t, layers=2, heads=16, kv=4, head_dim=128, inter=6144, window=512, n_taps=3)
 
 
 def _flash():
-    t = _target(hidden=4096, layers=48, vocab=152576, heads=64, kv=4, swa_kv=8, head_dim=192,
+    t = mimo_target(hidden=4096, layers=48, vocab=152576, heads=64, kv=4, swa_kv=8, head_dim=192,
                 v_head_dim=128, window=128, inter=16384, moe_inter=2048, experts=256, top_k=8,
                 max_pos=262144)
     return t, _draft(t, layers=5, heads=32, kv=4, head_dim=128, inter=16384, window=1024, n_taps=5)
 
 
 def _pro():
-    t = _target(hidden=6144, layers=70, vocab=152576, heads=128, kv=8, swa_kv=16, head_dim=192,
+    t = mimo_target(hidden=6144, layers=70, vocab=152576, heads=128, kv=8, swa_kv=16, head_dim=192,
                 v_head_dim=128, window=128, inter=24576, moe_inter=2048, experts=384, top_k=8,
                 max_pos=262144)
     return t, _draft(t, layers=5, heads=32, kv=4, head_dim=128, inter=24576, window=1024, n_taps=5)

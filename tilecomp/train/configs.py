@@ -9,7 +9,7 @@ Draft: 2 layers, block 8, window 256, taps of 4 target layers.
 from __future__ import annotations
 
 from tilecomp.models.config import DFlashConfig, MiMoConfig
-from tilecomp.models.presets import mimo_layer_pattern
+from tilecomp.models.presets import mimo_target
 
 from .tokenizer import MASK_ID
 
@@ -17,15 +17,9 @@ from .tokenizer import MASK_ID
 def _target(vocab_size: int, hidden: int, layers: int, heads: int, kv: int, swa_kv: int,
             head_dim: int, v_head_dim: int, window: int, inter: int, moe_inter: int,
             experts: int, top_k: int) -> MiMoConfig:
-    return MiMoConfig(
-        hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab_size,
-        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, v_head_dim=v_head_dim,
-        swa_num_attention_heads=heads, swa_num_key_value_heads=swa_kv, swa_head_dim=head_dim,
-        swa_v_head_dim=v_head_dim, sliding_window_size=window,
-        hybrid_layer_pattern=mimo_layer_pattern(layers), moe_layer_freq=[0] + [1] * (layers - 1),
-        intermediate_size=inter, moe_intermediate_size=moe_inter, n_routed_experts=experts,
-        num_experts_per_tok=top_k, partial_rotary_factor=0.5, max_position_embeddings=4096,
-        tie_word_embeddings=False, quantization_config={"quant_method": "mxfp4"})
+    return mimo_target(hidden, layers, vocab_size, heads, kv, swa_kv, head_dim, v_head_dim, window,
+                       inter, moe_inter, experts, top_k, max_pos=4096, partial_rotary_factor=0.5,
+                       tie_word_embeddings=False)
 
 
 def _draft(target: MiMoConfig, layers: int, heads: int, kv: int, head_dim: int, inter: int,
