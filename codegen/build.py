@@ -25,7 +25,7 @@ from .triton_gen import kernel_of, load_kernel_module
 # Hopper (H100 SXM): SMs, registers per SM, shared memory per SM, max resident blocks per SM.
 SM90 = dict(sms=132, regs_per_sm=65536, smem_per_sm=228 * 1024, blocks_per_sm=32)
 SIGNATURE = {
-    "records": "*i64", "queue": "*i32", "counters": "*i32", "errors": "*i64", "epoch": "i32",
+    "records": "*i64", "queue": "*i32", "counters": "*i32", "errors": "*i64", "trace": "*i64", "epoch": "i32",
     "arena_w": "*bf16", "arena_f32": "*fp32", "arena_u8": "*u8", "arena_i32": "*i32",
 }
 GPU_SPINS = 1 << 24
@@ -93,7 +93,7 @@ def ptxas_usage(ptx: str, arch: int, log: str = "") -> dict:
                 spill_loads=number(r"(\d+) bytes spill loads"))
 
 
-def compile_kernel(module, arch: int, num_warps: int = 4):
+def compile_kernel(module, arch: int, num_warps: int = 4, trace: bool = False):
     """(compiled kernel, ptxas -v log captured during the build, or "")."""
     import contextlib
     import io
@@ -105,7 +105,7 @@ def compile_kernel(module, arch: int, num_warps: int = 4):
     if not hasattr(fn, "cache_key"):   # TRITON_INTERPRET=1 made it an InterpretedFunction
         from triton.runtime.jit import JITFunction
         fn = JITFunction(fn.fn)
-    constexprs = dict(module.CONSTEXPRS, SPIN_LIMIT=GPU_SPINS)
+    constexprs = dict(module.CONSTEXPRS, SPIN_LIMIT=GPU_SPINS, TRACE=trace)
     signature = dict(SIGNATURE, **{name: "constexpr" for name in constexprs})
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     log = io.StringIO()

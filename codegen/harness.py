@@ -62,10 +62,16 @@ class Megakernel:
     def kernel(self):
         return kernel_of(self.module)
 
-    def launch(self, records, queue, counters, errors, epoch: int, arenas: Arenas):
+    def launch(self, records, queue, counters, errors, epoch: int, arenas: Arenas, trace=None):
+        """trace: int64 [n_tasks * 3] to receive each task's (start, wait done, signalled)
+        globaltimer stamps (GPU only); None builds the kernel without timers."""
         programs = queue.numel() - 1
-        self.kernel[(programs,)](records, queue, counters, errors, epoch, *arenas.pointers(),
-                                 SPIN_LIMIT=self.spin_limit, **self.constexprs)
+        if trace is not None and interpreting():
+            raise ValueError("task tracing needs a GPU (the interpreter has no %globaltimer)")
+        self.kernel[(programs,)](records, queue, counters, errors,
+                                 trace if trace is not None else errors, epoch, *arenas.pointers(),
+                                 SPIN_LIMIT=self.spin_limit, TRACE=trace is not None,
+                                 **self.constexprs)
 
 
 def new_counters(n_counters: int, device="cpu") -> torch.Tensor:

@@ -75,16 +75,24 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int) -> dict:
     step = engine.step_program("dflash" if use_draft else "plain")
     n_out = L.STATE["n_out"]
 
-    def run():
+    def run(trace=None):
         engine.arenas.view("state").copy_(saved[0])
         engine.arenas.view("block").copy_(saved[1])
-        step.launch(engine.arenas)
+        step.launch(engine.arenas, trace=trace)
         torch.cat([state[n_out:n_out + 1], tokens]).tolist()     # the host read-back
     run()
     step.check()
     stats = time_steps(run, iters, warmup=min(10, iters))
     step.check()
-    stats.update(programs=programs, compile_s=compile_s, schedule="compiled" if use_draft else "engine")
+    stats.update(programs=programs, compile_s=compile_s, schedule="compiled" if use_draft else "engine",
+                 tasks=int(step.records.shape[0]), counters=len(step.counter_names))
+    if getattr(args, "trace", False) and torch.cuda.is_available():
+        from .trace import format_summary, summarize
+        buf = step.new_trace()
+        run(trace=buf)                     # a separate build with timers; not in the timings
+        step.check()
+        stats["trace"] = summarize(step, buf)
+        print(format_summary(stats["trace"]), flush=True)
     return stats
 
 

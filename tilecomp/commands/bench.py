@@ -18,6 +18,8 @@ def add_parser(subparsers):
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile baseline")
     p.add_argument("--skip-megakernel", action="store_true", help="leave out the megakernel")
     p.add_argument("--skip-bf16", action="store_true", help="leave out the bf16-experts baseline")
+    p.add_argument("--trace", action="store_true",
+                   help="also run one step with per-task timers and report where its time goes (GPU)")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT")
     return p
 

@@ -43,9 +43,14 @@ class StepProgram:
     task_names: dict[int, str]
     epoch: int = 0
 
-    def launch(self, arenas):
+    def launch(self, arenas, trace=None):
         self.epoch += 1
-        self.kernel.launch(self.records, self.queue, self.counters, self.errors, self.epoch, arenas)
+        self.kernel.launch(self.records, self.queue, self.counters, self.errors, self.epoch, arenas,
+                           trace=trace)
+
+    def new_trace(self) -> torch.Tensor:
+        """A buffer for `launch(trace=...)`: int64 [n_tasks, 3] globaltimer stamps."""
+        return torch.zeros(self.records.shape[0], 3, dtype=torch.int64, device=self.records.device)
 
     def check(self):
         raise_on_timeout(self.errors, self.epoch, self.task_names, self.counter_names)

@@ -3,24 +3,27 @@
 # Record layout: codegen/layout.py (48 int64 words per task).
 import triton
 import triton.language as tl
+from tilecomp.codegen.tasks.timer import globaltimer
 
 KERNEL_NAME = "prefill_chunk"
 RECORD_WORDS = tl.constexpr(48)
 CONSTEXPRS = {'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])  # epoch == 1 must not become a constant
 def prefill_chunk(
     records,      # int64 [n_tasks, RECORD_WORDS], program-major, queue order
     queue,        # int32 [programs + 1]: program p runs records[queue[p]:queue[p + 1]]
     counters,     # int32 [n_counters * 32]: the scoreboard, never reset
     errors,       # int64 [programs, 5]: (flag, task, counter, value, target)
+    trace,        # int64 [n_tasks, 3]: globaltimer ns at (start, wait done, signals sent); TRACE only
     epoch,        # int32: step number, 1, 2, ...
     arena_w,      # weights and KV caches (fp32 or bf16)
     arena_f32,    # fp32 activations and fp32 parameters
     arena_u8,     # MXFP4 blocks and scales
     arena_i32,    # token ids, step state, routing plans
     SPIN_LIMIT: tl.constexpr,
+    TRACE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -32,6 +35,8 @@ def prefill_chunk(
     while qi < q_end:
         rec = records + qi * RECORD_WORDS
         kind = tl.load(rec + 0)
+        if TRACE:
+            tl.store(trace + qi * 3, globaltimer())
         wait_ok = qi >= 0
         err_counter = qi * 0 - 1
         err_value = qi * 0
@@ -61,6 +66,8 @@ def prefill_chunk(
                     err_value = wait_value.to(tl.int64)
                     err_need = wait_need
             tl.debug_barrier()
+            if TRACE:
+                tl.store(trace + qi * 3 + 1, globaltimer())
             if wait_ok:
                 em_t = r_row0 + tl.arange(0, BLOCK_T)
                 em_tmask = em_t < r_n_rows
@@ -120,6 +127,8 @@ def prefill_chunk(
                     err_value = wait_value.to(tl.int64)
                     err_need = wait_need
             tl.debug_barrier()
+            if TRACE:
+                tl.store(trace + qi * 3 + 1, globaltimer())
             if wait_ok:
                 ln_t = tl.arange(0, BLOCK_T)
                 ln_rows = r_n_rows
@@ -184,6 +193,8 @@ def prefill_chunk(
                     err_value = wait_value.to(tl.int64)
                     err_need = wait_need
             tl.debug_barrier()
+            if TRACE:
+                tl.store(trace + qi * 3 + 1, globaltimer())
             if wait_ok:
                 ac_j = tl.arange(0, BLOCK_T)
                 ac_d = tl.load(arena_i32 + r_draft_tok + ac_j, mask=ac_j < r_n_block - 1, other=-1, cache_modifier=".cg")
@@ -212,6 +223,8 @@ def prefill_chunk(
                 sig_counter = tl.load(rec + 44 + si * 2)
                 sig_add = tl.load(rec + 45 + si * 2).to(tl.int32)
                 tl.atomic_add(counters + sig_counter * 32, sig_add, sem="release", scope="gpu")
+            if TRACE:
+                tl.store(trace + qi * 3 + 2, globaltimer())
             qi += 1
         else:
             # timed out: record (task, counter, value, target) and leave the queue

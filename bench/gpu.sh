@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU runs for bench/results/: one call of the device tool runs the steps named on the
+# command line, each under its own time limit, logging to $OUT (or ./out). A failing step
+# does not stop the others.
+#
+#   bash bench/gpu.sh install tokens-tiny tokens-small bench-small-8 bench-small-1 ...
+set -u
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+step() {   # step NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/steps.log"
+  local t0=$(date +%s)
+  timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT/steps.log"
+  tail -n 25 "$OUT/$name.log"
+}
+for s in "$@"; do
+  case $s in
+    install) step install 120 python3 -m pip install --no-deps --no-build-isolation -e . ;;
+    env) step env 60 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))" ;;
+    tokens-tiny) step tokens-tiny 110 python3 -m tilecomp.bench.tokens --preset tiny --prompts 3 --new-tokens 16 --json "$OUT/tokens-tiny.json" ;;
+    tokens-small) step tokens-small 200 python3 -m tilecomp.bench.tokens --preset small --prompts 16 --new-tokens 48 --json "$OUT/tokens-small.json" ;;
+    bench-small-8) step bench-small-8 170 tilecomp bench --preset small --context 4096 --block 8 --json "$OUT/small-ctx4096-b8.json" ;;
+    bench-small-1) step bench-small-1 200 tilecomp bench --preset small --context 4096 --block 1 --json "$OUT/small-ctx4096-b1.json" ;;
+    bench-flash-8) step bench-flash-8 320 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 8 --skip-bf16 --eager-iters 5 --iters 30 --json "$OUT/flash8-ctx4096-b8.json" ;;
+    bench-flash-1) step bench-flash-1 240 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 30 --json "$OUT/flash8-ctx4096-b1.json" ;;
+    baseline) step baseline 300 python3 .device/compile_baseline.py mxfp4 8 4096 ;;
+    generate) step generate 200 bash -c 'tilecomp generate --engine megakernel --prompt "def fibonacci(n):" --max-new-tokens 128 --json && tilecomp generate --engine megakernel --no-draft --prompt "def fibonacci(n):" --max-new-tokens 128 --json && tilecomp generate --engine reference --prompt "def fibonacci(n):" --max-new-tokens 128 --json' ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,44 @@
+"""The GPU diagnostics' host side: trace summaries and the token check's bookkeeping."""
+from types import SimpleNamespace
+
+import torch
+
+from tilecomp.bench.tokens import first_difference
+from tilecomp.bench.trace import format_summary, summarize
+from tilecomp.codegen import layout as L
+
+
+def fake_step(kinds_by_program):
+    rows, bounds, names = [], [0], {}
+    for tasks in kinds_by_program:
+        for kind in tasks:
+            task = len(rows)
+            rows.append([L.KIND_IDS[kind], task])
+            names[task] = f"{kind} t{task}"
+        bounds.append(len(rows))
+    records = torch.zeros(len(rows), L.RECORD_WORDS, dtype=torch.int64)
+    records[:, :2] = torch.tensor(rows)
+    return SimpleNamespace(records=records, queue=torch.tensor(bounds, dtype=torch.int32), task_names=names)
+
+
+def test_summary_splits_wait_and_work_per_kind():
+    step = fake_step([["linear", "lm_head"], ["linear"]])
+    ns = 1000                                             # stamps in ns: (start, ready, done)
+    trace = torch.tensor([[1 * ns, 2 * ns, 5 * ns],         # linear: waits 1 us, works 3 us
+                          [5 * ns, 5 * ns, 9 * ns],         # lm_head: works 4 us
+                          [1 * ns, 4 * ns, 6 * ns]])        # linear: waits 3 us, works 2 us
+    s = summarize(step, trace)
+    assert s["span_us"] == 8.0 and s["programs"] == 2
+    lin = s["kinds"]["linear"]
+    assert (lin["tasks"], lin["wait_us"], lin["work_us"]) == (2, 4.0, 5.0)
+    assert s["kinds"]["lm_head"]["work_us"] == 4.0
+    assert list(s["kinds"]) == ["linear", "lm_head"]      # ordered by work
+    assert s["longest_tasks"][0] == {"work_us": 4.0, "start_us": 4.0, "program": 0, "task": "lm_head t1"}
+    assert abs(s["mean_program_busy"] - ((7 / 8) + (2 / 8)) / 2) < 1e-9
+    assert "lm_head" in format_summary(s)
+
+
+def test_first_difference():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2, 3], [1, 2]) == 2

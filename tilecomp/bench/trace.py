@@ -1,0 +1,65 @@
+"""Where a megakernel step's time goes: per-task globaltimer stamps, summarised.
+
+A step launched with `StepProgram.launch(arenas, trace=buf)` writes, for every
+task record, three %globaltimer stamps: when its program reached it, when its
+waits were met, when its signals were sent. `summarize` turns them into
+per-kind totals of waiting and working time, per-program busy fractions and
+the longest tasks, which is what `tilecomp bench --trace` prints and saves.
+"""
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from tilecomp.codegen import layout as L
+
+KIND_NAMES = {k.id: name for name, k in L.KINDS.items()}
+
+
+def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
+    """step: a StepProgram launched once with `trace`; trace: int64 [n_tasks, 3]."""
+    stamps = trace.cpu().tolist()
+    records = step.records[:, :2].cpu().tolist()                # (kind, task)
+    bounds = step.queue.cpu().tolist()
+    t_min = min(s[0] for s in stamps if s[0] > 0)
+    span_ns = max(s[2] for s in stamps) - t_min
+    kinds = collections.defaultdict(lambda: {"tasks": 0, "wait_us": 0.0, "work_us": 0.0})
+    programs, longest = [], []
+    for p in range(len(bounds) - 1):
+        busy = 0
+        for qi in range(bounds[p], bounds[p + 1]):
+            start, ready, done = stamps[qi]
+            kind, task = records[qi]
+            k = kinds[KIND_NAMES.get(kind, str(kind))]
+            k["tasks"] += 1
+            k["wait_us"] += (ready - start) / 1e3
+            k["work_us"] += (done - ready) / 1e3
+            busy += done - ready
+            longest.append(((done - ready) / 1e3, (ready - t_min) / 1e3, p,
+                            step.task_names.get(task, f"t{task}")))
+        programs.append(busy / span_ns if span_ns else 0.0)
+    longest.sort(reverse=True)
+    total_work = sum(k["work_us"] for k in kinds.values()) or 1.0
+    for k in kinds.values():
+        k["work_share"] = k["work_us"] / total_work
+        k["work_us_per_task"] = k["work_us"] / k["tasks"]
+    return {"span_us": span_ns / 1e3, "programs": len(programs),
+            "mean_program_busy": sum(programs) / max(len(programs), 1),
+            "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["work_us"])),
+            "longest_tasks": [{"work_us": w, "start_us": s, "program": p, "task": n}
+                              for w, s, p, n in longest[:top]]}
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"step span {s['span_us']:.1f} us on {s['programs']} programs, mean busy "
+             f"{100 * s['mean_program_busy']:.1f}%",
+             f"{'kind':<22}{'tasks':>7}{'work us':>12}{'share':>8}{'us/task':>10}{'wait us':>12}"]
+    for name, k in s["kinds"].items():
+        lines.append(f"{name:<22}{k['tasks']:>7}{k['work_us']:>12.1f}{100 * k['work_share']:>7.1f}%"
+                     f"{k['work_us_per_task']:>10.2f}{k['wait_us']:>12.1f}")
+    lines.append("longest tasks:")
+    for t in s["longest_tasks"][:8]:
+        lines.append(f"  {t['work_us']:9.1f} us  from {t['start_us']:9.1f} us  program {t['program']:>3}  "
+                     f"{t['task']}")
+    return "\n".join(lines)
