@@ -41,22 +41,23 @@ class Megakernel:
     module: object
     constexprs: dict
     spin_limit: int
+    num_warps: int = 4           # warps per persistent program (one program per SM)
 
     @classmethod
     def build(cls, kinds, constexprs: dict, name: str = "decode_step", spin_limit=None,
-              cache_dir=None) -> "Megakernel":
+              cache_dir=None, num_warps: int = 4) -> "Megakernel":
         source = generate_kernel(kinds, name=name, constexprs=constexprs)
         module = load_kernel_module(source, cache_dir)
         spins = spin_limit or (INTERPRETER_SPINS if interpreting() else GPU_SPINS)
-        return cls(source, module, dict(module.CONSTEXPRS), spins)
+        return cls(source, module, dict(module.CONSTEXPRS), spins, num_warps)
 
     @classmethod
-    def from_file(cls, path, spin_limit=None) -> "Megakernel":
+    def from_file(cls, path, spin_limit=None, num_warps: int = 4) -> "Megakernel":
         """A generated kernel written earlier (tilecomp compile --out, or the cache)."""
         source = Path(path).read_text()
         module = load_kernel_file(path)
         spins = spin_limit or (INTERPRETER_SPINS if interpreting() else GPU_SPINS)
-        return cls(source, module, dict(module.CONSTEXPRS), spins)
+        return cls(source, module, dict(module.CONSTEXPRS), spins, num_warps)
 
     @property
     def kernel(self):
@@ -71,7 +72,7 @@ class Megakernel:
         self.kernel[(programs,)](records, queue, counters, errors,
                                  trace if trace is not None else errors, epoch, *arenas.pointers(),
                                  SPIN_LIMIT=self.spin_limit, TRACE=trace is not None,
-                                 **self.constexprs)
+                                 num_warps=self.num_warps, **self.constexprs)
 
 
 def new_counters(n_counters: int, device="cpu") -> torch.Tensor:

@@ -77,6 +77,16 @@ class CompileOptions:
         return TraceOptions(dtype=self.dtype, max_len=self.max_len, prefill_chunk=self.prefill_chunk)
 
 
+def engine_options(max_len: int, programs: int, interpreter: bool,
+                   qkv_q_heads: int | None = -1) -> CompileOptions:
+    """Options of the DFlash step an engine runs. On a GPU one query head per qkv_rope_kv task
+    by default (-1): a whole 16-head KV group in one task was the step's critical path on an
+    H100 (docs/PERF.md); the interpreter keeps whole groups (it pays per task)."""
+    q = (None if interpreter else 1) if qkv_q_heads == -1 else qkv_q_heads
+    return CompileOptions(max_len=max_len, programs=programs, interpreter_order=interpreter,
+                          lower=LowerOptions(qkv_q_heads=q))
+
+
 @dataclass
 class Compiled:
     """Every stage of one compile: `tile` right after lowering, `schedule` after the last tile pass."""

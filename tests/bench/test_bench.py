@@ -82,7 +82,8 @@ def test_run_bench_report_on_cpu():
     scheduled DFlash step) and the report carries floor ratios for each."""
     args = argparse.Namespace(checkpoint=None, preset="tiny", layers=None, context=20, block=8,
                               acceptance=6.3, programs=None, iters=1, eager_iters=2, skip_compile=False,
-                              skip_megakernel=False, skip_bf16=True, json=None)
+                              skip_megakernel=False, skip_bf16=True, json=None,
+                              num_warps=4, tiles={"BLOCK_K": 32}, qkv_q_heads=-1, trace=False)
     report = run_bench(args)
     assert report["floor"]["ms"] > 0 and report["copy_bandwidth_gbps"] > 0
     for name in ("eager", "torch_compile", "megakernel"):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tilecomp.codegen.harness import Megakernel
+from tilecomp.codegen.layout import KIND_IDS
 from tilecomp.errors import DeadlockError
 from tilecomp.models.dflash import DFlashDraft
 from tilecomp.models.mimo import MiMoForCausalLM
@@ -63,6 +64,28 @@ def test_plain_greedy_equals_reference():
     ref, _, got = both(target, draft, ids, 5, use_draft=False)
     assert got.tokens == ref.tokens
     assert got.acceptance == []
+
+
+def test_split_qkv_tasks_and_tuning_switches_give_the_same_tokens():
+    """One task per query head (the GPU default), 8 warps, other tiles: same tokens."""
+    target, draft = models(4)
+    ids = prompt(4, 9)
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 4, use_draft=False)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, qkv_q_heads=1, num_warps=8,
+                              tiles={"BLOCK_K": 32, "BLOCK_N": 32})
+    qkv = [r for r in engine.step_program("plain").records.tolist() if r[0] == KIND_IDS["qkv_rope_kv"]]
+    assert engine.qkv_q_heads == 1 and engine.consts["BLOCK_K"] == 32
+    got = engine.generate(ids, 4, use_draft=False)
+    assert got.tokens == ref.tokens
+    cfg = target.config
+    per_layer = [cfg.attn(i).n_heads + cfg.attn(i).n_kv_heads for i in range(cfg.num_hidden_layers)]
+    assert len(qkv) == sum(per_layer)
+
+
+def test_unknown_tile_override_is_named():
+    target, draft = models(0)
+    with pytest.raises(Exception, match="BLOCK_Q"):
+        MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"BLOCK_Q": 8})
 
 
 def test_sampled_follows_the_shared_rule_and_is_reproducible():

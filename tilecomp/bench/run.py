@@ -49,7 +49,7 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int) -> dict:
     the committed tokens. The DFlash step runs the compiler's schedule (`compile_model`); every
     timed step starts from the same saved step state, so each sees `args.context` positions."""
     from tilecomp.codegen import layout as L
-    from tilecomp.passes.pipeline import CompileOptions, compile_model
+    from tilecomp.passes.pipeline import compile_model, engine_options
     from tilecomp.runtime.megakernel import MegakernelEngine
     use_draft = draft is not None and args.block > 1
     max_len = args.context + 4 * args.block
@@ -58,12 +58,12 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int) -> dict:
     schedule, compile_s = None, 0.0
     if use_draft:
         t0 = time.time()
-        options = CompileOptions(max_len=max_len, programs=programs,
-                                 interpreter_order=not torch.cuda.is_available())
+        options = engine_options(max_len, programs, not torch.cuda.is_available(), args.qkv_q_heads)
         schedule = compile_model(cfg, dcfg, options).schedule
         compile_s = time.time() - t0
     engine = MegakernelEngine(target, draft if use_draft else None, max_len=max_len,
-                              programs=programs, schedule=schedule)
+                              programs=programs, schedule=schedule, num_warps=args.num_warps,
+                              tiles=args.tiles, qkv_q_heads=args.qkv_q_heads)
     engine._set_state(pos=args.context, last=1, n_ctx=1 if use_draft else 0, ctx_pos=args.context - 1,
                       temp_bits=0, top_p_bits=L.float_bits(1.0), seed=0)
     for name in ("block", "draft_block") if use_draft else ("block",):
@@ -84,7 +84,8 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int) -> dict:
     step.check()
     stats = time_steps(run, iters, warmup=min(10, iters))
     step.check()
-    stats.update(programs=programs, compile_s=compile_s, schedule="compiled" if use_draft else "engine",
+    stats.update(num_warps=args.num_warps, tiles=args.tiles, qkv_q_heads=engine.qkv_q_heads,
+                 programs=programs, compile_s=compile_s, schedule="compiled" if use_draft else "engine",
                  tasks=int(step.records.shape[0]), counters=len(step.counter_names))
     if getattr(args, "trace", False) and torch.cuda.is_available():
         from .trace import format_summary, summarize

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
     from tilecomp.models import preset
-    from tilecomp.passes.pipeline import CompileOptions, compile_model
+    from tilecomp.passes.pipeline import compile_model, engine_options
     from .random_model import random_draft, random_target
     on_gpu = torch.cuda.is_available()
     if not on_gpu:          # the generated kernels run in Triton's interpreter (set before import)
@@ -131,8 +131,7 @@ def main(argv=None) -> int:
     schedule = None
     if draft is not None:
         max_len = int(lens.max()) + args.new_tokens + 2 * dcfg.block_size
-        schedule = compile_model(cfg, dcfg, CompileOptions(max_len=max_len, programs=programs,
-                                                           interpreter_order=not on_gpu)).schedule
+        schedule = compile_model(cfg, dcfg, engine_options(max_len, programs, not on_gpu)).schedule
     truth = copy.deepcopy(target).float()           # the arbiter at a divergence
     report = check(target, draft, prompts, args.new_tokens, schedule=schedule, programs=programs,
                    truth=truth)

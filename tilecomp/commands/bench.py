@@ -18,6 +18,11 @@ def add_parser(subparsers):
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile baseline")
     p.add_argument("--skip-megakernel", action="store_true", help="leave out the megakernel")
     p.add_argument("--skip-bf16", action="store_true", help="leave out the bf16-experts baseline")
+    p.add_argument("--num-warps", type=int, default=4, help="warps per megakernel program")
+    p.add_argument("--tile", action="append", default=[], metavar="NAME=N",
+                   help="override a megakernel tile size, e.g. --tile BLOCK_K=256 (repeatable)")
+    p.add_argument("--qkv-q-heads", type=int, default=-1, metavar="N",
+                   help="query heads per qkv task (0: a whole KV group; default: 1 on a GPU)")
     p.add_argument("--trace", action="store_true",
                    help="also run one step with per-task timers and report where its time goes (GPU)")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT")
@@ -33,9 +38,30 @@ def run(args) -> int:
     from tilecomp.bench import format_table, run_bench, write_json
     if args.layers is not None and args.checkpoint:
         raise TilecompError("--layers: only with --preset (a checkpoint has its own layer count)")
+    args.tiles = parse_tiles(args.tile)
+    if args.num_warps not in (1, 2, 4, 8, 16):
+        raise TilecompError(f"--num-warps: expected 1, 2, 4, 8 or 16, found {args.num_warps}")
+    if args.qkv_q_heads == 0:
+        args.qkv_q_heads = None                      # a whole KV group per task
     report = run_bench(args)
     print(format_table(report))
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def parse_tiles(items: list[str]) -> dict:
+    """--tile NAME=N ... -> {NAME: N}; N a power of two."""
+    tiles = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if not name or n <= 0 or n & (n - 1):
+            raise TilecompError(f"--tile: expected NAME=N with N a power of two (e.g. BLOCK_K=256), "
+                                f"found {item!r}")
+        tiles[name] = n
+    return tiles

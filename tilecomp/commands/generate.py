@@ -114,8 +114,8 @@ def compile_step(target, draft, max_len: int, programs: int, interpreter_order: 
     engine to run; None without a draft (plain decoding uses the engine's own step)."""
     if draft is None:
         return None
-    from tilecomp.passes.pipeline import CompileOptions, compile_model
-    options = CompileOptions(max_len=max_len, programs=programs, interpreter_order=interpreter_order)
+    from tilecomp.passes.pipeline import compile_model, engine_options
+    options = engine_options(max_len, programs, interpreter_order)
     return compile_model(target.config, draft.config, options).schedule
 
 

@@ -58,11 +58,15 @@ class StepProgram:
 
 class MegakernelEngine:
     def __init__(self, target, draft=None, max_len: int = 4096, programs: int | None = None,
-                 artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None):
+                 artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None,
+                 num_warps: int = 4, tiles: dict | None = None, qkv_q_heads: int | None = -1):
         """artifacts: a `tilecomp compile --out` directory whose kernels/ to use; otherwise the
         kernels are generated once and cached (cache_dir, default ~/.cache/tilecomp).
         schedule: a scheduled TileProgram (or the path of a schedule.ir) from `tilecomp compile`
-        (same max_len) to run as the DFlash step instead of the engine's own stage plan."""
+        (same max_len) to run as the DFlash step instead of the engine's own stage plan.
+        Tuning switches (tilecomp bench measures each): num_warps per program; tiles overrides
+        tile sizes (e.g. {"BLOCK_K": 256}); qkv_q_heads query heads per qkv task in the engine's
+        own plans (None: a whole KV group per task; -1: 1 on a GPU, None in the interpreter)."""
         self.target, self.draft, self.config = target, draft, target.config
         self.max_len = max_len
         self.dcfg = draft.config if draft is not None else None
@@ -84,6 +88,14 @@ class MegakernelEngine:
         self.builder = builder
         self.arenas = builder.build(self.device)
         self.consts = constexprs_for(self.config, self.dcfg, self.rows)
+        unknown = set(tiles or {}) - set(self.consts)
+        if unknown:
+            raise TilecompError(f"tiles: unknown tile size(s) {sorted(unknown)}; expected some of "
+                                f"{sorted(self.consts)}")
+        self.tiles = dict(tiles or {})
+        self.consts.update(self.tiles)
+        self.num_warps = num_warps
+        self.qkv_q_heads = (None if interpreting() else 1) if qkv_q_heads == -1 else qkv_q_heads
         self.kernel_paths = kernel_files(self.config, self.dcfg, artifacts, cache_dir)
         self._kernels: dict[str, Megakernel] = {}
         self._steps: dict[tuple, StepProgram] = {}
@@ -91,12 +103,17 @@ class MegakernelEngine:
     # -- step programs -------------------------------------------------------------------------
     def kernel(self, name: str) -> Megakernel:
         if name not in self._kernels:
-            self._kernels[name] = Megakernel.from_file(self.kernel_paths[name])
+            if self.tiles:                   # tile overrides: not the cached default build
+                self._kernels[name] = Megakernel.build(ENGINE_KINDS, self.consts, name=name,
+                                                       num_warps=self.num_warps)
+            else:
+                self._kernels[name] = Megakernel.from_file(self.kernel_paths[name],
+                                                           num_warps=self.num_warps)
         return self._kernels[name]
 
     def _planner(self, rows: int) -> StepPlanner:
         return StepPlanner(self.builder, self.config, self.dcfg, rows, self.rows, self.max_len,
-                           self.consts, self.chunk_len)
+                           self.consts, self.chunk_len, self.qkv_q_heads)
 
     def _pack(self, kernel_name: str, planner: StepPlanner) -> StepProgram:
         queues, counter_names, task_names = planner.stages.queues(self.programs)
@@ -127,7 +144,8 @@ class MegakernelEngine:
         """The compiler's scheduled DFlash step (its queues, counters and tile sizes)."""
         tp = self.schedule
         queues = RecordBuilder(self.builder, tp).queues()
-        kernel = Megakernel.build(ENGINE_KINDS, tile_constexprs(tp, self.consts), name="decode_step")
+        kernel = Megakernel.build(ENGINE_KINDS, tile_constexprs(tp, self.consts), name="decode_step",
+                                  num_warps=self.num_warps)
         records, queue = L.pack_records(queues, self.device)
         return StepProgram(kernel, records, queue, new_counters(len(tp.counters), self.device),
                            new_errors(len(queues), self.device), list(tp.counters),

@@ -49,8 +49,9 @@ class StepPlanner:
     """Records of one step over the arena slots of `b` (weights already added)."""
 
     def __init__(self, b: ArenaBuilder, cfg, dcfg, rows: int, ring_rows: int, max_len: int,
-                 consts: dict, chunk_len: int | None = None):
+                 consts: dict, chunk_len: int | None = None, qkv_q_heads: int | None = None):
         self.b, self.cfg, self.dcfg, self.T, self.max_len = b, cfg, dcfg, rows, max_len
+        self.qkv_q_heads = qkv_q_heads
         self.ring_rows = ring_rows
         self.BN, self.chunk_len = consts["BLOCK_N"], chunk_len
         self.D, self.eps = cfg.hidden_size, float_bits(cfg.layernorm_epsilon)
@@ -73,12 +74,25 @@ class StepPlanner:
 
     def qkv(self, name, x, spec, wq, wk, wv, q_out, kc, vc, ring, *, norm, eps, theta, v_scale,
             pos, rows_n=None, rows=-1, x_stride=None):
-        recs = [TaskRecord("qkv_rope_kv", 0, dict(
-            x=x, x_stride=x_stride or self.D, norm=norm, eps_bits=eps, wq=wq, wk=wk, wv=wv,
-            q_out=q_out, k_cache=kc, v_cache=vc, head=g, n_heads_q=spec[0], n_kv_heads=spec[1],
-            head_dim=spec[2], v_head_dim=spec[3], rope_dim=spec[4], theta_bits=float_bits(theta),
-            v_scale_bits=float_bits(v_scale), dim=self.D, pos=pos, ring=ring,
-            n_rows=self.T if rows_n is None else rows_n, rows=rows)) for g in range(spec[1])]
+        """Per KV head one task (its query heads, k, v); with `qkv_q_heads` set, one task for
+        k/v and one per `qkv_q_heads` query heads (more, smaller tasks to spread over the SMs)."""
+        args = dict(x=x, x_stride=x_stride or self.D, norm=norm, eps_bits=eps, wq=wq, wk=wk, wv=wv,
+                    q_out=q_out, k_cache=kc, v_cache=vc, n_heads_q=spec[0], n_kv_heads=spec[1],
+                    head_dim=spec[2], v_head_dim=spec[3], rope_dim=spec[4],
+                    theta_bits=float_bits(theta), v_scale_bits=float_bits(v_scale), dim=self.D,
+                    pos=pos, ring=ring, n_rows=self.T if rows_n is None else rows_n, rows=rows,
+                    q_head0=0, q_heads=0)
+        G, n = spec[0] // spec[1], self.qkv_q_heads
+        recs = []
+        for g in range(spec[1]):
+            if not n or n >= G or wq < 0:
+                recs.append(TaskRecord("qkv_rope_kv", 0, dict(args, head=g)))
+                continue
+            if wk >= 0:                                       # k/v and the cache write
+                recs.append(TaskRecord("qkv_rope_kv", 0, dict(args, head=g, wq=-1)))
+            recs += [TaskRecord("qkv_rope_kv", 0, dict(args, head=g, wk=-1, wv=-1, q_head0=h0,
+                                                       q_heads=min(n, G - h0)))
+                     for h0 in range(0, G, n)]
         self.stages.add(name, recs)
 
     def attention(self, name, q, spec, kc, vc, ring, out, *, window, causal, sink, scale, span):
