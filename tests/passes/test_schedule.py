@@ -46,18 +46,13 @@ def test_multi_program_schedule_breaks_interpreter_order(tiny_tile):
 
 def test_truncated_mimo_v2_flash_tiles_schedule_and_verify():
     """Real MiMo-V2-Flash shapes (3 layers: full, 2 SWA; 2 MoE) through every tile pass."""
-    import time
     from collections import Counter
 
     from tilecomp.ir.tile import parse_tile, print_tile
     from tilecomp.passes.lower import LowerOptions
     from tilecomp.settings import Settings
     cfg, dcfg = preset("mimo-v2-flash", 3)
-    start = time.process_time()
     c = compile_model(cfg, dcfg, settings=Settings())
-    tile_s = sum(v for k, v in c.seconds.items() if k.split(": ")[-1] in
-                 ("tile", "schedule", "pipelining", "warp_spec", "verify_schedule"))
-    assert tile_s < 30, f"tile stages took {tile_s:.1f} s for 3 layers"
     n = Counter(t.kind for t in c.schedule.tasks)
     o = LowerOptions()
     slots = min(cfg.n_routed_experts, dcfg.block_size * cfg.num_experts_per_tok)     # 64 of 256
@@ -74,7 +69,6 @@ def test_truncated_mimo_v2_flash_tiles_schedule_and_verify():
     assert n["lm_head"] == 2 * -(-cfg.vocab_size // o.vocab_block)
     assert parse_tile(print_tile(c.schedule)) == c.schedule
     verify_schedule(c.schedule)
-    assert time.process_time() - start < 120
 
 
 @pytest.mark.parametrize("seed", range(12))
