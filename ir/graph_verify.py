@@ -242,7 +242,8 @@ def _route_normalize(c):
 def _moe_route(c):
     x, gate, bias = c.args
     _ndim(x, 2, "x")
-    _want(gate.dtype == F32 and gate.shape[1:] == x.shape[1:], f"router weight: expected f32[E, {x.shape[1]}], found {gate}")
+    _want(gate.dtype == F32 and gate.shape[1:] == x.shape[1:],
+          f"router weight: expected f32[E, {x.shape[1]}], found {gate}")
     e, t, k = gate.shape[0], x.shape[0], c.attr("k")
     _same(TensorType(F32, (e,)), bias, "bias")
     _want(0 < k <= e, f"k {k} out of range for {e} experts")
@@ -278,7 +279,8 @@ def _moe_combine(c):
 def _moe_experts(c):
     x, ids, w, wg, wu, wd = c.args
     _ndim(x, 2, "x")
-    _want(ids.dtype == I32 and len(ids.shape) == 2 and ids.shape[0] == x.shape[0], f"ids: expected i32[{x.shape[0]}, k], found {ids}")
+    _want(ids.dtype == I32 and len(ids.shape) == 2 and ids.shape[0] == x.shape[0],
+          f"ids: expected i32[{x.shape[0]}, k], found {ids}")
     _same(TensorType(F32, ids.shape), w, "weights")
     for t, what in ((wg, "gate"), (wu, "up"), (wd, "down")):
         _expert_weight(t, f"{what} experts")
@@ -286,7 +288,8 @@ def _moe_experts(c):
     _want(wg.shape == wu.shape == (e, inter, x.shape[1]) and wd.shape == (e, x.shape[1], inter),
           f"expert shapes gate {list(wg.shape)}, up {list(wu.shape)}, down {list(wd.shape)} do not fit x {x}")
     if c.kw("plan") is not None:
-        _want(c.kw("plan").dtype == I32 and len(c.kw("plan").shape) == 1, f"plan: expected i32[S], found {c.kw('plan')}")
+        _want(c.kw("plan").dtype == I32 and len(c.kw("plan").shape) == 1,
+              f"plan: expected i32[S], found {c.kw('plan')}")
     if c.kw("residual") is not None:
         _same(x, c.kw("residual"), "residual")
     return (x,)

@@ -134,12 +134,21 @@ def _write_tensors(tensors: dict, path: str, shard_size: int | None):
     shards.append(current)
     weight_map = {}
     for i, names in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        name = shard_name(i, len(shards))
         save_file(materialize(names), os.path.join(path, name), metadata={"format": "pt"})
         weight_map.update({key: name for key in names})
-    total = sum(nbytes for nbytes, _ in tensors.values())
+    write_index(path, weight_map, sum(nbytes for nbytes, _ in tensors.values()))
+
+
+def shard_name(i: int, n: int) -> str:
+    """File name of shard i (0-based) of n, the Hugging Face way."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(path: str, weight_map: dict[str, str], total_size: int):
+    """DIR/model.safetensors.index.json: which shard holds each tensor."""
     with open(os.path.join(path, INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2)
 
 
 def checkpoint_config(config: MiMoConfig) -> dict:

@@ -193,7 +193,8 @@ class Tracer:
 
     def draft_attention(self, a: dfl.DFlashAttention, x, pos, caches, j):
         hint, theta = f"D{j}", self.draft.config.rope_theta
-        q = self.rope(self.linear(a.q_proj, x, f"{hint}.q"), pos, a.n_heads, a.head_dim, a.head_dim, theta, f"{hint}.q_rot")
+        q = self.rope(self.linear(a.q_proj, x, f"{hint}.q"), pos, a.n_heads, a.head_dim, a.head_dim,
+                      theta, f"{hint}.q_rot")
         k = self.rope(self.linear(a.k_proj, x, f"{hint}.k"), pos, a.n_kv_heads, a.head_dim, a.head_dim, theta,
                       f"{hint}.k_rot")
         v = self.linear(a.v_proj, x, f"{hint}.v")

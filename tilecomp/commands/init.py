@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from tilecomp.errors import TilecompError
+from tilecomp.models.checkpoint import shard_name, write_index
 from tilecomp.models.mimo import INIT_STD
 from tilecomp.models.mxfp4 import random_scale_code
 
@@ -103,13 +104,12 @@ def write_streamed(module: torch.nn.Module, path: str, seed: int):
     for i, (group, names) in enumerate(sorted(groups.items())):
         gen = torch.Generator().manual_seed(seed * 100_003 + i)
         tensors = {name: random_tensor(name, state[name], gen) for name in names}
-        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        file = shard_name(i, len(groups))
         save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
         weight_map.update({name: file for name in names})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_index(path, weight_map, total)
 
 
 def write_config(obj: dict, path: str):
