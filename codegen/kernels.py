@@ -16,6 +16,7 @@ from pathlib import Path
 import tilecomp
 from tilecomp.errors import TilecompError
 
+from . import layout as L
 from .triton_gen import STEP_KINDS, generate_kernel
 
 ENGINE_KINDS = ("embed", "linear", "linear_reduce", "qkv_rope_kv", "attn_partial", "attn_reduce",
@@ -31,11 +32,14 @@ def constexprs_for(cfg, dcfg, rows: int) -> dict:
     """Tile sizes for steps of up to `rows` rows: few big tiles (the interpreter pays per task)."""
     head_dims = [cfg.attn(i).head_dim for i in range(cfg.num_hidden_layers)]
     head_dims += [cfg.attn(i).v_head_dim for i in range(cfg.num_hidden_layers)]
+    rope_dims = [cfg.attn(i).rope_dim for i in range(cfg.num_hidden_layers)]
     if dcfg is not None:
         head_dims.append(dcfg.head_dim)
+        rope_dims.append(dcfg.head_dim)
     return dict(BLOCK_T=max(16, _pow2(rows)), BLOCK_D=min(128, _pow2(cfg.hidden_size)),
                 BLOCK_N=64, BLOCK_K=64, BLOCK_HD=max(16, _pow2(max(head_dims))), BLOCK_S=32,
-                BLOCK_E=max(16, _pow2(cfg.n_routed_experts)), BLOCK_V=16)
+                BLOCK_E=max(16, _pow2(cfg.n_routed_experts)), BLOCK_V=16,
+                BLOCK_R=max(16, _pow2(max(rope_dims))), **L.TUNING_DEFAULTS)
 
 
 def step_rows(dcfg) -> int:

@@ -88,7 +88,7 @@ KINDS: dict[str, KindABI] = _kinds(
     ("linear", ("x", "x_stride", "w", "w_up", "k_dim", "n_dim", "n0", "n1", "k0", "k1",
                 "norm", "eps_bits", "bias", "res", "res_stride", "y", "y_stride", "n_rows",
                 "rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES")),
     # y[t, n0:n0+BN] = sum_s part[s, t, n0:n0+BN] (+ residual)
     ("linear_reduce", ("part", "n_split", "split_stride", "n_dim", "n0", "n1", "res", "y",
                        "y_stride", "n_rows", "rows"),
@@ -102,7 +102,7 @@ KINDS: dict[str, KindABI] = _kinds(
                      "v_cache", "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
                      "rope_dim", "theta_bits", "v_scale_bits", "dim", "pos", "ring", "n_rows",
                      "rows", "q_head0", "q_heads"),
-     ("BLOCK_T", "BLOCK_K", "BLOCK_HD")),
+     ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES")),
     # (kv head, chunk): partial (m, l, acc) of the head group's queries; key j at cache row
     # j % ring; pos = arena_i32 offset of the block start; causal 0 = the draft's form
     ("attn_partial", ("q", "k_cache", "v_cache", "part_m", "part_l", "part_acc",
@@ -136,7 +136,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift
     ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "n1", "logits",
                  "tile_key", "tile_arg", "tile", "n_tiles", "state", "pos_shift", "n_rows", "rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES")),
     # out[t] = token of the largest tile key of row t (lowest token on ties); with top_p < 1
     # (and temperature > 0) the whole logits row is re-read: top-p cut-off, then Gumbel keys
     ("sample_reduce", ("tile_key", "tile_arg", "n_tiles", "out", "n_rows", "logits", "vocab",
@@ -150,6 +150,11 @@ KINDS: dict[str, KindABI] = _kinds(
     ("send", ("buf", "numel", "peer"), ()),
     ("recv", ("buf", "numel", "peer"), ()),
 )
+
+# constexprs that tune a kind's code without changing its results, with their defaults:
+# STAGES = weight tiles in flight per pipelined K loop (tl.range num_stages; 1 = one-tile
+# manual prefetch issued before the task's wait)
+TUNING_DEFAULTS = {"STAGES": 3}
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}
 

@@ -94,6 +94,9 @@ def generate_kernel(kinds, name: str = "decode_step", constexprs: dict | None = 
     abis = sorted({L.kind_abi(k) for k in kinds}, key=lambda a: a.id)
     names = kernel_constexprs([a.name for a in abis])
     values = dict(constexprs or {})
+    if constexprs is not None:
+        values = {**L.TUNING_DEFAULTS, **values}   # tuning knobs have defaults, tile sizes do not
+        values = {k: v for k, v in values.items() if k in names or k in constexprs}
     missing = [n for n in names if n not in values]
     if constexprs is not None and missing:
         raise ScheduleError(f"kernel {name}: constexpr values missing for {missing}")

@@ -47,7 +47,7 @@ def test_qkv_rope_kv_matches_reference_projection_and_rope(rope_dim, n_rows, spl
                                                                 q_heads=1)))
             parts.append(TaskRecord("qkv_rope_kv", 0, dict(rec.args, wq=-1)))
         recs = parts
-    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_K=32, BLOCK_HD=16))
+    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_K=32, BLOCK_N=16, BLOCK_R=16))
     h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain
     p = torch.arange(pos, pos + n_rows)
     q = apply_rope((h @ wq.T).view(n_rows, H, hd).transpose(0, 1)[None], p, rope_dim, theta)[0]

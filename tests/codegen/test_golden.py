@@ -37,8 +37,7 @@ def test_engine_kernel_is_one_jit_with_one_commented_branch_per_kind_in_order():
 
 
 @pytest.mark.parametrize("kind,first_weight", [("linear", "ln_w = tl.load(arena_w"),
-                                               ("lm_head", "lm_w = tl.load(arena_w"),
-                                               ("qkv_rope_kv", "qk_kr_w = tl.load(arena_w")])
+                                               ("lm_head", "lm_w = tl.load(arena_w")])
 def test_weight_loads_are_issued_before_the_wait(kind, first_weight):
     source = generate_kernel(KINDS, name="decode_step")
     branch = source.split(f"  # {kind}\n", 1)[1].split("elif kind ==", 1)[0]

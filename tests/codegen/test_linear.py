@@ -17,8 +17,9 @@ def linear_record(task, b, n0, k0, k1, *, T, N, K, norm, res, y="y", y_stride=No
         y_stride=y_stride or N, n_rows=T, rows=rows), signals=[0])
 
 
-@pytest.mark.parametrize("norm,res", [(False, False), (True, True)])
-def test_linear_matches_torch(norm, res):
+@pytest.mark.parametrize("norm,res,stages", [(False, False, 3), (True, True, 3), (True, True, 1)])
+def test_linear_matches_torch(norm, res, stages):
+    """stages 3: the tl.range-pipelined K loop; 1: the manual one-tile prefetch before the wait."""
     g = torch.Generator().manual_seed(1)
     T, K, N = 5, 80, 72  # neither a multiple of the tiles
     x, w, gain, resid = (torch.randn(s, generator=g) for s in [(T, K), (N, K), (K,), (T, N)])
@@ -28,7 +29,7 @@ def test_linear_matches_torch(norm, res):
     arenas = b.build()
     recs = [linear_record(i, b, n0, 0, K, T=T, N=N, K=K, norm=norm, res=res)
             for i, n0 in enumerate(range(0, N, 32))]
-    counters = run_tasks([recs], arenas, CONST)
+    counters = run_tasks([recs], arenas, dict(CONST, STAGES=stages))
     xin = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain if norm else x
     want = xin @ w.T + (resid if res else 0)
     torch.testing.assert_close(arenas.view("y"), want, rtol=1e-5, atol=1e-4)
@@ -70,7 +71,8 @@ def test_embed_gathers_rows_and_mask_embedding():
     torch.testing.assert_close(arenas.view("out"), want)
 
 
-def test_linear_swiglu_epilogue():
+@pytest.mark.parametrize("stages", [3, 1])
+def test_linear_swiglu_epilogue(stages):
     g = torch.Generator().manual_seed(8)
     T, K, N = 4, 64, 48
     x, wg, wu = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, K, generator=g)
@@ -81,7 +83,7 @@ def test_linear_swiglu_epilogue():
     recs = [linear_record(i, b, n0, 0, K, T=T, N=N, K=K, norm=True, res=False) for i, n0 in enumerate((0, 32))]
     for r in recs:
         r.args["w_up"] = b.offset("wu")
-    run_tasks([recs], arenas, CONST)
+    run_tasks([recs], arenas, dict(CONST, STAGES=stages))
     xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
     want = torch.nn.functional.silu(xn @ wg.T) * (xn @ wu.T)
     torch.testing.assert_close(arenas.view("y"), want, rtol=1e-5, atol=1e-4)

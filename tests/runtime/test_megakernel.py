@@ -44,9 +44,9 @@ def test_dflash_greedy_equals_reference_tokens_and_acceptance(monkeypatch, arena
     launches = []
     real_launch = Megakernel.launch
 
-    def counted(self, *args):
+    def counted(self, *args, **kwargs):
         launches.append(self.module.KERNEL_NAME)
-        return real_launch(self, *args)
+        return real_launch(self, *args, **kwargs)
     monkeypatch.setattr(Megakernel, "launch", counted)
     streamed = []
     ref, _, got = both(target, draft, ids, 6, on_tokens=streamed.extend)

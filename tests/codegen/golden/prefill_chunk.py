@@ -3,11 +3,10 @@
 # Record layout: codegen/layout.py (48 int64 words per task).
 import triton
 import triton.language as tl
-from tilecomp.codegen.tasks.timer import globaltimer
 
 KERNEL_NAME = "prefill_chunk"
 RECORD_WORDS = tl.constexpr(48)
-CONSTEXPRS = {'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16}
+CONSTEXPRS = {'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'STAGES': 3}
 
 
 @triton.jit(do_not_specialize=["epoch"])  # epoch == 1 must not become a constant
@@ -28,6 +27,7 @@ def prefill_chunk(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     qi = tl.load(queue + pid).to(tl.int64)
@@ -36,7 +36,7 @@ def prefill_chunk(
         rec = records + qi * RECORD_WORDS
         kind = tl.load(rec + 0)
         if TRACE:
-            tl.store(trace + qi * 3, globaltimer())
+            tl.store(trace + qi * 3, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
         wait_ok = qi >= 0
         err_counter = qi * 0 - 1
         err_value = qi * 0
@@ -67,7 +67,7 @@ def prefill_chunk(
                     err_need = wait_need
             tl.debug_barrier()
             if TRACE:
-                tl.store(trace + qi * 3 + 1, globaltimer())
+                tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
                 em_t = r_row0 + tl.arange(0, BLOCK_T)
                 em_tmask = em_t < r_n_rows
@@ -107,10 +107,11 @@ def prefill_chunk(
             ln_n = r_n0 + tl.arange(0, BLOCK_N)
             ln_k = tl.arange(0, BLOCK_K)
             ln_nmask = ln_n < tl.where(r_n1 > r_n0, tl.minimum(r_n1, r_n_dim), r_n_dim)
-            ln_w = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
-                           mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :], other=0.0)
-            ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
-                            mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :] & (r_w_up >= 0), other=0.0)
+            if STAGES <= 1:     # the first weight tiles, before the wait (the pipelined path loads its own)
+                ln_w = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
+                               mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :], other=0.0)
+                ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
+                                mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :] & (r_w_up >= 0), other=0.0)
             # -- linear: bounded acquire wait --
             for wi in range(0, tl.load(rec + 2)):
                 wait_counter = tl.load(rec + 32 + wi * 3)
@@ -128,7 +129,7 @@ def prefill_chunk(
                     err_need = wait_need
             tl.debug_barrier()
             if TRACE:
-                tl.store(trace + qi * 3 + 1, globaltimer())
+                tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
                 ln_t = tl.arange(0, BLOCK_T)
                 ln_rows = r_n_rows
@@ -144,22 +145,40 @@ def prefill_chunk(
                     ln_inv = tl.rsqrt(ln_ss / r_k_dim + r_eps_bits.to(tl.int32).to(tl.float32, bitcast=True))
                 ln_acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
                 ln_up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-                for ln_kb in range(r_k0, r_k1, BLOCK_K):
-                    ln_kk = ln_kb + ln_k
-                    ln_kmask = ln_kk < r_k1
-                    ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
-                    if r_norm >= 0:
-                        ln_g = tl.load(arena_w + r_norm + ln_kk, mask=ln_kmask, other=0.0).to(tl.float32)
-                        ln_x = ln_x * ln_inv[:, None] * ln_g[None, :]
-                    # next weight tile streams while this one is used
-                    ln_w_next = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
-                                        mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
-                    ln_acc = tl.dot(ln_x.to(ln_w.dtype), tl.trans(ln_w), ln_acc, input_precision="ieee")
-                    ln_w = ln_w_next
-                    if r_w_up >= 0:
-                        ln_up = tl.dot(ln_x.to(ln_wu.dtype), tl.trans(ln_wu), ln_up, input_precision="ieee")
-                        ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
-                                        mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
+                if STAGES > 1:
+                    # software-pipelined: Triton keeps STAGES weight tiles in flight (async copies to shared
+                    # memory); the tiles loaded before the wait are not used on this path
+                    for ln_kb in tl.range(r_k0, r_k1, BLOCK_K, num_stages=STAGES):
+                        ln_kk = ln_kb + ln_k
+                        ln_kmask = ln_kk < r_k1
+                        ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                        if r_norm >= 0:
+                            ln_g = tl.load(arena_w + r_norm + ln_kk, mask=ln_kmask, other=0.0).to(tl.float32)
+                            ln_x = ln_x * ln_inv[:, None] * ln_g[None, :]
+                        ln_wt = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + ln_kk[None, :],
+                                        mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
+                        ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
+                        # SwiGLU's up tile: masked off entirely (no memory traffic) when there is no W_up
+                        ln_wut = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + ln_kk[None, :],
+                                         mask=ln_nmask[:, None] & ln_kmask[None, :] & (r_w_up >= 0), other=0.0)
+                        ln_up = tl.dot(ln_x.to(ln_wut.dtype), tl.trans(ln_wut), ln_up, input_precision="ieee")
+                else:
+                    for ln_kb in range(r_k0, r_k1, BLOCK_K):
+                        ln_kk = ln_kb + ln_k
+                        ln_kmask = ln_kk < r_k1
+                        ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                        if r_norm >= 0:
+                            ln_g = tl.load(arena_w + r_norm + ln_kk, mask=ln_kmask, other=0.0).to(tl.float32)
+                            ln_x = ln_x * ln_inv[:, None] * ln_g[None, :]
+                        # next weight tile streams while this one is used
+                        ln_w_next = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
+                                            mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
+                        ln_acc = tl.dot(ln_x.to(ln_w.dtype), tl.trans(ln_w), ln_acc, input_precision="ieee")
+                        ln_w = ln_w_next
+                        if r_w_up >= 0:
+                            ln_up = tl.dot(ln_x.to(ln_wu.dtype), tl.trans(ln_wu), ln_up, input_precision="ieee")
+                            ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
+                                            mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
                 if r_w_up >= 0:
                     ln_acc = ln_acc * tl.sigmoid(ln_acc) * ln_up
                 if r_bias >= 0:
@@ -194,7 +213,7 @@ def prefill_chunk(
                     err_need = wait_need
             tl.debug_barrier()
             if TRACE:
-                tl.store(trace + qi * 3 + 1, globaltimer())
+                tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
                 ac_j = tl.arange(0, BLOCK_T)
                 ac_d = tl.load(arena_i32 + r_draft_tok + ac_j, mask=ac_j < r_n_block - 1, other=-1, cache_modifier=".cg")
@@ -224,7 +243,7 @@ def prefill_chunk(
                 sig_add = tl.load(rec + 45 + si * 2).to(tl.int32)
                 tl.atomic_add(counters + sig_counter * 32, sig_add, sem="release", scope="gpu")
             if TRACE:
-                tl.store(trace + qi * 3 + 2, globaltimer())
+                tl.store(trace + qi * 3 + 2, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             qi += 1
         else:
             # timed out: record (task, counter, value, target) and leave the queue
