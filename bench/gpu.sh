@@ -3,7 +3,9 @@
 # command line, each under its own time limit, logging to $OUT (or ./out). A failing step
 # does not stop the others.
 #
-#   bash bench/gpu.sh install tokens-tiny tokens-small bench-small-8 bench-small-1 ...
+#   bash bench/gpu.sh install trace-v1 trace-stages1 trace-warps8     # one call (~8 min)
+#   bash bench/gpu.sh install bench-flash-8 bench-flash-1            # one call
+#   bash bench/gpu.sh install tokens-small generate baseline         # one call (carry .device/)
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -21,13 +23,18 @@ for s in "$@"; do
     install) step install 120 python3 -m pip install --no-deps --no-build-isolation -e . ;;
     env) step env 60 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))" ;;
     tokens-tiny) step tokens-tiny 110 python3 -m tilecomp.bench.tokens --preset tiny --prompts 3 --new-tokens 16 --json "$OUT/tokens-tiny.json" ;;
-    tokens-small) step tokens-small 200 python3 -m tilecomp.bench.tokens --preset small --prompts 16 --new-tokens 48 --json "$OUT/tokens-small.json" ;;
-    bench-small-8) step bench-small-8 170 tilecomp bench --preset small --context 4096 --block 8 --json "$OUT/small-ctx4096-b8.json" ;;
-    bench-small-1) step bench-small-1 200 tilecomp bench --preset small --context 4096 --block 1 --json "$OUT/small-ctx4096-b1.json" ;;
-    bench-flash-8) step bench-flash-8 320 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 8 --skip-bf16 --eager-iters 5 --iters 30 --json "$OUT/flash8-ctx4096-b8.json" ;;
+    tokens-small) step tokens-small 420 python3 -m tilecomp.bench.tokens --preset small --prompts 12 --new-tokens 32 --json "$OUT/tokens-small.json" ;;
+    bench-small-8) step bench-small-8 300 tilecomp bench --preset small --context 4096 --block 8 --skip-bf16 --eager-iters 5 --iters 20 --json "$OUT/small-ctx4096-b8.json" ;;
+    bench-small-1) step bench-small-1 300 tilecomp bench --preset small --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 20 --json "$OUT/small-ctx4096-b1.json" ;;
+    bench-flash-8) step bench-flash-8 540 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 8 --skip-bf16 --eager-iters 5 --iters 30 --json "$OUT/flash8-ctx4096-b8.json" ;;
     bench-flash-1) step bench-flash-1 240 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 30 --json "$OUT/flash8-ctx4096-b1.json" ;;
+    # version-1 levers on a 2-layer flash step, each with per-task timers (docs/PERF.md)
+    trace-v1) step trace-v1 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --json "$OUT/flash2-b1-v1.json" ;;
+    trace-stages1) step trace-stages1 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --tile STAGES=1 --json "$OUT/flash2-b1-stages1.json" ;;
+    trace-warps8) step trace-warps8 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --num-warps 8 --json "$OUT/flash2-b1-warps8.json" ;;
+    trace-k128) step trace-k128 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --tile BLOCK_K=128 --json "$OUT/flash2-b1-k128.json" ;;
     baseline) step baseline 300 python3 .device/compile_baseline.py mxfp4 8 4096 ;;
-    generate) step generate 200 bash -c 'tilecomp generate --engine megakernel --prompt "def fibonacci(n):" --max-new-tokens 128 --json && tilecomp generate --engine megakernel --no-draft --prompt "def fibonacci(n):" --max-new-tokens 128 --json && tilecomp generate --engine reference --prompt "def fibonacci(n):" --max-new-tokens 128 --json' ;;
+    generate) step generate 300 bash -c 'tilecomp generate --engine megakernel --prompt "def fibonacci(n):" --max-new-tokens 128 --json && tilecomp generate --engine megakernel --no-draft --prompt "def fibonacci(n):" --max-new-tokens 128 --json && tilecomp generate --engine reference --prompt "def fibonacci(n):" --max-new-tokens 128 --json' ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

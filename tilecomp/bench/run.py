@@ -112,9 +112,25 @@ def run_bench(args) -> dict:
     bw = copy_bandwidth_gbps()
     report["copy_bandwidth_gbps"] = bw
     results = {}
+    dflash = args.block > 1
+    tokens_per_step = args.acceptance if dflash else 1.0
+    report["assumed_acceptance"] = args.acceptance if dflash else None
+
+    def record(name: str, stats: dict):
+        """Add one measurement, print it, and save the report so far (a run cut off by a
+        time limit still leaves every finished measurement in --json)."""
+        results[name] = stats
+        report["results"] = {k: (entry(v, floor_ms, nbytes.total, tokens_per_step) if "median_ms" in v else v)
+                             for k, v in results.items() if v is not None}
+        r = report["results"][name]
+        if "median_ms" in r:
+            print(f"[bench] {name}: {r['median_ms']:.3f} ms, {r['ratio_to_floor']:.2f}x floor", flush=True)
+        if getattr(args, "json", None):
+            write_json(dict(report, partial=True), args.json)
+
     with torch.no_grad():
         eager = EagerStep(target, draft, args.context, args.block)
-        results["eager"] = time_steps(eager, args.eager_iters, warmup=2)
+        eager_stats = time_steps(eager, args.eager_iters, warmup=2)
         eager.close()
         unique = eager.unique_experts
         del eager
@@ -123,16 +139,12 @@ def run_bench(args) -> dict:
         report["unique_experts_per_layer"] = unique
         report["floor"] = {"bytes": nbytes.total, "ms": floor_ms, "bytes_by_part": nbytes.parts,
                            "bandwidth_gbps": bw}
-        if not args.skip_compile:
-            results["torch_compile"] = measure_compiled(target, draft, args)
+        record("eager", eager_stats)
         if not args.skip_megakernel:
-            results["megakernel"] = measure_megakernel(cfg, dcfg, target, draft, args, args.iters)
+            record("megakernel", measure_megakernel(cfg, dcfg, target, draft, args, args.iters))
+        if not args.skip_compile:
+            record("torch_compile", measure_compiled(target, draft, args))
     gc.collect()
-    dflash = args.block > 1
-    tokens_per_step = args.acceptance if dflash else 1.0
-    report["assumed_acceptance"] = args.acceptance if dflash else None
-    report["results"] = {k: (entry(v, floor_ms, nbytes.total, tokens_per_step) if "median_ms" in v else v)
-                         for k, v in results.items() if v is not None}
     if not args.skip_bf16 and device == "cuda":
         report["bf16_experts"] = measure_bf16_experts(cfg, dcfg, args, target, draft)
     add_speedups(report)
