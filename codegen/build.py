@@ -107,7 +107,11 @@ def compile_kernel(module, arch: int, num_warps: int = 4, trace: bool = False):
         fn = JITFunction(fn.fn)
     constexprs = dict(module.CONSTEXPRS, SPIN_LIMIT=GPU_SPINS, TRACE=trace)
     signature = dict(SIGNATURE, **{name: "constexpr" for name in constexprs})
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    # pointer arguments are 16-byte aligned, as Triton's launcher specialises them on a GPU
+    # (torch allocations are): without this the CPU build would see unvectorisable loads
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name, ty in SIGNATURE.items() if ty.startswith("*")}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
     knobs = getattr(triton, "knobs", None)
     with contextlib.ExitStack() as stack:

@@ -28,6 +28,17 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def weight_alignment(cfg, dcfg) -> int:
+    """8 (16-byte bf16 loads) when every weight row length the linear/qkv/lm_head kinds walk
+    is a multiple of 8 elements, else 1 (no alignment hint)."""
+    dims = [cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size]
+    dims += [cfg.attn(i).n_heads * cfg.attn(i).v_head_dim for i in range(cfg.num_hidden_layers)]
+    if dcfg is not None:
+        dims += [dcfg.hidden_size, dcfg.intermediate_size, dcfg.num_attention_heads * dcfg.head_dim,
+                 dcfg.hidden_size * len(dcfg.target_layer_ids)]
+    return 8 if all(d % 8 == 0 for d in dims) else 1
+
+
 def constexprs_for(cfg, dcfg, rows: int) -> dict:
     """Tile sizes for steps of up to `rows` rows: few big tiles (the interpreter pays per task)."""
     head_dims = [cfg.attn(i).head_dim for i in range(cfg.num_hidden_layers)]
@@ -39,7 +50,8 @@ def constexprs_for(cfg, dcfg, rows: int) -> dict:
     return dict(BLOCK_T=max(16, _pow2(rows)), BLOCK_D=min(128, _pow2(cfg.hidden_size)),
                 BLOCK_N=64, BLOCK_K=64, BLOCK_HD=max(16, _pow2(max(head_dims))), BLOCK_S=32,
                 BLOCK_E=max(16, _pow2(cfg.n_routed_experts)), BLOCK_V=16,
-                BLOCK_R=max(16, _pow2(max(rope_dims))), **L.TUNING_DEFAULTS)
+                BLOCK_R=max(16, _pow2(max(rope_dims))),
+                **dict(L.TUNING_DEFAULTS, WALIGN=weight_alignment(cfg, dcfg)))
 
 
 def step_rows(dcfg) -> int:

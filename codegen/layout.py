@@ -88,7 +88,7 @@ KINDS: dict[str, KindABI] = _kinds(
     ("linear", ("x", "x_stride", "w", "w_up", "k_dim", "n_dim", "n0", "n1", "k0", "k1",
                 "norm", "eps_bits", "bias", "res", "res_stride", "y", "y_stride", "n_rows",
                 "rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN")),
     # y[t, n0:n0+BN] = sum_s part[s, t, n0:n0+BN] (+ residual)
     ("linear_reduce", ("part", "n_split", "split_stride", "n_dim", "n0", "n1", "res", "y",
                        "y_stride", "n_rows", "rows"),
@@ -102,7 +102,7 @@ KINDS: dict[str, KindABI] = _kinds(
                      "v_cache", "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
                      "rope_dim", "theta_bits", "v_scale_bits", "dim", "pos", "ring", "n_rows",
                      "rows", "q_head0", "q_heads"),
-     ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES")),
+     ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES", "WALIGN")),
     # (kv head, chunk): partial (m, l, acc) of the head group's queries; key j at cache row
     # j % ring; pos = arena_i32 offset of the block start; causal 0 = the draft's form
     ("attn_partial", ("q", "k_cache", "v_cache", "part_m", "part_l", "part_acc",
@@ -136,7 +136,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift
     ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "n1", "logits",
                  "tile_key", "tile_arg", "tile", "n_tiles", "state", "pos_shift", "n_rows", "rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN")),
     # out[t] = token of the largest tile key of row t (lowest token on ties); with top_p < 1
     # (and temperature > 0) the whole logits row is re-read: top-p cut-off, then Gumbel keys
     ("sample_reduce", ("tile_key", "tile_arg", "n_tiles", "out", "n_rows", "logits", "vocab",
@@ -154,7 +154,9 @@ KINDS: dict[str, KindABI] = _kinds(
 # constexprs that tune a kind's code without changing its results, with their defaults:
 # STAGES = weight tiles in flight per pipelined K loop (tl.range num_stages; 1 = one-tile
 # manual prefetch issued before the task's wait)
-TUNING_DEFAULTS = {"STAGES": 3}
+# WALIGN = weight rows and slots are multiples of this many elements (alignment hint for
+# 16-byte loads; 1 = no hint)
+TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1}
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}
 
@@ -220,6 +222,26 @@ def encode_record(rec: TaskRecord) -> list[int]:
         counter, add = (signal, 1) if isinstance(signal, int) else signal
         words[F_SIGNAL0 + i * SIGNAL_WORDS:F_SIGNAL0 + (i + 1) * SIGNAL_WORDS] = [counter, add]
     return words
+
+
+# record args the WALIGN hint covers (element offsets / lengths of weight rows)
+ALIGNED_ARGS = {"linear": ("w", "w_up", "k_dim", "k0", "k1"), "lm_head": ("w", "dim"),
+                "qkv_rope_kv": ("wq", "wk", "wv", "dim")}
+
+
+def check_alignment(queues, walign: int, task_names: dict | None = None):
+    """Every hinted weight offset / row length is a multiple of WALIGN (or < 0: absent); a
+    kernel built with the hint would otherwise issue misaligned vector loads."""
+    if walign <= 1:
+        return
+    for queue in queues:
+        for rec in queue:
+            for arg in ALIGNED_ARGS.get(rec.kind, ()):
+                value = rec.args.get(arg, -1)
+                if value is not None and value >= 0 and value % walign:
+                    name = (task_names or {}).get(rec.task, f"task {rec.task}")
+                    raise ScheduleError(f"{rec.kind} {name}: arg {arg}={value} is not a multiple of "
+                                        f"WALIGN={walign} elements (weight rows must be 16-byte aligned)")
 
 
 def pack_records(queues: list[list[TaskRecord]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

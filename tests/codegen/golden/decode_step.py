@@ -6,7 +6,7 @@ import triton.language as tl
 
 KERNEL_NAME = "decode_step"
 RECORD_WORDS = tl.constexpr(48)
-CONSTEXPRS = {'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'STAGES': 3}
+CONSTEXPRS = {'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'STAGES': 3, 'WALIGN': 1}
 
 
 @triton.jit(do_not_specialize=["epoch"])  # epoch == 1 must not become a constant
@@ -28,6 +28,7 @@ def decode_step(
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     STAGES: tl.constexpr,
+    WALIGN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     qi = tl.load(queue + pid).to(tl.int64)
@@ -147,19 +148,24 @@ def decode_step(
                 ln_up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
                 if STAGES > 1:
                     # software-pipelined: Triton keeps STAGES weight tiles in flight (async copies to shared
-                    # memory); the tiles loaded before the wait are not used on this path
-                    for ln_kb in tl.range(r_k0, r_k1, BLOCK_K, num_stages=STAGES):
+                    # memory); the tiles loaded before the wait are not used on this path. WALIGN: weight
+                    # slots, row lengths and K bounds are multiples of WALIGN elements (16-byte loads)
+                    ln_wb = tl.multiple_of(r_w, WALIGN)
+                    ln_wub = tl.multiple_of(r_w_up, WALIGN)
+                    ln_kd = tl.multiple_of(r_k_dim, WALIGN)
+                    ln_k1 = tl.multiple_of(r_k1, WALIGN)
+                    for ln_kb in tl.range(tl.multiple_of(r_k0, WALIGN), ln_k1, BLOCK_K, num_stages=STAGES):
                         ln_kk = ln_kb + ln_k
-                        ln_kmask = ln_kk < r_k1
+                        ln_kmask = ln_kk < ln_k1
                         ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
                         if r_norm >= 0:
                             ln_g = tl.load(arena_w + r_norm + ln_kk, mask=ln_kmask, other=0.0).to(tl.float32)
                             ln_x = ln_x * ln_inv[:, None] * ln_g[None, :]
-                        ln_wt = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + ln_kk[None, :],
+                        ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
                                         mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
                         ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
                         # SwiGLU's up tile: masked off entirely (no memory traffic) when there is no W_up
-                        ln_wut = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + ln_kk[None, :],
+                        ln_wut = tl.load(arena_w + ln_wub + ln_n[:, None] * ln_kd + ln_kk[None, :],
                                          mask=ln_nmask[:, None] & ln_kmask[None, :] & (r_w_up >= 0), other=0.0)
                         ln_up = tl.dot(ln_x.to(ln_wut.dtype), tl.trans(ln_wut), ln_up, input_precision="ieee")
                 else:
