@@ -89,7 +89,8 @@ def engine_options(max_len: int, programs: int, interpreter: bool,
 
 @dataclass
 class Compiled:
-    """Every stage of one compile: `tile` right after lowering, `schedule` after the last tile pass."""
+    """Every stage of one compile: `tile` right after lowering, `schedule` after the last tile pass
+    (`prefill_tile` / `prefill_schedule`: the same for the prefill chunk)."""
 
     config: MiMoConfig
     draft_config: DFlashConfig
@@ -100,6 +101,8 @@ class Compiled:
     prefill_fused: Graph
     tile: object | None = None
     schedule: object | None = None
+    prefill_tile: object | None = None
+    prefill_schedule: object | None = None
     seconds: dict[str, float] = field(default_factory=dict, compare=False)
 
 
@@ -171,7 +174,7 @@ class _Stages:
 def compile_model(model_config: MiMoConfig, draft_config: DFlashConfig,
                   options: CompileOptions = CompileOptions(), progress: Progress | None = None,
                   settings: Settings | None = None) -> Compiled:
-    """Trace, fuse, lower and schedule one decode step (plus the prefill chunk's graphs)."""
+    """Trace, fuse, lower and schedule one decode step and one prefill chunk."""
     cfg = settings or read_settings()
     if progress is None and cfg.debug >= 1:
         progress = stderr_progress
@@ -183,11 +186,14 @@ def compile_model(model_config: MiMoConfig, draft_config: DFlashConfig,
     compiled = Compiled(model_config, draft_config, options, graph, stages.graph_passes(graph),
                         prefill, stages.graph_passes(prefill))
     compiled.tile, compiled.schedule = stages.tile_passes(graph.name, compiled.fused, options)
+    compiled.prefill_tile, compiled.prefill_schedule = stages.tile_passes(prefill.name, compiled.prefill_fused,
+                                                                          options)
     if cfg.dump_dir:
         step, chunk = graph.name, prefill.name
         dumps = {f"{step}.graph.ir": graph, f"{step}.graph.fused.ir": compiled.fused,
                  f"{chunk}.graph.ir": prefill, f"{chunk}.graph.fused.ir": compiled.prefill_fused,
-                 f"{step}.tile.ir": compiled.tile, f"{step}.schedule.ir": compiled.schedule}
+                 f"{step}.tile.ir": compiled.tile, f"{step}.schedule.ir": compiled.schedule,
+                 f"{chunk}.tile.ir": compiled.prefill_tile, f"{chunk}.schedule.ir": compiled.prefill_schedule}
         for filename, stage in dumps.items():
             if stage is not None:
                 stages.dump(stage, filename)

@@ -25,3 +25,38 @@ def test_compiled_schedule_gives_reference_tokens_and_stays_in_bounds(arena_guar
     assert got.tokens == ref.tokens and got.acceptance == ref.acceptance
     assert engine.step_program("dflash").records.shape[0] == len(compiled.schedule.tasks)
     arena_guards()
+
+
+def _compiled_engine(seed: int):
+    torch.manual_seed(seed)
+    cfg, dcfg = preset("tiny", layers=2)
+    target, draft = MiMoForCausalLM(cfg), DFlashDraft(dcfg, cfg)
+    compiled = compile_model(cfg, dcfg, CompileOptions(max_len=MAX_LEN, programs=1, interpreter_order=True))
+    return target, draft, compiled, MegakernelEngine(target, draft, max_len=MAX_LEN, schedule=compiled)
+
+
+def test_prompt_runs_through_the_compiled_prefill_schedule(arena_guards):
+    target, draft, compiled, engine = _compiled_engine(9)
+    rows = compiled.prefill_schedule.buffers["ids"].shape[0]
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN)
+    # 11 tokens: a full chunk, then the last `rows` tokens again; 3 tokens: one padded chunk
+    for n, launches in ((11, 2), (3, 1)):
+        ids = torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        before = engine.step_program("prefill").epoch
+        got = engine.generate(ids, 4)
+        want = ref.generate(ids, 4)
+        assert got.tokens == want.tokens and got.acceptance == want.acceptance, n
+        assert engine.step_program("prefill").epoch - before == launches
+    prefill = engine.step_program("prefill")
+    assert prefill.records.shape[0] == len(compiled.prefill_schedule.tasks)
+    assert prefill.counter_names == list(compiled.prefill_schedule.counters)
+    assert [key for key in engine._steps if key[0] == "prefill"] == [("prefill", 0)]
+    arena_guards()
+
+
+def test_prompt_logits_from_the_compiled_prefill():
+    target, draft, _, engine = _compiled_engine(10)
+    ids = torch.randint(0, 500, (10,), generator=torch.Generator().manual_seed(3)).tolist()
+    got = engine.prompt_logits(ids)
+    want = target(torch.tensor([ids]))[0, -1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,8 @@ Needs only the config (a checkpoint's config.json, or a preset), never the
 weights. Writes OUT/graph.ir (the traced decode step), OUT/graph.fused.ir
 (after the graph passes), OUT/prefill.graph.ir and OUT/prefill.graph.fused.ir
 (the prefill chunk), OUT/tile.ir (lowered), OUT/schedule.ir (scheduled and
-annotated), OUT/schedule.html (programs x time), OUT/kernels/*.py and
+annotated), OUT/schedule.html (programs x time), OUT/prefill.tile.ir and
+OUT/prefill.schedule.ir (the prefill chunk's), OUT/kernels/*.py and
 OUT/manifest.json. Progress goes to stderr; `--dump DIR` also writes every
 pass's output.
 """
@@ -85,6 +86,10 @@ def stage_texts(compiled) -> dict[str, str]:
         texts["schedule.ir"] = print_tile(compiled.schedule)
         from tilecomp.viz import schedule_html
         texts["schedule.html"] = schedule_html(compiled.schedule)
+    if compiled.prefill_tile is not None:
+        from tilecomp.ir.tile import print_tile
+        texts["prefill.tile.ir"] = print_tile(compiled.prefill_tile)
+        texts["prefill.schedule.ir"] = print_tile(compiled.prefill_schedule)
     return texts
 
 
@@ -125,6 +130,8 @@ def manifest(compiled, source: dict, files: dict[str, str]) -> dict:
             "step_weight_bytes": stats.step_weight_bytes,
         },
         "schedule": None if compiled.schedule is None else schedule_summary(compiled.schedule),
+        "prefill_schedule": (None if compiled.prefill_schedule is None
+                             else schedule_summary(compiled.prefill_schedule)),
         "files": {name: {"bytes": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}
                   for name, text in sorted(files.items())},
     }

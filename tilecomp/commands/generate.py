@@ -110,13 +110,14 @@ def make_engine(name: str, target, draft, max_len: int, device: str = "cpu"):
 
 
 def compile_step(target, draft, max_len: int, programs: int, interpreter_order: bool):
-    """The compiler's scheduled DFlash step (trace -> passes -> lower -> schedule) for the
-    engine to run; None without a draft (plain decoding uses the engine's own step)."""
+    """The compiler's output (trace -> passes -> lower -> schedule) for the engine to run: the
+    DFlash step's and the prefill chunk's schedules (a `Compiled`); None without a draft (plain
+    decoding uses the engine's own steps)."""
     if draft is None:
         return None
     from tilecomp.passes.pipeline import compile_model, engine_options
     options = engine_options(max_len, programs, interpreter_order)
-    return compile_model(target.config, draft.config, options).schedule
+    return compile_model(target.config, draft.config, options)
 
 
 class TextStream:

@@ -1,11 +1,11 @@
-"""Run the compiler's scheduled tile program (schedule.ir) as the engine's DFlash step.
+"""Run the compiler's scheduled tile programs (schedule.ir) as the engine's step programs.
 
 Task attrs carry the record args by name (layout.KINDS): a string names a tile
 buffer (element offset of its arena slot, plus `<arg>_offset`), a float goes to
 `<arg>_bits`, runtime scalars are state buffers (`pos`, `n_new`, `seed`,
 `temperature`, `top_p`, and `pos - n_new`) that live in the engine's step-state
 block. Buffers the engine already owns (KV caches, taps, block, state) alias its
-slots, so the engine's prefill and the compiled step share them.
+slots, so the compiled prefill chunk and the compiled step share them.
 """
 from __future__ import annotations
 
@@ -41,13 +41,24 @@ def weight_slot(param: str) -> str:
     return "draft." + param[len("dflash."):] if param.startswith("dflash.") else param
 
 
-def reserve_buffers(b: ArenaBuilder, tp):
-    """Slots for the tile program's own activations and scratch (before the arenas are built)."""
-    for buf in tp.buffers.values():
-        if buf.kind == "weight" or buf.name in STATE_OF or slot_of(buf.name):
-            continue
-        arena = "i32" if buf.dtype in ("int32", "int64") else "f32"
-        b.reserve(f"tile.{buf.name}", buf.shape, arena)
+def reserve_buffers(b: ArenaBuilder, *programs):
+    """Slots for the tile programs' own activations and scratch (before the arenas are built).
+    Programs never run at the same time, so a buffer name they share gets one slot, sized for
+    the largest."""
+    largest: dict[str, tuple[tuple[int, ...], str]] = {}
+    for tp in programs:
+        for buf in tp.buffers.values():
+            if buf.kind == "weight" or buf.name in STATE_OF or slot_of(buf.name):
+                continue
+            arena = "i32" if buf.dtype in ("int32", "int64") else "f32"
+            seen = largest.get(buf.name)
+            if seen is not None and seen[1] != arena:
+                raise ScheduleError(f"buffer {buf.name}: {buf.dtype} in one program, {seen[1]} arena "
+                                    f"in another")
+            if seen is None or _numel(seen[0]) < _numel(buf.shape):
+                largest[buf.name] = (tuple(buf.shape), arena)
+    for name, (shape, arena) in largest.items():
+        b.reserve(f"tile.{name}", shape, arena)
 
 
 class RecordBuilder:

@@ -8,6 +8,14 @@ committed tokens (its only synchronisation). The prompt runs through the
 `prefill_chunk` kernel, one launch per chunk of at most `block` tokens.
 Counters are never reset: each program's launches use epoch targets 1, 2, ...
 
+Given the compiler's output (`compile_model`: `schedule`, `prefill_schedule`),
+the DFlash step and the prompt's chunks run the compiled tile programs. A
+compiled chunk has a static T rows: the last chunk is the prompt's last T tokens
+(it recomputes rows the previous chunk wrote, rewriting their K/V with the same
+values), so no K/V lands past the prompt; a prompt shorter than T is padded, and
+its extra rows write K/V only at positions the first decode step rewrites before
+reading them (as it does for rejected draft positions).
+
 Same interface as ReferenceEngine (docs/INTERFACES.md).
 """
 from __future__ import annotations
@@ -59,11 +67,14 @@ class StepProgram:
 class MegakernelEngine:
     def __init__(self, target, draft=None, max_len: int = 4096, programs: int | None = None,
                  artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None,
-                 num_warps: int = 4, tiles: dict | None = None, qkv_q_heads: int | None = -1):
+                 num_warps: int = 4, tiles: dict | None = None, qkv_q_heads: int | None = -1,
+                 prefill_schedule=None):
         """artifacts: a `tilecomp compile --out` directory whose kernels/ to use; otherwise the
         kernels are generated once and cached (cache_dir, default ~/.cache/tilecomp).
         schedule: a scheduled TileProgram (or the path of a schedule.ir) from `tilecomp compile`
-        (same max_len) to run as the DFlash step instead of the engine's own stage plan.
+        (same max_len) to run as the DFlash step instead of the engine's own stage plan, or the
+        whole `Compiled` of `compile_model`, whose prefill_schedule then runs the prompt.
+        prefill_schedule: a scheduled prefill chunk (TileProgram or path) to run the prompt.
         Tuning switches (tilecomp bench measures each): num_warps per program; tiles overrides
         tile sizes (e.g. {"BLOCK_K": 256}); qkv_q_heads query heads per qkv task in the engine's
         own plans (None: a whole KV group per task; -1: 1 on a GPU, None in the interpreter)."""
@@ -82,9 +93,13 @@ class MegakernelEngine:
         self.chunk_len = chunk_len or (None if interpreting() else 256)
         reserve_activations(builder, self.config, self.dcfg, self.rows, max_len, self.block,
                             self.chunk_len)
+        if hasattr(schedule, "prefill_schedule"):           # a Compiled: both of its programs
+            schedule, prefill_schedule = schedule.schedule, prefill_schedule or schedule.prefill_schedule
         self.schedule = _load_schedule(schedule)
-        if self.schedule is not None:
-            reserve_buffers(builder, self.schedule)
+        self.prefill_schedule = _load_schedule(prefill_schedule)
+        compiled = [tp for tp in (self.schedule, self.prefill_schedule) if tp is not None]
+        if compiled:
+            reserve_buffers(builder, *compiled)
         self.builder = builder
         self.arenas = builder.build(self.device)
         self.consts = constexprs_for(self.config, self.dcfg, self.rows)
@@ -141,10 +156,13 @@ class MegakernelEngine:
         return self._pack("decode_step", p)
 
     def _compiled_dflash(self) -> StepProgram:
-        """The compiler's scheduled DFlash step (its queues, counters and tile sizes)."""
-        tp = self.schedule
+        """The compiler's scheduled DFlash step."""
+        return self._compiled(self.schedule, "decode_step")
+
+    def _compiled(self, tp, kernel_name: str) -> StepProgram:
+        """A compiler-scheduled tile program (its queues, counters and tile sizes)."""
         queues = RecordBuilder(self.builder, tp).queues()
-        kernel = Megakernel.build(ENGINE_KINDS, tile_constexprs(tp, self.consts), name="decode_step",
+        kernel = Megakernel.build(ENGINE_KINDS, tile_constexprs(tp, self.consts), name=kernel_name,
                                   num_warps=self.num_warps)
         records, queue = L.pack_records(queues, self.device)
         return StepProgram(kernel, records, queue, new_counters(len(tp.counters), self.device),
@@ -166,6 +184,8 @@ class MegakernelEngine:
             draft_block=p.o("draft_block") if self.draft is not None else -1, mask_id=-1))])
 
     def _plan_prefill(self, rows: int) -> StepProgram:
+        if self.prefill_schedule is not None:
+            return self._compiled(self.prefill_schedule, "prefill_chunk")
         p = self._planner(rows)
         h = p.target_forward(p.o("prompt"), taps=self.draft is not None)
         if self.draft is not None:
@@ -178,6 +198,9 @@ class MegakernelEngine:
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
         """fp32 logits [V] the target gives after the prompt (the prefill kernel's last row)."""
         self._set_state(temp_bits=0, top_p_bits=L.float_bits(1.0), seed=0)
+        if self.prefill_schedule is not None:
+            last = self._compiled_prefill([int(t) for t in prompt_ids])
+            return self.arenas.view("tile.logits")[last].clone()
         self._prefill([int(t) for t in prompt_ids])
         return self.arenas.view("logits")[0].clone()
 
@@ -189,6 +212,9 @@ class MegakernelEngine:
 
     def _prefill(self, prompt_ids: list[int]) -> int:
         """Run the prompt in chunks; return the first new token (position len(prompt))."""
+        if self.prefill_schedule is not None:
+            last = self._compiled_prefill(prompt_ids)
+            return int(self.arenas.view("tile.next_tokens")[last].item())
         for start in range(0, len(prompt_ids), self.rows):
             chunk = prompt_ids[start:start + self.rows]
             self.arenas.view("prompt")[:len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
@@ -197,6 +223,22 @@ class MegakernelEngine:
             step.launch(self.arenas)
             step.check()
         return int(self.arenas.view("post_tok")[0].item())
+
+    def _compiled_prefill(self, prompt_ids: list[int]) -> int:
+        """Run the prompt through the compiled prefill chunk (T rows per launch, the last chunk
+        ending at the prompt's end: see the module docstring); return the prompt's last row."""
+        ids = self.arenas.view("tile.ids")
+        n, rows = len(prompt_ids), ids.shape[0]
+        step = self.step_program("prefill")
+        for start in range(0, n, rows):
+            start = max(0, min(start, n - rows))
+            chunk = prompt_ids[start:start + rows]
+            ids.zero_()
+            ids[:len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
+            self._set_state(pos=start)
+            step.launch(self.arenas)
+            step.check()
+        return n - 1 - start
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
