@@ -119,7 +119,7 @@ KINDS: dict[str, KindABI] = _kinds(
     ("moe_route", ("x", "norm", "eps_bits", "gate", "bias", "xn", "plan", "weights",
                    "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows",
                    "split", "e0", "e1", "logits"),
-     ("BLOCK_T", "BLOCK_E", "BLOCK_N")),
+     ("BLOCK_T", "BLOCK_E", "BLOCK_N", "WALIGN")),
     # (slot, columns n0..n1 in BLOCK_N tiles; n1 <= n0: one tile), the same for expert_down and
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
@@ -226,7 +226,7 @@ def encode_record(rec: TaskRecord) -> list[int]:
 
 # record args the WALIGN hint covers (element offsets / lengths of weight rows)
 ALIGNED_ARGS = {"linear": ("w", "w_up", "k_dim", "k0", "k1"), "lm_head": ("w", "dim"),
-                "qkv_rope_kv": ("wq", "wk", "wv", "dim")}
+                "qkv_rope_kv": ("wq", "wk", "wv", "dim"), "moe_route": ("gate",)}
 
 
 def check_alignment(queues, walign: int, task_names: dict | None = None):
