@@ -40,7 +40,8 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 def check(target, draft, prompts: list[list[int]], new_tokens: int, schedule=None,
           programs: int | None = None, truth=None) -> dict:
-    """truth: the same weights in fp32 (cache-free forward), the arbiter at a divergence."""
+    """schedule: the compiled step (a Compiled: decode step + prefill chunk, or a TileProgram);
+    truth: the same weights in fp32 (cache-free forward), the arbiter at a divergence."""
     from tilecomp.runtime.megakernel import MegakernelEngine
     from tilecomp.runtime.reference import ReferenceEngine
     block = draft.config.block_size if draft is not None else 1
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
     schedule = None
     if draft is not None:
         max_len = int(lens.max()) + args.new_tokens + 2 * dcfg.block_size
-        schedule = compile_model(cfg, dcfg, engine_options(max_len, programs, not on_gpu)).schedule
+        schedule = compile_model(cfg, dcfg, engine_options(max_len, programs, not on_gpu))   # decode step + prefill
     truth = copy.deepcopy(target).float()           # the arbiter at a divergence
     report = check(target, draft, prompts, args.new_tokens, schedule=schedule, programs=programs,
                    truth=truth)
