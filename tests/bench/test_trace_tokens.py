@@ -42,3 +42,26 @@ def test_first_difference():
     assert first_difference([1, 2, 3], [1, 2, 3]) is None
     assert first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert first_difference([1, 2, 3], [1, 2]) == 2
+
+
+def test_divergence_reports_margin_deviation_and_the_fp32_verdict():
+    from tilecomp.bench.tokens import divergence, full_logits
+    from tilecomp.models.mimo import MiMoForCausalLM
+    from tilecomp.models.presets import preset
+    torch.manual_seed(0)
+    target = MiMoForCausalLM(preset("tiny", 2)[0]).eval()
+    prefix = [5, 9, 11, 3]
+    logits = full_logits(target, prefix)
+    top2 = torch.topk(logits, 2)
+    a, b = top2.indices.tolist()
+    shift = torch.zeros_like(logits)
+    shift[b] = 1.5 * (top2.values[0] - top2.values[1]).item() + 1e-3   # flips the argmax
+    mk = SimpleNamespace(prompt_logits=lambda ids: full_logits(target, ids) + shift)
+    out = divergence(target, target, mk, prefix, a, b)
+    assert abs(out["ref_margin"] - (top2.values[0] - top2.values[1]).item()) < 1e-6
+    assert abs(out["mk_deviation"] - shift[b].item()) < 1e-5
+    # the flip is smaller than the megakernel's own error there: a rounding flip, not a bug
+    assert out["explained"] and out["fp32_gap"] <= out["combined_error"]
+    far = int(torch.argmin(logits))
+    assert not divergence(target, target, SimpleNamespace(prompt_logits=lambda ids: full_logits(target, ids)),
+                          prefix, a, far)["explained"]
