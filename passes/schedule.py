@@ -39,6 +39,38 @@ class _Graph:
     order: list[int]                # a topological order of the tasks
 
 
+class _Countdown:
+    """Which tasks become ready as others signal: per task the distinct counters it still waits
+    on (plus `extra` predecessors, e.g. the previous task of its queue), per counter the
+    signals it still needs. Shared by the topological order, the list scheduler and the
+    simulator."""
+
+    def __init__(self, tp: TileProgram, waiters: dict[str, list[int]], signalers: dict[str, list[int]],
+                 extra=()):
+        self.tasks, self.waiters = tp.tasks, waiters
+        self.unmet = [len({c for c, _ in t.waits}) for t in tp.tasks]
+        for i in extra:
+            self.unmet[i] += 1
+        self.left = {c: len(s) for c, s in signalers.items()}
+
+    def ready(self) -> list[int]:
+        return [i for i, n in enumerate(self.unmet) if n == 0]
+
+    def release(self, w: int) -> bool:
+        """One of task w's predecessors is done; True when that was the last."""
+        self.unmet[w] -= 1
+        return self.unmet[w] == 0
+
+    def signal(self, i: int) -> list[int]:
+        """Task i has sent its signals: the tasks whose last unmet counter just completed."""
+        woken = []
+        for c, _ in self.tasks[i].signals:
+            self.left[c] -= 1
+            if self.left[c] == 0:
+                woken += [w for w in self.waiters.get(c, ()) if self.release(w)]
+        return woken
+
+
 def task_graph(tp: TileProgram) -> _Graph:
     signalers: dict[str, list[int]] = defaultdict(list)
     waiters: dict[str, list[int]] = defaultdict(list)
@@ -47,27 +79,21 @@ def task_graph(tp: TileProgram) -> _Graph:
             signalers[c].append(t.id)
         for c in {c for c, _ in t.waits}:
             waiters[c].append(t.id)
-    unmet = [len({c for c, _ in t.waits}) for t in tp.tasks]
-    left = {c: len(s) for c, s in signalers.items()}
     for t in tp.tasks:
         for c, _ in t.waits:
-            if c not in left:
+            if c not in signalers:
                 raise ScheduleError(f"task {t.name} ({t.kind}) waits on counter {c}, which no task signals")
-    ready = [i for i, n in enumerate(unmet) if n == 0]
+    countdown = _Countdown(tp, waiters, signalers)
+    ready = countdown.ready()
     heapq.heapify(ready)
     order = []
     while ready:
         i = heapq.heappop(ready)
         order.append(i)
-        for c, _ in tp.tasks[i].signals:
-            left[c] -= 1
-            if left[c] == 0:
-                for w in waiters[c]:
-                    unmet[w] -= 1
-                    if unmet[w] == 0:
-                        heapq.heappush(ready, w)
+        for w in countdown.signal(i):
+            heapq.heappush(ready, w)
     if len(order) != len(tp.tasks):
-        stuck = next(t for t in tp.tasks if unmet[t.id] > 0)
+        stuck = next(t for t in tp.tasks if countdown.unmet[t.id] > 0)
         raise ScheduleError(f"cannot schedule: task {stuck.name} ({stuck.kind}) is on a dependency cycle "
                             f"or waits on a counter that never completes ({', '.join(c for c, _ in stuck.waits)})")
     return _Graph(signalers, waiters, order)
@@ -94,11 +120,10 @@ def bottom_levels(tp: TileProgram, g: _Graph, cost: list[float]) -> list[float]:
 def _list_schedule(tp: TileProgram, g: _Graph, options: ScheduleOptions) -> tuple[list[list[int]], float]:
     cost = task_costs_us(tp, options)
     level = bottom_levels(tp, g, cost)
-    unmet = [len({c for c, _ in t.waits}) for t in tp.tasks]
-    left = {c: len(s) for c, s in g.signalers.items()}
+    countdown = _Countdown(tp, g.waiters, g.signalers)
     done_at: dict[str, float] = defaultdict(float)
     ready_at = [0.0] * len(tp.tasks)
-    ready = [(-level[i], i) for i, n in enumerate(unmet) if n == 0]
+    ready = [(-level[i], i) for i in countdown.ready()]
     heapq.heapify(ready)
     free = [(0.0, p) for p in range(options.programs)]
     queues: list[list[int]] = [[] for _ in range(options.programs)]
@@ -111,14 +136,10 @@ def _list_schedule(tp: TileProgram, g: _Graph, options: ScheduleOptions) -> tupl
         queues[p].append(i)
         heapq.heappush(free, (finish, p))
         for c, _ in tp.tasks[i].signals:
-            left[c] -= 1
             done_at[c] = max(done_at[c], finish)
-            if left[c] == 0:
-                for w in g.waiters.get(c, ()):
-                    ready_at[w] = max(ready_at[w], done_at[c])
-                    unmet[w] -= 1
-                    if unmet[w] == 0:
-                        heapq.heappush(ready, (-level[w], w))
+        for w in countdown.signal(i):
+            ready_at[w] = max(done_at[c] for c, _ in tp.tasks[w].waits)
+            heapq.heappush(ready, (-level[w], w))
     return queues, makespan
 
 
@@ -147,26 +168,20 @@ def simulate(tp: TileProgram, options: ScheduleOptions) -> tuple[list[float], li
         for a, b in zip(queue, queue[1:]):
             prev[b] = a
     nxt = {a: b for b, a in prev.items()}
-    unmet = [len({c for c, _ in t.waits}) + (t.id in prev) for t in tp.tasks]
-    left = {c: len(s) for c, s in g.signalers.items()}
+    countdown = _Countdown(tp, g.waiters, g.signalers, extra=prev)
     done_at: dict[str, float] = defaultdict(float)
     start, finish = [0.0] * len(tp.tasks), [0.0] * len(tp.tasks)
-    ready = [i for i, n in enumerate(unmet) if n == 0]
+    ready = countdown.ready()
     while ready:
         i = ready.pop()
         t = tp.tasks[i]
         start[i] = max([finish[prev[i]] if i in prev else 0.0] + [done_at[c] for c, _ in t.waits])
         finish[i] = start[i] + cost[i]
-        woken = [nxt[i]] if i in nxt else []
         for c, _ in t.signals:
-            left[c] -= 1
             done_at[c] = max(done_at[c], finish[i])
-            if left[c] == 0:
-                woken += g.waiters.get(c, [])
-        for w in woken:
-            unmet[w] -= 1
-            if unmet[w] == 0:
-                ready.append(w)
+        if i in nxt and countdown.release(nxt[i]):
+            ready.append(nxt[i])
+        ready += countdown.signal(i)
     return start, finish
 
 
