@@ -22,6 +22,7 @@ import re
 from tilecomp.errors import IRError
 
 from .graph import DType, Graph, Op, OpKind, TensorType, Value
+from .text import LineTokens
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -82,45 +83,12 @@ def print_graph(graph: Graph) -> str:
 
 # ----------------------------------------------------------------- parsing
 
-class _Line:
-    """Tokens of one line with a cursor; errors name the line."""
+class _Line(LineTokens):
+    """Tokens of one line with a cursor; errors name SOURCE:LINE."""
 
     def __init__(self, text: str, lineno: int, source: str):
         self.lineno, self.source = lineno, source
-        self.tokens: list[tuple[str, str]] = []
-        pos, text = 0, text.rstrip()
-        while pos < len(text):
-            m = _TOKEN.match(text, pos)
-            if m is None or m.end() == pos:
-                self.fail(f"unexpected character {text[pos:].lstrip()[:1]!r}")
-            self.tokens.append((m.lastgroup, m.group(m.lastgroup)))
-            pos = m.end()
-        self.i = 0
-
-    def fail(self, msg: str):
-        raise IRError(f"{self.source}:{self.lineno}: {msg}")
-
-    def peek(self) -> str | None:
-        return self.tokens[self.i][1] if self.i < len(self.tokens) else None
-
-    def take(self, kind: str | None = None, text: str | None = None) -> str:
-        if self.i >= len(self.tokens):
-            self.fail(f"line ends early: expected {text or kind}")
-        k, t = self.tokens[self.i]
-        if (kind and k != kind) or (text and t != text):
-            self.fail(f"expected {text or kind}, found {t!r}")
-        self.i += 1
-        return t
-
-    def accept(self, text: str) -> bool:
-        if self.peek() == text:
-            self.i += 1
-            return True
-        return False
-
-    def done(self):
-        if self.i != len(self.tokens):
-            self.fail(f"unexpected {self.tokens[self.i][1]!r} at end of line")
+        super().__init__(_TOKEN, text, lambda msg: f"{source}:{lineno}: {msg}")
 
 
 def _parse_type(ln: _Line) -> TensorType:

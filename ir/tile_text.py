@@ -12,6 +12,7 @@ import re
 
 from tilecomp.errors import IRError
 
+from .text import LineTokens
 from .tile import TILE_VERSION, AttrValue, Buffer, Counter, Dim, Region, Task, TileProgram
 
 
@@ -90,47 +91,18 @@ _TOKEN = re.compile(r"""
     )""", re.VERBOSE)
 
 
-class _Line:
-    """Tokens of one line with a cursor; errors name the line number."""
+class _Line(LineTokens):
+    """Tokens of one line with a cursor; errors name the line number and quote the line."""
 
     def __init__(self, text: str, lineno: int):
         self.lineno, self.text = lineno, text
-        self.toks: list[tuple[str, str]] = []
-        pos, text = 0, text.rstrip()
-        while pos < len(text):
-            m = _TOKEN.match(text, pos)
-            if not m or m.end() == pos:
-                self.fail(f"unexpected character {text[pos:].lstrip()[:1]!r} at column {pos + 1}")
-            kind = m.lastgroup
-            self.toks.append((kind, m.group(kind)))
-            pos = m.end()
-        self.i = 0
-
-    def fail(self, msg: str):
-        raise IRError(f"tile IR line {self.lineno}: {msg}: {self.text.strip()!r}")
-
-    def peek(self) -> str | None:
-        return self.toks[self.i][1] if self.i < len(self.toks) else None
+        super().__init__(_TOKEN, text, lambda msg: f"tile IR line {lineno}: {msg}: {text.strip()!r}")
 
     def next(self, kind: str | None = None) -> str:
-        if self.i >= len(self.toks):
-            self.fail(f"expected {kind or 'more'} at end of line")
-        k, v = self.toks[self.i]
-        if kind is not None and k != kind:
-            self.fail(f"expected {kind}, found {v!r}")
-        self.i += 1
-        return v
+        return self.take(kind)
 
     def expect(self, text: str):
-        v = self.next()
-        if v != text:
-            self.fail(f"expected {text!r}, found {v!r}")
-
-    def accept(self, text: str) -> bool:
-        if self.peek() == text:
-            self.i += 1
-            return True
-        return False
+        self.take(text=text)
 
     def int(self) -> int:
         v = self.next("num")
@@ -139,12 +111,8 @@ class _Line:
         except ValueError:
             self.fail(f"expected an integer, found {v!r}")
 
-    def done(self):
-        if self.i != len(self.toks):
-            self.fail(f"unexpected {self.toks[self.i][1]!r}")
-
     def value(self) -> AttrValue:
-        k, v = self.toks[self.i] if self.i < len(self.toks) else (None, None)
+        k, v = self.tokens[self.i] if self.i < len(self.tokens) else (None, None)
         if v == "[":
             self.i += 1
             items: list = []
