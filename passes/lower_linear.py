@@ -198,11 +198,14 @@ def lower_sample(lw: Lowering, op: Op):
     for region in (lw.region(lb), lw.region(key), lw.region(arg)):
         lw.produce(region, f"c.{lb}")
     out = dst or lw.value_buffer(op.out.name)
-    lw.task("sample_reduce", {"block": 0}, [lw.region(key, (r0, r1)), lw.region(arg, (r0, r1))],
+    # top-p sampling re-reads the rows' logits (position state.pos + row + pos_shift)
+    lw.task("sample_reduce", {"block": 0},
+            [lw.region(key, (r0, r1)), lw.region(arg, (r0, r1)), lw.region(lb, (r0, r1))] + scalar_regions,
             [lw.region(out, (r0, r1))], f"c.{op.out.name[1:]}",
             dict(op=op.out.name[1:], tile_key=key, tile_key_offset=r0 * n_tiles, tile_arg=arg,
                  tile_arg_offset=r0 * n_tiles, n_tiles=n_tiles, out=out, out_offset=r0, row0=r0,
-                 n_rows=r1 - r0))
+                 n_rows=r1 - r0, logits=lb, logits_offset=r0 * V, vocab=V,
+                 pos_shift=op.attrs.get("offset", 0) + r0, **scalars))
     lw.produce(lw.region(out, (r0, r1)), f"c.{op.out.name[1:]}")
     lw.done.add(id(head))
 

@@ -19,7 +19,8 @@ from tilecomp.ir.graph import Graph, parse_graph, print_graph
 from tilecomp.ir.tile import parse_tile, print_tile
 from tilecomp.models.config import DFlashConfig, MiMoConfig
 from tilecomp.settings import Settings, settings as read_settings
-from tilecomp.trace import TraceOptions, build_modules, trace_decode_step, trace_prefill_step
+from tilecomp.trace import (TraceOptions, build_modules, trace_decode_step, trace_plain_step,
+                            trace_prefill_step)
 
 from .dce import dce
 from .fuse_norm_prologue import fuse_norm_prologue
@@ -90,7 +91,7 @@ def engine_options(max_len: int, programs: int, interpreter: bool,
 @dataclass
 class Compiled:
     """Every stage of one compile: `tile` right after lowering, `schedule` after the last tile pass
-    (`prefill_tile` / `prefill_schedule`: the same for the prefill chunk)."""
+    (`prefill_*`: the same for the prefill chunk, `plain_*` for the plain, no-draft, decode step)."""
 
     config: MiMoConfig
     draft_config: DFlashConfig
@@ -99,10 +100,14 @@ class Compiled:
     fused: Graph                    # decode step after GRAPH_PASSES
     prefill: Graph                  # traced prefill chunk
     prefill_fused: Graph
+    plain: Graph | None = None      # traced plain decode step (block 1, no draft)
+    plain_fused: Graph | None = None
     tile: object | None = None
     schedule: object | None = None
     prefill_tile: object | None = None
     prefill_schedule: object | None = None
+    plain_tile: object | None = None
+    plain_schedule: object | None = None
     seconds: dict[str, float] = field(default_factory=dict, compare=False)
 
 
@@ -174,7 +179,8 @@ class _Stages:
 def compile_model(model_config: MiMoConfig, draft_config: DFlashConfig,
                   options: CompileOptions = CompileOptions(), progress: Progress | None = None,
                   settings: Settings | None = None) -> Compiled:
-    """Trace, fuse, lower and schedule one decode step and one prefill chunk."""
+    """Trace, fuse, lower and schedule one DFlash decode step, one plain decode step and one
+    prefill chunk."""
     cfg = settings or read_settings()
     if progress is None and cfg.debug >= 1:
         progress = stderr_progress
@@ -183,17 +189,21 @@ def compile_model(model_config: MiMoConfig, draft_config: DFlashConfig,
     trace_opts = options.trace_options()
     graph = stages.run("trace decode step", trace_decode_step, target, draft, trace_opts)
     prefill = stages.run("trace prefill step", trace_prefill_step, target, draft, trace_opts)
+    plain = stages.run("trace plain step", trace_plain_step, target, draft, trace_opts)
     compiled = Compiled(model_config, draft_config, options, graph, stages.graph_passes(graph),
-                        prefill, stages.graph_passes(prefill))
+                        prefill, stages.graph_passes(prefill), plain, stages.graph_passes(plain))
     compiled.tile, compiled.schedule = stages.tile_passes(graph.name, compiled.fused, options)
     compiled.prefill_tile, compiled.prefill_schedule = stages.tile_passes(prefill.name, compiled.prefill_fused,
                                                                           options)
+    compiled.plain_tile, compiled.plain_schedule = stages.tile_passes(plain.name, compiled.plain_fused, options)
     if cfg.dump_dir:
-        step, chunk = graph.name, prefill.name
+        step, chunk, one = graph.name, prefill.name, plain.name
         dumps = {f"{step}.graph.ir": graph, f"{step}.graph.fused.ir": compiled.fused,
                  f"{chunk}.graph.ir": prefill, f"{chunk}.graph.fused.ir": compiled.prefill_fused,
                  f"{step}.tile.ir": compiled.tile, f"{step}.schedule.ir": compiled.schedule,
-                 f"{chunk}.tile.ir": compiled.prefill_tile, f"{chunk}.schedule.ir": compiled.prefill_schedule}
+                 f"{chunk}.tile.ir": compiled.prefill_tile, f"{chunk}.schedule.ir": compiled.prefill_schedule,
+                 f"{one}.graph.ir": plain, f"{one}.graph.fused.ir": compiled.plain_fused,
+                 f"{one}.tile.ir": compiled.plain_tile, f"{one}.schedule.ir": compiled.plain_schedule}
         for filename, stage in dumps.items():
             if stage is not None:
                 stages.dump(stage, filename)

@@ -34,16 +34,19 @@ def tiny_out(tmp_path_factory):
 
 def test_compile_writes_every_stage_and_a_manifest(tiny_out, capsys):
     for name in ("graph.ir", "graph.fused.ir", "prefill.graph.ir", "prefill.graph.fused.ir", "tile.ir",
-                 "schedule.ir", "schedule.html", "prefill.tile.ir", "prefill.schedule.ir", "manifest.json"):
+                 "schedule.ir", "schedule.html", "prefill.tile.ir", "prefill.schedule.ir", "plain.graph.ir",
+                 "plain.graph.fused.ir", "plain.tile.ir", "plain.schedule.ir", "manifest.json"):
         assert (tiny_out / name).is_file(), name
     manifest = json.loads((tiny_out / "manifest.json").read_text())
     assert manifest["source"] == {"preset": "tiny", "layers": None}
     assert manifest["options"] == {"dtype": "bf16", "max_len": 64, "programs": 4, "interpreter_order": False}
     assert manifest["schedule"]["programs"] == 4 and manifest["schedule"]["tasks_by_kind"]["moe_route"] == 5
     assert sum(manifest["schedule"]["tasks_by_kind"].values()) == manifest["schedule"]["tasks"]
-    for name in ("tile.ir", "schedule.ir", "prefill.tile.ir", "prefill.schedule.ir"):
+    for name in ("tile.ir", "schedule.ir", "prefill.tile.ir", "prefill.schedule.ir", "plain.tile.ir",
+                 "plain.schedule.ir", "plain.graph.ir", "plain.graph.fused.ir"):
         assert tilecomp("ir", "check", tiny_out / name) == 0, name
     assert manifest["prefill_schedule"]["programs"] == 4
+    assert manifest["plain_schedule"]["programs"] == 4 and manifest["plain_schedule"]["tasks_by_kind"]["accept"] == 1
     assert manifest["config"]["num_hidden_layers"] == 6
     assert manifest["decode_step"]["ops_by_kind"]["qkv_rope_kv"] == 8
     assert {i["name"] for i in manifest["decode_step"]["inputs"]} >= {"%block", "%pos", "%n_new", "%seed"}

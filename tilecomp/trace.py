@@ -1,4 +1,5 @@
-"""Trace the `models/` modules into graph IR: one DFlash decode step, one prefill chunk.
+"""Trace the `models/` modules into graph IR: one DFlash decode step, one plain decode step,
+one prefill chunk.
 
 The tracer walks the module tree (built on the meta device from the config:
 no weights needed) and maps each module type to graph ops, so the graph reads
@@ -20,6 +21,9 @@ Decode step (greedy or sampled), S = block size, p = %pos:
   verify:  block [block[0], draft[1:]] through the target at p.. (KV written),
            taps of the target_layer_ids -> lm_head -> sample (row j at p + j + 1)
   accept:  acc, committed tokens, next block; kv_commit -> new length, count
+Plain step (no draft): block %block = [last] at p through the target -> lm_head
+  -> sample (row 0 at p + 1) -> the same accept with S = 1 (acc = 0: commits
+  posterior[0]) and kv_commit (new length p + 1).
 Prefill chunk: T tokens at %pos through the target, draft context K/V for
 them, and the sampled next token for every row (row t at pos + t + 1).
 """
@@ -224,6 +228,7 @@ class Tracer:
 # ---------------------------------------------------------------- steps
 
 def _declare_caches(b: GraphBuilder, target, draft, options: TraceOptions, block: int):
+    """Target caches (SWA layers: rings of window + block slots), then the draft's (None: none)."""
     if options.max_len < 2 * block:
         raise TilecompError(f"max_len: expected at least two blocks ({2 * block} positions), found {options.max_len}")
     dt = DType(options.dtype)
@@ -234,8 +239,8 @@ def _declare_caches(b: GraphBuilder, target, draft, options: TraceOptions, block
         slots = ring_slots(s.window, options.max_len, block)
         target_caches.append((b.input(f"cache.k.{i}", TensorType(dt, (s.n_kv_heads, slots, s.head_dim))),
                               b.input(f"cache.v.{i}", TensorType(dt, (s.n_kv_heads, slots, s.v_head_dim)))))
-    dc = draft.config
-    for j in range(dc.num_hidden_layers):
+    dc = draft.config if draft is not None else None
+    for j in range(dc.num_hidden_layers if dc is not None else 0):
         shape = (dc.num_key_value_heads, options.max_len, dc.head_dim)
         draft_caches.append((b.input(f"draft_cache.k.{j}", TensorType(dt, shape)),
                              b.input(f"draft_cache.v.{j}", TensorType(dt, shape))))
@@ -280,6 +285,26 @@ def trace_decode_step(target, draft, options: TraceOptions = TraceOptions()) -> 
     new_pos, count = tr.op(OpKind.KV_COMMIT, [pos, acc], ("next_pos", "next_n_new"))
     return b.ret(tokens, acc, next_block, new_pos, count, next_taps,
                  *_flat(target_caches), *_flat(draft_caches))
+
+
+def trace_plain_step(target, draft, options: TraceOptions = TraceOptions()) -> Graph:
+    """One plain (no draft) decode step: the last token through the target, sample, commit.
+    The target's caches are laid out as in the DFlash step (rings of window + block size), so
+    the plain step, the DFlash step and the prefill chunk share them."""
+    s = draft.config.block_size
+    b = GraphBuilder("plain_step")
+    block = b.input("block", TensorType(DType.I32, (1,)))
+    pos = b.input("pos", I32)
+    seed, temperature, top_p = _sampling_inputs(b)
+    target_caches, _ = _declare_caches(b, target, None, options, s)
+    tr = Tracer(b, target, None)
+    hidden, _ = tr.target_forward(block, pos, target_caches, [])
+    logits = tr.logits(hidden, "logits")
+    posterior = tr.op(OpKind.SAMPLE, [logits, pos, seed, temperature, top_p], "posterior", offset=1)
+    acc, tokens, next_block = tr.op(OpKind.ACCEPT, [block, posterior], ("acc", "tokens", "next_block"),
+                                    mask_token_id=-1)       # no MASK refill: the next block is [last]
+    new_pos, count = tr.op(OpKind.KV_COMMIT, [pos, acc], ("next_pos", "next_n_new"))
+    return b.ret(tokens, acc, next_block, new_pos, count, *_flat(target_caches))
 
 
 def trace_prefill_step(target, draft, options: TraceOptions = TraceOptions()) -> Graph:

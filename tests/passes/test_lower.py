@@ -133,6 +133,11 @@ def test_draft_head_samples_rows_1_to_7_into_the_block(tiny):
     assert all((t.attrs["row0"], t.attrs["pos_shift"]) == (0, 1) for t in verify)
     draft_pick = next(t for t in tp.tasks if t.kind == "sample_reduce" and t.attrs["op"] == "drafted")
     assert draft_pick.attrs["out"] == "block" and draft_pick.writes[0].dims[0] == (1, S, None)
+    # top-p sampling re-reads the logits rows: the pick knows them and their positions
+    assert (draft_pick.attrs["logits"], draft_pick.attrs["logits_offset"]) == ("draft.logits", cfg.vocab_size)
+    assert (draft_pick.attrs["vocab"], draft_pick.attrs["pos_shift"]) == (cfg.vocab_size, 1)
+    verify_pick = next(t for t in tp.tasks if t.kind == "sample_reduce" and t.attrs["op"] == "posterior")
+    assert (verify_pick.attrs["logits"], verify_pick.attrs["pos_shift"]) == ("logits", 1)
     # the verify embedding reads the block the draft filled in, so it waits on that pick
     embed = next(t for t in tp.tasks if t.kind == "embed" and t.attrs["op"] == "embed")
     assert ("c.drafted", 1) in embed.waits

@@ -60,3 +60,34 @@ def test_prompt_logits_from_the_compiled_prefill():
     got = engine.prompt_logits(ids)
     want = target(torch.tensor([ids]))[0, -1]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_plain_decoding_runs_the_compiled_plain_schedule(arena_guards):
+    target, draft, compiled, engine = _compiled_engine(11)
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN)
+    ids = torch.randint(0, 500, (9,), generator=torch.Generator().manual_seed(5)).tolist()
+    got = engine.generate(ids, 5, use_draft=False)
+    want = ref.generate(ids, 5, use_draft=False)
+    assert got.tokens == want.tokens and got.acceptance == want.acceptance == []
+    # the plain step is the compiler's: its tasks, its counters, one launch per token after the first
+    plain = engine.step_program("plain")
+    assert plain.records.shape[0] == len(compiled.plain_schedule.tasks)
+    assert plain.counter_names == list(compiled.plain_schedule.counters)
+    assert plain.task_names == {t.id: f"{t.kind} {t.name}" for t in compiled.plain_schedule.tasks}
+    assert plain.epoch == 4
+    # sampled: the same shared rule as the reference; a second request continues the epochs
+    kw = dict(use_draft=False, temperature=0.9, top_p=0.9, seed=1234)
+    sampled = engine.generate(ids, 3, **kw)
+    assert sampled.tokens == ref.generate(ids, 3, **kw).tokens
+    assert plain.epoch == 6 and engine.step_program("plain") is plain
+    arena_guards()
+
+
+def test_sampled_dflash_through_the_compiled_step():
+    # top-p < 1: the compiled sample_reduce re-reads the logits rows (draft and verify)
+    target, draft, _, engine = _compiled_engine(12)
+    ids = torch.randint(0, 500, (6,), generator=torch.Generator().manual_seed(6)).tolist()
+    kw = dict(temperature=0.9, top_p=0.9, seed=77)
+    got = engine.generate(ids, 6, **kw)
+    want = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 6, **kw)
+    assert got.tokens == want.tokens and got.acceptance == want.acceptance

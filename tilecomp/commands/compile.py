@@ -7,7 +7,9 @@ weights. Writes OUT/graph.ir (the traced decode step), OUT/graph.fused.ir
 (after the graph passes), OUT/prefill.graph.ir and OUT/prefill.graph.fused.ir
 (the prefill chunk), OUT/tile.ir (lowered), OUT/schedule.ir (scheduled and
 annotated), OUT/schedule.html (programs x time), OUT/prefill.tile.ir and
-OUT/prefill.schedule.ir (the prefill chunk's), OUT/kernels/*.py and
+OUT/prefill.schedule.ir (the prefill chunk's), OUT/plain.graph.ir,
+OUT/plain.graph.fused.ir, OUT/plain.tile.ir and OUT/plain.schedule.ir (the plain,
+no-draft, decode step's), OUT/kernels/*.py and
 OUT/manifest.json. Progress goes to stderr; `--dump DIR` also writes every
 pass's output.
 """
@@ -80,6 +82,9 @@ def stage_texts(compiled) -> dict[str, str]:
     texts = {"graph.ir": print_graph(compiled.graph), "graph.fused.ir": print_graph(compiled.fused),
              "prefill.graph.ir": print_graph(compiled.prefill),
              "prefill.graph.fused.ir": print_graph(compiled.prefill_fused)}
+    if compiled.plain is not None:
+        texts["plain.graph.ir"] = print_graph(compiled.plain)
+        texts["plain.graph.fused.ir"] = print_graph(compiled.plain_fused)
     if compiled.tile is not None:
         from tilecomp.ir.tile import print_tile
         texts["tile.ir"] = print_tile(compiled.tile)
@@ -90,6 +95,10 @@ def stage_texts(compiled) -> dict[str, str]:
         from tilecomp.ir.tile import print_tile
         texts["prefill.tile.ir"] = print_tile(compiled.prefill_tile)
         texts["prefill.schedule.ir"] = print_tile(compiled.prefill_schedule)
+    if compiled.plain_tile is not None:
+        from tilecomp.ir.tile import print_tile
+        texts["plain.tile.ir"] = print_tile(compiled.plain_tile)
+        texts["plain.schedule.ir"] = print_tile(compiled.plain_schedule)
     return texts
 
 
@@ -132,6 +141,8 @@ def manifest(compiled, source: dict, files: dict[str, str]) -> dict:
         "schedule": None if compiled.schedule is None else schedule_summary(compiled.schedule),
         "prefill_schedule": (None if compiled.prefill_schedule is None
                              else schedule_summary(compiled.prefill_schedule)),
+        "plain_schedule": (None if compiled.plain_schedule is None
+                           else schedule_summary(compiled.plain_schedule)),
         "files": {name: {"bytes": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}
                   for name, text in sorted(files.items())},
     }

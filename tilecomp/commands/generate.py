@@ -111,8 +111,8 @@ def make_engine(name: str, target, draft, max_len: int, device: str = "cpu"):
 
 def compile_step(target, draft, max_len: int, programs: int, interpreter_order: bool):
     """The compiler's output (trace -> passes -> lower -> schedule) for the engine to run: the
-    DFlash step's and the prefill chunk's schedules (a `Compiled`); None without a draft (plain
-    decoding uses the engine's own steps)."""
+    DFlash step's, the plain step's and the prefill chunk's schedules (a `Compiled`); None
+    without a draft (the engine then runs its own steps)."""
     if draft is None:
         return None
     from tilecomp.passes.pipeline import compile_model, engine_options

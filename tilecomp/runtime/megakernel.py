@@ -8,8 +8,9 @@ committed tokens (its only synchronisation). The prompt runs through the
 `prefill_chunk` kernel, one launch per chunk of at most `block` tokens.
 Counters are never reset: each program's launches use epoch targets 1, 2, ...
 
-Given the compiler's output (`compile_model`: `schedule`, `prefill_schedule`),
-the DFlash step and the prompt's chunks run the compiled tile programs. A
+Given the compiler's output (`compile_model`: `schedule`, `prefill_schedule`,
+`plain_schedule`), the DFlash step, the prompt's chunks and the plain (no-draft)
+step run the compiled tile programs. A
 compiled chunk has a static T rows: the last chunk is the prompt's last T tokens
 (it recomputes rows the previous chunk wrote, rewriting their K/V with the same
 values), so no K/V lands past the prompt; a prompt shorter than T is padded, and
@@ -68,13 +69,15 @@ class MegakernelEngine:
     def __init__(self, target, draft=None, max_len: int = 4096, programs: int | None = None,
                  artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None,
                  num_warps: int = 4, tiles: dict | None = None, qkv_q_heads: int | None = -1,
-                 prefill_schedule=None):
+                 prefill_schedule=None, plain_schedule=None):
         """artifacts: a `tilecomp compile --out` directory whose kernels/ to use; otherwise the
         kernels are generated once and cached (cache_dir, default ~/.cache/tilecomp).
         schedule: a scheduled TileProgram (or the path of a schedule.ir) from `tilecomp compile`
         (same max_len) to run as the DFlash step instead of the engine's own stage plan, or the
-        whole `Compiled` of `compile_model`, whose prefill_schedule then runs the prompt.
-        prefill_schedule: a scheduled prefill chunk (TileProgram or path) to run the prompt.
+        whole `Compiled` of `compile_model`, whose prefill_schedule then runs the prompt and whose
+        plain_schedule runs plain decoding (use_draft=False).
+        prefill_schedule / plain_schedule: a scheduled prefill chunk / plain step (TileProgram or
+        path) to run the prompt / plain decoding.
         Tuning switches (tilecomp bench measures each): num_warps per program; tiles overrides
         tile sizes (e.g. {"BLOCK_K": 256}); qkv_q_heads query heads per qkv task in the engine's
         own plans (None: a whole KV group per task; -1: 1 on a GPU, None in the interpreter)."""
@@ -93,11 +96,14 @@ class MegakernelEngine:
         self.chunk_len = chunk_len or (None if interpreting() else 256)
         reserve_activations(builder, self.config, self.dcfg, self.rows, max_len, self.block,
                             self.chunk_len)
-        if hasattr(schedule, "prefill_schedule"):           # a Compiled: both of its programs
+        if hasattr(schedule, "prefill_schedule"):           # a Compiled: all of its programs
+            plain_schedule = plain_schedule or getattr(schedule, "plain_schedule", None)
             schedule, prefill_schedule = schedule.schedule, prefill_schedule or schedule.prefill_schedule
         self.schedule = _load_schedule(schedule)
         self.prefill_schedule = _load_schedule(prefill_schedule)
-        compiled = [tp for tp in (self.schedule, self.prefill_schedule) if tp is not None]
+        self.plain_schedule = _load_schedule(plain_schedule)
+        compiled = [tp for tp in (self.schedule, self.prefill_schedule, self.plain_schedule)
+                    if tp is not None]
         if compiled:
             reserve_buffers(builder, *compiled)
         self.builder = builder
@@ -170,6 +176,8 @@ class MegakernelEngine:
                            {t.id: f"{t.kind} {t.name}" for t in tp.tasks})
 
     def _plan_plain(self, _rows) -> StepProgram:
+        if self.plain_schedule is not None:
+            return self._compiled(self.plain_schedule, "decode_step")
         p = self._planner(1)
         h = p.target_forward(p.o("block"), taps=False)
         self._verify_and_accept(p, h, 1)
