@@ -73,9 +73,11 @@ class CompileOptions:
     interpreter_order: bool = False     # one program, one topological queue (CPU interpreter)
     lower: LowerOptions = LowerOptions()    # tile sizes of the lowering (passes/lower.py)
     prefill_chunk: int | None = None    # tokens per prefill step (default: the block size)
+    block: int | None = None        # block size of a target compiled without a draft
 
     def trace_options(self) -> TraceOptions:
-        return TraceOptions(dtype=self.dtype, max_len=self.max_len, prefill_chunk=self.prefill_chunk)
+        return TraceOptions(dtype=self.dtype, max_len=self.max_len, prefill_chunk=self.prefill_chunk,
+                            block=self.block)
 
 
 def engine_options(max_len: int, programs: int, interpreter: bool,
@@ -94,10 +96,10 @@ class Compiled:
     (`prefill_*`: the same for the prefill chunk, `plain_*` for the plain, no-draft, decode step)."""
 
     config: MiMoConfig
-    draft_config: DFlashConfig
+    draft_config: DFlashConfig | None   # None: a target compiled without a draft
     options: CompileOptions
-    graph: Graph                    # traced decode step
-    fused: Graph                    # decode step after GRAPH_PASSES
+    graph: Graph | None             # traced DFlash decode step (None without a draft)
+    fused: Graph | None             # decode step after GRAPH_PASSES
     prefill: Graph                  # traced prefill chunk
     prefill_fused: Graph
     plain: Graph | None = None      # traced plain decode step (block 1, no draft)
@@ -176,28 +178,32 @@ class _Stages:
                 f.write(text)
 
 
-def compile_model(model_config: MiMoConfig, draft_config: DFlashConfig,
+def compile_model(model_config: MiMoConfig, draft_config: DFlashConfig | None,
                   options: CompileOptions = CompileOptions(), progress: Progress | None = None,
                   settings: Settings | None = None) -> Compiled:
     """Trace, fuse, lower and schedule one DFlash decode step, one plain decode step and one
-    prefill chunk."""
+    prefill chunk (without a draft config: the plain step and the prefill chunk only, of
+    `options.block` rows)."""
     cfg = settings or read_settings()
     if progress is None and cfg.debug >= 1:
         progress = stderr_progress
     stages = _Stages(progress, cfg)
     target, draft = stages.run("build modules (meta)", build_modules, model_config, draft_config, options.dtype)
     trace_opts = options.trace_options()
-    graph = stages.run("trace decode step", trace_decode_step, target, draft, trace_opts)
+    graph = None if draft is None else stages.run("trace decode step", trace_decode_step, target, draft,
+                                                  trace_opts)
     prefill = stages.run("trace prefill step", trace_prefill_step, target, draft, trace_opts)
     plain = stages.run("trace plain step", trace_plain_step, target, draft, trace_opts)
-    compiled = Compiled(model_config, draft_config, options, graph, stages.graph_passes(graph),
+    compiled = Compiled(model_config, draft_config, options, graph,
+                        None if graph is None else stages.graph_passes(graph),
                         prefill, stages.graph_passes(prefill), plain, stages.graph_passes(plain))
-    compiled.tile, compiled.schedule = stages.tile_passes(graph.name, compiled.fused, options)
+    if graph is not None:
+        compiled.tile, compiled.schedule = stages.tile_passes(graph.name, compiled.fused, options)
     compiled.prefill_tile, compiled.prefill_schedule = stages.tile_passes(prefill.name, compiled.prefill_fused,
                                                                           options)
     compiled.plain_tile, compiled.plain_schedule = stages.tile_passes(plain.name, compiled.plain_fused, options)
     if cfg.dump_dir:
-        step, chunk, one = graph.name, prefill.name, plain.name
+        step, chunk, one = "decode_step" if graph is None else graph.name, prefill.name, plain.name
         dumps = {f"{step}.graph.ir": graph, f"{step}.graph.fused.ir": compiled.fused,
                  f"{chunk}.graph.ir": prefill, f"{chunk}.graph.fused.ir": compiled.prefill_fused,
                  f"{step}.tile.ir": compiled.tile, f"{step}.schedule.ir": compiled.schedule,

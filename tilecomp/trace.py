@@ -26,6 +26,8 @@ Plain step (no draft): block %block = [last] at p through the target -> lm_head
   posterior[0]) and kv_commit (new length p + 1).
 Prefill chunk: T tokens at %pos through the target, draft context K/V for
 them, and the sampled next token for every row (row t at pos + t + 1).
+A target without a draft has only the plain step and the prefill chunk (no
+draft context); its block size (SWA ring slack, chunk rows) is TraceOptions.block.
 """
 from __future__ import annotations
 
@@ -52,24 +54,26 @@ F32 = TensorType(DType.F32, ())
 
 @dataclass(frozen=True)
 class TraceOptions:
-    """dtype: weights / activations / KV dtype; max_len: cache positions; prefill_chunk: T."""
+    """dtype: weights / activations / KV dtype; max_len: cache positions; prefill_chunk: T;
+    block: the block size of a target traced without a draft (with one: the draft's)."""
 
     dtype: str = "bf16"
     max_len: int = 4096
-    prefill_chunk: int | None = None      # default: the draft block size
+    prefill_chunk: int | None = None      # default: the block size
+    block: int | None = None
 
 
 COMPUTE_DTYPES = ("bf16", "f16", "f32")
 
 
-def build_modules(cfg: MiMoConfig, dcfg: DFlashConfig, dtype: str = "bf16"):
-    """Target and draft on the meta device (shapes only, no memory, no weights)."""
+def build_modules(cfg: MiMoConfig, dcfg: DFlashConfig | None, dtype: str = "bf16"):
+    """Target and draft (None without a config) on the meta device (shapes only, no weights)."""
     if dtype not in COMPUTE_DTYPES:
         raise TilecompError(f"dtype: expected one of {', '.join(COMPUTE_DTYPES)}, found {dtype!r}")
     torch_dtype = TORCH_DTYPES[dtype]
     with torch.device("meta"):
         target = mimo.MiMoForCausalLM(cfg, dtype=torch_dtype, experts="mxfp4")
-        draft = dfl.DFlashDraft(dcfg, cfg).to(torch_dtype)
+        draft = None if dcfg is None else dfl.DFlashDraft(dcfg, cfg).to(torch_dtype)
     return target, draft
 
 
@@ -247,6 +251,19 @@ def _declare_caches(b: GraphBuilder, target, draft, options: TraceOptions, block
     return target_caches, draft_caches
 
 
+def block_size(draft, options: TraceOptions) -> int:
+    """The step's block size: the draft's, or `options.block` for a target without a draft."""
+    if draft is None:
+        if options.block is None or options.block < 1:
+            raise TilecompError(f"block: a target without a draft needs a positive block size "
+                                f"(TraceOptions.block), found {options.block}")
+        return options.block
+    if options.block not in (None, draft.config.block_size):
+        raise TilecompError(f"block: the draft's block size is {draft.config.block_size}, "
+                            f"found {options.block}")
+    return draft.config.block_size
+
+
 def _flat(caches):
     return [name for pair in caches for name in pair]
 
@@ -290,8 +307,8 @@ def trace_decode_step(target, draft, options: TraceOptions = TraceOptions()) -> 
 def trace_plain_step(target, draft, options: TraceOptions = TraceOptions()) -> Graph:
     """One plain (no draft) decode step: the last token through the target, sample, commit.
     The target's caches are laid out as in the DFlash step (rings of window + block size), so
-    the plain step, the DFlash step and the prefill chunk share them."""
-    s = draft.config.block_size
+    the plain step, the DFlash step and the prefill chunk share them (draft: None is allowed)."""
+    s = block_size(draft, options)
     b = GraphBuilder("plain_step")
     block = b.input("block", TensorType(DType.I32, (1,)))
     pos = b.input("pos", I32)
@@ -308,9 +325,9 @@ def trace_plain_step(target, draft, options: TraceOptions = TraceOptions()) -> G
 
 
 def trace_prefill_step(target, draft, options: TraceOptions = TraceOptions()) -> Graph:
-    """A prefill chunk: T prompt tokens through the target, draft context K/V, next tokens."""
-    dc = draft.config
-    block = dc.block_size
+    """A prefill chunk: T prompt tokens through the target, draft context K/V (with a draft),
+    next tokens."""
+    block = block_size(draft, options)
     t = block if options.prefill_chunk is None else options.prefill_chunk
     if not 1 <= t <= block:
         raise TilecompError(f"prefill_chunk: expected 1..{block} (the SWA ring holds window + block), found {t}")
@@ -320,9 +337,10 @@ def trace_prefill_step(target, draft, options: TraceOptions = TraceOptions()) ->
     seed, temperature, top_p = _sampling_inputs(b)
     target_caches, draft_caches = _declare_caches(b, target, draft, options, block)
     tr = Tracer(b, target, draft)
-    hidden, tap_values = tr.target_forward(ids, pos, target_caches, dc.target_layer_ids)
-    taps = tr.op(OpKind.CONCAT, tap_values, "taps", axis=1)
-    tr.draft_context(taps, pos, draft_caches)
+    taps_at = draft.config.target_layer_ids if draft is not None else []
+    hidden, tap_values = tr.target_forward(ids, pos, target_caches, taps_at)
+    if draft is not None:
+        tr.draft_context(tr.op(OpKind.CONCAT, tap_values, "taps", axis=1), pos, draft_caches)
     logits = tr.logits(hidden, "logits")
     next_tokens = tr.op(OpKind.SAMPLE, [logits, pos, seed, temperature, top_p], "next_tokens", offset=1)
     return b.ret(next_tokens, *_flat(target_caches), *_flat(draft_caches))

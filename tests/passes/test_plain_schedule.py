@@ -3,6 +3,7 @@ from collections import Counter
 
 import pytest
 
+from tilecomp.errors import TilecompError
 from tilecomp.ir.graph import parse_graph, print_graph, verify_graph
 from tilecomp.ir.tile import parse_tile, print_tile, verify_schedule, verify_tile
 from tilecomp.models.presets import preset
@@ -76,3 +77,34 @@ def test_plain_stages_are_dumped(tmp_path):
         verify_tile(parse_tile((tmp_path / name).read_text()))
     for name in ("plain_step.graph.ir", "plain_step.graph.fused.ir"):
         assert verify_graph(parse_graph((tmp_path / name).read_text())).name == "plain_step"
+
+
+def test_target_without_a_draft_compiles_the_plain_step_and_the_prefill_chunk(tmp_path):
+    cfg, _ = preset("tiny")
+    c = compile_model(cfg, None, CompileOptions(block=8, max_len=40, interpreter_order=True),
+                      settings=Settings(dump_dir=str(tmp_path)))
+    assert c.graph is None and c.fused is None and c.schedule is None and c.draft_config is None
+    for tp in (c.plain_schedule, c.prefill_schedule):
+        verify_tile(tp)
+        verify_schedule(tp, interpreter_order=True)
+        assert not any(name.startswith(("draft_cache", "taps")) for name in tp.buffers)
+        assert not any(name.startswith("dflash.") or (buf.param or "").startswith("dflash.")
+                       for name, buf in tp.buffers.items())
+    embed = next(t for t in c.prefill_schedule.tasks if t.kind == "embed")
+    assert embed.attrs["n_rows"] == 8
+    # the caches are laid out as with a draft of the same block size
+    with_draft = compile_model(*preset("tiny"), CompileOptions(max_len=40), settings=Settings())
+    for name, buf in c.plain_schedule.buffers.items():
+        if name.startswith("cache."):
+            assert buf.shape == with_draft.plain_schedule.buffers[name].shape, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{step}.{stage}.ir" for step in ("plain_step", "prefill_step")
+        for stage in ("graph", "graph.fused", "tile", "schedule"))
+
+
+def test_target_without_a_draft_needs_a_block_size():
+    cfg, dcfg = preset("tiny")
+    with pytest.raises(TilecompError, match="needs a positive block size"):
+        compile_model(cfg, None, CompileOptions(max_len=40), settings=Settings())
+    with pytest.raises(TilecompError, match="the draft's block size is 8"):
+        compile_model(cfg, dcfg, CompileOptions(max_len=40, block=4), settings=Settings())
