@@ -23,7 +23,7 @@ def test_misaligned_weight_offset_is_named():
     L.check_alignment([[rec]], 1)                                  # no hint: nothing to check
 
 
-def test_engine_plans_and_compiled_step_records_are_aligned():
+def test_compiled_step_records_are_aligned():
     from tilecomp.models.dflash import DFlashDraft
     from tilecomp.models.mimo import MiMoForCausalLM
     from tilecomp.passes.pipeline import compile_model, engine_options
@@ -32,14 +32,14 @@ def test_engine_plans_and_compiled_step_records_are_aligned():
     torch.manual_seed(0)
     cfg, dcfg = preset("tiny", 2)
     target, draft = MiMoForCausalLM(cfg), DFlashDraft(dcfg, cfg)
-    schedule = compile_model(cfg, dcfg, engine_options(32, 4, False)).schedule   # the GPU options
-    engine = MegakernelEngine(target, draft, max_len=32, programs=4, schedule=schedule, qkv_q_heads=1)
-    walign = engine.consts["WALIGN"]
-    assert walign == 8
-    L.check_alignment(RecordBuilder(engine.builder, schedule).queues(), walign)
-    for rows in (1, engine.rows):
-        p = engine._planner(rows)
-        h = p.target_forward(p.o("prompt"), taps=True)
-        p.head("lm_head", p.o(h), p.o("model.norm.weight"), p.o("post_tok"), pos_shift=rows, rows_n=1,
-               eps=p.eps)
-        L.check_alignment(p.stages.queues(4)[0], walign)
+    given = compile_model(cfg, dcfg, engine_options(32, 4, False))           # the GPU options
+    # the engine's own programs (compiled with its switches) and the ones it is given
+    for engine in (MegakernelEngine(target, draft, max_len=32, programs=4, qkv_q_heads=1),
+                   MegakernelEngine(target, draft, max_len=32, programs=4, schedule=given),
+                   MegakernelEngine(target, None, max_len=32, programs=4, qkv_q_heads=1)):
+        walign = engine.consts["WALIGN"]
+        assert walign == 8
+        programs = [engine.schedule, engine.prefill_schedule, engine.plain_schedule]
+        assert (programs[0] is None) == (engine.draft is None) and all(programs[1:])
+        for tp in filter(None, programs):
+            L.check_alignment(RecordBuilder(engine.builder, tp).queues(), walign)

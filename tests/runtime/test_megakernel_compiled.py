@@ -1,5 +1,6 @@
-"""The compiler's own scheduled DFlash step (passes/pipeline.compile_model -> schedule) run by
-MegakernelEngine on CPU: the same tokens as ReferenceEngine, and no store outside the arenas."""
+"""The compiler's scheduled step programs (passes/pipeline.compile_model: DFlash step, prefill
+chunk, plain step) run by MegakernelEngine on CPU, given or compiled by the engine itself: the
+same tokens as ReferenceEngine, and no store outside the arenas."""
 import torch
 
 from tilecomp.models.dflash import DFlashDraft
@@ -50,7 +51,7 @@ def test_prompt_runs_through_the_compiled_prefill_schedule(arena_guards):
     prefill = engine.step_program("prefill")
     assert prefill.records.shape[0] == len(compiled.prefill_schedule.tasks)
     assert prefill.counter_names == list(compiled.prefill_schedule.counters)
-    assert [key for key in engine._steps if key[0] == "prefill"] == [("prefill", 0)]
+    assert sorted(engine._steps) == ["dflash", "prefill"]      # one program per kind, any prompt length
     arena_guards()
 
 
@@ -73,7 +74,7 @@ def test_plain_decoding_runs_the_compiled_plain_schedule(arena_guards):
     plain = engine.step_program("plain")
     assert plain.records.shape[0] == len(compiled.plain_schedule.tasks)
     assert plain.counter_names == list(compiled.plain_schedule.counters)
-    assert plain.task_names == {t.id: f"{t.kind} {t.name}" for t in compiled.plain_schedule.tasks}
+    assert all(plain.task_names[t.id].startswith(f"{t.kind} [{t.name} ") for t in compiled.plain_schedule.tasks)
     assert plain.epoch == 4
     # sampled: the same shared rule as the reference; a second request continues the epochs
     kw = dict(use_draft=False, temperature=0.9, top_p=0.9, seed=1234)
@@ -91,3 +92,22 @@ def test_sampled_dflash_through_the_compiled_step():
     got = engine.generate(ids, 6, **kw)
     want = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 6, **kw)
     assert got.tokens == want.tokens and got.acceptance == want.acceptance
+
+
+def test_engine_without_a_schedule_compiles_its_own_with_its_switches(arena_guards):
+    torch.manual_seed(13)
+    cfg, _ = preset("tiny", layers=2)
+    target = MiMoForCausalLM(cfg)
+    engine = MegakernelEngine(target, None, max_len=MAX_LEN, qkv_q_heads=1, chunk_len=16)
+    options = engine.compile_options()
+    assert (options.lower.qkv_q_heads, options.lower.kv_chunk, options.block) == (1, 16, engine.block)
+    assert engine.schedule is None and engine.plain_schedule.annotations["step"] == "plain_step"
+    partial = [t for t in engine.plain_schedule.tasks if t.kind == "attn_partial"]
+    # full attention (64 positions): chunks of 16; the SWA ring (window 8 + 1 row) fits one chunk
+    assert {t.attrs["chunk_len"] for t in partial} == {16, 9}
+    ids = torch.randint(0, 500, (10,), generator=torch.Generator().manual_seed(13)).tolist()
+    got = engine.generate(ids, 4, use_draft=False)
+    want = ReferenceEngine(target, None, max_len=MAX_LEN).generate(ids, 4, use_draft=False)
+    assert got.tokens == want.tokens
+    assert engine.step_program("plain").records.shape[0] == len(engine.plain_schedule.tasks)
+    arena_guards()

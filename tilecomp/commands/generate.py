@@ -103,8 +103,9 @@ def make_engine(name: str, target, draft, max_len: int, device: str = "cpu"):
     except ImportError as e:
         raise TilecompError(f"--engine megakernel: tilecomp.runtime.megakernel is not available "
                             f"({e}); use --engine reference") from None
-    if draft is not None:            # the compiled step's caches hold at least two blocks
-        max_len = max(max_len, 2 * draft.config.block_size)
+    from tilecomp.codegen.kernels import step_rows
+    # the compiled programs' caches hold at least two blocks
+    max_len = max(max_len, 2 * step_rows(draft.config if draft is not None else None))
     return MegakernelEngine(target, draft, max_len=max_len, programs=programs,
                             schedule=compile_step(target, draft, max_len, programs, on_cpu))
 
@@ -112,7 +113,7 @@ def make_engine(name: str, target, draft, max_len: int, device: str = "cpu"):
 def compile_step(target, draft, max_len: int, programs: int, interpreter_order: bool):
     """The compiler's output (trace -> passes -> lower -> schedule) for the engine to run: the
     DFlash step's, the plain step's and the prefill chunk's schedules (a `Compiled`); None
-    without a draft (the engine then runs its own steps)."""
+    without a draft (the engine then compiles its plain step and prefill chunk itself)."""
     if draft is None:
         return None
     from tilecomp.passes.pipeline import compile_model, engine_options

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from tilecomp.codegen import layout as L
 from tilecomp.errors import ScheduleError
+from tilecomp.models.cache import ring_slots
 
 from .buffers import ArenaBuilder
 
@@ -39,6 +40,25 @@ def slot_of(name: str) -> str | None:
 
 def weight_slot(param: str) -> str:
     return "draft." + param[len("dflash."):] if param.startswith("dflash.") else param
+
+
+def reserve_engine_slots(b: ArenaBuilder, cfg, dcfg, max_len: int, block: int):
+    """The slots the engine owns (ALIASES and the KV caches the programs alias, the step state):
+    every step program shares them, so the prompt's K/V, the taps and the state carry over.
+    SWA caches are rings of window + block slots, as the traced programs lay them out."""
+    b.reserve("state", (L.STATE_WORDS,), "i32")
+    for name in ("block", "post_tok", "out_tokens"):
+        b.reserve(name, (block,), "i32")
+    if dcfg is not None:
+        b.reserve("taps", (block, len(dcfg.target_layer_ids) * cfg.hidden_size), "f32")
+    for i in range(cfg.num_hidden_layers):
+        s = cfg.attn(i)
+        ring = ring_slots(s.window, max_len, block)
+        b.reserve(f"kv.{i}.k", (s.n_kv_heads, ring, s.head_dim), "w")
+        b.reserve(f"kv.{i}.v", (s.n_kv_heads, ring, s.v_head_dim), "w")
+    for j in range(dcfg.num_hidden_layers if dcfg is not None else 0):
+        b.reserve(f"dkv.{j}.k", (dcfg.num_key_value_heads, max_len, dcfg.head_dim), "w")
+        b.reserve(f"dkv.{j}.v", (dcfg.num_key_value_heads, max_len, dcfg.head_dim), "w")
 
 
 def reserve_buffers(b: ArenaBuilder, *programs):

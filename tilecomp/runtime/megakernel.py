@@ -5,12 +5,13 @@ the scoreboard counters of each step program and its task queues. A DFlash step
 (draft context + draft forward + target verify + acceptance + next-step state)
 is one launch of the `decode_step` kernel; the host then reads the step's
 committed tokens (its only synchronisation). The prompt runs through the
-`prefill_chunk` kernel, one launch per chunk of at most `block` tokens.
-Counters are never reset: each program's launches use epoch targets 1, 2, ...
+`prefill_chunk` kernel, one launch per chunk. Counters are never reset: each
+program's launches use epoch targets 1, 2, ...
 
-Given the compiler's output (`compile_model`: `schedule`, `prefill_schedule`,
-`plain_schedule`), the DFlash step, the prompt's chunks and the plain (no-draft)
-step run the compiled tile programs. A
+Every step program is the compiler's (`compile_model`: `schedule` for the DFlash
+step, `prefill_schedule` for the prompt's chunks, `plain_schedule` for plain,
+no-draft, decoding): given as a `Compiled` (or one by one), or compiled by the
+engine itself from the model's config and its tuning switches. A
 compiled chunk has a static T rows: the last chunk is the prompt's last T tokens
 (it recomputes rows the previous chunk wrote, rewriting their K/V with the same
 values), so no K/V lands past the prompt; a prompt shorter than T is padded, and
@@ -34,8 +35,7 @@ from tilecomp.codegen.harness import (Megakernel, interpreting, new_counters, ne
 from tilecomp.errors import TilecompError
 
 from .buffers import ArenaBuilder
-from .compiled import RecordBuilder, reserve_buffers, tile_constexprs
-from .plan import StepPlanner, reserve_activations
+from .compiled import RecordBuilder, reserve_buffers, reserve_engine_slots, tile_constexprs
 from .reference import GenerationResult, ReferenceEngine, _Output
 from .weights import add_weights
 
@@ -70,17 +70,18 @@ class MegakernelEngine:
                  artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None,
                  num_warps: int = 4, tiles: dict | None = None, qkv_q_heads: int | None = -1,
                  prefill_schedule=None, plain_schedule=None):
-        """artifacts: a `tilecomp compile --out` directory whose kernels/ to use; otherwise the
-        kernels are generated once and cached (cache_dir, default ~/.cache/tilecomp).
+        """artifacts: a `tilecomp compile --out` directory (checked against the model: its kernels
+        are refused when compiled for other tile sizes); cache_dir: where kernel files are cached.
         schedule: a scheduled TileProgram (or the path of a schedule.ir) from `tilecomp compile`
-        (same max_len) to run as the DFlash step instead of the engine's own stage plan, or the
-        whole `Compiled` of `compile_model`, whose prefill_schedule then runs the prompt and whose
-        plain_schedule runs plain decoding (use_draft=False).
+        (same max_len) to run as the DFlash step, or the whole `Compiled` of `compile_model`
+        (its prefill_schedule then runs the prompt and its plain_schedule plain decoding).
         prefill_schedule / plain_schedule: a scheduled prefill chunk / plain step (TileProgram or
-        path) to run the prompt / plain decoding.
+        path). A program not given is compiled here (`compile_model` with the options below).
         Tuning switches (tilecomp bench measures each): num_warps per program; tiles overrides
-        tile sizes (e.g. {"BLOCK_K": 256}); qkv_q_heads query heads per qkv task in the engine's
-        own plans (None: a whole KV group per task; -1: 1 on a GPU, None in the interpreter)."""
+        tile sizes (e.g. {"BLOCK_K": 256}); qkv_q_heads query heads per qkv task of the programs
+        compiled here (LowerOptions.qkv_q_heads; None: a whole KV group per task; -1: 1 on a GPU,
+        None in the interpreter); chunk_len KV positions per flash-decoding partial
+        (LowerOptions.kv_chunk; default 256 on a GPU, the whole span in the interpreter)."""
         self.target, self.draft, self.config = target, draft, target.config
         self.max_len = max_len
         self.dcfg = draft.config if draft is not None else None
@@ -94,20 +95,14 @@ class MegakernelEngine:
         # KV positions per flash-decoding partial: the interpreter runs one chunk per head
         # (fewer tasks); a GPU splits the context so the partials fill the SMs
         self.chunk_len = chunk_len or (None if interpreting() else 256)
-        reserve_activations(builder, self.config, self.dcfg, self.rows, max_len, self.block,
-                            self.chunk_len)
+        self.qkv_q_heads = (None if interpreting() else 1) if qkv_q_heads == -1 else qkv_q_heads
+        reserve_engine_slots(builder, self.config, self.dcfg, max_len, self.block)
         if hasattr(schedule, "prefill_schedule"):           # a Compiled: all of its programs
             plain_schedule = plain_schedule or getattr(schedule, "plain_schedule", None)
             schedule, prefill_schedule = schedule.schedule, prefill_schedule or schedule.prefill_schedule
         self.schedule = _load_schedule(schedule)
         self.prefill_schedule = _load_schedule(prefill_schedule)
         self.plain_schedule = _load_schedule(plain_schedule)
-        compiled = [tp for tp in (self.schedule, self.prefill_schedule, self.plain_schedule)
-                    if tp is not None]
-        if compiled:
-            reserve_buffers(builder, *compiled)
-        self.builder = builder
-        self.arenas = builder.build(self.device)
         self.consts = constexprs_for(self.config, self.dcfg, self.rows)
         unknown = set(tiles or {}) - set(self.consts)
         if unknown:
@@ -115,102 +110,64 @@ class MegakernelEngine:
                                 f"{sorted(self.consts)}")
         self.tiles = dict(tiles or {})
         self.consts.update(self.tiles)
+        if (self.schedule is None and draft is not None or self.prefill_schedule is None
+                or self.plain_schedule is None):
+            self._compile_missing()
+        reserve_buffers(builder, *(tp for tp in (self.schedule, self.prefill_schedule, self.plain_schedule)
+                                   if tp is not None))
+        self.builder = builder
+        self.arenas = builder.build(self.device)
         self.num_warps = num_warps
-        self.qkv_q_heads = (None if interpreting() else 1) if qkv_q_heads == -1 else qkv_q_heads
+        # kernels for the engine's own tile sizes (a schedule with wider tiles builds its own)
         self.kernel_paths = kernel_files(self.config, self.dcfg, artifacts, cache_dir)
-        self._kernels: dict[str, Megakernel] = {}
-        self._steps: dict[tuple, StepProgram] = {}
+        self._steps: dict[str, StepProgram] = {}
+
+    def compile_options(self):
+        """The options this engine compiles its own step programs with (its tuning switches)."""
+        from tilecomp.passes.lower import LowerOptions
+        from tilecomp.passes.pipeline import CompileOptions
+        lower = LowerOptions(qkv_q_heads=self.qkv_q_heads, kv_chunk=self.chunk_len or self.max_len)
+        return CompileOptions(max_len=self.max_len, programs=self.programs,
+                              interpreter_order=interpreting() and self.programs == 1, lower=lower,
+                              block=None if self.dcfg is not None else self.block)
+
+    def _compile_missing(self):
+        """Compile the model's step programs; keep the ones given, fill in the others."""
+        from tilecomp.passes.pipeline import compile_model
+        own = compile_model(self.config, self.dcfg, self.compile_options())
+        self.schedule = self.schedule or own.schedule
+        self.prefill_schedule = self.prefill_schedule or own.prefill_schedule
+        self.plain_schedule = self.plain_schedule or own.plain_schedule
 
     # -- step programs -------------------------------------------------------------------------
-    def kernel(self, name: str) -> Megakernel:
-        if name not in self._kernels:
-            if self.tiles:                   # tile overrides: not the cached default build
-                self._kernels[name] = Megakernel.build(ENGINE_KINDS, self.consts, name=name,
-                                                       num_warps=self.num_warps)
-            else:
-                self._kernels[name] = Megakernel.from_file(self.kernel_paths[name],
-                                                           num_warps=self.num_warps)
-        return self._kernels[name]
-
-    def _planner(self, rows: int) -> StepPlanner:
-        return StepPlanner(self.builder, self.config, self.dcfg, rows, self.rows, self.max_len,
-                           self.consts, self.chunk_len, self.qkv_q_heads)
-
-    def _pack(self, kernel_name: str, planner: StepPlanner) -> StepProgram:
-        queues, counter_names, task_names = planner.stages.queues(self.programs)
-        records, queue = L.pack_records(queues, self.device)
-        return StepProgram(self.kernel(kernel_name), records, queue,
-                           new_counters(len(counter_names), self.device),
-                           new_errors(self.programs, self.device), counter_names, task_names)
-
-    def step_program(self, kind: str, rows: int = 0) -> StepProgram:
-        key = (kind, rows)
-        if key not in self._steps:
-            build = {"dflash": self._plan_dflash, "plain": self._plan_plain,
-                     "prefill": self._plan_prefill}[kind]
-            self._steps[key] = build(rows)
-        return self._steps[key]
-
-    def _plan_dflash(self, _rows) -> StepProgram:
-        if self.schedule is not None:
-            return self._compiled_dflash()
-        p = self._planner(self.block)
-        p.draft_context(rows=p.st + L.STATE["n_ctx"])
-        p.draft_block()
-        h = p.target_forward(p.o("block"), taps=True)
-        self._verify_and_accept(p, h, self.block)
-        return self._pack("decode_step", p)
-
-    def _compiled_dflash(self) -> StepProgram:
-        """The compiler's scheduled DFlash step."""
-        return self._compiled(self.schedule, "decode_step")
+    def step_program(self, kind: str) -> StepProgram:
+        """The step program of `kind` ("dflash", "plain" or "prefill"), built on first use."""
+        if kind not in self._steps:
+            tp, kernel_name = {"dflash": (self.schedule, "decode_step"),
+                               "plain": (self.plain_schedule, "decode_step"),
+                               "prefill": (self.prefill_schedule, "prefill_chunk")}[kind]
+            self._steps[kind] = self._compiled(tp, kernel_name)
+        return self._steps[kind]
 
     def _compiled(self, tp, kernel_name: str) -> StepProgram:
         """A compiler-scheduled tile program (its queues, counters and tile sizes)."""
         queues = RecordBuilder(self.builder, tp).queues()
-        kernel = Megakernel.build(ENGINE_KINDS, tile_constexprs(tp, self.consts), name=kernel_name,
-                                  num_warps=self.num_warps)
+        consts = tile_constexprs(tp, self.consts)
+        if consts == self.consts and not self.tiles:    # the artifacts' / cached kernel fits
+            kernel = Megakernel.from_file(self.kernel_paths[kernel_name], num_warps=self.num_warps)
+        else:
+            kernel = Megakernel.build(ENGINE_KINDS, consts, name=kernel_name, num_warps=self.num_warps)
         records, queue = L.pack_records(queues, self.device)
         return StepProgram(kernel, records, queue, new_counters(len(tp.counters), self.device),
                            new_errors(len(queues), self.device), list(tp.counters),
-                           {t.id: f"{t.kind} {t.name}" for t in tp.tasks})
-
-    def _plan_plain(self, _rows) -> StepProgram:
-        if self.plain_schedule is not None:
-            return self._compiled(self.plain_schedule, "decode_step")
-        p = self._planner(1)
-        h = p.target_forward(p.o("block"), taps=False)
-        self._verify_and_accept(p, h, 1)
-        return self._pack("decode_step", p)
-
-    def _verify_and_accept(self, p: StepPlanner, h: str, n_block: int):
-        p.head("lm_head", p.o(h), p.o("model.norm.weight"), p.o("post_tok"), pos_shift=1,
-               rows_n=n_block, eps=p.eps)
-        p.stages.add("accept", [L.TaskRecord("accept", 0, dict(
-            state=p.st, draft_tok=p.o("block") + 1, post_tok=p.o("post_tok"), n_block=n_block,
-            out_tokens=p.o("out_tokens"), block=p.o("block"),
-            draft_block=p.o("draft_block") if self.draft is not None else -1, mask_id=-1))])
-
-    def _plan_prefill(self, rows: int) -> StepProgram:
-        if self.prefill_schedule is not None:
-            return self._compiled(self.prefill_schedule, "prefill_chunk")
-        p = self._planner(rows)
-        h = p.target_forward(p.o("prompt"), taps=self.draft is not None)
-        if self.draft is not None:
-            p.draft_context(rows_n=rows, pos_field="pos")
-        p.head("lm_head", p.o(h) + (rows - 1) * self.config.hidden_size, p.o("model.norm.weight"),
-               p.o("post_tok"), pos_shift=rows, rows_n=1, eps=p.eps)
-        return self._pack("prefill_chunk", p)
+                           {t.id: f"{t.kind} [{t.name} {t.attrs.get('op', '')}]" for t in tp.tasks})
 
     @torch.no_grad()
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
         """fp32 logits [V] the target gives after the prompt (the prefill kernel's last row)."""
         self._set_state(temp_bits=0, top_p_bits=L.float_bits(1.0), seed=0)
-        if self.prefill_schedule is not None:
-            last = self._compiled_prefill([int(t) for t in prompt_ids])
-            return self.arenas.view("tile.logits")[last].clone()
-        self._prefill([int(t) for t in prompt_ids])
-        return self.arenas.view("logits")[0].clone()
+        last = self._prefill_rows([int(t) for t in prompt_ids])
+        return self.arenas.view("tile.logits")[last].clone()
 
     # -- generation ----------------------------------------------------------------------------
     def _set_state(self, **fields):
@@ -220,19 +177,10 @@ class MegakernelEngine:
 
     def _prefill(self, prompt_ids: list[int]) -> int:
         """Run the prompt in chunks; return the first new token (position len(prompt))."""
-        if self.prefill_schedule is not None:
-            last = self._compiled_prefill(prompt_ids)
-            return int(self.arenas.view("tile.next_tokens")[last].item())
-        for start in range(0, len(prompt_ids), self.rows):
-            chunk = prompt_ids[start:start + self.rows]
-            self.arenas.view("prompt")[:len(chunk)] = torch.tensor(chunk, dtype=torch.int32)
-            self._set_state(pos=start)
-            step = self.step_program("prefill", len(chunk))
-            step.launch(self.arenas)
-            step.check()
-        return int(self.arenas.view("post_tok")[0].item())
+        last = self._prefill_rows(prompt_ids)
+        return int(self.arenas.view("tile.next_tokens")[last].item())
 
-    def _compiled_prefill(self, prompt_ids: list[int]) -> int:
+    def _prefill_rows(self, prompt_ids: list[int]) -> int:
         """Run the prompt through the compiled prefill chunk (T rows per launch, the last chunk
         ending at the prompt's end: see the module docstring); return the prompt's last row."""
         ids = self.arenas.view("tile.ids")
@@ -273,10 +221,9 @@ class MegakernelEngine:
         out.emit([first])
         n = len(prompt_ids)
         self._set_state(pos=n, last=first, n_ctx=0, ctx_pos=n)
-        for name in ("block", "draft_block") if use_draft else ("block",):
-            block = self.arenas.view(name)          # [last, MASK x (S-1)]
-            block.fill_(self.dcfg.mask_token_id if use_draft else 0)
-            block[0] = first
+        block = self.arenas.view("block")           # [last, MASK x (S-1)] (plain: [last])
+        block.fill_(self.dcfg.mask_token_id if use_draft else 0)
+        block[0] = first
         step = self.step_program("dflash" if use_draft else "plain")
         state, tokens = self.arenas.view("state"), self.arenas.view("out_tokens")
         while not out.done:
