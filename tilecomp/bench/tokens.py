@@ -44,8 +44,9 @@ def check(target, draft, prompts: list[list[int]], new_tokens: int, schedule=Non
     truth: the same weights in fp32 (cache-free forward), the arbiter at a divergence."""
     from tilecomp.runtime.megakernel import MegakernelEngine
     from tilecomp.runtime.reference import ReferenceEngine
-    block = draft.config.block_size if draft is not None else 1
-    max_len = max(len(p) for p in prompts) + new_tokens + 2 * block
+    from tilecomp.codegen.kernels import step_rows
+    # the compiled programs' caches hold at least two blocks (a block of 8 rows without a draft)
+    max_len = max(len(p) for p in prompts) + new_tokens + 2 * step_rows(draft.config if draft else None)
     ref = ReferenceEngine(target, draft, max_len=max_len)
     mk = MegakernelEngine(target, draft, max_len=max_len, programs=programs, schedule=schedule)
     rows, deviations = [], []
