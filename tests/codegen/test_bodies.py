@@ -71,14 +71,22 @@ def test_linear_reduce_sums_splits_in_order_plus_residual():
         y=b.offset("y"), y_stride=N, n_rows=T, rows=-1)) for i, n0 in enumerate((0, 32))]
     run_tasks([recs], arenas, dict(BLOCK_T=8, BLOCK_N=32))
     torch.testing.assert_close(arenas.view("y"), part[0] + part[1] + part[2] + res)
+    # one task over all 40 columns in sub-tiles of 16
+    b.reserve("y2", (T, N), "f32")
+    arenas = b.build()
+    rec = TaskRecord("linear_reduce", 0, dict(recs[0].args, n0=0, n1=N, y=b.offset("y2")))
+    run_tasks([[rec]], arenas, dict(BLOCK_T=8, BLOCK_N=16))
+    torch.testing.assert_close(arenas.view("y2"), part[0] + part[1] + part[2] + res)
 
 
-def _head(temp, seed, vocab=200, T=6, D=32, pos=17, shift=1, ties=False, top_p=1.0):
+def _head(temp, seed, vocab=200, T=6, D=32, pos=17, shift=1, ties=False, top_p=1.0, sub=False):
+    """sub: tasks of 128 vocabulary rows run as sub-tiles of BLOCK_N = 32 rows."""
     g = torch.Generator().manual_seed(7)
     x, w = torch.randn(T, D, generator=g), torch.randn(vocab, D, generator=g)
-    if ties:  # equal best logits in different tiles: the lowest token must win
+    if ties:  # equal best logits in different tiles (and sub-tiles): the lowest token must win
         w[150] = w[7]
-    BN = 64
+        w[40] = w[7]
+    BN = 128 if sub else 64                       # vocabulary rows per task
     n_tiles = -(-vocab // BN)
     b = ArenaBuilder(torch.float32)
     b.add("x", x, "f32"), b.add("w", w, "w"), b.add("st", state_words(pos, 0, temp, seed, top_p), "i32")
@@ -87,24 +95,25 @@ def _head(temp, seed, vocab=200, T=6, D=32, pos=17, shift=1, ties=False, top_p=1
     arenas = b.build()
     heads = [TaskRecord("lm_head", i, dict(
         x=b.offset("x"), x_stride=D, norm=-1, eps_bits=0, w=b.offset("w"), dim=D, vocab=vocab,
-        n0=i * BN, logits=b.offset("logits"), tile_key=b.offset("key"), tile_arg=b.offset("arg"),
+        n0=i * BN, n1=(i + 1) * BN, logits=b.offset("logits"), tile_key=b.offset("key"), tile_arg=b.offset("arg"),
         tile=i, n_tiles=n_tiles, state=b.offset("st"), pos_shift=shift, n_rows=T, rows=-1),
         signals=[0]) for i in range(n_tiles)]
     reduce = TaskRecord("sample_reduce", n_tiles, dict(
         tile_key=b.offset("key"), tile_arg=b.offset("arg"), n_tiles=n_tiles, out=b.offset("tok"),
         n_rows=T, logits=b.offset("logits"), vocab=vocab, state=b.offset("st"), pos_shift=shift),
         waits=[(0, n_tiles, n_tiles)])
-    run_tasks([heads + [reduce]], arenas, dict(BLOCK_T=16, BLOCK_N=BN, BLOCK_K=32, BLOCK_V=2))
+    run_tasks([heads + [reduce]], arenas, dict(BLOCK_T=16, BLOCK_N=32 if sub else BN, BLOCK_K=32, BLOCK_V=2))
     logits = x @ w.T
     want = sample(logits, torch.arange(pos + shift, pos + shift + T), temp, top_p, seed)
     return arenas, logits, want
 
 
-@pytest.mark.parametrize("temp,seed,ties,top_p", [
-    (0.0, 0, False, 1.0), (0.0, 0, True, 1.0), (0.8, 1, False, 1.0), (1.5, 12345, False, 1.0),
-    (0.7, 5, False, 0.6), (2.0, 77, False, 0.95), (0.0, 3, False, 0.5)])
-def test_lm_head_and_sample_reduce_follow_the_shared_sampling_rule(temp, seed, ties, top_p):
-    arenas, logits, want = _head(temp, seed, ties=ties, top_p=top_p)
+@pytest.mark.parametrize("temp,seed,ties,top_p,sub", [
+    (0.0, 0, False, 1.0, False), (0.0, 0, True, 1.0, False), (0.8, 1, False, 1.0, False),
+    (1.5, 12345, False, 1.0, False), (0.7, 5, False, 0.6, False), (2.0, 77, False, 0.95, False),
+    (0.0, 3, False, 0.5, False), (0.0, 0, True, 1.0, True), (0.8, 1, False, 1.0, True)])
+def test_lm_head_and_sample_reduce_follow_the_shared_sampling_rule(temp, seed, ties, top_p, sub):
+    arenas, logits, want = _head(temp, seed, ties=ties, top_p=top_p, sub=sub)
     torch.testing.assert_close(arenas.view("logits"), logits, rtol=1e-5, atol=1e-4)
     assert arenas.view("tok").tolist() == want.tolist()
 

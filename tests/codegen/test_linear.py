@@ -103,3 +103,24 @@ def test_linear_tile_stops_at_n1():
     y = arenas.view("y")
     torch.testing.assert_close(y[:, 8:20], x @ w[8:20].T, rtol=1e-5, atol=1e-4)
     assert (y[:, :8] == 5.0).all() and (y[:, 20:] == 5.0).all()
+
+
+@pytest.mark.parametrize("stages", [3, 1])
+def test_linear_task_wider_than_block_n_runs_sub_tiles(stages):
+    """A task of 70 columns with BLOCK_N = 32: three sub-tiles, the last one partial; SwiGLU,
+    norm and residual on every sub-tile; nothing outside [n0, n1) is written."""
+    g = torch.Generator().manual_seed(11)
+    T, K, N = 3, 64, 80
+    x, w, wu, res = (torch.randn(s, generator=g) for s in [(T, K), (N, K), (N, K), (T, N)])
+    b = ArenaBuilder(torch.float32)
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("wu", wu, "w"), b.add("g", torch.ones(K), "w")
+    b.add("res", res, "f32"), b.add("y", torch.full((T, N), 5.0), "f32")
+    arenas = b.build()
+    rec = linear_record(0, b, 4, 0, K, T=T, N=N, K=K, norm=True, res=False)
+    rec.args.update(n1=74, w_up=b.offset("wu"))
+    run_tasks([[rec]], arenas, dict(CONST, STAGES=stages))
+    xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    want = torch.nn.functional.silu(xn @ w[4:74].T) * (xn @ wu[4:74].T)
+    y = arenas.view("y")
+    torch.testing.assert_close(y[:, 4:74], want, rtol=1e-5, atol=1e-4)
+    assert (y[:, :4] == 5.0).all() and (y[:, 74:] == 5.0).all()

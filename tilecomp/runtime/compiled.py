@@ -142,8 +142,13 @@ def _numel(shape) -> int:
     return n
 
 
-def tile_constexprs(tp, base: dict) -> dict:
-    """The engine's tile sizes, widened to the widest tile the schedule uses."""
+def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
+    """The engine's tile sizes; with `widen`, BLOCK_N grows to the widest task of the schedule
+    so every task is one tile (fewer tile operations: the interpreter's choice). Without it the
+    linear / lm_head / linear_reduce / expert tasks loop over BLOCK_N sub-tiles (a GPU keeps
+    small register tiles, and the cached kernel of the engine's own tile sizes fits)."""
+    if not widen:
+        return dict(base)
     def pow2(n):
         return 1 << max(0, int(n - 1).bit_length())
     widths = [t.attrs["n1"] - t.attrs["n0"] for t in tp.tasks if "n1" in t.attrs and "n0" in t.attrs]

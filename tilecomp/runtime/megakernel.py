@@ -152,15 +152,16 @@ class MegakernelEngine:
     def _compiled(self, tp, kernel_name: str) -> StepProgram:
         """A compiler-scheduled tile program (its queues, counters and tile sizes)."""
         queues = RecordBuilder(self.builder, tp).queues()
-        consts = tile_constexprs(tp, self.consts)
+        consts = tile_constexprs(tp, self.consts, widen=interpreting())
+        names = {t.id: f"{t.kind} [{t.name} {t.attrs.get('op', '')}]" for t in tp.tasks}
+        L.check_alignment(queues, consts.get("WALIGN", 1), names)
         if consts == self.consts and not self.tiles:    # the artifacts' / cached kernel fits
             kernel = Megakernel.from_file(self.kernel_paths[kernel_name], num_warps=self.num_warps)
         else:
             kernel = Megakernel.build(ENGINE_KINDS, consts, name=kernel_name, num_warps=self.num_warps)
         records, queue = L.pack_records(queues, self.device)
         return StepProgram(kernel, records, queue, new_counters(len(tp.counters), self.device),
-                           new_errors(len(queues), self.device), list(tp.counters),
-                           {t.id: f"{t.kind} [{t.name} {t.attrs.get('op', '')}]" for t in tp.tasks})
+                           new_errors(len(queues), self.device), list(tp.counters), names)
 
     @torch.no_grad()
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:

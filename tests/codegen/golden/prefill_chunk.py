@@ -144,55 +144,65 @@ def prefill_chunk(
                         ln_xs = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + (ln_kb + ln_k)[None, :], mask=ln_tmask[:, None] & ((ln_kb + ln_k) < r_k_dim)[None, :], other=0.0, cache_modifier=".cg")
                         ln_ss += tl.sum(ln_xs * ln_xs, axis=1)
                     ln_inv = tl.rsqrt(ln_ss / r_k_dim + r_eps_bits.to(tl.int32).to(tl.float32, bitcast=True))
-                ln_acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-                ln_up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-                if STAGES > 1:
-                    # software-pipelined: Triton keeps STAGES weight tiles in flight (async copies to shared
-                    # memory); the tiles loaded before the wait are not used on this path. WALIGN: weight
-                    # slots, row lengths and K bounds are multiples of WALIGN elements (16-byte loads)
-                    ln_wb = tl.multiple_of(r_w, WALIGN)
-                    ln_wub = tl.multiple_of(r_w_up, WALIGN)
-                    ln_kd = tl.multiple_of(r_k_dim, WALIGN)
-                    ln_k1 = tl.multiple_of(r_k1, WALIGN)
-                    for ln_kb in tl.range(tl.multiple_of(r_k0, WALIGN), ln_k1, BLOCK_K, num_stages=STAGES):
-                        ln_kk = ln_kb + ln_k
-                        ln_kmask = ln_kk < ln_k1
-                        ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
-                        if r_norm >= 0:
-                            ln_g = tl.load(arena_w + r_norm + ln_kk, mask=ln_kmask, other=0.0).to(tl.float32)
-                            ln_x = ln_x * ln_inv[:, None] * ln_g[None, :]
-                        ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
-                                        mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
-                        ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
-                        # SwiGLU's up tile: masked off entirely (no memory traffic) when there is no W_up
-                        ln_wut = tl.load(arena_w + ln_wub + ln_n[:, None] * ln_kd + ln_kk[None, :],
-                                         mask=ln_nmask[:, None] & ln_kmask[None, :] & (r_w_up >= 0), other=0.0)
-                        ln_up = tl.dot(ln_x.to(ln_wut.dtype), tl.trans(ln_wut), ln_up, input_precision="ieee")
-                else:
-                    for ln_kb in range(r_k0, r_k1, BLOCK_K):
-                        ln_kk = ln_kb + ln_k
-                        ln_kmask = ln_kk < r_k1
-                        ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
-                        if r_norm >= 0:
-                            ln_g = tl.load(arena_w + r_norm + ln_kk, mask=ln_kmask, other=0.0).to(tl.float32)
-                            ln_x = ln_x * ln_inv[:, None] * ln_g[None, :]
-                        # next weight tile streams while this one is used
-                        ln_w_next = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
-                                            mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
-                        ln_acc = tl.dot(ln_x.to(ln_w.dtype), tl.trans(ln_w), ln_acc, input_precision="ieee")
-                        ln_w = ln_w_next
-                        if r_w_up >= 0:
-                            ln_up = tl.dot(ln_x.to(ln_wu.dtype), tl.trans(ln_wu), ln_up, input_precision="ieee")
-                            ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
-                                            mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
-                if r_w_up >= 0:
-                    ln_acc = ln_acc * tl.sigmoid(ln_acc) * ln_up
-                if r_bias >= 0:
-                    ln_acc += tl.load(arena_w + r_bias + ln_n, mask=ln_nmask, other=0.0).to(tl.float32)[None, :]
-                ln_omask = ln_tmask[:, None] & ln_nmask[None, :]
-                if r_res >= 0:
-                    ln_acc += tl.load(arena_f32 + r_res + ln_t[:, None] * r_res_stride + ln_n[None, :], mask=ln_omask, other=0.0, cache_modifier=".cg")
-                tl.store(arena_f32 + r_y + ln_t[:, None] * r_y_stride + ln_n[None, :], ln_acc, mask=ln_omask)
+                # the task's columns [n0, n1) in sub-tiles of BLOCK_N (n1 <= n0: one tile from n0)
+                ln_n_end = tl.where(r_n1 > r_n0, tl.minimum(r_n1, r_n_dim), tl.minimum(r_n0 + BLOCK_N, r_n_dim))
+                for ln_nb in range(r_n0, ln_n_end, BLOCK_N):
+                    ln_n = ln_nb + tl.arange(0, BLOCK_N)
+                    ln_nmask = ln_n < ln_n_end
+                    ln_acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+                    ln_up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+                    if STAGES > 1:
+                        # software-pipelined: Triton keeps STAGES weight tiles in flight (async copies to shared
+                        # memory); the tiles loaded before the wait are not used on this path. WALIGN: weight
+                        # slots, row lengths and K bounds are multiples of WALIGN elements (16-byte loads)
+                        ln_wb = tl.multiple_of(r_w, WALIGN)
+                        ln_wub = tl.multiple_of(r_w_up, WALIGN)
+                        ln_kd = tl.multiple_of(r_k_dim, WALIGN)
+                        ln_k1 = tl.multiple_of(r_k1, WALIGN)
+                        for ln_kb in tl.range(tl.multiple_of(r_k0, WALIGN), ln_k1, BLOCK_K, num_stages=STAGES):
+                            ln_kk = ln_kb + ln_k
+                            ln_kmask = ln_kk < ln_k1
+                            ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                            if r_norm >= 0:
+                                ln_g = tl.load(arena_w + r_norm + ln_kk, mask=ln_kmask, other=0.0).to(tl.float32)
+                                ln_x = ln_x * ln_inv[:, None] * ln_g[None, :]
+                            ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                            mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
+                            ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
+                            # SwiGLU's up tile: masked off entirely (no memory traffic) when there is no W_up
+                            ln_wut = tl.load(arena_w + ln_wub + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                             mask=ln_nmask[:, None] & ln_kmask[None, :] & (r_w_up >= 0), other=0.0)
+                            ln_up = tl.dot(ln_x.to(ln_wut.dtype), tl.trans(ln_wut), ln_up, input_precision="ieee")
+                    else:
+                        if ln_nb != r_n0:    # the first sub-tile's first weight tiles were loaded before the wait
+                            ln_w = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
+                                           mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :], other=0.0)
+                            ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
+                                            mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :] & (r_w_up >= 0), other=0.0)
+                        for ln_kb in range(r_k0, r_k1, BLOCK_K):
+                            ln_kk = ln_kb + ln_k
+                            ln_kmask = ln_kk < r_k1
+                            ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                            if r_norm >= 0:
+                                ln_g = tl.load(arena_w + r_norm + ln_kk, mask=ln_kmask, other=0.0).to(tl.float32)
+                                ln_x = ln_x * ln_inv[:, None] * ln_g[None, :]
+                            # next weight tile streams while this one is used
+                            ln_w_next = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
+                                                mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
+                            ln_acc = tl.dot(ln_x.to(ln_w.dtype), tl.trans(ln_w), ln_acc, input_precision="ieee")
+                            ln_w = ln_w_next
+                            if r_w_up >= 0:
+                                ln_up = tl.dot(ln_x.to(ln_wu.dtype), tl.trans(ln_wu), ln_up, input_precision="ieee")
+                                ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
+                                                mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
+                    if r_w_up >= 0:
+                        ln_acc = ln_acc * tl.sigmoid(ln_acc) * ln_up
+                    if r_bias >= 0:
+                        ln_acc += tl.load(arena_w + r_bias + ln_n, mask=ln_nmask, other=0.0).to(tl.float32)[None, :]
+                    ln_omask = ln_tmask[:, None] & ln_nmask[None, :]
+                    if r_res >= 0:
+                        ln_acc += tl.load(arena_f32 + r_res + ln_t[:, None] * r_res_stride + ln_n[None, :], mask=ln_omask, other=0.0, cache_modifier=".cg")
+                    tl.store(arena_f32 + r_y + ln_t[:, None] * r_y_stride + ln_n[None, :], ln_acc, mask=ln_omask)
         elif kind == 13:  # accept
             r_state = tl.load(rec + 4)
             r_draft_tok = tl.load(rec + 5)
