@@ -361,18 +361,12 @@ def parse_tile(text: str) -> TileProgram:
         if word == "task":
             current = _parse_task_head(ln)
             tp.tasks.append(current)
-        elif word == "buffer":
+        elif word in ("buffer", "counter"):
             ln.next()
-            b = _parse_buffer(ln)
-            if b.name in tp.buffers:
-                ln.fail(f"buffer {b.name!r} defined twice")
-            tp.buffers[b.name] = b
-        elif word == "counter":
-            ln.next()
-            c = _parse_counter(ln)
-            if c.name in tp.counters:
-                ln.fail(f"counter {c.name!r} defined twice")
-            tp.counters[c.name] = c
+            item, table = (_parse_buffer(ln), tp.buffers) if word == "buffer" else (_parse_counter(ln), tp.counters)
+            if item.name in table:
+                ln.fail(f"{word} {item.name!r} defined twice")
+            table[item.name] = item
         elif word == "annotation":
             ln.next()
             k, v = _parse_kv(ln, ln.value)

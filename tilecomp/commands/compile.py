@@ -79,26 +79,24 @@ def _check_options(args):
 def stage_texts(compiled) -> dict[str, str]:
     """File name -> text of every stage that `compiled` holds."""
     from tilecomp.ir.graph import print_graph
-    texts = {"graph.ir": print_graph(compiled.graph), "graph.fused.ir": print_graph(compiled.fused),
-             "prefill.graph.ir": print_graph(compiled.prefill),
-             "prefill.graph.fused.ir": print_graph(compiled.prefill_fused)}
-    if compiled.plain is not None:
-        texts["plain.graph.ir"] = print_graph(compiled.plain)
-        texts["plain.graph.fused.ir"] = print_graph(compiled.plain_fused)
-    if compiled.tile is not None:
-        from tilecomp.ir.tile import print_tile
-        texts["tile.ir"] = print_tile(compiled.tile)
-        texts["schedule.ir"] = print_tile(compiled.schedule)
+    from tilecomp.ir.tile import print_tile
+    texts = {}
+    # (file prefix, graph, fused graph, tile IR, schedule) of each compiled program
+    programs = (("", compiled.graph, compiled.fused, compiled.tile, compiled.schedule),
+                ("prefill.", compiled.prefill, compiled.prefill_fused, compiled.prefill_tile,
+                 compiled.prefill_schedule),
+                ("plain.", compiled.plain, compiled.plain_fused, compiled.plain_tile,
+                 compiled.plain_schedule))
+    for prefix, graph, fused, tile, schedule in programs:
+        if graph is not None:
+            texts[f"{prefix}graph.ir"] = print_graph(graph)
+            texts[f"{prefix}graph.fused.ir"] = print_graph(fused)
+        if tile is not None:
+            texts[f"{prefix}tile.ir"] = print_tile(tile)
+            texts[f"{prefix}schedule.ir"] = print_tile(schedule)
+    if compiled.schedule is not None:
         from tilecomp.viz import schedule_html
         texts["schedule.html"] = schedule_html(compiled.schedule)
-    if compiled.prefill_tile is not None:
-        from tilecomp.ir.tile import print_tile
-        texts["prefill.tile.ir"] = print_tile(compiled.prefill_tile)
-        texts["prefill.schedule.ir"] = print_tile(compiled.prefill_schedule)
-    if compiled.plain_tile is not None:
-        from tilecomp.ir.tile import print_tile
-        texts["plain.tile.ir"] = print_tile(compiled.plain_tile)
-        texts["plain.schedule.ir"] = print_tile(compiled.plain_schedule)
     return texts
 
 
