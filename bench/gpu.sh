@@ -9,8 +9,13 @@
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# BUDGET_S (default 580): seconds the whole call may take; each step's limit is cut to what is left
+END=$(( $(date +%s) + ${BUDGET_S:-580} ))
 step() {   # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
+  local left=$(( END - $(date +%s) ))
+  if (( left < 20 )); then echo "=== $name skipped: ${left}s left" | tee -a "$OUT/steps.log"; return; fi
+  (( limit > left )) && limit=$left
   echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/steps.log"
   local t0=$(date +%s)
   timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -18,8 +23,18 @@ step() {   # step NAME SECONDS CMD...
   echo "=== $name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$OUT/steps.log"
   tail -n 25 "$OUT/$name.log"
 }
+# variant NAME LAYERS BLOCK [bench flags...]: the megakernel alone on a flash-shaped step
+variant() {
+  local name=$1 layers=$2 block=$3; shift 3
+  step "var-$name" 150 tilecomp bench --preset mimo-v2-flash --layers "$layers" --context 4096 --block "$block" \
+    --skip-compile --skip-bf16 --eager-iters 1 --iters 30 --json "$OUT/var-$name.json" "$@"
+}
 for s in "$@"; do
   case $s in
+    var\ *) variant ${s#var } ;;    # e.g. 'var b8-p264 2 8 --programs 264'
+    sweep-json) python3 -c "import glob, json, os, sys; json.dump({os.path.basename(f)[4:-5]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/var-*.json'))}, open(sys.argv[1] + '/sweep.json', 'w'), indent=1)" "$OUT"
+                rm -f "$OUT"/var-*.json ;;
+    logs) (cd "$OUT" && tar czf logs.tgz *.log && rm -f *.log) ;;
     install) step install 120 python3 -m pip install --no-deps --no-build-isolation -e . ;;
     env) step env 60 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))" ;;
     tokens-tiny) step tokens-tiny 110 python3 -m tilecomp.bench.tokens --preset tiny --prompts 3 --new-tokens 16 --json "$OUT/tokens-tiny.json" ;;

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tilecomp.errors import TilecompError
 
+from . import layout as L
 from .triton_gen import kernel_of, load_kernel_module
 
 # Hopper (H100 SXM): SMs, registers per SM, shared memory per SM, max resident blocks per SM.
@@ -93,8 +94,10 @@ def ptxas_usage(ptx: str, arch: int, log: str = "") -> dict:
                 spill_loads=number(r"(\d+) bytes spill loads"))
 
 
-def compile_kernel(module, arch: int, num_warps: int = 4, trace: bool = False):
-    """(compiled kernel, ptxas -v log captured during the build, or "")."""
+def compile_kernel(module, arch: int, num_warps: int = L.GPU_NUM_WARPS, trace: bool = False,
+                   tiles: dict | None = None):
+    """(compiled kernel, ptxas -v log captured during the build, or ""), with the GPU tile sizes
+    an engine launches it with (the module's CONSTEXPRS + layout.GPU_TUNING + `tiles`)."""
     import contextlib
     import io
 
@@ -105,7 +108,7 @@ def compile_kernel(module, arch: int, num_warps: int = 4, trace: bool = False):
     if not hasattr(fn, "cache_key"):   # TRITON_INTERPRET=1 made it an InterpretedFunction
         from triton.runtime.jit import JITFunction
         fn = JITFunction(fn.fn)
-    constexprs = dict(module.CONSTEXPRS, SPIN_LIMIT=GPU_SPINS, TRACE=trace)
+    constexprs = dict(module.CONSTEXPRS, **L.GPU_TUNING, **(tiles or {}), SPIN_LIMIT=GPU_SPINS, TRACE=trace)
     signature = dict(SIGNATURE, **{name: "constexpr" for name in constexprs})
     # pointer arguments are 16-byte aligned, as Triton's launcher specialises them on a GPU
     # (torch allocations are): without this the CPU build would see unvectorisable loads
@@ -126,7 +129,7 @@ def compile_kernel(module, arch: int, num_warps: int = 4, trace: bool = False):
     return compiled, log.getvalue()
 
 
-def build_report(path, programs: int, target: str = "sm_90", num_warps: int = 4) -> KernelReport:
+def build_report(path, programs: int, target: str = "sm_90", num_warps: int = L.GPU_NUM_WARPS) -> KernelReport:
     """Compile the generated kernel in `path` for `target`; raise TilecompError if it does not build.
 
     Under TRITON_INTERPRET=1 (CPU tests) Triton's language is patched for the interpreter,
@@ -151,7 +154,7 @@ def build_report(path, programs: int, target: str = "sm_90", num_warps: int = 4)
 
 
 def compile_kernels(cfg, dcfg, out_dir, programs: int, target: str | None = None,
-                    num_warps: int = 4) -> list[str]:
+                    num_warps: int = L.GPU_NUM_WARPS) -> list[str]:
     """`tilecomp compile`: write OUT/kernels/*.py; with a target, build each for it and write
     OUT/kernels/report.json. Returns the report lines (empty without a target)."""
     from .kernels import write_kernels

@@ -99,8 +99,16 @@ def raise_on_timeout(errors: torch.Tensor, epoch: int, task_names=None, counter_
         cname = counter_names[counter] if counter_names else f"c{counter}"
         lines.append(f"program {program}: task {task} ({tname}) waited on counter {counter} "
                      f"({cname}): value {value}, target {need}")
+    shown = 8
+    more = f" | ... and {len(lines) - shown} more" if len(lines) > shown else ""
+    hint = ""
+    if len(failed) == len(rows) or len(failed) > len(rows) // 2:
+        hint = (f"; {len(failed)} of {len(rows)} programs timed out: if the tasks they wait on were "
+                "never started, the programs may not all fit on the GPU at once (fewer programs or "
+                "warps, or a smaller tile)")
     raise DeadlockError(f"megakernel step {epoch}: {len(failed)} bounded wait(s) timed out; "
-                        "first: " + lines[0] + ("; all: " + " | ".join(lines) if len(lines) > 1 else ""))
+                        "first: " + lines[0] + ("; all: " + " | ".join(lines[:shown]) + more
+                                                if len(lines) > 1 else "") + hint)
 
 
 def run_tasks(queues: list[list[L.TaskRecord]], arenas: Arenas, constexprs: dict,

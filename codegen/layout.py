@@ -157,6 +157,12 @@ KINDS: dict[str, KindABI] = _kinds(
 # WALIGN = weight rows and slots are multiples of this many elements (alignment hint for
 # 16-byte loads; 1 = no hint)
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1}
+# What a GPU build adds (the interpreter keeps the smaller tiles: it pays per element): on an
+# H100 (docs/PERF.md, version 2 sweep) 8 warps and 256-wide K steps put 32 KB of weights in
+# flight per K step; the 2-layer flash DFlash step went 11.8 ms (4 warps, BLOCK_K 64) ->
+# 10.5 (8 warps) -> 9.9 (BLOCK_K 128) -> 7.9 ms (BLOCK_K 256).
+GPU_TUNING = {"BLOCK_K": 256}
+GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}
 

@@ -15,7 +15,8 @@ Tile sizes are the pass options (`LowerOptions`), with Hopper defaults.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 from tilecomp.errors import IRError
 from tilecomp.ir.graph import DType, Graph, Op, OpKind, TensorType, verify_graph
@@ -39,7 +40,45 @@ class LowerOptions:
     min_n_tiles: int = 32         # split K when a linear has fewer N tiles than this ...
     split_k_min: int = 1024       # ... and at least this many K columns per split
     max_split_k: int = 8
+    programs: int | None = None   # balance each phase's tasks over this many programs (`balance`);
+    #                               None: the compile's programs (off in interpreter order); 0: off
     ranks: int = 1                # every task runs on rank 0 until the partition pass exists
+
+
+# A task's fixed cost (queue read, waits, signal) in weight bytes streamed by one program:
+# about 3 us at the ~22 GB/s per program that 132 programs need to fill an H100's HBM.
+TASK_OVERHEAD_BYTES = 64 * 1024
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def balance(n: int, programs: int, row_bytes: float, *, units: float = 1, quantum: int = 64,
+            k: int = 0, max_split: int = 1, split_k_min: int = 1024) -> tuple[int, int]:
+    """(tile width, K splits) of one phase: `units` independent copies (e.g. routed experts) of
+    an [n rows x k] weight, `row_bytes` per row, cut into width-row tiles (a multiple of
+    `quantum`) and `splits` K ranges, run by `programs` programs. The cost model is the phase's
+    time in streamed bytes per program: waves x (bytes per task + TASK_OVERHEAD_BYTES), plus two
+    overheads for the reduce phase a split adds. Ties go to fewer tasks."""
+    best = None
+    for splits in range(1, max(1, max_split) + 1):
+        if splits > 1 and k // splits < split_k_min:
+            break
+        for width in range(quantum, _cdiv(n, quantum) * quantum + 1, quantum):
+            tasks = units * _cdiv(n, width) * splits
+            waves = max(1, math.ceil(tasks / programs - 1e-9))
+            cost = waves * (width * row_bytes / splits + TASK_OVERHEAD_BYTES)
+            cost += 2 * TASK_OVERHEAD_BYTES if splits > 1 else 0
+            key = (cost, tasks)
+            if best is None or key < best[0]:
+                best = (key, width, splits)
+    return best[1], best[2]
+
+
+def expected_unique(experts: int, top_k: int, rows: int) -> float:
+    """Distinct experts `rows` tokens route to, for uniform top-k routing."""
+    return experts * (1.0 - (1.0 - min(top_k, experts) / experts) ** rows)
 
 
 @dataclass
@@ -61,6 +100,12 @@ class Lowering:
     _full: dict[str, Region] = field(default_factory=dict)
 
     # -- buffers --------------------------------------------------------------------------
+    @property
+    def programs(self) -> int:
+        """Programs the phases are balanced over (0: the fixed tile sizes of the options)."""
+        p = self.options.programs or 0
+        return p if p > 1 else 0
+
     def add_buffer(self, name: str, dtype: str, shape, kind: str, param: str | None = None) -> str:
         if name not in self.tp.buffers:
             self.tp.buffers[name] = Buffer(name, dtype, tuple(shape), kind, param)
@@ -245,5 +290,11 @@ def lower(graph: Graph, options: LowerOptions = LowerOptions()) -> TileProgram:
 
 
 def lower_pass(graph: Graph, options=None) -> TileProgram:
-    """Pipeline entry: `lower` with the tile options found on the compile options (or defaults)."""
-    return lower(graph, getattr(options, "lower", None) or LowerOptions())
+    """Pipeline entry: `lower` with the tile options found on the compile options (or defaults).
+    Phases are balanced over the compile's programs unless the options fix it (or the
+    interpreter order runs one program)."""
+    lo = getattr(options, "lower", None) or LowerOptions()
+    if lo.programs is None:
+        interp = getattr(options, "interpreter_order", True)
+        lo = replace(lo, programs=0 if interp else getattr(options, "programs", 0))
+    return lower(graph, lo)

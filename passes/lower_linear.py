@@ -8,7 +8,7 @@ from __future__ import annotations
 from tilecomp.errors import IRError
 from tilecomp.ir.graph import Op, OpKind
 
-from .lower import Lowering
+from .lower import Lowering, balance
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -27,9 +27,14 @@ def emit_linear(lw: Lowering, x: str, w: str, y: str, *, norm: str | None = None
     """y[T, N] = norm?(x) @ W^T (SwiGLU with w_up) (+ res): N tiles, split-K when N is small."""
     T, K = lw.shape(x)
     N = lw.tp.buffers[w].shape[0]
-    bn = lw.options.block_n
+    o = lw.options
+    if lw.programs:     # width and K splits balanced over the programs (one wave where it fits)
+        bn, splits = balance(N, lw.programs, K * 2 * (2 if w_up else 1), k=K,
+                             max_split=1 if w_up else o.max_split_k, split_k_min=o.split_k_min)
+    else:
+        bn = o.block_n
+        splits = 1 if w_up else _split_k(lw, _cdiv(N, bn), K)
     n_tiles = _cdiv(N, bn)
-    splits = 1 if w_up else _split_k(lw, n_tiles, K)
     k_step = _cdiv(_cdiv(K, splits), 64) * 64
     splits = _cdiv(K, k_step)
     yb = lw.value_buffer(y)
@@ -174,7 +179,7 @@ def lower_sample(lw: Lowering, op: Op):
     norm = head.kwarg("norm") and lw.weight(head.kwarg("norm"))
     T, V = lw.shape(logits)
     dst, r0, r1 = lw.redirect.get(op.out.name, (None, 0, T))
-    vb = lw.options.vocab_block
+    vb = balance(V, lw.programs, D * 2)[0] if lw.programs else lw.options.vocab_block
     n_tiles = _cdiv(V, vb)
     lb = lw.value_buffer(logits)
     key = lw.add_buffer(f"{lb}.tile_key", "fp32", (T, n_tiles), "scratch")

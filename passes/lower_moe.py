@@ -15,7 +15,7 @@ from __future__ import annotations
 from tilecomp.errors import IRError
 from tilecomp.ir.graph import Op, OpKind
 
-from .lower import Lowering
+from .lower import Lowering, balance, expected_unique
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -94,6 +94,10 @@ def lower_experts(lw: Lowering, op: Op):
     res = op.kwarg("residual")
     expert = (0, 1, "expert")
     bn_up, bn_down, bn = lw.options.expert_block_n, lw.options.expert_down_block_n, lw.options.block_n
+    if lw.programs:     # expert tiles balanced over the programs for the experts a step routes to
+        routed = min(S, expected_unique(E, max(1, S // T), T)) if S < E else S
+        bn_up = balance(I, lw.programs, 2 * (D // 2 + D // 32), units=routed)[0]
+        bn_down = balance(D, lw.programs, I // 2 + I // 32, units=routed)[0]
     common = dict(op=out, plan=plan, n_slots=S, inter=I, dim=D, n_rows=T)
     for s in range(S):
         for n in range(_cdiv(I, bn_up)):

@@ -81,13 +81,14 @@ class CompileOptions:
 
 
 def engine_options(max_len: int, programs: int, interpreter: bool,
-                   qkv_q_heads: int | None = -1) -> CompileOptions:
+                   qkv_q_heads: int | None = -1, lower: dict | None = None) -> CompileOptions:
     """Options of the DFlash step an engine runs. On a GPU one query head per qkv_rope_kv task
     by default (-1): a whole 16-head KV group in one task was the step's critical path on an
-    H100 (docs/PERF.md); the interpreter keeps whole groups (it pays per task)."""
+    H100 (docs/PERF.md); the interpreter keeps whole groups (it pays per task). `lower`
+    overrides other LowerOptions fields (e.g. {"programs": 0}: fixed tile sizes)."""
     q = (None if interpreter else 1) if qkv_q_heads == -1 else qkv_q_heads
     return CompileOptions(max_len=max_len, programs=programs, interpreter_order=interpreter,
-                          lower=LowerOptions(qkv_q_heads=q))
+                          lower=LowerOptions(**dict(lower or {}, qkv_q_heads=q)))
 
 
 @dataclass

@@ -45,16 +45,18 @@ def test_multi_program_schedule_breaks_interpreter_order(tiny_tile):
 
 
 def test_truncated_mimo_v2_flash_tiles_schedule_and_verify():
-    """Real MiMo-V2-Flash shapes (3 layers: full, 2 SWA; 2 MoE) through every tile pass."""
+    """Real MiMo-V2-Flash shapes (3 layers: full, 2 SWA; 2 MoE) through every tile pass, with the
+    fixed tile sizes of LowerOptions (programs=0: no balancing)."""
     from collections import Counter
 
     from tilecomp.ir.tile import parse_tile, print_tile
     from tilecomp.passes.lower import LowerOptions
+    from tilecomp.passes.pipeline import CompileOptions
     from tilecomp.settings import Settings
     cfg, dcfg = preset("mimo-v2-flash", 3)
-    c = compile_model(cfg, dcfg, settings=Settings())
+    o = LowerOptions(programs=0)
+    c = compile_model(cfg, dcfg, CompileOptions(lower=o), settings=Settings())
     n = Counter(t.kind for t in c.schedule.tasks)
-    o = LowerOptions()
     slots = min(cfg.n_routed_experts, dcfg.block_size * cfg.num_experts_per_tok)     # 64 of 256
     assert n["moe_route"] == 2 * (cfg.n_routed_experts // o.router_block + 1)     # split router + plan
     assert n["expert_up_gate"] == 2 * slots * (cfg.moe_intermediate_size // o.expert_block_n)
@@ -69,6 +71,40 @@ def test_truncated_mimo_v2_flash_tiles_schedule_and_verify():
     assert n["lm_head"] == 2 * -(-cfg.vocab_size // o.vocab_block)
     assert parse_tile(print_tile(c.schedule)) == c.schedule
     verify_schedule(c.schedule)
+
+
+@pytest.mark.parametrize("block", [8, 1])
+def test_flash_phases_are_balanced_over_the_programs(block):
+    """By default the lowering sizes each weight-streaming phase for the compile's programs:
+    the LM head is one wave over nearly every program, a plain step's routed experts fill the
+    machine (v0's fixed tiles gave 16 expert tasks per layer on 132 SMs), and no linear phase
+    leaves most programs idle."""
+    from collections import Counter, defaultdict
+
+    from tilecomp.passes.pipeline import CompileOptions
+    from tilecomp.settings import Settings
+    cfg, dcfg = preset("mimo-v2-flash", 2)
+    P = 132
+    c = compile_model(cfg, dcfg if block == 8 else None, CompileOptions(programs=P, block=None if block == 8
+                                                                       else 1), settings=Settings())
+    tp = c.schedule if block == 8 else c.plain_schedule
+    n = Counter(t.kind for t in tp.tasks)
+    heads = 2 if block == 8 else 1               # the DFlash step has the draft's LM head too
+    assert 0.9 * P * heads <= n["lm_head"] <= P * heads
+    widths = {t.attrs["n1"] - t.attrs["n0"] for t in tp.tasks if t.kind == "lm_head"}
+    assert max(widths) % 64 == 0                   # whole BLOCK_N sub-tiles but the last
+    moe_layers = len({t.attrs["op"] for t in tp.tasks if t.kind == "expert_up_gate"})
+    assert moe_layers >= 1
+    slots = min(cfg.n_routed_experts, block * cfg.num_experts_per_tok)
+    for kind in ("expert_up_gate", "expert_down"):
+        per_layer = n[kind] // moe_layers
+        assert per_layer % slots == 0 and per_layer >= P * 0.9, (kind, per_layer)
+    linear = defaultdict(int)
+    for t in tp.tasks:
+        if t.kind == "linear":
+            linear[t.attrs["op"]] += 1
+    assert linear and all(0.45 * P <= k <= 2 * P for k in linear.values()), dict(linear)
+    verify_schedule(tp)
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -58,12 +58,14 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int) -> dict:
     schedule, compile_s = None, 0.0
     if use_draft:
         t0 = time.time()
-        options = engine_options(max_len, programs, not torch.cuda.is_available(), args.qkv_q_heads)
+        options = engine_options(max_len, programs, not torch.cuda.is_available(), args.qkv_q_heads,
+                                 getattr(args, "lower_options", None))
         schedule = compile_model(cfg, dcfg, options)        # all three programs: no second compile
         compile_s = time.time() - t0
     engine = MegakernelEngine(target, draft if use_draft else None, max_len=max_len,
                               programs=programs, schedule=schedule, num_warps=args.num_warps,
-                              tiles=args.tiles, qkv_q_heads=args.qkv_q_heads)
+                              tiles=args.tiles, qkv_q_heads=args.qkv_q_heads,
+                              lower=getattr(args, "lower_options", None))
     engine._set_state(pos=args.context, last=1, n_ctx=1 if use_draft else 0, ctx_pos=args.context - 1,
                       temp_bits=0, top_p_bits=L.float_bits(1.0), seed=0)
     block = engine.arenas.view("block")
@@ -83,7 +85,9 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int) -> dict:
     step.check()
     stats = time_steps(run, iters, warmup=min(10, iters))
     step.check()
-    stats.update(num_warps=args.num_warps, tiles=args.tiles, qkv_q_heads=engine.qkv_q_heads,
+    stats.update(num_warps=engine.num_warps, tiles=dict(engine.consts, **args.tiles),
+                 qkv_q_heads=engine.qkv_q_heads,
+                 lower=getattr(args, "lower_options", None) or {},
                  programs=programs, compile_s=compile_s, schedule="compiled" if use_draft else "engine",
                  tasks=int(step.records.shape[0]), counters=len(step.counter_names))
     if getattr(args, "trace", False) and torch.cuda.is_available():

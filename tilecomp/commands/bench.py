@@ -18,9 +18,13 @@ def add_parser(subparsers):
     p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile baseline")
     p.add_argument("--skip-megakernel", action="store_true", help="leave out the megakernel")
     p.add_argument("--skip-bf16", action="store_true", help="leave out the bf16-experts baseline")
-    p.add_argument("--num-warps", type=int, default=4, help="warps per megakernel program")
+    p.add_argument("--num-warps", type=int, help="warps per megakernel program (default: 8, "
+                   "codegen/layout.py GPU_NUM_WARPS)")
     p.add_argument("--tile", action="append", default=[], metavar="NAME=N",
                    help="override a megakernel tile size, e.g. --tile BLOCK_K=256 (repeatable)")
+    p.add_argument("--lower", action="append", default=[], metavar="NAME=N",
+                   help="override a lowering option (passes/lower.py LowerOptions), e.g. --lower programs=0 "
+                        "(fixed tile sizes, no balancing over the programs) or --lower kv_chunk=512")
     p.add_argument("--qkv-q-heads", type=int, default=-1, metavar="N",
                    help="query heads per qkv task (0: a whole KV group; default: 1 on a GPU)")
     p.add_argument("--trace", action="store_true",
@@ -39,7 +43,8 @@ def run(args) -> int:
     if args.layers is not None and args.checkpoint:
         raise TilecompError("--layers: only with --preset (a checkpoint has its own layer count)")
     args.tiles = parse_tiles(args.tile)
-    if args.num_warps not in (1, 2, 4, 8, 16):
+    args.lower_options = parse_lower(args.lower)
+    if args.num_warps is not None and args.num_warps not in (1, 2, 4, 8, 16):
         raise TilecompError(f"--num-warps: expected 1, 2, 4, 8 or 16, found {args.num_warps}")
     if args.qkv_q_heads == 0:
         args.qkv_q_heads = None                      # a whole KV group per task
@@ -65,3 +70,23 @@ def parse_tiles(items: list[str]) -> dict:
                                 f"found {item!r}")
         tiles[name] = n
     return tiles
+
+
+def parse_lower(items: list[str]) -> dict:
+    """--lower NAME=N ... -> {NAME: N} for integer fields of LowerOptions."""
+    import dataclasses
+
+    from tilecomp.passes.lower import LowerOptions
+    fields = {f.name for f in dataclasses.fields(LowerOptions)} - {"qkv_q_heads", "ranks"}
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if name not in fields or n < 0:
+            raise TilecompError(f"--lower: expected NAME=N with NAME one of {sorted(fields)} and N >= 0, "
+                                f"found {item!r}")
+        out[name] = n
+    return out

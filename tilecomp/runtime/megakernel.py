@@ -68,8 +68,8 @@ class StepProgram:
 class MegakernelEngine:
     def __init__(self, target, draft=None, max_len: int = 4096, programs: int | None = None,
                  artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None,
-                 num_warps: int = 4, tiles: dict | None = None, qkv_q_heads: int | None = -1,
-                 prefill_schedule=None, plain_schedule=None):
+                 num_warps: int | None = None, tiles: dict | None = None, qkv_q_heads: int | None = -1,
+                 prefill_schedule=None, plain_schedule=None, lower: dict | None = None):
         """artifacts: a `tilecomp compile --out` directory (checked against the model: its kernels
         are refused when compiled for other tile sizes); cache_dir: where kernel files are cached.
         schedule: a scheduled TileProgram (or the path of a schedule.ir) from `tilecomp compile`
@@ -77,11 +77,14 @@ class MegakernelEngine:
         (its prefill_schedule then runs the prompt and its plain_schedule plain decoding).
         prefill_schedule / plain_schedule: a scheduled prefill chunk / plain step (TileProgram or
         path). A program not given is compiled here (`compile_model` with the options below).
-        Tuning switches (tilecomp bench measures each): num_warps per program; tiles overrides
-        tile sizes (e.g. {"BLOCK_K": 256}); qkv_q_heads query heads per qkv task of the programs
+        Tuning switches (tilecomp bench measures each): num_warps per program (default
+        layout.GPU_NUM_WARPS); tiles overrides tile sizes (e.g. {"BLOCK_K": 128}; a GPU starts from
+        layout.GPU_TUNING); qkv_q_heads query heads per qkv task of the programs
         compiled here (LowerOptions.qkv_q_heads; None: a whole KV group per task; -1: 1 on a GPU,
         None in the interpreter); chunk_len KV positions per flash-decoding partial
-        (LowerOptions.kv_chunk; default 256 on a GPU, the whole span in the interpreter)."""
+        (LowerOptions.kv_chunk; default 256 on a GPU, the whole span in the interpreter); lower:
+        other LowerOptions fields of the programs compiled here (e.g. {"programs": 0}: fixed tile
+        sizes instead of phases balanced over the engine's programs)."""
         self.target, self.draft, self.config = target, draft, target.config
         self.max_len = max_len
         self.dcfg = draft.config if draft is not None else None
@@ -96,6 +99,7 @@ class MegakernelEngine:
         # (fewer tasks); a GPU splits the context so the partials fill the SMs
         self.chunk_len = chunk_len or (None if interpreting() else 256)
         self.qkv_q_heads = (None if interpreting() else 1) if qkv_q_heads == -1 else qkv_q_heads
+        self.lower = dict(lower or {})
         reserve_engine_slots(builder, self.config, self.dcfg, max_len, self.block)
         if hasattr(schedule, "prefill_schedule"):           # a Compiled: all of its programs
             plain_schedule = plain_schedule or getattr(schedule, "plain_schedule", None)
@@ -109,6 +113,8 @@ class MegakernelEngine:
             raise TilecompError(f"tiles: unknown tile size(s) {sorted(unknown)}; expected some of "
                                 f"{sorted(self.consts)}")
         self.tiles = dict(tiles or {})
+        if not interpreting():
+            self.consts.update(L.GPU_TUNING)
         self.consts.update(self.tiles)
         if (self.schedule is None and draft is not None or self.prefill_schedule is None
                 or self.plain_schedule is None):
@@ -117,7 +123,7 @@ class MegakernelEngine:
                                    if tp is not None))
         self.builder = builder
         self.arenas = builder.build(self.device)
-        self.num_warps = num_warps
+        self.num_warps = num_warps or L.GPU_NUM_WARPS
         # kernels for the engine's own tile sizes (a schedule with wider tiles builds its own)
         self.kernel_paths = kernel_files(self.config, self.dcfg, artifacts, cache_dir)
         self._steps: dict[str, StepProgram] = {}
@@ -126,7 +132,8 @@ class MegakernelEngine:
         """The options this engine compiles its own step programs with (its tuning switches)."""
         from tilecomp.passes.lower import LowerOptions
         from tilecomp.passes.pipeline import CompileOptions
-        lower = LowerOptions(qkv_q_heads=self.qkv_q_heads, kv_chunk=self.chunk_len or self.max_len)
+        lower = LowerOptions(**dict(self.lower, qkv_q_heads=self.qkv_q_heads,
+                                    kv_chunk=self.lower.get("kv_chunk", self.chunk_len or self.max_len)))
         return CompileOptions(max_len=self.max_len, programs=self.programs,
                               interpreter_order=interpreting() and self.programs == 1, lower=lower,
                               block=None if self.dcfg is not None else self.block)
