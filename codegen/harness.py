@@ -75,6 +75,17 @@ class Megakernel:
                                  num_warps=self.num_warps, **self.constexprs)
 
 
+    def warmup(self, records, queue, counters, errors, arenas: Arenas):
+        """Build (JIT-compile) the kernel for these arguments without running it (GPU; the
+        interpreter compiles nothing), so a timed generation does not pay the build."""
+        if interpreting():
+            return
+        programs = queue.numel() - 1
+        self.kernel.warmup(records, queue, counters, errors, errors, 1, *arenas.pointers(),
+                           SPIN_LIMIT=self.spin_limit, TRACE=False, num_warps=self.num_warps,
+                           grid=(programs,), **self.constexprs)
+
+
 def new_counters(n_counters: int, device="cpu") -> torch.Tensor:
     return torch.zeros(max(n_counters, 1) * L.COUNTER_STRIDE, dtype=torch.int32, device=device)
 

@@ -57,6 +57,9 @@ class StepProgram:
         self.kernel.launch(self.records, self.queue, self.counters, self.errors, self.epoch, arenas,
                            trace=trace)
 
+    def warmup(self, arenas):
+        self.kernel.warmup(self.records, self.queue, self.counters, self.errors, arenas)
+
     def new_trace(self) -> torch.Tensor:
         """A buffer for `launch(trace=...)`: int64 [n_tasks, 3] globaltimer stamps."""
         return torch.zeros(self.records.shape[0], 3, dtype=torch.int64, device=self.records.device)
@@ -215,6 +218,7 @@ class MegakernelEngine:
                                 f"found temperature={temperature}, top_p={top_p}")
         out = _Output(max_new_tokens, on_tokens)
         result = GenerationResult(tokens=out.tokens)
+        self.warmup(use_draft)                  # kernel builds are not generation time
         start = time.perf_counter()
         if max_new_tokens > 0:
             seed32 = int(seed) & 0xFFFFFFFF                 # the low 32 bits, as int32 bits
@@ -223,6 +227,11 @@ class MegakernelEngine:
             self._decode(prompt_ids, out, use_draft, result.acceptance)
         result.elapsed_s = time.perf_counter() - start
         return result
+
+    def warmup(self, use_draft: bool = True):
+        """Build the step kernels a generation runs (prefill + DFlash or plain step) on a GPU."""
+        for kind in ("prefill", "dflash" if use_draft and self.dcfg is not None else "plain"):
+            self.step_program(kind).warmup(self.arenas)
 
     def _decode(self, prompt_ids, out: _Output, use_draft: bool, acceptance: list[int]):
         first = self._prefill(prompt_ids)
