@@ -52,12 +52,16 @@ class Megakernel:
         return cls(source, module, dict(module.CONSTEXPRS), spins, num_warps)
 
     @classmethod
-    def from_file(cls, path, spin_limit=None, num_warps: int = 4) -> "Megakernel":
-        """A generated kernel written earlier (tilecomp compile --out, or the cache)."""
+    def from_file(cls, path, spin_limit=None, num_warps: int = 4, constexprs: dict | None = None) -> "Megakernel":
+        """A generated kernel written earlier (tilecomp compile --out, or the cache), launched
+        with its recorded CONSTEXPRS updated by `constexprs` (tile sizes are launch arguments)."""
         source = Path(path).read_text()
         module = load_kernel_file(path)
+        unknown = set(constexprs or {}) - set(module.CONSTEXPRS)
+        if unknown:
+            raise ValueError(f"{path}: the kernel has no tile size(s) {sorted(unknown)}")
         spins = spin_limit or (INTERPRETER_SPINS if interpreting() else GPU_SPINS)
-        return cls(source, module, dict(module.CONSTEXPRS), spins, num_warps)
+        return cls(source, module, dict(module.CONSTEXPRS, **(constexprs or {})), spins, num_warps)
 
     @property
     def kernel(self):

@@ -149,3 +149,19 @@ def test_engine_uses_compile_artifacts_and_refuses_ones_for_another_model(tmp_pa
     compile_kernels(other_cfg, other_dcfg, tmp_path / "other", programs=1)
     with pytest.raises(TilecompError, match="compiled for tile sizes"):
         MegakernelEngine(target, draft, max_len=MAX_LEN, artifacts=tmp_path / "other")
+
+
+def test_kernel_files_launch_with_the_step_programs_tile_sizes(tmp_path):
+    """A kernel file records the CPU tile sizes; the engine launches it with its own (a GPU adds
+    layout.GPU_TUNING, --tile overrides): version 2's first default run silently kept BLOCK_K 64."""
+    from tilecomp.codegen.build import compile_kernels
+    from tilecomp.codegen.harness import Megakernel
+    target, draft = models(10)
+    compile_kernels(target.config, draft.config, tmp_path, programs=1)
+    path = tmp_path / "kernels" / "decode_step.py"
+    assert Megakernel.from_file(path, constexprs={"BLOCK_K": 128}).constexprs["BLOCK_K"] == 128
+    with pytest.raises(ValueError, match="no tile size"):
+        Megakernel.from_file(path, constexprs={"BLOCK_Q": 16})
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, artifacts=tmp_path, tiles={"BLOCK_K": 32})
+    step = engine.step_program("plain")
+    assert step.kernel.constexprs["BLOCK_K"] == 32

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from tilecomp.codegen import layout as L
-from tilecomp.codegen.kernels import ENGINE_KINDS, constexprs_for, kernel_files, step_rows
+from tilecomp.codegen.kernels import constexprs_for, kernel_files, step_rows
 from tilecomp.codegen.harness import (Megakernel, interpreting, new_counters, new_errors,
                                       raise_on_timeout)
 from tilecomp.errors import TilecompError
@@ -165,10 +165,10 @@ class MegakernelEngine:
         consts = tile_constexprs(tp, self.consts, widen=interpreting())
         names = {t.id: f"{t.kind} [{t.name} {t.attrs.get('op', '')}]" for t in tp.tasks}
         L.check_alignment(queues, consts.get("WALIGN", 1), names)
-        if consts == self.consts and not self.tiles:    # the artifacts' / cached kernel fits
-            kernel = Megakernel.from_file(self.kernel_paths[kernel_name], num_warps=self.num_warps)
-        else:
-            kernel = Megakernel.build(ENGINE_KINDS, consts, name=kernel_name, num_warps=self.num_warps)
+        # the artifacts' / cached kernel, launched with this program's tile sizes (on a GPU the
+        # recorded CONSTEXPRS + layout.GPU_TUNING + tiles; the file's own values are the CPU ones)
+        kernel = Megakernel.from_file(self.kernel_paths[kernel_name], num_warps=self.num_warps,
+                                      constexprs=consts)
         records, queue = L.pack_records(queues, self.device)
         return StepProgram(kernel, records, queue, new_counters(len(tp.counters), self.device),
                            new_errors(len(queues), self.device), list(tp.counters), names)
