@@ -108,7 +108,8 @@ def compile_kernel(module, arch: int, num_warps: int = L.GPU_NUM_WARPS, trace: b
     if not hasattr(fn, "cache_key"):   # TRITON_INTERPRET=1 made it an InterpretedFunction
         from triton.runtime.jit import JITFunction
         fn = JITFunction(fn.fn)
-    constexprs = {**module.CONSTEXPRS, **L.GPU_TUNING, **(tiles or {}), "SPIN_LIMIT": GPU_SPINS, "TRACE": trace}
+    gpu = {k: v for k, v in L.GPU_TUNING.items() if k in module.CONSTEXPRS}   # the kinds it has
+    constexprs = {**module.CONSTEXPRS, **gpu, **(tiles or {}), "SPIN_LIMIT": GPU_SPINS, "TRACE": trace}
     signature = dict(SIGNATURE, **{name: "constexpr" for name in constexprs})
     # pointer arguments are 16-byte aligned, as Triton's launcher specialises them on a GPU
     # (torch allocations are): without this the CPU build would see unvectorisable loads

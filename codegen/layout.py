@@ -124,11 +124,11 @@ KINDS: dict[str, KindABI] = _kinds(
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "n1", "inter", "dim", "n_rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_KX")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_K")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_KX")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
@@ -161,7 +161,9 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1}
 # H100 (docs/PERF.md, version 2 sweep) 8 warps and 256-wide K steps put 32 KB of weights in
 # flight per K step; the 2-layer flash DFlash step went 11.8 ms (4 warps, BLOCK_K 64) ->
 # 10.5 (8 warps) -> 9.9 (BLOCK_K 128) -> 7.9 ms (BLOCK_K 256).
-GPU_TUNING = {"BLOCK_K": 256}
+# BLOCK_KX is the expert loops' K step (MXFP4: BLOCK_KX / 2 bytes per row), separate from the
+# bf16 kinds' BLOCK_K so each can be tuned alone.
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

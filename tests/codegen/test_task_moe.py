@@ -104,7 +104,7 @@ def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=Non
         recs = [r for r in recs if r.kind in stages]
     E = moe.experts.gate_proj_blocks.shape[0]
     const = dict(BLOCK_T=16, BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_K=BLOCK_K,
-                 BLOCK_N=BLOCK_N)
+                 BLOCK_KX=BLOCK_K, BLOCK_N=BLOCK_N)
     run_tasks([recs], arenas, const, n_counters=4)
     return arenas
 
@@ -241,7 +241,7 @@ def test_mxfp4_dequant_matches_models_mxfp4():
         x=b.offset("x"), plan=b.offset("plan"), gate_blocks=b.offset("blocks"),
         gate_scales=b.offset("scales"), up_blocks=b.offset("blocks"), up_scales=b.offset("scales"),
         act=b.offset("act"), slot=0, n0=0, n1=0, inter=inter, dim=D, n_rows=T))
-    run_tasks([[rec]], arenas, dict(BLOCK_T=16, BLOCK_N=32, BLOCK_K=32))
+    run_tasks([[rec]], arenas, dict(BLOCK_T=16, BLOCK_N=32, BLOCK_KX=32))
     h = x @ w.T
     torch.testing.assert_close(arenas.view("act")[0], torch.nn.functional.silu(h) * h,
                                rtol=1e-5, atol=1e-5)
@@ -252,7 +252,7 @@ import sys
 from tilecomp.codegen.build import build_report
 from tilecomp.codegen.triton_gen import generate_kernel
 kinds, path = sys.argv[1].split(","), sys.argv[2]
-const = dict(BLOCK_T=16, BLOCK_S=32, BLOCK_HD=256, BLOCK_E=256, BLOCK_K=64, BLOCK_N=64)
+const = dict(BLOCK_T=16, BLOCK_S=32, BLOCK_HD=256, BLOCK_E=256, BLOCK_K=64, BLOCK_KX=64, BLOCK_N=64)
 open(path, "w").write(generate_kernel(kinds, constexprs=const))
 print(build_report(path, programs=132).line())
 """
