@@ -83,8 +83,11 @@ def test_run_bench_report_on_cpu():
     args = argparse.Namespace(checkpoint=None, preset="tiny", layers=None, context=20, block=8,
                               acceptance=6.3, programs=None, iters=1, eager_iters=2, skip_compile=False,
                               skip_megakernel=False, skip_bf16=True, json=None,
-                              num_warps=4, tiles={"BLOCK_K": 32}, qkv_q_heads=-1, trace=False)
+                              num_warps=4, tiles={"BLOCK_K": 32}, qkv_q_heads=-1, trace=False,
+                              lower_options={"kv_chunk": 8})
     report = run_bench(args)
+    mk = report["results"]["megakernel"]
+    assert mk["lower"] == {"kv_chunk": 8} and mk["tiles"]["BLOCK_K"] == 32 and mk["num_warps"] == 4
     assert report["floor"]["ms"] > 0 and report["copy_bandwidth_gbps"] > 0
     for name in ("eager", "torch_compile", "megakernel"):
         r = report["results"][name]
@@ -92,3 +95,16 @@ def test_run_bench_report_on_cpu():
     assert report["results"]["megakernel"]["schedule"] == "compiled"
     assert set(report["speedup_of_megakernel"]) == {"eager", "torch_compile"}
     assert "floor" in format_table(report)
+
+
+def test_bench_switches_parse_and_name_bad_values():
+    from tilecomp.commands.bench import parse_lower, parse_tiles
+    from tilecomp.errors import TilecompError
+    assert parse_tiles(["BLOCK_K=256", "BLOCK_KX=128"]) == {"BLOCK_K": 256, "BLOCK_KX": 128}
+    assert parse_lower(["programs=0", "kv_chunk=512"]) == {"programs": 0, "kv_chunk": 512}
+    with pytest.raises(TilecompError, match="--tile: .*power of two.*'BLOCK_K=96'"):
+        parse_tiles(["BLOCK_K=96"])
+    with pytest.raises(TilecompError, match="--lower: .*'vocab=4'"):
+        parse_lower(["vocab=4"])
+    with pytest.raises(TilecompError, match="--lower: .*'programs=-1'"):
+        parse_lower(["programs=-1"])

@@ -56,20 +56,25 @@ def run(args) -> int:
     return 0
 
 
-def parse_tiles(items: list[str]) -> dict:
-    """--tile NAME=N ... -> {NAME: N}; N a power of two."""
-    tiles = {}
+def _name_values(items: list[str], flag: str, ok, expected: str) -> dict:
+    """NAME=N items of a repeatable flag -> {NAME: N}; `ok(name, n)` says whether one is valid."""
+    out = {}
     for item in items:
         name, _, value = item.partition("=")
         try:
             n = int(value)
         except ValueError:
-            n = 0
-        if not name or n <= 0 or n & (n - 1):
-            raise TilecompError(f"--tile: expected NAME=N with N a power of two (e.g. BLOCK_K=256), "
-                                f"found {item!r}")
-        tiles[name] = n
-    return tiles
+            n = None
+        if n is None or not ok(name, n):
+            raise TilecompError(f"{flag}: expected NAME=N with {expected}, found {item!r}")
+        out[name] = n
+    return out
+
+
+def parse_tiles(items: list[str]) -> dict:
+    """--tile NAME=N ... -> {NAME: N}; N a power of two."""
+    return _name_values(items, "--tile", lambda name, n: bool(name) and n > 0 and not n & (n - 1),
+                        "N a power of two (e.g. BLOCK_K=256)")
 
 
 def parse_lower(items: list[str]) -> dict:
@@ -78,15 +83,5 @@ def parse_lower(items: list[str]) -> dict:
 
     from tilecomp.passes.lower import LowerOptions
     fields = {f.name for f in dataclasses.fields(LowerOptions)} - {"qkv_q_heads", "ranks"}
-    out = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        try:
-            n = int(value)
-        except ValueError:
-            n = -1
-        if name not in fields or n < 0:
-            raise TilecompError(f"--lower: expected NAME=N with NAME one of {sorted(fields)} and N >= 0, "
-                                f"found {item!r}")
-        out[name] = n
-    return out
+    return _name_values(items, "--lower", lambda name, n: name in fields and n >= 0,
+                        f"NAME one of {sorted(fields)} and N >= 0")
