@@ -85,9 +85,12 @@ class Megakernel:
         if interpreting():
             return
         programs = queue.numel() - 1
-        self.kernel.warmup(records, queue, counters, errors, errors, 1, *arenas.pointers(),
-                           SPIN_LIMIT=self.spin_limit, TRACE=False, num_warps=self.num_warps,
-                           grid=(programs,), **self.constexprs)
+        compiled = self.kernel.warmup(records, queue, counters, errors, errors, 1, *arenas.pointers(),
+                                      SPIN_LIMIT=self.spin_limit, TRACE=False, num_warps=self.num_warps,
+                                      grid=(programs,), **self.constexprs)
+        load = getattr(compiled, "_init_handles", None)    # load the module now, not at step 1
+        if callable(load):
+            load()
 
 
 def new_counters(n_counters: int, device="cpu") -> torch.Tensor:
