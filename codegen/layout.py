@@ -119,7 +119,7 @@ KINDS: dict[str, KindABI] = _kinds(
     ("moe_route", ("x", "norm", "eps_bits", "gate", "bias", "xn", "plan", "weights",
                    "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows",
                    "split", "e0", "e1", "logits"),
-     ("BLOCK_T", "BLOCK_E", "BLOCK_N", "WALIGN")),
+     ("BLOCK_T", "BLOCK_E", "BLOCK_RN", "BLOCK_K", "BLOCK_KR", "WALIGN")),
     # (slot, columns n0..n1 in BLOCK_N tiles; n1 <= n0: one tile), the same for expert_down and
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
@@ -163,7 +163,9 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1}
 # 10.5 (8 warps) -> 9.9 (BLOCK_K 128) -> 7.9 ms (BLOCK_K 256).
 # BLOCK_KX is the expert loops' K step (MXFP4: BLOCK_KX / 2 bytes per row), separate from the
 # bf16 kinds' BLOCK_K so each can be tuned alone.
-GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256}
+# BLOCK_RN x BLOCK_KR: the split router's fp32 weight tile (v2: 64 x 16, 256 dependent K steps
+# per task over 32 experts; its tasks took 453 us each, on every MoE layer's critical path).
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 64}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

@@ -104,7 +104,7 @@ def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=Non
         recs = [r for r in recs if r.kind in stages]
     E = moe.experts.gate_proj_blocks.shape[0]
     const = dict(BLOCK_T=16, BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_K=BLOCK_K,
-                 BLOCK_KX=BLOCK_K, BLOCK_N=BLOCK_N)
+                 BLOCK_KX=BLOCK_K, BLOCK_KR=BLOCK_K, BLOCK_RN=BLOCK_N, BLOCK_N=BLOCK_N)
     run_tasks([recs], arenas, const, n_counters=4)
     return arenas
 
@@ -179,7 +179,8 @@ def test_split_router_matches_single_task():
                         signals=[0])]
     plan_task = TaskRecord("moe_route", 9, dict(route.args, x=b.offset("logits"), gate=-1, norm=-1,
                                                 xn=-1), waits=[(0, len(tiles), len(tiles))])
-    run_tasks([tiles + [plan_task]], arenas, dict(BLOCK_T=16, BLOCK_E=64, BLOCK_N=16), n_counters=1)
+    run_tasks([tiles + [plan_task]], arenas, dict(BLOCK_T=16, BLOCK_E=64, BLOCK_RN=16, BLOCK_K=32, BLOCK_KR=32),
+              n_counters=1)
     norm = RMSNorm(D, 1e-5, torch.float32)
     with torch.no_grad():
         norm.weight.copy_(gain)
@@ -252,7 +253,8 @@ import sys
 from tilecomp.codegen.build import build_report
 from tilecomp.codegen.triton_gen import generate_kernel
 kinds, path = sys.argv[1].split(","), sys.argv[2]
-const = dict(BLOCK_T=16, BLOCK_S=32, BLOCK_HD=256, BLOCK_E=256, BLOCK_K=64, BLOCK_KX=64, BLOCK_N=64)
+const = dict(BLOCK_T=16, BLOCK_S=32, BLOCK_HD=256, BLOCK_E=256, BLOCK_K=64, BLOCK_KX=64, BLOCK_KR=64,
+             BLOCK_RN=16, BLOCK_N=64)
 open(path, "w").write(generate_kernel(kinds, constexprs=const))
 print(build_report(path, programs=132).line())
 """

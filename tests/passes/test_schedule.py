@@ -99,6 +99,8 @@ def test_flash_phases_are_balanced_over_the_programs(block):
     for kind in ("expert_up_gate", "expert_down"):
         per_layer = n[kind] // moe_layers
         assert per_layer % slots == 0 and per_layer >= P * 0.9, (kind, per_layer)
+    # the split router (on every MoE layer's critical path) fills the machine too, + 1 top-k task
+    assert 0.9 * P <= n["moe_route"] // moe_layers - 1 <= P
     linear = defaultdict(int)
     for t in tp.tasks:
         if t.kind == "linear":
