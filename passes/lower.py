@@ -36,7 +36,8 @@ class LowerOptions:
     vocab_block: int = 1024       # vocabulary rows per lm_head tile
     kv_chunk: int = 256           # cache positions per attn_partial (flash-decoding chunk)
     qkv_q_heads: int | None = None  # query heads per qkv_rope_kv task (None: the whole KV group)
-    router_block: int = 32       # experts per split-router moe_route task (0: one router task)
+    router_block: int = -1       # experts per split-router moe_route task (0: one router task;
+    #                              -1: balanced over the programs, 32 with fixed tile sizes)
     min_n_tiles: int = 32         # split K when a linear has fewer N tiles than this ...
     split_k_min: int = 1024       # ... and at least this many K columns per split
     max_split_k: int = 8

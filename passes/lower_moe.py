@@ -51,8 +51,8 @@ def lower_route(lw: Lowering, op: Op):
                   top_k=a["k"], n_slots=S, scale=float(a.get("scale", 1.0)),
                   norm_topk=bool(a.get("renorm", True)), dim=lw.shape(x_src)[1], n_rows=T)
     eb = lw.options.router_block
-    if lw.programs and eb:      # the router is on every MoE layer's critical path: spread it
-        eb = balance(E, lw.programs, lw.shape(x_src)[1] * 4, quantum=1)[0]
+    if eb < 0:      # the router is on every MoE layer's critical path: spread it
+        eb = balance(E, lw.programs, lw.shape(x_src)[1] * 4, quantum=1)[0] if lw.programs else 32
     xn_region = [lw.region(lw.value_buffer(xn))] if xn is not None else []
     final_reads = [lw.region(x_src), lw.region(lw.weight(gate)), lw.region(lw.weight(bias))]
     final_reads += [lw.region(norm)] if norm else []
