@@ -26,7 +26,9 @@ def test_prefill_schedule_verifies(compiled):
 def test_prefill_schedule_has_no_decode_only_tasks(compiled):
     kinds = Counter(t.kind for t in compiled.prefill_schedule.tasks)
     assert kinds["accept"] == 0 and kinds["sample_reduce"] == 1
-    assert kinds["qkv_rope_kv"] > 0 and kinds["moe_route"] == 5 and kinds["lm_head"] > 0
+    assert kinds["qkv_rope_kv"] > 0 and kinds["lm_head"] > 0
+    plans = [t for t in compiled.prefill_schedule.tasks if t.kind == "moe_route" and not t.attrs.get("split")]
+    assert len(plans) == 5                                  # one routing plan per MoE layer of tiny
     # T = block rows: every row of the chunk is computed (the engine pads a short last chunk)
     embed = next(t for t in compiled.prefill_schedule.tasks if t.kind == "embed")
     assert embed.attrs["n_rows"] == compiled.draft_config.block_size
