@@ -194,3 +194,15 @@ def test_finer_qkv_tasks_share_one_counter(tiny):
     assert tp.counters["c.L1.q_rot.h0"].expected == G + 1
     part = next(t for t in tp.tasks if t.kind == "attn_partial" and t.attrs["op"] == "L1.attn")
     assert ("c.L1.q_rot.h0", G + 1) in part.waits
+
+
+def test_balance_fills_the_programs_in_as_few_waves_as_it_can():
+    from tilecomp.passes.lower import balance, expected_unique
+    assert balance(152064, 132, 4096 * 2) == (1152, 1)            # 132 LM-head tasks: one full wave
+    assert balance(4096, 132, 8192 * 2, k=8192, max_split=8) == (64, 2)   # o_proj: 64 tiles x 2 K halves
+    assert balance(4096, 132, 8192 * 2, k=8192, max_split=8, split_k_min=8192) == (64, 1)
+    assert balance(1000, 1, 100) == (1024, 1)                      # one program: one task
+    width, _ = balance(2048, 132, 4352, units=8)                   # 8 routed experts at block 1
+    assert width % 64 == 0 and 0.9 * 132 <= 8 * (2048 // width) <= 132
+    assert balance(256, 132, 4096 * 4, quantum=1) == (2, 1)         # the router: 2 experts per task
+    assert abs(expected_unique(256, 8, 8) - 57.42) < 0.01 and expected_unique(16, 2, 1) == 2
