@@ -67,27 +67,29 @@ class Megakernel:
     def kernel(self):
         return kernel_of(self.module)
 
+    def _arguments(self, records, queue, counters, errors, epoch: int, arenas: Arenas, trace=None):
+        """(positional, keyword) arguments of one launch: the ABI of the generated kernel."""
+        args = (records, queue, counters, errors, trace if trace is not None else errors, epoch,
+                *arenas.pointers())
+        kwargs = dict(SPIN_LIMIT=self.spin_limit, TRACE=trace is not None, num_warps=self.num_warps,
+                      **self.constexprs)
+        return args, kwargs
+
     def launch(self, records, queue, counters, errors, epoch: int, arenas: Arenas, trace=None):
         """trace: int64 [n_tasks * 3] to receive each task's (start, wait done, signalled)
         globaltimer stamps (GPU only); None builds the kernel without timers."""
-        programs = queue.numel() - 1
         if trace is not None and interpreting():
             raise ValueError("task tracing needs a GPU (the interpreter has no %globaltimer)")
-        self.kernel[(programs,)](records, queue, counters, errors,
-                                 trace if trace is not None else errors, epoch, *arenas.pointers(),
-                                 SPIN_LIMIT=self.spin_limit, TRACE=trace is not None,
-                                 num_warps=self.num_warps, **self.constexprs)
-
+        args, kwargs = self._arguments(records, queue, counters, errors, epoch, arenas, trace)
+        self.kernel[(queue.numel() - 1,)](*args, **kwargs)
 
     def warmup(self, records, queue, counters, errors, arenas: Arenas):
         """Build (JIT-compile) the kernel for these arguments without running it (GPU; the
         interpreter compiles nothing), so a timed generation does not pay the build."""
         if interpreting():
             return
-        programs = queue.numel() - 1
-        compiled = self.kernel.warmup(records, queue, counters, errors, errors, 1, *arenas.pointers(),
-                                      SPIN_LIMIT=self.spin_limit, TRACE=False, num_warps=self.num_warps,
-                                      grid=(programs,), **self.constexprs)
+        args, kwargs = self._arguments(records, queue, counters, errors, 1, arenas)
+        compiled = self.kernel.warmup(*args, grid=(queue.numel() - 1,), **kwargs)
         load = getattr(compiled, "_init_handles", None)    # load the module now, not at step 1
         if callable(load):
             load()
@@ -120,7 +122,7 @@ def raise_on_timeout(errors: torch.Tensor, epoch: int, task_names=None, counter_
     shown = 8
     more = f" | ... and {len(lines) - shown} more" if len(lines) > shown else ""
     hint = ""
-    if len(failed) == len(rows) or len(failed) > len(rows) // 2:
+    if len(failed) > len(rows) // 2:
         hint = (f"; {len(failed)} of {len(rows)} programs timed out: if the tasks they wait on were "
                 "never started, the programs may not all fit on the GPU at once (fewer programs or "
                 "warps, or a smaller tile)")

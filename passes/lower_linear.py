@@ -8,11 +8,7 @@ from __future__ import annotations
 from tilecomp.errors import IRError
 from tilecomp.ir.graph import Op, OpKind
 
-from .lower import Lowering, balance
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from .lower import Lowering, _cdiv, balance
 
 
 def _split_k(lw: Lowering, n_tiles: int, k: int) -> int:

@@ -15,11 +15,7 @@ from __future__ import annotations
 from tilecomp.errors import IRError
 from tilecomp.ir.graph import Op, OpKind
 
-from .lower import Lowering, balance, expected_unique
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from .lower import Lowering, _cdiv, balance, expected_unique
 
 
 def lower_rmsnorm(lw: Lowering, op: Op):

@@ -85,7 +85,7 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int) -> dict:
     step.check()
     stats = time_steps(run, iters, warmup=min(10, iters))
     step.check()
-    stats.update(num_warps=engine.num_warps, tiles=dict(engine.consts, **args.tiles),
+    stats.update(num_warps=engine.num_warps, tiles=dict(engine.consts),
                  qkv_q_heads=engine.qkv_q_heads,
                  lower=getattr(args, "lower_options", None) or {},
                  programs=programs, compile_s=compile_s, schedule="compiled" if use_draft else "engine",

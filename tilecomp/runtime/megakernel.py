@@ -127,7 +127,7 @@ class MegakernelEngine:
         self.builder = builder
         self.arenas = builder.build(self.device)
         self.num_warps = num_warps or L.GPU_NUM_WARPS
-        # kernels for the engine's own tile sizes (a schedule with wider tiles builds its own)
+        # the step kernels' sources (each step program launches them with its own tile sizes)
         self.kernel_paths = kernel_files(self.config, self.dcfg, artifacts, cache_dir)
         self._steps: dict[str, StepProgram] = {}
 
