@@ -83,3 +83,12 @@ def test_draft_steps_reduce_block_loss_and_resume(tiny_cfgs, tmp_path):
     assert probe_loss() < before - 0.2     # a frozen random LM head slows this toy case
     assert (tmp_path / "draft_loss.png").is_file()
     assert not any(p.requires_grad for p in target.parameters())   # the target stays frozen
+
+
+def test_split_validation_holds_out_the_last_rows():
+    seqs = torch.arange(40).view(20, 2)
+    train, val = dr.split_validation(seqs, 0.1)
+    assert train.shape == (18, 2) and val.shape == (2, 2)
+    assert torch.equal(torch.cat([train, val]), seqs)            # a split, not a sample
+    assert dr.split_validation(seqs, 0.0)[1].shape[0] == 0       # off
+    assert dr.split_validation(seqs[:3], 0.01)[1].shape[0] == 1  # at least one row when on

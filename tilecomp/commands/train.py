@@ -61,7 +61,7 @@ def add_parser(subparsers):
     r.add_argument("--batch", type=int, default=32)
     r.add_argument("--anchors", type=int, default=24)
     r.add_argument("--lr", type=float, default=2e-3)
-    r.add_argument("--gen-batch", type=int, default=256)
+    r.add_argument("--gen-batch", type=int, default=1024)
     r.add_argument("--eval-prompts", type=int, default=24)
     r.add_argument("--eval-new-tokens", type=int, default=128)
 

@@ -36,7 +36,7 @@ from .muon import make_muon
 class DraftSettings:
     prompt_len: int = 64
     new_tokens: int = 192
-    gen_batch: int = 256
+    gen_batch: int = 1024
     sequences: int = 4096
     batch: int = 32
     anchors: int = 24
@@ -44,6 +44,8 @@ class DraftSettings:
     weight_decay: float = 0.01
     decay_gamma: float = 4.0          # DFlash: gamma = 4 for block size 8
     grad_clip: float = 1.0
+    val_fraction: float = 0.05      # sequences held out of training: the overfitting check
+    eval_every: int = 200
     seed: int = 0
 
 
@@ -141,10 +143,42 @@ def sample_anchors(T: int, s: DraftSettings, S: int, gen: torch.Generator) -> to
     return torch.randperm(hi - lo + 1, generator=gen)[:k].sort().values + lo
 
 
+def split_validation(sequences: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) rows: the last `fraction` of the sequences (at least 1 row, none when
+    fraction is 0). Their prompts are other train windows, so validation measures how the draft
+    does on continuations it never saw, which the reference-engine acceptance then confirms."""
+    n_val = 0 if fraction <= 0 or len(sequences) < 2 else max(1, round(fraction * len(sequences)))
+    return sequences[:len(sequences) - n_val], sequences[len(sequences) - n_val:]
+
+
+@torch.no_grad()
+def validation(draft: DFlashDraft, target, val: torch.Tensor, s: DraftSettings, weights: torch.Tensor,
+               device, batch: int = 64) -> tuple[float, float]:
+    """(weighted block loss, expected accepted drafted tokens per block) on held-out sequences,
+    at fixed anchors (every 8th generated position)."""
+    S = draft.config.block_size
+    anchors = torch.arange(s.prompt_len - 1, val.shape[1] - S + 1, S, device=device)
+    was_training = draft.training
+    draft.eval()
+    loss_sum, acc_sum, n = 0.0, 0.0, 0
+    for i in range(0, len(val), batch):
+        ids = val[i:i + batch].to(device)
+        taps = target_taps(target, ids, draft.config.target_layer_ids, device)
+        with loop.autocast(device):
+            logits = multi_block_logits(draft, target, ids, taps, anchors)
+        loss, accepted = block_loss(logits, ids, anchors, weights)
+        loss_sum += float(loss) * len(ids)
+        acc_sum += float(accepted) * len(ids)
+        n += len(ids)
+    draft.train(was_training)
+    return loss_sum / max(1, n), acc_sum / max(1, n)
+
+
 def train_draft(draft: DFlashDraft, target, sequences: torch.Tensor, run_dir: Path,
                 budget: loop.Budget, s: DraftSettings = DraftSettings(), device=None,
                 progress: bool = True) -> dict:
-    """Train (or resume) the draft on prompt+continuation `sequences` [N, T] (CPU int64)."""
+    """Train (or resume) the draft on prompt+continuation `sequences` [N, T] (CPU int64); the
+    last `s.val_fraction` of them are held out and scored every `s.eval_every` steps."""
     device = loop.pick_device(device)
     run_dir = Path(run_dir)
     target.requires_grad_(False)
@@ -161,6 +195,8 @@ def train_draft(draft: DFlashDraft, target, sequences: torch.Tensor, run_dir: Pa
         step, seconds, history = state["step"], state["seconds"], loop.History.from_dict(state["history"])
     S = draft.config.block_size
     weights = position_weights(S, s.decay_gamma, device)
+    sequences, val = split_validation(sequences, s.val_fraction)
+    val_accepted = None
     clock = loop.Clock(seconds, step, budget)
     bar = tqdm(total=budget.steps or round(60 * budget.minutes), disable=not progress, desc="draft",
                unit="step" if budget.steps else "s")
@@ -183,7 +219,12 @@ def train_draft(draft: DFlashDraft, target, sequences: torch.Tensor, run_dir: Pa
         if step % 10 == 0 or step == 1:
             history.train.append((step, float(loss.detach())))
             history.extra.setdefault("accepted", []).append((step, float(accepted)))
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", accepted=f"{float(accepted):.2f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", accepted=f"{float(accepted):.2f}",
+                            val_accepted="-" if val_accepted is None else f"{val_accepted:.2f}")
+        if len(val) and (step % s.eval_every == 0 or budget.progress(step, clock.seconds) >= 1.0):
+            val_loss, val_accepted = validation(draft, target, val, s, weights, device)
+            history.heldout.append((step, val_loss))
+            history.extra.setdefault("val_accepted", []).append((step, val_accepted))
         bar.update(1 if budget.steps else round(clock.seconds) - bar.n)
     bar.close()
     done = budget.progress(step, clock.seconds) >= 1.0

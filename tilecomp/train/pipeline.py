@@ -88,10 +88,17 @@ def run_draft(data_dir, target_ckpt, run_dir, out_dir, size: str, budget: loop.B
     draft = DFlashDraft(dcfg, target.config)
     result = draft_mod.train_draft(draft, target, sequences, run_dir, budget, s, device, progress)
     summary = {"done": result["done"], "step": result["step"], "sequences": len(sequences)}
+    val = result["history"].extra.get("val_accepted")
+    if val:      # teacher-forced on held-out continuations: near the train figure = no overfitting
+        summary["validation"] = {"step": val[-1][0], "accepted_drafted": val[-1][1],
+                                 "loss": result["history"].heldout[-1][1]}
     if result["done"]:
         draft = draft.to(torch.bfloat16).eval()
         out_dir = Path(out_dir)
-        save_pretrained(target.cpu(), draft.cpu(), out_dir, shard_size=SHARD_BYTES)
+        # the shipped target is the bf16 checkpoint as trained (the CPU run computes in fp32,
+        # which would double the non-expert bytes on disk)
+        shipped, _ = load_pretrained(target_ckpt, dtype=torch.bfloat16, device="cpu")
+        save_pretrained(shipped, draft.cpu(), out_dir, shard_size=SHARD_BYTES)
         shutil.copy(Path(data_dir) / "tokenizer.json", out_dir / "tokenizer.json")
         target, draft = load_pretrained(out_dir, dtype=dtype, device=device)
         summary["acceptance"] = evaluate.evaluate_acceptance(target, draft, data, eval_prompts,
