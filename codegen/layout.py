@@ -164,8 +164,10 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1}
 # BLOCK_KX is the expert loops' K step (MXFP4: BLOCK_KX / 2 bytes per row), separate from the
 # bf16 kinds' BLOCK_K so each can be tuned alone.
 # BLOCK_RN x BLOCK_KR: the split router's fp32 weight tile (v2: 64 x 16, 256 dependent K steps
-# per task over 32 experts; its tasks took 453 us each, on every MoE layer's critical path).
-GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 64}
+# per task over 32 experts; its tasks took 453 us each, on every MoE layer's critical path;
+# v3: 16 x 64 with a separate RMSNorm pass, 16 + 64 steps, 211 us per task). v4: one pass over
+# x (the norm's sum of squares rides along the dot) in 256-wide steps: 16 dependent steps.
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 256}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}
