@@ -55,8 +55,9 @@ class GroupedExperts(DenseExperts):
         gate, up, down = self.weights(torch.tensor(used, device=h.device))
         x = h[tok].to(gate.dtype)                                         # [N*A, D] grouped by expert
         pieces = x.split([counts[e] for e in used])
-        ys = [F.linear(F.silu(F.linear(xe, gate[j])) * F.linear(xe, up[j]), down[j])
-              for j, xe in enumerate(pieces)]
+        # unbind, not gate[j]: each select's backward would zero-fill a full [n_used, N, K] grad
+        ys = [F.linear(F.silu(F.linear(xe, g)) * F.linear(xe, u), d)
+              for xe, g, u, d in zip(pieces, gate.unbind(0), up.unbind(0), down.unbind(0))]
         y = torch.cat(ys).float() * weights.flatten()[order, None]        # [N*A, D]
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         return out.index_add_(0, tok, y).to(h.dtype)
