@@ -67,9 +67,7 @@ def test_draft_steps_reduce_block_loss_and_resume(tiny_cfgs, tmp_path):
 
     def probe_loss():
         with torch.no_grad():
-            taps = dr.target_taps(target, probe, draft.config.target_layer_ids, CPU)
-            return float(dr.block_loss(dr.multi_block_logits(draft, target, probe, taps, anchors),
-                                       probe, anchors, weights)[0])
+            return float(dr.blocks_loss(draft, target, probe, anchors, weights, CPU)[0])
 
     before = probe_loss()
     first = dr.train_draft(draft, target, sequences, tmp_path, loop.Budget(steps=16, chunk_steps=8), s,

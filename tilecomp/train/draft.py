@@ -125,6 +125,15 @@ def block_loss(logits: torch.Tensor, ids: torch.Tensor, anchors: torch.Tensor, w
     return loss, prefix
 
 
+def blocks_loss(draft: DFlashDraft, target, ids: torch.Tensor, anchors: torch.Tensor,
+                weights: torch.Tensor, device):
+    """block_loss of the draft's blocks at `anchors` of ids [B, T], taps from the frozen target."""
+    taps = target_taps(target, ids, draft.config.target_layer_ids, device)
+    with loop.autocast(device):
+        logits = multi_block_logits(draft, target, ids, taps, anchors)
+    return block_loss(logits, ids, anchors, weights)
+
+
 def make_optimizers(draft: DFlashDraft, s: DraftSettings):
     matrices = [p for p in draft.parameters() if p.ndim == 2]
     others = [p for p in draft.parameters() if p.ndim != 2]
@@ -163,10 +172,7 @@ def validation(draft: DFlashDraft, target, val: torch.Tensor, s: DraftSettings, 
     loss_sum, acc_sum, n = 0.0, 0.0, 0
     for i in range(0, len(val), batch):
         ids = val[i:i + batch].to(device)
-        taps = target_taps(target, ids, draft.config.target_layer_ids, device)
-        with loop.autocast(device):
-            logits = multi_block_logits(draft, target, ids, taps, anchors)
-        loss, accepted = block_loss(logits, ids, anchors, weights)
+        loss, accepted = blocks_loss(draft, target, ids, anchors, weights, device)
         loss_sum += float(loss) * len(ids)
         acc_sum += float(accepted) * len(ids)
         n += len(ids)
@@ -204,11 +210,8 @@ def train_draft(draft: DFlashDraft, target, sequences: torch.Tensor, run_dir: Pa
         loop.set_lr(opts, loop.lr_factor(budget.progress(step, clock.seconds)))
         rows = torch.randint(0, len(sequences), (s.batch,), generator=gen)
         ids = sequences[rows].to(device)
-        taps = target_taps(target, ids, draft.config.target_layer_ids, device)
         anchors = sample_anchors(ids.shape[1], s, S, gen).to(device)
-        with loop.autocast(device):
-            logits = multi_block_logits(draft, target, ids, taps, anchors)
-        loss, accepted = block_loss(logits, ids, anchors, weights)
+        loss, accepted = blocks_loss(draft, target, ids, anchors, weights, device)
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         loss.backward()
