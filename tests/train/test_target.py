@@ -93,3 +93,43 @@ def test_state_is_checkpoint_layout(tiny_cfgs, tmp_path):
     assert draft is None and isinstance(loaded, MiMoForCausalLM)
     ids = torch.randint(2, VOCAB, (1, 12))
     torch.testing.assert_close(loaded(ids), packed(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_experts_match_grouped_experts_forward_and_grad(tiny_cfgs):
+    """The GPU forward (every expert on every token, masked by the routing weights) is the
+    same function, with the same gradients, as the sparse one."""
+    torch.manual_seed(3)
+    model = tg.build_trainable(tiny_cfgs[0], moe="mixed")
+    experts = model.model.layers[1].mlp.experts
+    assert experts.mixed
+    h = torch.randn(40, 32, requires_grad=True)
+    idx = torch.stack([torch.randperm(16)[:2] for _ in range(40)])
+    w = torch.rand(40, 2)
+    mixed = experts(h, idx, w)
+    experts.mixed = False
+    grouped = experts(h, idx, w)
+    torch.testing.assert_close(mixed, grouped, rtol=1e-5, atol=1e-6)
+    for p in (experts.gate_proj, experts.down_proj, h):
+        experts.mixed = True
+        g_mixed = torch.autograd.grad(experts(h, idx, w).square().sum(), p)[0]
+        experts.mixed = False
+        g_grouped = torch.autograd.grad(experts(h, idx, w).square().sum(), p)[0]
+        torch.testing.assert_close(g_mixed, g_grouped, rtol=1e-4, atol=1e-6)
+    assert g_grouped.abs().max() > 0
+
+
+def test_frozen_mixed_target_matches_packed_target(tiny_cfgs):
+    from tilecomp.train.mixed import MixedFrozenExperts, use_mixed_experts
+    packed = tg.to_mxfp4(tg.build_trainable(tiny_cfgs[0], seed=2), dtype=torch.float32)
+    ids = torch.randint(2, VOCAB, (2, 20))
+    want = packed(ids)
+    use_mixed_experts(packed)
+    assert any(isinstance(m, MixedFrozenExperts) for m in packed.modules())
+    torch.testing.assert_close(packed(ids), want, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_moe_forward_is_named():
+    import pytest
+    from tilecomp.errors import TilecompError
+    with pytest.raises(TilecompError, match="moe"):
+        tg.build_trainable(None, moe="sparse")

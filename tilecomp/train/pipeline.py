@@ -23,6 +23,7 @@ from . import configs, evaluate, loop
 from . import draft as draft_mod
 from . import target as target_mod
 from .data import load_data, random_windows
+from .mixed import use_mixed_experts
 
 SHARD_BYTES = 12 * 2**20          # every shipped file stays under 16 MiB
 
@@ -82,6 +83,8 @@ def run_draft(data_dir, target_ckpt, run_dir, out_dir, size: str, budget: loop.B
     run_dir = Path(run_dir)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32     # CPU: fp32 is faster
     target, _ = load_pretrained(target_ckpt, dtype=dtype, device=device)
+    if device.type == "cuda":       # generation and taps: experts dequantized once, no host syncs
+        use_mixed_experts(target)
     _, dcfg = _configs(size, data.vocab_size)
     sequences = _sequences(target, data, run_dir, s, gen_minutes, device, progress).long()
     torch.manual_seed(s.seed)

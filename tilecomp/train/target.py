@@ -19,11 +19,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from tilecomp.errors import TilecompError
 from tilecomp.models.config import MiMoConfig
 from tilecomp.models.mimo import DenseExperts, MiMoForCausalLM, Router
+from tilecomp.models.mxfp4 import fake_quantize_mxfp4
 
 from . import loop
 from .data import TokenData, random_windows, sequential_windows
+from .mixed import mixed_experts
 
 
 @dataclass
@@ -37,15 +40,27 @@ class TargetSettings:
     eval_every: int = 100
     eval_windows: int = 32
     seed: int = 0
+    moe: str = "auto"     # expert forward: "mixed" (GPU default, see train/mixed.py) | "grouped" (CPU)
 
 
 class GroupedExperts(DenseExperts):
-    """DenseExperts with a training-friendly forward (same parameters, same function):
-    tokens are sorted by expert once, so the whole layer does one gather and one
-    index_add instead of one per expert (their backward passes dominate on CPU)."""
+    """DenseExperts with training-friendly forwards (same parameters, same function).
+
+    grouped (CPU): tokens are sorted by expert once, so the whole layer does one
+    gather and one index_add instead of one per expert (their backward passes
+    dominate on CPU).
+    mixed (GPU): every expert on every token as one wide masked MLP
+    (`mixed.mixed_experts`): three matmuls, no host sync, no per-expert kernels."""
+
+    mixed = False
 
     def forward(self, h, idx, weights):
         """h [N, D], idx / weights [N, A] -> [N, D]."""
+        if self.mixed:
+            ws = (self.gate_proj, self.up_proj, self.down_proj)
+            if self.fake_quant:
+                ws = tuple(fake_quantize_mxfp4(w) for w in ws)
+            return mixed_experts(h, idx, weights, *ws)
         N, A = idx.shape
         flat = idx.flatten()                                              # [N*A]
         order = flat.argsort(stable=True)
@@ -63,15 +78,26 @@ class GroupedExperts(DenseExperts):
         return out.index_add_(0, tok, y).to(h.dtype)
 
 
-def build_trainable(cfg: MiMoConfig, seed: int = 0) -> MiMoForCausalLM:
-    """fp32 master weights, dense experts with MXFP4 fake quantization."""
+def build_trainable(cfg: MiMoConfig, seed: int = 0, moe: str = "grouped") -> MiMoForCausalLM:
+    """fp32 master weights, dense experts with MXFP4 fake quantization; `moe` picks the
+    expert forward ("grouped" or "mixed", see GroupedExperts)."""
+    if moe not in ("grouped", "mixed"):
+        raise TilecompError(f"target settings moe: expected 'auto', 'grouped' or 'mixed', found {moe!r}")
     torch.manual_seed(seed)
     model = MiMoForCausalLM(cfg, dtype=torch.float32, experts="dense")
     for module in model.modules():
         if isinstance(module, DenseExperts):
             module.__class__ = GroupedExperts
+            module.mixed = moe == "mixed"
     set_fake_quant(model, True)
     return model
+
+
+def resolve_moe(moe: str, device: torch.device) -> str:
+    """"auto" -> "mixed" on a GPU, "grouped" on CPU (mixed does E/top_k times the expert FLOPs)."""
+    if moe == "auto":
+        return "mixed" if device.type == "cuda" else "grouped"
+    return moe
 
 
 def set_fake_quant(model: MiMoForCausalLM, on: bool):
@@ -112,15 +138,16 @@ class RouterLoad:
         return record
 
     @torch.no_grad()
-    def update_bias(self, rate: float) -> float:
-        """Move biases towards balance; return the worst max/mean load ratio."""
-        worst = 0.0
+    def update_bias(self, rate: float) -> torch.Tensor:
+        """Move biases towards balance; return the worst max/mean load ratio (a 0-dim tensor
+        on the model's device: reading it is a host sync, so the loop reads it only to log)."""
+        worst = []
         for router, count in zip(self.routers, self.counts):
             if count is None:
                 continue
             router.e_score_correction_bias += rate * torch.sign(count.mean() - count)
-            worst = max(worst, float(count.max() / count.mean().clamp(min=1)))
-        return worst
+            worst.append(count.max() / count.mean().clamp(min=1))
+        return torch.stack(worst).max() if worst else torch.zeros(())
 
 
 def lm_loss(model, ids: torch.Tensor, device) -> torch.Tensor:
@@ -146,10 +173,11 @@ def heldout_loss(model, ids_stream, seq_len: int, max_windows: int, device, batc
 
 
 def make_optimizer(model, s: TargetSettings):
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "gate.weight" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "gate.weight" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95))
+                             {"params": rest, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95), **fused)
     for group in opt.param_groups:
         group["base_lr"] = s.lr
     return opt
@@ -162,7 +190,7 @@ def train_target(cfg: MiMoConfig, data: TokenData, run_dir: Path, budget: loop.B
     Returns {"done": bool, "step": int, "history": History}."""
     device = loop.pick_device(device)
     run_dir = Path(run_dir)
-    model = build_trainable(cfg, s.seed).to(device)
+    model = build_trainable(cfg, s.seed, resolve_moe(s.moe, device)).to(device)
     opt = make_optimizer(model, s)
     load = RouterLoad(model)
     gen = torch.Generator().manual_seed(s.seed)
@@ -190,7 +218,7 @@ def train_target(cfg: MiMoConfig, data: TokenData, run_dir: Path, budget: loop.B
         if step % 10 == 0 or step == 1:
             value = float(loss.detach())
             history.train.append((step, value))
-            bar.set_postfix(loss=f"{value:.3f}", imbalance=f"{imbalance:.2f}")
+            bar.set_postfix(loss=f"{value:.3f}", imbalance=f"{float(imbalance):.2f}")
         if step % s.eval_every == 0:
             history.heldout.append((step, heldout_loss(model, data.heldout, s.seq_len, s.eval_windows, device)))
         bar.update(1 if budget.steps else round(clock.seconds) - bar.n)
