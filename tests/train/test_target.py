@@ -133,3 +133,26 @@ def test_unknown_moe_forward_is_named():
     from tilecomp.errors import TilecompError
     with pytest.raises(TilecompError, match="moe"):
         tg.build_trainable(None, moe="sparse")
+
+
+def test_residual_dropout_acts_in_training_only(tiny_cfgs):
+    model = tg.build_trainable(tiny_cfgs[0], seed=4)
+    ids = torch.randint(2, VOCAB, (2, 16))
+    model.eval()
+    clean = model(ids)
+    handles = tg.add_residual_dropout(model, 0.5)
+    assert len(handles) == 2 * len(model.model.layers)
+    torch.testing.assert_close(model(ids), clean, rtol=0, atol=0)        # eval: identity
+    model.train()
+    assert (model(ids) - clean).abs().max() > 1e-3                       # training: dropped
+    for h in handles:
+        h.remove()
+    model.eval()
+    torch.testing.assert_close(model(ids), clean, rtol=0, atol=0)
+
+
+def test_distinct_lines_measures_repetition():
+    from tilecomp.train.evaluate import distinct_lines
+    assert distinct_lines("a = 1\nb = 2\n\n    c = 3\n") == 1.0
+    assert distinct_lines("x\nx\nx\ny\n") == 0.5
+    assert distinct_lines("  \n") == 1.0

@@ -47,6 +47,8 @@ def add_parser(subparsers):
     t.add_argument("--seq-len", type=int, default=512)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--eval-windows", type=int, default=128)
+    t.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout on attention / MLP outputs before the residual add (multi-epoch runs)")
     t.add_argument("--eval-every", type=int, default=100, help="held-out loss every this many steps")
     t.add_argument("--moe", choices=("auto", "mixed", "grouped"), default="auto",
                    help="expert forward: mixed = every expert on every token, three matmuls, no host "
@@ -95,7 +97,8 @@ def run(args) -> int:
     budget = loop.Budget(steps=args.steps, minutes=args.minutes, chunk_minutes=args.chunk_minutes)
     if args.train_cmd == "target":
         settings = target.TargetSettings(batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
-                                         eval_every=args.eval_every, moe=args.moe)
+                                         eval_every=args.eval_every, moe=args.moe,
+                                         dropout=args.dropout)
         summary = pipeline.run_target(args.data, args.run, args.size, budget, settings, args.device,
                                       not args.quiet, args.eval_windows)
     else:

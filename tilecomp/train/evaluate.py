@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from tilecomp.runtime.reference import ReferenceEngine
 
 from . import target as target_mod
 from .data import TokenData, document_starts
+from .tokenizer import load_tokenizer
 
 
 def bf16_model(trained):
@@ -53,32 +55,50 @@ def sample_prompts(stream: np.ndarray, n: int, prompt_len: int, seed: int) -> li
     return prompts
 
 
+def distinct_lines(text: str) -> float:
+    """Fraction of the non-blank lines of `text` that are distinct (stripped): 1.0 for text that
+    never repeats a line, near 0 for a greedy loop. A cheap repetition measure of continuations."""
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    return len(set(lines)) / len(lines) if lines else 1.0
+
+
 @torch.no_grad()
-def acceptance(target, draft, prompts: list[list[int]], new_tokens: int, max_len: int = 1024) -> dict:
-    """Mean tokens per DFlash step over all prompts, and the plain-decoding comparison time."""
+def acceptance(target, draft, prompts: list[list[int]], new_tokens: int, max_len: int = 1024,
+               tokenizer=None) -> dict:
+    """Mean tokens per DFlash step over all prompts; with a tokenizer, also the mean
+    `distinct_lines` of the greedy continuations (how much the target repeats itself)."""
     engine = ReferenceEngine(target, draft, max_len=max_len)
     steps, accepted, committed, seconds = 0, 0, 0, 0.0
     histogram = [0] * draft.config.block_size
+    distinct = []
     for prompt in prompts:
         result = engine.generate(prompt, new_tokens, temperature=0.0)
+        if tokenizer is not None:
+            distinct.append(distinct_lines(tokenizer.decode(result.tokens)))
         steps += len(result.acceptance)
         accepted += sum(result.acceptance)
         committed += len(result.acceptance) + sum(result.acceptance)
         seconds += result.elapsed_s
         for a in result.acceptance:
             histogram[a] += 1
-    return {"prompts": len(prompts), "steps": steps,
-            "mean_acceptance": committed / max(1, steps),
-            "mean_accepted_drafted": accepted / max(1, steps),
-            "accepted_histogram": histogram, "seconds": seconds}
+    out = {"prompts": len(prompts), "steps": steps,
+           "mean_acceptance": committed / max(1, steps),
+           "mean_accepted_drafted": accepted / max(1, steps),
+           "accepted_histogram": histogram, "seconds": seconds}
+    if distinct:
+        out["distinct_lines"] = float(np.mean(distinct))
+    return out
 
 
 def evaluate_acceptance(target, draft, data: TokenData, n_prompts: int = 24, prompt_len: int = 64,
                         new_tokens: int = 128, seed: int = 0) -> dict:
     out = {}
+    tokenizer = None
+    if data.folder is not None and (Path(data.folder) / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(Path(data.folder) / "tokenizer.json")
     for split in ("heldout", "prose"):
         start = time.perf_counter()
         prompts = sample_prompts(data.split(split), n_prompts, prompt_len, seed)
-        out[split] = acceptance(target, draft, prompts, new_tokens)
+        out[split] = acceptance(target, draft, prompts, new_tokens, tokenizer=tokenizer)
         out[split]["wall_s"] = time.perf_counter() - start
     return out

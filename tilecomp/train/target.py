@@ -41,6 +41,7 @@ class TargetSettings:
     eval_windows: int = 32
     seed: int = 0
     moe: str = "auto"     # expert forward: "mixed" (GPU default, see train/mixed.py) | "grouped" (CPU)
+    dropout: float = 0.0  # on the attention and MLP outputs before each residual add (training only)
 
 
 class GroupedExperts(DenseExperts):
@@ -91,6 +92,22 @@ def build_trainable(cfg: MiMoConfig, seed: int = 0, moe: str = "grouped") -> MiM
             module.mixed = moe == "mixed"
     set_fake_quant(model, True)
     return model
+
+
+def add_residual_dropout(model: MiMoForCausalLM, p: float) -> list:
+    """Dropout on each block's attention and MLP outputs (before the residual add), as forward
+    hooks: the reference model stays dropout-free, and in eval mode the hooks are the identity.
+    The corpus is small (the stdlib: ~9M tokens), so multi-epoch training needs it."""
+    if not 0.0 <= p < 1.0:
+        raise TilecompError(f"target settings dropout: expected 0 <= p < 1, found {p}")
+    if p == 0.0:
+        return []
+
+    def drop(module, args, output):
+        return F.dropout(output, p, module.training)
+
+    return [m.register_forward_hook(drop) for layer in model.model.layers
+            for m in (layer.self_attn, layer.mlp)]
 
 
 def resolve_moe(moe: str, device: torch.device) -> str:
@@ -191,6 +208,7 @@ def train_target(cfg: MiMoConfig, data: TokenData, run_dir: Path, budget: loop.B
     device = loop.pick_device(device)
     run_dir = Path(run_dir)
     model = build_trainable(cfg, s.seed, resolve_moe(s.moe, device)).to(device)
+    add_residual_dropout(model, s.dropout)
     opt = make_optimizer(model, s)
     load = RouterLoad(model)
     gen = torch.Generator().manual_seed(s.seed)
