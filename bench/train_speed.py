@@ -15,16 +15,6 @@ from tilecomp.train import configs, loop
 from tilecomp.train import target as tg
 
 
-def one_step(model, opt, load, ids, device, s):
-    loss = tg.lm_loss(model, ids, device)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-    opt.step()
-    load.update_bias(s.bias_rate)
-    return loss
-
-
 def measure(moe: str, batch: int, steps: int, size: str, seq_len: int, device, profile: str | None):
     cfg, _ = configs.CONFIGS[size](4096)
     s = tg.TargetSettings(batch=batch, seq_len=seq_len, moe=moe)
@@ -33,11 +23,11 @@ def measure(moe: str, batch: int, steps: int, size: str, seq_len: int, device, p
     load = tg.RouterLoad(model)
     ids = torch.randint(2, 4096, (batch, seq_len + 1), device=device)
     for _ in range(3):
-        one_step(model, opt, load, ids, device, s)
+        tg.train_step(model, opt, load, ids, device, s)
     torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = one_step(model, opt, load, ids, device, s)
+        loss, _ = tg.train_step(model, opt, load, ids, device, s)
     torch.cuda.synchronize(device)
     dt = (time.perf_counter() - t0) / steps
     row = {"moe": moe, "batch": batch, "seq_len": seq_len, "ms_per_step": 1e3 * dt,
@@ -47,7 +37,7 @@ def measure(moe: str, batch: int, steps: int, size: str, seq_len: int, device, p
         from torch.profiler import ProfilerActivity, profile as prof
         with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
             for _ in range(2):
-                one_step(model, opt, load, ids, device, s)
+                tg.train_step(model, opt, load, ids, device, s)
             torch.cuda.synchronize(device)
         with open(profile, "a") as f:
             f.write(f"== {moe} batch {batch}\n")

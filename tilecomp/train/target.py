@@ -200,6 +200,17 @@ def make_optimizer(model, s: TargetSettings):
     return opt
 
 
+def train_step(model, opt, load: "RouterLoad", ids: torch.Tensor, device, s: TargetSettings):
+    """One optimizer step on ids [B, T+1]; returns (loss, worst router load ratio), both
+    0-dim device tensors (no host sync)."""
+    loss = lm_loss(model, ids, device)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+    opt.step()
+    return loss, load.update_bias(s.bias_rate)
+
+
 def train_target(cfg: MiMoConfig, data: TokenData, run_dir: Path, budget: loop.Budget,
                  s: TargetSettings = TargetSettings(), device=None, progress: bool = True) -> dict:
     """Train (or resume) in `run_dir` until the budget or this chunk's time is spent.
@@ -226,12 +237,7 @@ def train_target(cfg: MiMoConfig, data: TokenData, run_dir: Path, budget: loop.B
     while budget.progress(step, clock.seconds) < 1.0 and not clock.chunk_over(step):
         loop.set_lr([opt], loop.lr_factor(budget.progress(step, clock.seconds)))
         ids = random_windows(data.train, s.batch, s.seq_len + 1, gen).to(device)
-        loss = lm_loss(model, ids, device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        opt.step()
-        imbalance = load.update_bias(s.bias_rate)
+        loss, imbalance = train_step(model, opt, load, ids, device, s)
         step += 1
         if step % 10 == 0 or step == 1:
             value = float(loss.detach())
