@@ -283,10 +283,15 @@ class MXFP4Experts(Experts):
             self.register_buffer(f"{name}_blocks", torch.zeros(n_experts, N, K // 32, 16, dtype=torch.uint8))
             self.register_buffer(f"{name}_scales", torch.zeros(n_experts, N, K // 32, dtype=torch.uint8))
 
-    def weights(self, ids: torch.Tensor):
+    def weights(self, ids: torch.Tensor | None = None):
+        """(gate, up, down) of experts `ids`, dequantized; None: all experts (no gather)."""
+        names = ("gate_proj", "up_proj", "down_proj")
+        if ids is None:
+            return tuple(dequantize_mxfp4(getattr(self, f"{n}_blocks"), getattr(self, f"{n}_scales"),
+                                          self.dtype) for n in names)
         ids = ids.to(self.gate_proj_blocks.device)
         return tuple(dequantize_mxfp4(getattr(self, f"{n}_blocks")[ids], getattr(self, f"{n}_scales")[ids],
-                                      self.dtype) for n in ("gate_proj", "up_proj", "down_proj"))
+                                      self.dtype) for n in names)
 
     def set_expert(self, e: int, gate, up, down):
         """Quantize one expert's [N, K] weights into slot e."""
@@ -306,9 +311,12 @@ class DenseExperts(Experts):
         self.up_proj = nn.Parameter(torch.zeros(n_experts, hidden, dim, dtype=dtype))
         self.down_proj = nn.Parameter(torch.zeros(n_experts, dim, hidden, dtype=dtype))
 
-    def weights(self, ids: torch.Tensor):
-        ids = ids.to(self.gate_proj.device)
-        ws = (self.gate_proj[ids], self.up_proj[ids], self.down_proj[ids])
+    def weights(self, ids: torch.Tensor | None = None):
+        """(gate, up, down) of experts `ids` (fake-quantized when on); None: all experts (no gather)."""
+        ws = (self.gate_proj, self.up_proj, self.down_proj)
+        if ids is not None:
+            ids = ids.to(self.gate_proj.device)
+            ws = tuple(w[ids] for w in ws)
         return tuple(fake_quantize_mxfp4(w) for w in ws) if self.fake_quant else ws
 
     def to_mxfp4(self) -> MXFP4Experts:

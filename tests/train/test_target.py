@@ -133,6 +133,9 @@ def test_unknown_moe_forward_is_named():
     from tilecomp.errors import TilecompError
     with pytest.raises(TilecompError, match="moe"):
         tg.build_trainable(None, moe="sparse")
+    with pytest.raises(TilecompError, match="settings moe"):
+        tg.resolve_moe("sparse", torch.device("cpu"))
+    assert tg.resolve_moe("auto", torch.device("cpu")) == "grouped"
 
 
 def test_residual_dropout_acts_in_training_only(tiny_cfgs):

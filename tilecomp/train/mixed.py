@@ -48,8 +48,7 @@ class MixedFrozenExperts(nn.Module):
 
     def __init__(self, experts: MXFP4Experts):
         super().__init__()
-        ids = torch.arange(experts.gate_proj_blocks.shape[0], device=experts.gate_proj_blocks.device)
-        gate, up, down = experts.weights(ids)
+        gate, up, down = experts.weights()
         self.register_buffer("gate", gate, persistent=False)
         self.register_buffer("up", up, persistent=False)
         self.register_buffer("down", down, persistent=False)

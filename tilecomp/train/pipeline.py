@@ -83,8 +83,8 @@ def run_draft(data_dir, target_ckpt, run_dir, out_dir, size: str, budget: loop.B
     run_dir = Path(run_dir)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32     # CPU: fp32 is faster
     target, _ = load_pretrained(target_ckpt, dtype=dtype, device=device)
-    if device.type == "cuda":       # generation and taps: experts dequantized once, no host syncs
-        use_mixed_experts(target)
+    if target_mod.resolve_moe("auto", device) == "mixed":   # generation and taps: experts
+        use_mixed_experts(target)                            # dequantized once, no host syncs
     _, dcfg = _configs(size, data.vocab_size)
     sequences = _sequences(target, data, run_dir, s, gen_minutes, device, progress).long()
     torch.manual_seed(s.seed)

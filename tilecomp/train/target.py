@@ -22,7 +22,6 @@ from tqdm import tqdm
 from tilecomp.errors import TilecompError
 from tilecomp.models.config import MiMoConfig
 from tilecomp.models.mimo import DenseExperts, MiMoForCausalLM, Router
-from tilecomp.models.mxfp4 import fake_quantize_mxfp4
 
 from . import loop
 from .data import TokenData, random_windows, sequential_windows
@@ -58,10 +57,7 @@ class GroupedExperts(DenseExperts):
     def forward(self, h, idx, weights):
         """h [N, D], idx / weights [N, A] -> [N, D]."""
         if self.mixed:
-            ws = (self.gate_proj, self.up_proj, self.down_proj)
-            if self.fake_quant:
-                ws = tuple(fake_quantize_mxfp4(w) for w in ws)
-            return mixed_experts(h, idx, weights, *ws)
+            return mixed_experts(h, idx, weights, *self.weights())
         N, A = idx.shape
         flat = idx.flatten()                                              # [N*A]
         order = flat.argsort(stable=True)
@@ -83,7 +79,7 @@ def build_trainable(cfg: MiMoConfig, seed: int = 0, moe: str = "grouped") -> MiM
     """fp32 master weights, dense experts with MXFP4 fake quantization; `moe` picks the
     expert forward ("grouped" or "mixed", see GroupedExperts)."""
     if moe not in ("grouped", "mixed"):
-        raise TilecompError(f"target settings moe: expected 'auto', 'grouped' or 'mixed', found {moe!r}")
+        raise TilecompError(f"build_trainable moe: expected 'grouped' or 'mixed', found {moe!r}")
     torch.manual_seed(seed)
     model = MiMoForCausalLM(cfg, dtype=torch.float32, experts="dense")
     for module in model.modules():
@@ -112,6 +108,8 @@ def add_residual_dropout(model: MiMoForCausalLM, p: float) -> list:
 
 def resolve_moe(moe: str, device: torch.device) -> str:
     """"auto" -> "mixed" on a GPU, "grouped" on CPU (mixed does E/top_k times the expert FLOPs)."""
+    if moe not in ("auto", "grouped", "mixed"):
+        raise TilecompError(f"target settings moe: expected 'auto', 'grouped' or 'mixed', found {moe!r}")
     if moe == "auto":
         return "mixed" if device.type == "cuda" else "grouped"
     return moe
