@@ -39,6 +39,17 @@ def _act_load(ptr: str, mask: str = "None", other: str = "0.0") -> str:
     return f'tl.load({ptr}, mask={mask}, other={other}, cache_modifier=".cg")'
 
 
+def _norm_gain(out: str, kk: str, kmask: str, t: str) -> str:
+    """The RMSNorm weight of K columns `kk` (row `r_norm` of arena_w; 1.0 when r_norm < 0) as a
+    fp32 [BLOCK_T, BLOCK_K] tile for a pipelined K loop. It is a masked load, not a branch (a
+    load under `if` is not pipelined), and it is loaded as a full 2-D tile, each row the same
+    (stride 0): a [BLOCK_K] vector of bf16 is 2 bytes per thread, too narrow for an async copy,
+    so it would be a synchronous load that stalls every K step."""
+    return (f"{out} = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + ({kk})[None, :]"
+            f" + {t}[:, None] * 0,\n"
+            f"    mask=(({kmask}) & (r_norm >= 0))[None, :] & ({t} >= 0)[:, None], other=1.0).to(tl.float32)")
+
+
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -47,7 +58,7 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.globals.update(L=L, f32_arg=_f32_arg, act_load=_act_load)
+    env.globals.update(L=L, f32_arg=_f32_arg, act_load=_act_load, norm_gain=_norm_gain)
     return env
 
 

@@ -29,6 +29,9 @@ def add_parser(subparsers):
                    help="query heads per qkv task (0: a whole KV group; default: 1 on a GPU)")
     p.add_argument("--trace", action="store_true",
                    help="also run one step with per-task timers and report where its time goes (GPU)")
+    p.add_argument("--phases", action="store_true",
+                   help="also time each task kind alone, waits removed, with GB/s where its bytes are "
+                        "modelled: is a step slow in its phases or in the chain between them (GPU)")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT")
     return p
 

@@ -140,7 +140,8 @@ def prefill_chunk(
                 ln_inv = tl.full([BLOCK_T], 1.0, tl.float32)
                 if r_norm >= 0:
                     ln_ss = tl.zeros([BLOCK_T], tl.float32)
-                    for ln_kb in range(0, r_k_dim, BLOCK_K):
+                    # the sum of squares: a pipelined pass over the rows (STAGES tiles in flight)
+                    for ln_kb in tl.range(0, r_k_dim, BLOCK_K, num_stages=STAGES):
                         ln_xs = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + (ln_kb + ln_k)[None, :], mask=ln_tmask[:, None] & ((ln_kb + ln_k) < r_k_dim)[None, :], other=0.0, cache_modifier=".cg")
                         ln_ss += tl.sum(ln_xs * ln_xs, axis=1)
                     ln_inv = tl.rsqrt(ln_ss / r_k_dim + r_eps_bits.to(tl.int32).to(tl.float32, bitcast=True))
@@ -163,9 +164,9 @@ def prefill_chunk(
                             ln_kk = ln_kb + ln_k
                             ln_kmask = ln_kk < ln_k1
                             ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
-                            if r_norm >= 0:
-                                ln_g = tl.load(arena_w + r_norm + ln_kk, mask=ln_kmask, other=0.0).to(tl.float32)
-                                ln_x = ln_x * ln_inv[:, None] * ln_g[None, :]
+                            ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                                mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
+                            ln_x = ln_x * ln_inv[:, None] * ln_g
                             ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
                                             mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
                             ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
@@ -183,9 +184,9 @@ def prefill_chunk(
                             ln_kk = ln_kb + ln_k
                             ln_kmask = ln_kk < r_k1
                             ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
-                            if r_norm >= 0:
-                                ln_g = tl.load(arena_w + r_norm + ln_kk, mask=ln_kmask, other=0.0).to(tl.float32)
-                                ln_x = ln_x * ln_inv[:, None] * ln_g[None, :]
+                            ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                                mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
+                            ln_x = ln_x * ln_inv[:, None] * ln_g
                             # next weight tile streams while this one is used
                             ln_w_next = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
                                                 mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)

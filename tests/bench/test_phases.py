@@ -1,0 +1,45 @@
+"""`tilecomp bench --phases` on CPU (interpreter): every kind of the step is replayed alone,
+its tasks really run (they redo their outputs), and the weight bytes it reports are the
+model's: the LM head's whole matrix, the routed experts' MXFP4 bytes."""
+import torch
+
+from tilecomp.bench.floor import MXFP4_BYTES_PER_ELEM
+from tilecomp.bench.phases import format_phases, replay_phases
+from tilecomp.codegen import layout as L
+from tilecomp.models.dflash import DFlashDraft
+from tilecomp.models.mimo import MiMoForCausalLM
+from tilecomp.models.presets import preset
+from tilecomp.runtime.megakernel import MegakernelEngine
+
+
+def test_phase_replay_runs_each_kind_alone_and_counts_its_weight_bytes():
+    torch.manual_seed(3)
+    cfg, dcfg = preset("tiny", layers=2)
+    target = MiMoForCausalLM(cfg)
+    engine = MegakernelEngine(target, DFlashDraft(dcfg, cfg), max_len=64)
+    engine.generate([5, 9, 2, 7], 1)                      # prefill + one step: real plans and rows
+    step = engine.step_program("plain")
+    step.launch(engine.arenas)
+    step.check()
+    kinds_in_step = {name for name, k in L.KINDS.items()
+                     if (step.records[:, L.F_KIND] == k.id).any()}
+    heads = [r for r in step.records.tolist() if r[L.F_KIND] == L.KIND_IDS["lm_head"]]
+    word = L.kind_abi("lm_head").arg_word
+    f32 = engine.arenas.data["f32"]
+    spots = [(r[word("tile_key")] + r[word("tile")], r[word("n_tiles")]) for r in heads]
+    want = [f32[o].item() for o, _ in spots]
+    for o, _ in spots:
+        f32[o] = -7.0
+    replay_phases(step, engine.arenas, iters=1, kinds=["lm_head"])
+    assert [f32[o].item() for o, _ in spots] == want      # the lm_head phase alone redid its keys
+    out = replay_phases(step, engine.arenas, iters=1)
+    assert set(out["kinds"]) == kinds_in_step
+    wbytes = engine.arenas.data["w"].element_size()
+    assert out["kinds"]["lm_head"]["bytes"] == cfg.vocab_size * cfg.hidden_size * wbytes
+    plans = [r for r in step.records.tolist() if r[L.F_KIND] == L.KIND_IDS["expert_down"]]
+    plan_offsets = {r[L.kind_abi("expert_down").arg_word("plan")] for r in plans}
+    routed = sum(int(engine.arenas.data["i32"][o]) for o in plan_offsets)
+    expert = 3 * cfg.moe_intermediate_size * cfg.hidden_size * MXFP4_BYTES_PER_ELEM
+    got = out["kinds"]["expert_up_gate"]["bytes"] + out["kinds"]["expert_down"]["bytes"]
+    assert routed > 0 and abs(got - routed * expert) <= 2 * len(plans)
+    assert "sum of phases" in format_phases(out)

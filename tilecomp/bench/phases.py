@@ -1,0 +1,165 @@
+"""Each task kind of a megakernel step on its own: how fast is a phase when nothing waits?
+
+`tilecomp bench --phases` runs the step once (so routing plans, activations and
+KV rows are real), then for every task kind K launches the SAME kernel on a
+queue holding only K's records, each on the program the schedule gave it, with
+its waits and signals removed. The time of that launch is what the phase costs
+by itself: its loads, math and per-task overhead, with none of the dependency
+waits of the full step. Comparing the sum of the phases with the step tells
+whether a step is slow because its phases are slow (bandwidth, per-step latency
+inside a task) or because of the chain between them (waits, tails).
+
+Bytes are counted for the weight-streaming kinds (what each record's weights
+cover: linear and lm_head rows x K, the routed experts' MXFP4 bytes, router
+rows), so those phases also report GB/s. Kinds whose bytes are not modelled
+report time only.
+"""
+from __future__ import annotations
+
+import torch
+
+from tilecomp.codegen import layout as L
+from tilecomp.codegen.harness import new_counters, new_errors
+
+from .floor import MXFP4_BYTES_PER_ELEM
+from .trace import KIND_NAMES
+
+
+def _arg(row: list[int], kind: str, name: str) -> int:
+    return row[L.kind_abi(kind).arg_word(name)]
+
+
+def _span(row, kind, lo, hi, tile, limit) -> int:
+    """Columns [lo, hi) of a record (hi <= lo: one tile of `tile` from lo), capped at `limit`."""
+    n0, n1 = _arg(row, kind, lo), _arg(row, kind, hi)
+    end = min(n1, limit) if n1 > n0 else min(n0 + tile, limit)
+    return max(end - n0, 0)
+
+
+def task_bytes(kind: str, row: list[int], consts: dict, wbytes: int, plan_count) -> int | None:
+    """Weight bytes one task streams (None: not modelled). plan_count(offset) -> routed experts
+    of the plan at that arena_i32 offset (expert tasks whose slot is past it do nothing)."""
+    a = lambda name: _arg(row, kind, name)          # noqa: E731
+    if kind == "lm_head":
+        return _span(row, kind, "n0", "n1", consts["BLOCK_N"], a("vocab")) * a("dim") * wbytes
+    if kind == "linear":
+        n = _span(row, kind, "n0", "n1", consts["BLOCK_N"], a("n_dim"))
+        k1 = a("k1") if a("k1") > a("k0") else a("k_dim")
+        return n * (k1 - a("k0")) * wbytes * (2 if a("w_up") >= 0 else 1)
+    if kind in ("expert_up_gate", "expert_down"):
+        if a("slot") >= plan_count(a("plan")):
+            return 0
+        if kind == "expert_up_gate":
+            n, k, mats = _span(row, kind, "n0", "n1", consts["BLOCK_N"], a("inter")), a("dim"), 2
+        else:
+            n, k, mats = _span(row, kind, "n0", "n1", consts["BLOCK_N"], a("dim")), a("inter"), 1
+        return int(mats * n * k * MXFP4_BYTES_PER_ELEM)
+    if kind == "moe_route" and a("split") != 0:
+        return _span(row, kind, "e0", "e1", consts["BLOCK_RN"], a("n_experts")) * a("dim") * 4
+    return None
+
+
+def _time_launches(launch, iters: int, reset) -> list[float]:
+    """ms per launch: CUDA events on a GPU, the wall clock otherwise (the interpreter)."""
+    if not torch.cuda.is_available():
+        import time
+        times = []
+        for _ in range(iters):
+            reset()
+            t0 = time.perf_counter()
+            launch()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+    times = []
+    for _ in range(iters):
+        reset()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        launch()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def replay_phases(step, arenas, iters: int = 20, kinds=None) -> dict:
+    """step: a StepProgram that has run at least once on `arenas`. Before every launch
+    (untimed) the fp32 and int32 arenas are restored to what the step left, so each phase
+    sees the step's own inputs (a replayed `accept` would move the position on, an in-place
+    residual would add up, a router would re-plan on those sums). Per-kind
+    {tasks, ms (median launch), bytes, gbps} plus the empty launch's time (`launch_ms`).
+    kinds: the kind names to replay (default: all in the step). The arenas are left as the
+    last replayed launch made them."""
+    records = step.records
+    rows = records.cpu().tolist()
+    bounds = step.queue.cpu().tolist()
+    programs = len(bounds) - 1
+    device = records.device
+    plans = arenas.data["i32"]
+    wbytes = arenas.data["w"].element_size() if "w" in arenas.data else 2
+    counts = {}
+    saved = {a: arenas.data[a].clone() for a in ("f32", "i32")}
+
+    def reset():
+        for a, t in saved.items():
+            arenas.data[a].copy_(t)
+
+    def plan_count(offset: int) -> int:
+        if offset not in counts:
+            counts[offset] = int(plans[offset].item())
+        return counts[offset]
+
+    def run(sel_rows: list[int], per_program: list[int]):
+        if sel_rows:
+            recs = records[torch.tensor(sel_rows, device=device)].clone()
+            recs[:, L.F_NWAIT] = 0
+            recs[:, L.F_NSIGNAL] = 0
+        else:
+            recs = records[:1].clone()
+        queue = torch.tensor([0] + per_program, dtype=torch.int32, device=device).cumsum(0).to(torch.int32)
+        counters, errors = new_counters(1, device), new_errors(programs, device)
+
+        def launch():
+            step.kernel.launch(recs, queue, counters, errors, 1, arenas)
+        reset()
+        launch()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if errors[:, 0].any():
+            raise RuntimeError("phase replay: a task reported a timed-out wait with no waits left")
+        times = sorted(_time_launches(launch, iters, reset))
+        return times[len(times) // 2]
+
+    out = {"launch_ms": run([], [0] * programs), "kinds": {}}
+    by_kind: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_kind.setdefault(row[L.F_KIND], []).append(i)
+    for kind_id, idx in sorted(by_kind.items()):
+        name = KIND_NAMES.get(kind_id, str(kind_id))
+        if kinds is not None and name not in kinds:
+            continue
+        chosen = set(idx)
+        sel, per_program = [], []
+        for p in range(programs):
+            mine = [i for i in range(bounds[p], bounds[p + 1]) if i in chosen]
+            sel += mine
+            per_program.append(len(mine))
+        ms = run(sel, per_program)
+        sizes = [task_bytes(name, rows[i], step.kernel.constexprs, wbytes, plan_count) for i in idx]
+        nbytes = None if any(s is None for s in sizes) else sum(sizes)
+        out["kinds"][name] = {"tasks": len(idx), "ms": ms, "bytes": nbytes,
+                              "gbps": nbytes / ms / 1e6 if nbytes else None,
+                              "max_tasks_per_program": max(per_program)}
+    out["sum_ms"] = sum(k["ms"] for k in out["kinds"].values())
+    return out
+
+
+def format_phases(p: dict) -> str:
+    lines = [f"phases alone (waits removed; empty launch {p['launch_ms'] * 1e3:.1f} us):",
+             f"{'kind':<22}{'tasks':>7}{'max/prog':>9}{'us':>10}{'MB':>9}{'GB/s':>8}"]
+    for name, k in sorted(p["kinds"].items(), key=lambda kv: -kv[1]["ms"]):
+        mb = f"{k['bytes'] / 1e6:9.1f}" if k["bytes"] is not None else f"{'-':>9}"
+        gb = f"{k['gbps']:8.0f}" if k["gbps"] else f"{'-':>8}"
+        lines.append(f"{name:<22}{k['tasks']:>7}{k['max_tasks_per_program']:>9}{k['ms'] * 1e3:>10.1f}{mb}{gb}")
+    lines.append(f"sum of phases {p['sum_ms']:.3f} ms")
+    return "\n".join(lines)
