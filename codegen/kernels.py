@@ -39,6 +39,18 @@ def weight_alignment(cfg, dcfg) -> int:
     return 8 if all(d % 8 == 0 for d in dims) else 1
 
 
+def scale_alignment(cfg, cap: int = 8) -> int:
+    """SALIGN: a power of 2 (<= cap) that divides every expert matrix's row of E8M0 scales
+    (K / 32 bytes, K = hidden or expert width): the scale rows then start SALIGN-aligned, and
+    a K step's scales (BLOCK_KX / 32 bytes) load as SALIGN-byte vectors. 8-byte vectors let the
+    tl.dot_scaled loop copy them asynchronously like the nibbles; 1 is no hint."""
+    align = cap
+    for k in (cfg.hidden_size, cfg.moe_intermediate_size):
+        while align > 1 and (k // 32) % align:
+            align //= 2
+    return align
+
+
 def constexprs_for(cfg, dcfg, rows: int) -> dict:
     """Tile sizes for steps of up to `rows` rows: few big tiles (the interpreter pays per task)."""
     head_dims = [cfg.attn(i).head_dim for i in range(cfg.num_hidden_layers)]
@@ -52,7 +64,7 @@ def constexprs_for(cfg, dcfg, rows: int) -> dict:
                 BLOCK_HD=max(16, _pow2(max(head_dims))), BLOCK_S=32,
                 BLOCK_E=max(16, _pow2(cfg.n_routed_experts)), BLOCK_V=16,
                 BLOCK_R=max(16, _pow2(max(rope_dims))),
-                **dict(L.TUNING_DEFAULTS, WALIGN=weight_alignment(cfg, dcfg)))
+                **dict(L.TUNING_DEFAULTS, WALIGN=weight_alignment(cfg, dcfg), SALIGN=scale_alignment(cfg)))
 
 
 def step_rows(dcfg) -> int:

@@ -124,11 +124,11 @@ KINDS: dict[str, KindABI] = _kinds(
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "n1", "inter", "dim", "n_rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_KX")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_KX")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
@@ -156,7 +156,12 @@ KINDS: dict[str, KindABI] = _kinds(
 # manual prefetch issued before the task's wait)
 # WALIGN = weight rows and slots are multiples of this many elements (alignment hint for
 # 16-byte loads; 1 = no hint)
-TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1}
+# MX_DOT = 1: the expert loops multiply with tl.dot_scaled (Triton's MXFP4 product, bf16
+# activations); 0: the template's own bit-level dequantization to fp32 (exact fp32 products:
+# what the interpreter runs, where bf16 math is wrong). STAGES_X = raw MXFP4 tiles in flight
+# in the tl.dot_scaled loop.
+# SALIGN = expert scale rows (K / 32 bytes) are multiples of this many bytes (1 = no hint)
+TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 0, "STAGES_X": 3, "SALIGN": 1}
 # What a GPU build adds (the interpreter keeps the smaller tiles: it pays per element): on an
 # H100 (docs/PERF.md, version 2 sweep) 8 warps and 256-wide K steps put 32 KB of weights in
 # flight per K step; the 2-layer flash DFlash step went 11.8 ms (4 warps, BLOCK_K 64) ->
@@ -167,7 +172,9 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1}
 # per task over 32 experts; its tasks took 453 us each, on every MoE layer's critical path;
 # v3: 16 x 64 with a separate RMSNorm pass, 16 + 64 steps, 211 us per task). v4: one pass over
 # x (the norm's sum of squares rides along the dot) in 256-wide steps: 16 dependent steps.
-GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 256}
+# MX_DOT (session 6): the bit-level dequantization ran the expert phases at 186-353 GB/s
+# (flash 2L block 8, `tilecomp bench --phases`): ~5 us per K step of a 64 x 256 tile.
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 256, "MX_DOT": 1}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

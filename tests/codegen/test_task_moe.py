@@ -248,6 +248,47 @@ def test_mxfp4_dequant_matches_models_mxfp4():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("D,inter,block_kx,salign", [(128, 256, 128, 4), (64, 96, 64, 1)],
+                         ids=["scale-words", "scale-bytes"])
+def test_mx_dot_expert_loops_match_dequantized_weights(D, inter, block_kx, salign):
+    """MX_DOT=1 (the GPU default): expert_up_gate and expert_down through tl.dot_scaled, with
+    the scales read as 32-bit words (SALIGN 4) or bytes. Activations are bf16 values (the
+    path multiplies in bf16), so the products are exact and the bound is fp32's."""
+    from tilecomp.models.mxfp4 import dequantize_mxfp4
+    gen = torch.Generator().manual_seed(7)
+    T = 3
+    def mx(n, k):
+        blocks = torch.randint(0, 256, (1, n, k // 32, 16), generator=gen, dtype=torch.uint8)
+        scales = torch.randint(120, 130, (1, n, k // 32), generator=gen, dtype=torch.uint8)
+        return blocks, scales, dequantize_mxfp4(blocks, scales)[0]
+    gb, gs, wg = mx(inter, D)
+    ub, us, wu = mx(inter, D)
+    db, ds, wd = mx(D, inter)
+    x = torch.randn(T, D, generator=gen).bfloat16().float()
+    act_in = torch.randn(1, T, inter, generator=gen).bfloat16().float()
+    b = ArenaBuilder(torch.float32)
+    b.add("x", x, "f32"), b.add("act_in", act_in, "f32")
+    b.add("w", torch.tensor([[1.0, 0.5, 2.0]]), "f32")
+    for name, t in dict(gb=gb, gs=gs, ub=ub, us=us, db=db, ds=ds).items():
+        b.add(name, t, "u8")
+    b.add("plan", torch.tensor([1, 0], dtype=torch.int32), "i32")
+    b.reserve("act", (1, T, inter), "f32"), b.reserve("out", (1, T, D), "f32")
+    arenas = b.build()
+    up = TaskRecord("expert_up_gate", 0, dict(
+        x=b.offset("x"), plan=b.offset("plan"), gate_blocks=b.offset("gb"), gate_scales=b.offset("gs"),
+        up_blocks=b.offset("ub"), up_scales=b.offset("us"), act=b.offset("act"), slot=0, n0=0,
+        n1=inter, inter=inter, dim=D, n_rows=T))
+    down = TaskRecord("expert_down", 1, dict(
+        act=b.offset("act_in"), plan=b.offset("plan"), weights=b.offset("w"), blocks=b.offset("db"),
+        scales=b.offset("ds"), out=b.offset("out"), slot=0, n0=0, n1=D, inter=inter, dim=D, n_rows=T))
+    run_tasks([[up, down]], arenas, dict(BLOCK_T=16, BLOCK_N=32, BLOCK_KX=block_kx, MX_DOT=1,
+                                         SALIGN=salign, STAGES_X=2))
+    g, u = x @ wg.T, x @ wu.T
+    torch.testing.assert_close(arenas.view("act")[0], torch.nn.functional.silu(g) * u, rtol=1e-5, atol=1e-5)
+    want = (act_in[0] @ wd.T) * torch.tensor([1.0, 0.5, 2.0])[:, None]
+    torch.testing.assert_close(arenas.view("out")[0], want, rtol=1e-5, atol=1e-4)
+
+
 BUILD_SCRIPT = """
 import sys
 from tilecomp.codegen.build import build_report
