@@ -30,8 +30,9 @@ def test_phase_replay_runs_each_kind_alone_and_counts_its_weight_bytes():
     want = [f32[o].item() for o, _ in spots]
     for o, _ in spots:
         f32[o] = -7.0
-    replay_phases(step, engine.arenas, iters=1, kinds=["lm_head"])
+    one = replay_phases(step, engine.arenas, iters=1, kinds=["lm_head"], alone=True)
     assert [f32[o].item() for o, _ in spots] == want      # the lm_head phase alone redid its keys
+    assert set(one["kinds"]) == {"lm_head"} and one["kinds"]["lm_head"]["alone_ms"] > 0
     out = replay_phases(step, engine.arenas, iters=1)
     assert set(out["kinds"]) == kinds_in_step
     wbytes = engine.arenas.data["w"].element_size()

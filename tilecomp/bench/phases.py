@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from tilecomp.codegen import layout as L
-from tilecomp.codegen.harness import new_counters, new_errors
+from tilecomp.codegen.harness import Megakernel, new_counters, new_errors
 
 from .floor import MXFP4_BYTES_PER_ELEM
 from .trace import KIND_NAMES
@@ -82,14 +82,16 @@ def _time_launches(launch, iters: int, reset) -> list[float]:
     return times
 
 
-def replay_phases(step, arenas, iters: int = 20, kinds=None) -> dict:
+def replay_phases(step, arenas, iters: int = 20, kinds=None, alone: bool = False) -> dict:
     """step: a StepProgram that has run at least once on `arenas`. Before every launch
     (untimed) the fp32 and int32 arenas are restored to what the step left, so each phase
     sees the step's own inputs (a replayed `accept` would move the position on, an in-place
     residual would add up, a router would re-plan on those sums). Per-kind
     {tasks, ms (median launch), bytes, gbps} plus the empty launch's time (`launch_ms`).
-    kinds: the kind names to replay (default: all in the step). The arenas are left as the
-    last replayed launch made them."""
+    kinds: the kind names to replay (default: all in the step). alone: also time each kind
+    in a kernel of its own (same tile sizes and warps): the difference to the step kernel is
+    what the other kinds' code costs it (registers, spills, shared memory of the union).
+    The arenas are left as the last replayed launch made them."""
     records = step.records
     rows = records.cpu().tolist()
     bounds = step.queue.cpu().tolist()
@@ -109,7 +111,8 @@ def replay_phases(step, arenas, iters: int = 20, kinds=None) -> dict:
             counts[offset] = int(plans[offset].item())
         return counts[offset]
 
-    def run(sel_rows: list[int], per_program: list[int]):
+    def run(sel_rows: list[int], per_program: list[int], kernel=None, label="empty"):
+        kernel = kernel or step.kernel
         if sel_rows:
             recs = records[torch.tensor(sel_rows, device=device)].clone()
             recs[:, L.F_NWAIT] = 0
@@ -120,7 +123,11 @@ def replay_phases(step, arenas, iters: int = 20, kinds=None) -> dict:
         counters, errors = new_counters(1, device), new_errors(programs, device)
 
         def launch():
-            step.kernel.launch(recs, queue, counters, errors, 1, arenas)
+            if torch.cuda.is_available():       # ncu --nvtx --nvtx-include "phase_<label>/"
+                torch.cuda.nvtx.range_push(f"phase_{label}")
+            kernel.launch(recs, queue, counters, errors, 1, arenas)
+            if torch.cuda.is_available():
+                torch.cuda.nvtx.range_pop()
         reset()
         launch()
         if torch.cuda.is_available():
@@ -144,10 +151,15 @@ def replay_phases(step, arenas, iters: int = 20, kinds=None) -> dict:
             mine = [i for i in range(bounds[p], bounds[p + 1]) if i in chosen]
             sel += mine
             per_program.append(len(mine))
-        ms = run(sel, per_program)
+        ms = run(sel, per_program, label=name)
+        alone_ms = None
+        if alone:
+            own = Megakernel.build([name], step.kernel.constexprs, name=f"phase_{name}",
+                                   spin_limit=step.kernel.spin_limit, num_warps=step.kernel.num_warps)
+            alone_ms = run(sel, per_program, kernel=own, label=f"{name}_alone")
         sizes = [task_bytes(name, rows[i], step.kernel.constexprs, wbytes, plan_count) for i in idx]
         nbytes = None if any(s is None for s in sizes) else sum(sizes)
-        out["kinds"][name] = {"tasks": len(idx), "ms": ms, "bytes": nbytes,
+        out["kinds"][name] = {"tasks": len(idx), "ms": ms, "alone_ms": alone_ms, "bytes": nbytes,
                               "gbps": nbytes / ms / 1e6 if nbytes else None,
                               "max_tasks_per_program": max(per_program)}
     out["sum_ms"] = sum(k["ms"] for k in out["kinds"].values())
@@ -155,11 +167,13 @@ def replay_phases(step, arenas, iters: int = 20, kinds=None) -> dict:
 
 
 def format_phases(p: dict) -> str:
-    lines = [f"phases alone (waits removed; empty launch {p['launch_ms'] * 1e3:.1f} us):",
-             f"{'kind':<22}{'tasks':>7}{'max/prog':>9}{'us':>10}{'MB':>9}{'GB/s':>8}"]
+    lines = [f"phases alone (waits removed; empty launch {p['launch_ms'] * 1e3:.1f} us; 'own us': the "
+             "kind in a kernel of its own):",
+             f"{'kind':<22}{'tasks':>7}{'max/prog':>9}{'us':>10}{'own us':>10}{'MB':>9}{'GB/s':>8}"]
     for name, k in sorted(p["kinds"].items(), key=lambda kv: -kv[1]["ms"]):
         mb = f"{k['bytes'] / 1e6:9.1f}" if k["bytes"] is not None else f"{'-':>9}"
         gb = f"{k['gbps']:8.0f}" if k["gbps"] else f"{'-':>8}"
-        lines.append(f"{name:<22}{k['tasks']:>7}{k['max_tasks_per_program']:>9}{k['ms'] * 1e3:>10.1f}{mb}{gb}")
+        own = f"{k['alone_ms'] * 1e3:10.1f}" if k.get("alone_ms") is not None else f"{'-':>10}"
+        lines.append(f"{name:<22}{k['tasks']:>7}{k['max_tasks_per_program']:>9}{k['ms'] * 1e3:>10.1f}{own}{mb}{gb}")
     lines.append(f"sum of phases {p['sum_ms']:.3f} ms")
     return "\n".join(lines)

@@ -99,7 +99,7 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int) -> dict:
         print(format_summary(stats["trace"]), flush=True)
     if getattr(args, "phases", False) and torch.cuda.is_available():
         from .phases import format_phases, replay_phases
-        stats["phases"] = replay_phases(step, engine.arenas)
+        stats["phases"] = replay_phases(step, engine.arenas, alone=True)
         print(format_phases(stats["phases"]), flush=True)
     return stats
 
