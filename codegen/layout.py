@@ -157,9 +157,10 @@ KINDS: dict[str, KindABI] = _kinds(
 # WALIGN = weight rows and slots are multiples of this many elements (alignment hint for
 # 16-byte loads; 1 = no hint)
 # MX_DOT = 1: the expert loops multiply with tl.dot_scaled (Triton's MXFP4 product, bf16
-# activations); 0: the template's own bit-level dequantization to fp32 (exact fp32 products:
-# what the interpreter runs, where bf16 math is wrong). STAGES_X = raw MXFP4 tiles in flight
-# in the tl.dot_scaled loop.
+# activations) in a pipelined K loop (STAGES_X raw tiles in flight, staged in shared memory);
+# 2: tl.dot_scaled with the next raw tile prefetched into registers; 0: the template's own
+# bit-level dequantization to fp32 (exact fp32 products: what the interpreter runs, where
+# bf16 math is wrong).
 # SALIGN = expert scale rows (K / 32 bytes) are multiples of this many bytes (1 = no hint)
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 0, "STAGES_X": 3, "SALIGN": 1}
 # What a GPU build adds (the interpreter keeps the smaller tiles: it pays per element): on an

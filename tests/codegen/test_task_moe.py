@@ -248,11 +248,12 @@ def test_mxfp4_dequant_matches_models_mxfp4():
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("D,inter,block_kx,salign", [(128, 256, 128, 4), (64, 96, 64, 1)],
-                         ids=["scale-words", "scale-bytes"])
-def test_mx_dot_expert_loops_match_dequantized_weights(D, inter, block_kx, salign):
-    """MX_DOT=1 (the GPU default): expert_up_gate and expert_down through tl.dot_scaled, with
-    the scales read as 32-bit words (SALIGN 4) or bytes. Activations are bf16 values (the
+@pytest.mark.parametrize("D,inter,block_kx,salign,mode", [(128, 256, 128, 4, 1), (64, 96, 64, 1, 1),
+                                                         (128, 256, 128, 4, 2)],
+                         ids=["scale-words", "scale-bytes", "register-prefetch"])
+def test_mx_dot_expert_loops_match_dequantized_weights(D, inter, block_kx, salign, mode):
+    """MX_DOT=1 (pipelined) and 2 (register prefetch): expert_up_gate and expert_down through
+    tl.dot_scaled, with the scales read as 32-bit words (SALIGN 4) or bytes. Activations are bf16 values (the
     path multiplies in bf16), so the products are exact and the bound is fp32's."""
     from tilecomp.models.mxfp4 import dequantize_mxfp4
     gen = torch.Generator().manual_seed(7)
@@ -281,7 +282,7 @@ def test_mx_dot_expert_loops_match_dequantized_weights(D, inter, block_kx, salig
     down = TaskRecord("expert_down", 1, dict(
         act=b.offset("act_in"), plan=b.offset("plan"), weights=b.offset("w"), blocks=b.offset("db"),
         scales=b.offset("ds"), out=b.offset("out"), slot=0, n0=0, n1=D, inter=inter, dim=D, n_rows=T))
-    run_tasks([[up, down]], arenas, dict(BLOCK_T=16, BLOCK_N=32, BLOCK_KX=block_kx, MX_DOT=1,
+    run_tasks([[up, down]], arenas, dict(BLOCK_T=16, BLOCK_N=32, BLOCK_KX=block_kx, MX_DOT=mode,
                                          SALIGN=salign, STAGES_X=2))
     g, u = x @ wg.T, x @ wu.T
     torch.testing.assert_close(arenas.view("act")[0], torch.nn.functional.silu(g) * u, rtol=1e-5, atol=1e-5)

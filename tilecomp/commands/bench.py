@@ -74,19 +74,20 @@ def _name_values(items: list[str], flag: str, ok, expected: str) -> dict:
     return out
 
 
-SWITCHES = ("MX_DOT",)            # on/off code paths: 0 or 1
+SWITCHES = {"MX_DOT": (0, 1, 2)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
 COUNTS = ("STAGES", "STAGES_X")   # pipeline depths: any N >= 1
 
 
 def parse_tiles(items: list[str]) -> dict:
-    """--tile NAME=N ... -> {NAME: N}; N a power of two (tile sizes), 0/1 for SWITCHES, >= 1 for COUNTS."""
+    """--tile NAME=N ... -> {NAME: N}; N a power of two (tile sizes), a listed value for SWITCHES,
+    >= 1 for COUNTS."""
     def ok(name, n):
         if name in SWITCHES:
-            return n in (0, 1)
+            return n in SWITCHES[name]
         if name in COUNTS:
             return n >= 1
         return bool(name) and n > 0 and not n & (n - 1)
-    return _name_values(items, "--tile", ok, f"N a power of two (e.g. BLOCK_K=256), 0/1 for {SWITCHES}, "
+    return _name_values(items, "--tile", ok, f"N a power of two (e.g. BLOCK_K=256), {SWITCHES}, "
                         f">= 1 for {COUNTS}")
 
 
