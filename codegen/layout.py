@@ -173,9 +173,11 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 0, "STAGES_X": 3, "SALIGN
 # per task over 32 experts; its tasks took 453 us each, on every MoE layer's critical path;
 # v3: 16 x 64 with a separate RMSNorm pass, 16 + 64 steps, 211 us per task). v4: one pass over
 # x (the norm's sum of squares rides along the dot) in 256-wide steps: 16 dependent steps.
-# MX_DOT (session 6): the bit-level dequantization ran the expert phases at 186-353 GB/s
-# (flash 2L block 8, `tilecomp bench --phases`): ~5 us per K step of a 64 x 256 tile.
-GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 256, "MX_DOT": 1}
+# MX_DOT stays 0 on a GPU (session 6, flash 2L block 8, `tilecomp bench --phases`, H100):
+# expert_up_gate / expert_down phases 1.10 / 1.00 ms with MX_DOT 0, 1.91 / 1.69 ms with 1,
+# 2.75 / 2.15 ms with 2. All are instruction- and shared-memory-bound (~5 us per 64 x 256
+# K step with 0), far from the bytes; docs/PERF.md "Version 5".
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 256}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}
