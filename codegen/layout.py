@@ -158,11 +158,11 @@ KINDS: dict[str, KindABI] = _kinds(
 # 16-byte loads; 1 = no hint)
 # MX_DOT = 1: the expert loops multiply with tl.dot_scaled (Triton's MXFP4 product, bf16
 # activations) in a pipelined K loop (STAGES_X raw tiles in flight, staged in shared memory);
-# 2: tl.dot_scaled with the next raw tile prefetched into registers; 0: the template's own
-# bit-level dequantization to fp32 (exact fp32 products: what the interpreter runs, where
-# bf16 math is wrong).
+# 2: tl.dot_scaled with the next raw tile prefetched into registers; 0 and 3: the template's
+# own bit-level dequantization to fp32 (exact: the interpreter runs them, where bf16 math is
+# wrong), 0 with per-code branches, 3 by bit-casting the code into fp32 (no branch).
 # SALIGN = expert scale rows (K / 32 bytes) are multiples of this many bytes (1 = no hint)
-TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 0, "STAGES_X": 3, "SALIGN": 1}
+TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1}
 # What a GPU build adds (the interpreter keeps the smaller tiles: it pays per element): on an
 # H100 (docs/PERF.md, version 2 sweep) 8 warps and 256-wide K steps put 32 KB of weights in
 # flight per K step; the 2-layer flash DFlash step went 11.8 ms (4 warps, BLOCK_K 64) ->

@@ -224,13 +224,16 @@ def test_ties_choose_the_lowest_expert():
     torch.testing.assert_close(arenas.view("weights")[:3], torch.full((3, 4), 1 / 3))
 
 
-def test_mxfp4_dequant_matches_models_mxfp4():
-    """Every E2M1 code and a spread of E8M0 scales through one expert_up_gate tile."""
+@pytest.mark.parametrize("mode", [0, 3], ids=["branches", "bitcast"])
+def test_mxfp4_dequant_matches_models_mxfp4(mode):
+    """Every E2M1 code and a spread of E8M0 scales (including 2, the smallest exact one)
+    through one expert_up_gate tile, with both bit-level dequantizations (MX_DOT 0 and 3)."""
     from tilecomp.models.mxfp4 import dequantize_mxfp4
     gen = torch.Generator().manual_seed(2)
     T, D, inter = 1, 64, 32
     blocks = torch.randint(0, 256, (1, inter, D // 32, 16), generator=gen, dtype=torch.uint8)
     scales = torch.randint(118, 128, (1, inter, D // 32), generator=gen, dtype=torch.uint8)
+    scales[0, :2, 0] = torch.tensor([2, 3], dtype=torch.uint8)
     w = dequantize_mxfp4(blocks, scales)[0]                             # [inter, D]
     x = torch.randn(T, D, generator=gen)
     b = ArenaBuilder(torch.float32)
@@ -242,10 +245,11 @@ def test_mxfp4_dequant_matches_models_mxfp4():
         x=b.offset("x"), plan=b.offset("plan"), gate_blocks=b.offset("blocks"),
         gate_scales=b.offset("scales"), up_blocks=b.offset("blocks"), up_scales=b.offset("scales"),
         act=b.offset("act"), slot=0, n0=0, n1=0, inter=inter, dim=D, n_rows=T))
-    run_tasks([[rec]], arenas, dict(BLOCK_T=16, BLOCK_N=32, BLOCK_KX=32))
+    run_tasks([[rec]], arenas, dict(BLOCK_T=16, BLOCK_N=32, BLOCK_KX=32, MX_DOT=mode))
     h = x @ w.T
     torch.testing.assert_close(arenas.view("act")[0], torch.nn.functional.silu(h) * h,
                                rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(arenas.view("act")).all()
 
 
 @pytest.mark.parametrize("D,inter,block_kx,salign,mode", [(128, 256, 128, 4, 1), (64, 96, 64, 1, 1),
