@@ -22,6 +22,7 @@ from tilecomp.codegen import layout as L
 from tilecomp.codegen.harness import Megakernel, new_counters, new_errors
 
 from .floor import MXFP4_BYTES_PER_ELEM
+from .timing import time_steps
 from .trace import KIND_NAMES
 
 
@@ -57,29 +58,6 @@ def task_bytes(kind: str, row: list[int], consts: dict, wbytes: int, plan_count)
     if kind == "moe_route" and a("split") != 0:
         return _span(row, kind, "e0", "e1", consts["BLOCK_RN"], a("n_experts")) * a("dim") * 4
     return None
-
-
-def _time_launches(launch, iters: int, reset) -> list[float]:
-    """ms per launch: CUDA events on a GPU, the wall clock otherwise (the interpreter)."""
-    if not torch.cuda.is_available():
-        import time
-        times = []
-        for _ in range(iters):
-            reset()
-            t0 = time.perf_counter()
-            launch()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return times
-    times = []
-    for _ in range(iters):
-        reset()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        launch()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def replay_phases(step, arenas, iters: int = 20, kinds=None, alone: bool = False) -> dict:
@@ -134,8 +112,7 @@ def replay_phases(step, arenas, iters: int = 20, kinds=None, alone: bool = False
             torch.cuda.synchronize()
         if errors[:, 0].any():
             raise RuntimeError("phase replay: a task reported a timed-out wait with no waits left")
-        times = sorted(_time_launches(launch, iters, reset))
-        return times[len(times) // 2]
+        return time_steps(launch, iters, warmup=0, before=reset)["median_ms"]
 
     out = {"launch_ms": run([], [0] * programs), "kinds": {}}
     by_kind: dict[int, list[int]] = {}

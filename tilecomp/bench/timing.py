@@ -12,13 +12,16 @@ def summarize(times_ms: list[float]) -> dict:
             "n": n}
 
 
-def time_steps(step, iters: int, warmup: int = 5) -> dict:
-    """Time `step()` (which must include its own host read-back) `iters` times after warm-up."""
+def time_steps(step, iters: int, warmup: int = 5, before=None) -> dict:
+    """Time `step()` (which must include its own host read-back) `iters` times after warm-up;
+    `before()`, when given, runs untimed ahead of every timed step (e.g. restoring inputs)."""
     for _ in range(warmup):
         step()
     sync()
     times = []
     for _ in range(iters):
+        if before is not None:
+            before()
         if torch.cuda.is_available():
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
