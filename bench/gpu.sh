@@ -6,6 +6,7 @@
 #   bash bench/gpu.sh install trace-v1 trace-stages1 trace-warps8     # one call (~8 min)
 #   bash bench/gpu.sh install bench-flash-8 bench-flash-1            # one call
 #   bash bench/gpu.sh install tokens-small generate baseline         # one call (carry .device/)
+#   bash bench/gpu.sh install phases-8 phases-1 'ncu expert_down' 'ncu lm_head'   # where a step goes
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -48,6 +49,13 @@ for s in "$@"; do
     trace-stages1) step trace-stages1 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --tile STAGES=1 --json "$OUT/flash2-b1-stages1.json" ;;
     trace-warps8) step trace-warps8 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --num-warps 8 --json "$OUT/flash2-b1-warps8.json" ;;
     trace-k128) step trace-k128 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --tile BLOCK_K=128 --json "$OUT/flash2-b1-k128.json" ;;
+    # each task kind alone (docs/PERF.md version 5), flash 2 layers, block 8 / 1
+    phases-8) step phases-8 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 8 --skip-compile --skip-bf16 --eager-iters 1 --iters 20 --phases --json "$OUT/flash2-b8-phases.json" ;;
+    phases-1) step phases-1 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 20 --phases --json "$OUT/flash2-b1-phases.json" ;;
+    # 'ncu KIND': Nsight Compute of one phase in its own kernel (flash 2L block 8), e.g. 'ncu expert_down'
+    ncu\ *) k=${s#ncu }; step "ncu-$k" 200 /usr/local/cuda/bin/ncu --nvtx --nvtx-include "phase_${k}_alone/" --launch-count 1 \
+              --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+              tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 8 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --phases ;;
     baseline) step baseline 300 python3 .device/compile_baseline.py mxfp4 8 4096 ;;
     generate) step generate 300 bash -c 'tilecomp generate --engine megakernel --prompt "def fibonacci(n):" --max-new-tokens 128 --json && tilecomp generate --engine megakernel --no-draft --prompt "def fibonacci(n):" --max-new-tokens 128 --json && tilecomp generate --engine reference --prompt "def fibonacci(n):" --max-new-tokens 128 --json' ;;
     *) echo "unknown step $s"; exit 2 ;;
