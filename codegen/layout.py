@@ -173,10 +173,10 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN
 # per task over 32 experts; its tasks took 453 us each, on every MoE layer's critical path;
 # v3: 16 x 64 with a separate RMSNorm pass, 16 + 64 steps, 211 us per task). v4: one pass over
 # x (the norm's sum of squares rides along the dot) in 256-wide steps: 16 dependent steps.
-# MX_DOT stays 0 on a GPU (session 6, flash 2L block 8, `tilecomp bench --phases`, H100):
-# expert_up_gate / expert_down phases 1.10 / 1.00 ms with MX_DOT 0, 1.91 / 1.69 ms with 1,
-# 2.75 / 2.15 ms with 2. All are instruction- and shared-memory-bound (~5 us per 64 x 256
-# K step with 0), far from the bytes; docs/PERF.md "Version 5".
+# MX_DOT is 3 on a GPU too (TUNING_DEFAULTS; session 6, flash 2L block 8, `tilecomp bench
+# --phases`, H100): expert_up_gate / expert_down phases 0.77 / 0.71 ms with 3, 1.10 / 1.00 ms
+# with 0, 1.91 / 1.69 ms with 1, 2.75 / 2.15 ms with 2. All are bound by instructions and
+# shared memory, far from the bytes (docs/PERF.md "Version 5").
 GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 256}
 GPU_NUM_WARPS = 8
 
