@@ -30,9 +30,16 @@ variant() {
   step "var-$name" 150 tilecomp bench --preset mimo-v2-flash --layers "$layers" --context 4096 --block "$block" \
     --skip-compile --skip-bf16 --eager-iters 1 --iters 30 --json "$OUT/var-$name.json" "$@"
 }
+# phasesv NAME BLOCK [bench flags...]: --phases of the flash 2-layer step under a variant's flags
+phasesv() {
+  local name=$1 block=$2; shift 2
+  step "phases-$name" 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block "$block" \
+    --skip-compile --skip-bf16 --eager-iters 1 --iters 20 --phases --json "$OUT/flash2-b$block-phases-$name.json" "$@"
+}
 for s in "$@"; do
   case $s in
     var\ *) variant ${s#var } ;;    # e.g. 'var b8-p264 2 8 --programs 264'
+    phasesv\ *) phasesv ${s#phasesv } ;;   # e.g. 'phasesv l2pf0 8 --tile L2PF=0'
     sweep-json) python3 -c "import glob, json, os, sys; json.dump({os.path.basename(f)[4:-5]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/var-*.json'))}, open(sys.argv[1] + '/sweep.json', 'w'), indent=1)" "$OUT"
                 rm -f "$OUT"/var-*.json ;;
     logs) (cd "$OUT" && tar czf logs.tgz *.log && rm -f *.log) ;;

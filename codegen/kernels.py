@@ -54,14 +54,16 @@ def scale_alignment(cfg, cap: int = 8) -> int:
 def constexprs_for(cfg, dcfg, rows: int) -> dict:
     """Tile sizes for steps of up to `rows` rows: few big tiles (the interpreter pays per task)."""
     head_dims = [cfg.attn(i).head_dim for i in range(cfg.num_hidden_layers)]
-    head_dims += [cfg.attn(i).v_head_dim for i in range(cfg.num_hidden_layers)]
+    v_dims = [cfg.attn(i).v_head_dim for i in range(cfg.num_hidden_layers)]
     rope_dims = [cfg.attn(i).rope_dim for i in range(cfg.num_hidden_layers)]
     if dcfg is not None:
         head_dims.append(dcfg.head_dim)
+        v_dims.append(dcfg.head_dim)
         rope_dims.append(dcfg.head_dim)
     return dict(BLOCK_T=max(16, _pow2(rows)), BLOCK_D=min(128, _pow2(cfg.hidden_size)),
                 BLOCK_N=64, BLOCK_K=64, BLOCK_KX=64, BLOCK_RN=32, BLOCK_KR=64,
-                BLOCK_HD=max(16, _pow2(max(head_dims))), BLOCK_S=32,
+                BLOCK_HD=max(16, _pow2(max(head_dims))), BLOCK_HV=max(16, _pow2(max(v_dims))),
+                BLOCK_TA=max(16, _pow2(rows)), BLOCK_S=32,
                 BLOCK_E=max(16, _pow2(cfg.n_routed_experts)), BLOCK_V=16,
                 BLOCK_R=max(16, _pow2(max(rope_dims))),
                 **dict(L.TUNING_DEFAULTS, WALIGN=weight_alignment(cfg, dcfg), SALIGN=scale_alignment(cfg)))

@@ -88,7 +88,7 @@ KINDS: dict[str, KindABI] = _kinds(
     ("linear", ("x", "x_stride", "w", "w_up", "k_dim", "n_dim", "n0", "n1", "k0", "k1",
                 "norm", "eps_bits", "bias", "res", "res_stride", "y", "y_stride", "n_rows",
                 "rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN", "L2PF")),
     # y[t, n0:n0+BN] = sum_s part[s, t, n0:n0+BN] (+ residual)
     ("linear_reduce", ("part", "n_split", "split_stride", "n_dim", "n0", "n1", "res", "y",
                        "y_stride", "n_rows", "rows"),
@@ -102,17 +102,17 @@ KINDS: dict[str, KindABI] = _kinds(
                      "v_cache", "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
                      "rope_dim", "theta_bits", "v_scale_bits", "dim", "pos", "ring", "n_rows",
                      "rows", "q_head0", "q_heads"),
-     ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES", "WALIGN")),
+     ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES", "WALIGN", "L2PF")),
     # (kv head, chunk): partial (m, l, acc) of the head group's queries; key j at cache row
     # j % ring; pos = arena_i32 offset of the block start; causal 0 = the draft's form
     ("attn_partial", ("q", "k_cache", "v_cache", "part_m", "part_l", "part_acc",
                       "head", "chunk", "chunk_len", "n_heads_q", "n_kv_heads", "head_dim",
                       "v_head_dim", "window", "causal", "pos", "ring", "scale_bits", "n_rows"),
-     ("BLOCK_T", "BLOCK_S", "BLOCK_HD")),
+     ("BLOCK_TA", "BLOCK_S", "BLOCK_HD", "BLOCK_HV", "STAGES")),
     # kv head: merge the chunk partials, sink (-1 = none) in the denominator, normalise
     ("attn_reduce", ("part_m", "part_l", "part_acc", "sink", "out", "head", "n_chunks",
                      "n_heads_q", "n_kv_heads", "v_head_dim", "n_rows"),
-     ("BLOCK_T", "BLOCK_HD")),
+     ("BLOCK_TA", "BLOCK_HV")),
     # layer: (norm +) router + sigmoid + biased top-k + weights -> plan (count, experts
     # ascending) and weights [n_slots, n_rows]; gate < 0: x holds router logits already;
     # split != 0: only the logits of experts [e0, e1) (a split router's first phase)
@@ -123,12 +123,12 @@ KINDS: dict[str, KindABI] = _kinds(
     # (slot, columns n0..n1 in BLOCK_N tiles; n1 <= n0: one tile), the same for expert_down and
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
-                        "act", "slot", "n0", "n1", "inter", "dim", "n_rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN")),
+                        "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights"),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
@@ -136,7 +136,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift
     ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "n1", "logits",
                  "tile_key", "tile_arg", "tile", "n_tiles", "state", "pos_shift", "n_rows", "rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN", "L2PF")),
     # out[t] = token of the largest tile key of row t (lowest token on ties); with top_p < 1
     # (and temperature > 0) the whole logits row is re-read: top-p cut-off, then Gumbel keys
     ("sample_reduce", ("tile_key", "tile_arg", "n_tiles", "out", "n_rows", "logits", "vocab",
@@ -162,7 +162,12 @@ KINDS: dict[str, KindABI] = _kinds(
 # own bit-level dequantization to fp32 (exact: the interpreter runs them, where bf16 math is
 # wrong), 0 with per-code branches, 3 by bit-casting the code into fp32 (no branch).
 # SALIGN = expert scale rows (K / 32 bytes) are multiples of this many bytes (1 = no hint)
-TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1}
+# L2PF = weight tiles the streaming loops (linear, lm_head, qkv_rope_kv, experts) prefetch
+# into L2 ahead of their loads, with Hopper's bulk prefetch (cp.async.bulk.prefetch.L2: no
+# register or shared-memory cost), plus the first L2PF tiles of a task before its wait (for
+# the experts: once the plan names the expert). 0 = off: the interpreter has no inline asm,
+# and GPUs before sm_90 have no bulk prefetch (the engine turns it off there).
+TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0}
 # What a GPU build adds (the interpreter keeps the smaller tiles: it pays per element): on an
 # H100 (docs/PERF.md, version 2 sweep) 8 warps and 256-wide K steps put 32 KB of weights in
 # flight per K step; the 2-layer flash DFlash step went 11.8 ms (4 warps, BLOCK_K 64) ->
@@ -177,7 +182,10 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN
 # --phases`, H100): expert_up_gate / expert_down phases 0.77 / 0.71 ms with 3, 1.10 / 1.00 ms
 # with 0, 1.91 / 1.69 ms with 1, 2.75 / 2.15 ms with 2. All are bound by instructions and
 # shared memory, far from the bytes (docs/PERF.md "Version 5").
-GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 256}
+# BLOCK_TA: attention rows per tile (query heads x block tokens): 32 packs 4 heads of a block
+# of 8 (BLOCK_T's 16 packed 2: each K/V tile was read once per 2 heads); 64 spills ~2 KB in
+# attn_partial alone (sm_90 build check), 32 does not.
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 4, "BLOCK_TA": 32}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

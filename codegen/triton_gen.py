@@ -50,6 +50,24 @@ def _norm_gain(out: str, kk: str, kmask: str, t: str) -> str:
             f"    mask=(({kmask}) & (r_norm >= 0))[None, :] & ({t} >= 0)[:, None], other=1.0).to(tl.float32)")
 
 
+# Hopper's bulk L2 prefetch (PTX ISA 8.0, sm_90): one instruction moves a contiguous run of a
+# multiple of 16 bytes, 16-byte aligned, from HBM into L2 with no register or shared-memory
+# destination; sizes <= 0 are skipped (the predicate). An elementwise asm: each element of the
+# operand tensors is one prefetch (the threads holding copies of an element repeat it: harmless).
+_L2_ASM = ("{ .reg .pred p; setp.gt.s32 p, $2, 0; "
+           "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }")
+
+
+def _l2_rows(ptr: str, rows: str, row_ok: str, row_len: str, col0: str, ncols: str, esize: str) -> str:
+    """A statement that prefetches into L2 elements [col0, col0 + ncols) (clipped to the row) of
+    rows `rows` (a tensor; `row_ok` masks it) of the row-major matrix at `ptr` (typed pointer,
+    rows of `row_len` elements of `esize` bytes). The caller guarantees 16-byte alignment (and
+    guards it with `if L2PF > 0`: the interpreter has no inline asm)."""
+    size = (f"tl.where({row_ok}, tl.minimum({ncols}, {row_len} - ({col0})) * {esize}, 0).to(tl.int32)")
+    return (f'tl.inline_asm_elementwise("{_L2_ASM}", "=r,l,r", '
+            f"[{ptr} + ({rows}) * ({row_len}) + ({col0}), {size}], dtype=tl.int32, is_pure=False, pack=1)")
+
+
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -58,7 +76,7 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.globals.update(L=L, f32_arg=_f32_arg, act_load=_act_load, norm_gain=_norm_gain)
+    env.globals.update(L=L, f32_arg=_f32_arg, act_load=_act_load, norm_gain=_norm_gain, l2_rows=_l2_rows)
     return env
 
 

@@ -100,11 +100,12 @@ def lower_experts(lw: Lowering, op: Op):
     for s in range(S):
         for n in range(_cdiv(I, bn_up)):
             n0, n1 = n * bn_up, min(I, (n + 1) * bn_up)
-            reads = [lw.region(plan), lw.region(x)]
+            reads = [lw.region(plan), lw.region(x), lw.region(slot_w, (s, s + 1))]
             reads += [lw.region(w, expert, (n0, n1)) for w in (gb, gs, ub, us)]
             lw.task("expert_up_gate", {"slot": s, "n": n}, reads, [lw.region(act, (s, s + 1), None, (n0, n1))],
                     f"c.{act}.s{s}", dict(common, x=lw.buf[x], gate_blocks=gb, gate_scales=gs,
-                                          up_blocks=ub, up_scales=us, act=act, slot=s, n0=n0, n1=n1))
+                                          up_blocks=ub, up_scales=us, act=act, weights=slot_w, slot=s,
+                                          n0=n0, n1=n1))
         lw.produce(lw.region(act, (s, s + 1)), f"c.{act}.s{s}")
     for s in range(S):
         for n in range(_cdiv(D, bn_down)):

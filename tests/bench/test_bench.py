@@ -102,8 +102,13 @@ def test_bench_switches_parse_and_name_bad_values():
     from tilecomp.errors import TilecompError
     assert parse_tiles(["BLOCK_K=256", "BLOCK_KX=128"]) == {"BLOCK_K": 256, "BLOCK_KX": 128}
     assert parse_tiles(["MX_DOT=0", "STAGES=3", "STAGES_X=5"]) == {"MX_DOT": 0, "STAGES": 3, "STAGES_X": 5}
-    with pytest.raises(TilecompError, match="'MX_DOT=3'"):
-        parse_tiles(["MX_DOT=3"])
+    assert parse_tiles(["MX_DOT=3", "L2PF=0"]) == {"MX_DOT": 3, "L2PF": 0}
+    with pytest.raises(TilecompError, match="'MX_DOT=5'"):
+        parse_tiles(["MX_DOT=5"])
+    with pytest.raises(TilecompError, match="'L2PF=-1'"):
+        parse_tiles(["L2PF=-1"])
+    with pytest.raises(TilecompError, match="'STAGES=0'"):
+        parse_tiles(["STAGES=0"])
     assert parse_lower(["programs=0", "kv_chunk=512"]) == {"programs": 0, "kv_chunk": 512}
     with pytest.raises(TilecompError, match="--tile: .*power of two.*'BLOCK_K=96'"):
         parse_tiles(["BLOCK_K=96"])

@@ -1,6 +1,6 @@
 """`tilecomp bench --phases` on CPU (interpreter): every kind of the step is replayed alone,
 its tasks really run (they redo their outputs), and the weight bytes it reports are the
-model's: the LM head's whole matrix, the routed experts' MXFP4 bytes."""
+model's: the LM head's whole matrix, the q/k/v projections, the routed experts' MXFP4 bytes."""
 import torch
 
 from tilecomp.bench.floor import MXFP4_BYTES_PER_ELEM
@@ -37,6 +37,9 @@ def test_phase_replay_runs_each_kind_alone_and_counts_its_weight_bytes():
     assert set(out["kinds"]) == kinds_in_step
     wbytes = engine.arenas.data["w"].element_size()
     assert out["kinds"]["lm_head"]["bytes"] == cfg.vocab_size * cfg.hidden_size * wbytes
+    specs = [cfg.attn(i) for i in range(cfg.num_hidden_layers)]
+    qkv = sum(a.n_heads * a.head_dim + a.n_kv_heads * (a.head_dim + a.v_head_dim) for a in specs)
+    assert out["kinds"]["qkv_rope_kv"]["bytes"] == qkv * cfg.hidden_size * wbytes
     plans = [r for r in step.records.tolist() if r[L.F_KIND] == L.KIND_IDS["expert_down"]]
     plan_offsets = {r[L.kind_abi("expert_down").arg_word("plan")] for r in plans}
     routed = sum(int(engine.arenas.data["i32"][o]) for o in plan_offsets)

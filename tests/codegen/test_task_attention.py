@@ -47,7 +47,7 @@ def attention_records(b, *, T, H, G, Dk, Dv, chunk, n_chunks, window, causal, ri
     return parts + reduces
 
 
-def run_attention(q, k_pos, v_pos, start, *, window, causal, sink, chunk, ring):
+def run_attention(q, k_pos, v_pos, start, *, window, causal, sink, chunk, ring, block_ta=16):
     """q [H, T, Dk]; k_pos/v_pos [G, start+T, D] by absolute position -> o [H, T, Dv]."""
     H, T, Dk = q.shape
     G, L, Dv = v_pos.shape
@@ -71,8 +71,9 @@ def run_attention(q, k_pos, v_pos, start, *, window, causal, sink, chunk, ring):
     recs = attention_records(b, T=T, H=H, G=G, Dk=Dk, Dv=Dv, chunk=chunk, n_chunks=n_chunks,
                              window=window, causal=causal, ring=cache_len,
                              sink=sink is not None, scale=scale)
-    block_hd = triton.next_power_of_2(max(Dk, Dv))
-    counters = run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_S=16, BLOCK_HD=block_hd))
+    consts = dict(BLOCK_TA=block_ta, BLOCK_S=16, BLOCK_HD=triton.next_power_of_2(Dk),
+                  BLOCK_HV=max(16, triton.next_power_of_2(Dv)), STAGES=2)
+    counters = run_tasks([recs], arenas, consts)
     assert counters.view(-1, 32)[:G, 0].tolist() == [n_chunks] * G
     return arenas.view("out").view(T, H, Dv).transpose(0, 1)
 
@@ -97,18 +98,23 @@ CASES = [
     pytest.param(4, 8, 2, 16, 8, 0, 0, True, True, 32, False, id="start0-sink"),
     pytest.param(8, 4, 1, 192, 128, 19, 16, True, True, 16, True, id="mimo-head-dims-192-128"),
     pytest.param(8, 6, 2, 16, 8, 11, 0, True, True, 16, False, id="group-of-3-heads-packed-2-per-tile"),
+    # BLOCK_TA 32 (a GPU packs more heads per tile than BLOCK_T rows): 4 heads x 8 tokens
+    pytest.param(8, 8, 1, 24, 16, 21, 0, True, True, 16, False, 32, id="ta32-group-of-8-two-passes"),
+    pytest.param(8, 6, 2, 16, 8, 11, 0, True, True, 16, False, 32, id="ta32-group-of-3-one-pass"),
+    pytest.param(8, 4, 2, 24, 16, 25, 10, False, True, 16, False, 32, id="ta32-draft-noncausal"),
 ]
 
 
-@pytest.mark.parametrize("T,H,G,Dk,Dv,start,window,causal,sink,chunk,ring", CASES)
-def test_attention_matches_reference(T, H, G, Dk, Dv, start, window, causal, sink, chunk, ring):
+@pytest.mark.parametrize("T,H,G,Dk,Dv,start,window,causal,sink,chunk,ring,block_ta",
+                         [c if len(c.values) == 12 else pytest.param(*c.values, 16, id=c.id) for c in CASES])
+def test_attention_matches_reference(T, H, G, Dk, Dv, start, window, causal, sink, chunk, ring, block_ta):
     gen = torch.Generator().manual_seed(1000 + 7 * start + T + Dk)
     L = start + T
     q = torch.randn(H, T, Dk, generator=gen)
     k_pos, v_pos = torch.randn(G, L, Dk, generator=gen), torch.randn(G, L, Dv, generator=gen)
     sinks = torch.randn(H, generator=gen) if sink else None
     got = run_attention(q, k_pos, v_pos, start, window=window, causal=causal, sink=sinks,
-                        chunk=chunk, ring=ring)
+                        chunk=chunk, ring=ring, block_ta=block_ta)
     want = reference(q, k_pos, v_pos, start, window, causal, sinks)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -81,7 +81,7 @@ def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None):
         x=b.offset("xn"), plan=b.offset("plan"), gate_blocks=b.offset("gate_proj_blocks"),
         gate_scales=b.offset("gate_proj_scales"), up_blocks=b.offset("up_proj_blocks"),
         up_scales=b.offset("up_proj_scales"), act=b.offset("act"), slot=s, n0=n0, n1=n1, inter=inter,
-        dim=D, n_rows=T), waits=[(0, 1, 1)], signals=[1])
+        dim=D, n_rows=T, weights=b.offset("weights")), waits=[(0, 1, 1)], signals=[1])
         for i, (s, (n0, n1)) in enumerate((s, c) for s in range(n_slots) for c in up_cols)]
     down = [TaskRecord("expert_down", 1000 + i, dict(
         act=b.offset("act"), plan=b.offset("plan"), weights=b.offset("weights"),
@@ -95,7 +95,7 @@ def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None):
     return [route] + up + down + combine
 
 
-def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=None):
+def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=None, mx_dot=3):
     T, D = x.shape
     b = moe_arenas(moe, x, norm_w, n_slots, logits_in=logits_in)
     arenas = b.build()
@@ -104,7 +104,7 @@ def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=Non
         recs = [r for r in recs if r.kind in stages]
     E = moe.experts.gate_proj_blocks.shape[0]
     const = dict(BLOCK_T=16, BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_K=BLOCK_K,
-                 BLOCK_KX=BLOCK_K, BLOCK_KR=BLOCK_K, BLOCK_RN=BLOCK_N, BLOCK_N=BLOCK_N)
+                 BLOCK_KX=BLOCK_K, BLOCK_KR=BLOCK_K, BLOCK_RN=BLOCK_N, BLOCK_N=BLOCK_N, MX_DOT=mx_dot)
     run_tasks([recs], arenas, const, n_counters=4)
     return arenas
 
@@ -126,8 +126,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("T,dim,inter,E,top_k,scaling,norm_topk,task_n", CASES)
-def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk, task_n):
+@pytest.mark.parametrize("T,dim,inter,E,top_k,scaling,norm_topk,task_n,mx_dot",
+                         [pytest.param(*c.values, 3, id=c.id) for c in CASES]
+                         + [pytest.param(*c.values, 4, id=c.id + "-gemv") for c in (CASES[0], CASES[2])])
+def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk, task_n, mx_dot):
+    """mx_dot 4: the experts' GEMV path (only the tokens that chose an expert; act of the others
+    stays NaN garbage, so a body that reads it poisons y)."""
     gen = torch.Generator().manual_seed(100 * T + dim + E)
     moe = make_moe(gen, dim=dim, inter=inter, n_experts=E, top_k=top_k, scaling=scaling,
                    norm_topk=norm_topk)
@@ -139,7 +143,7 @@ def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk
         want_y = x + moe(xn[None])[0]
     experts, weights = reference_plan(moe, xn)
     n_slots = min(E, len(experts) + 2)               # more slots than chosen experts: some empty
-    arenas = run_moe(moe, x, norm.weight.detach(), n_slots, task_n=task_n)
+    arenas = run_moe(moe, x, norm.weight.detach(), n_slots, task_n=task_n, mx_dot=mx_dot)
     plan = arenas.view("plan")
     count = int(plan[0])
     assert count == len(experts) and plan[1:1 + count].tolist() == experts
@@ -224,10 +228,11 @@ def test_ties_choose_the_lowest_expert():
     torch.testing.assert_close(arenas.view("weights")[:3], torch.full((3, 4), 1 / 3))
 
 
-@pytest.mark.parametrize("mode", [0, 3], ids=["branches", "bitcast"])
+@pytest.mark.parametrize("mode", [0, 3, 4], ids=["branches", "bitcast", "bitcast-gemv"])
 def test_mxfp4_dequant_matches_models_mxfp4(mode):
     """Every E2M1 code and a spread of E8M0 scales (including 2, the smallest exact one)
-    through one expert_up_gate tile, with both bit-level dequantizations (MX_DOT 0 and 3)."""
+    through one expert_up_gate tile, with both bit-level dequantizations (MX_DOT 0 and 3; 4 is 3
+    into multiply-adds)."""
     from tilecomp.models.mxfp4 import dequantize_mxfp4
     gen = torch.Generator().manual_seed(2)
     T, D, inter = 1, 64, 32
@@ -239,12 +244,13 @@ def test_mxfp4_dequant_matches_models_mxfp4(mode):
     b = ArenaBuilder(torch.float32)
     b.add("x", x, "f32"), b.add("blocks", blocks, "u8"), b.add("scales", scales, "u8")
     b.add("plan", torch.tensor([1, 0], dtype=torch.int32), "i32")
+    b.add("w1", torch.ones(1, T), "f32")
     b.reserve("act", (1, T, inter), "f32")
     arenas = b.build()
     rec = TaskRecord("expert_up_gate", 0, dict(
         x=b.offset("x"), plan=b.offset("plan"), gate_blocks=b.offset("blocks"),
         gate_scales=b.offset("scales"), up_blocks=b.offset("blocks"), up_scales=b.offset("scales"),
-        act=b.offset("act"), slot=0, n0=0, n1=0, inter=inter, dim=D, n_rows=T))
+        act=b.offset("act"), slot=0, n0=0, n1=0, inter=inter, dim=D, n_rows=T, weights=b.offset("w1")))
     run_tasks([[rec]], arenas, dict(BLOCK_T=16, BLOCK_N=32, BLOCK_KX=32, MX_DOT=mode))
     h = x @ w.T
     torch.testing.assert_close(arenas.view("act")[0], torch.nn.functional.silu(h) * h,
@@ -299,7 +305,7 @@ import sys
 from tilecomp.codegen.build import build_report
 from tilecomp.codegen.triton_gen import generate_kernel
 kinds, path = sys.argv[1].split(","), sys.argv[2]
-const = dict(BLOCK_T=16, BLOCK_S=32, BLOCK_HD=256, BLOCK_E=256, BLOCK_K=64, BLOCK_KX=64, BLOCK_KR=64,
+const = dict(BLOCK_T=16, BLOCK_TA=16, BLOCK_S=32, BLOCK_HD=256, BLOCK_HV=128, BLOCK_E=256, BLOCK_K=64, BLOCK_KX=64, BLOCK_KR=64,
              BLOCK_RN=16, BLOCK_N=64)
 open(path, "w").write(generate_kernel(kinds, constexprs=const))
 print(build_report(path, programs=132).line())

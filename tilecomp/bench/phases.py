@@ -10,7 +10,7 @@ whether a step is slow because its phases are slow (bandwidth, per-step latency
 inside a task) or because of the chain between them (waits, tails).
 
 Bytes are counted for the weight-streaming kinds (what each record's weights
-cover: linear and lm_head rows x K, the routed experts' MXFP4 bytes, router
+cover: linear and lm_head rows x K, qkv_rope_kv's q/k/v rows, the routed experts' MXFP4 bytes, router
 rows), so those phases also report GB/s. Kinds whose bytes are not modelled
 report time only.
 """
@@ -55,6 +55,11 @@ def task_bytes(kind: str, row: list[int], consts: dict, wbytes: int, plan_count)
         else:
             n, k, mats = _span(row, kind, "n0", "n1", consts["BLOCK_N"], a("dim")), a("inter"), 1
         return int(mats * n * k * MXFP4_BYTES_PER_ELEM)
+    if kind == "qkv_rope_kv":
+        rep = a("n_heads_q") // a("n_kv_heads")
+        n_q = (a("q_heads") if a("q_heads") > 0 else rep - a("q_head0")) if a("wq") >= 0 else 0
+        rows = n_q * a("head_dim") + ((a("head_dim") + a("v_head_dim")) if a("wk") >= 0 else 0)
+        return rows * a("dim") * wbytes
     if kind == "moe_route" and a("split") != 0:
         return _span(row, kind, "e0", "e1", consts["BLOCK_RN"], a("n_experts")) * a("dim") * 4
     return None

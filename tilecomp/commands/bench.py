@@ -74,8 +74,9 @@ def _name_values(items: list[str], flag: str, ok, expected: str) -> dict:
     return out
 
 
-SWITCHES = {"MX_DOT": (0, 1, 2)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
+SWITCHES = {"MX_DOT": (0, 1, 2, 3, 4)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
 COUNTS = ("STAGES", "STAGES_X")   # pipeline depths: any N >= 1
+OPTIONAL_COUNTS = ("L2PF",)        # depths where 0 turns the feature off: any N >= 0
 
 
 def parse_tiles(items: list[str]) -> dict:
@@ -86,9 +87,11 @@ def parse_tiles(items: list[str]) -> dict:
             return n in SWITCHES[name]
         if name in COUNTS:
             return n >= 1
+        if name in OPTIONAL_COUNTS:
+            return n >= 0
         return bool(name) and n > 0 and not n & (n - 1)
     return _name_values(items, "--tile", ok, f"N a power of two (e.g. BLOCK_K=256), {SWITCHES}, "
-                        f">= 1 for {COUNTS}")
+                        f">= 1 for {COUNTS}, >= 0 for {OPTIONAL_COUNTS}")
 
 
 def parse_lower(items: list[str]) -> dict:

@@ -118,6 +118,8 @@ class MegakernelEngine:
         self.tiles = dict(tiles or {})
         if not interpreting():
             self.consts.update(L.GPU_TUNING)
+            if torch.cuda.get_device_capability(self.device)[0] < 9:
+                self.consts["L2PF"] = 0     # the bulk L2 prefetch is sm_90+ PTX
         self.consts.update(self.tiles)
         if (self.schedule is None and draft is not None or self.prefill_schedule is None
                 or self.plain_schedule is None):

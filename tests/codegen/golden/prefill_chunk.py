@@ -6,7 +6,7 @@ import triton.language as tl
 
 KERNEL_NAME = "prefill_chunk"
 RECORD_WORDS = tl.constexpr(48)
-CONSTEXPRS = {'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'STAGES': 3, 'WALIGN': 1}
+CONSTEXPRS = {'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'L2PF': 0, 'STAGES': 3, 'WALIGN': 1}
 
 
 @triton.jit(do_not_specialize=["epoch"])  # epoch == 1 must not become a constant
@@ -27,10 +27,12 @@ def prefill_chunk(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    L2PF: tl.constexpr,
     STAGES: tl.constexpr,
     WALIGN: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    ESIZE: tl.constexpr = arena_w.dtype.element_ty.primitive_bitwidth // 8   # bytes per arena_w element
     qi = tl.load(queue + pid).to(tl.int64)
     q_end = tl.load(queue + pid + 1).to(tl.int64)
     while qi < q_end:
@@ -108,6 +110,13 @@ def prefill_chunk(
             ln_n = r_n0 + tl.arange(0, BLOCK_N)
             ln_k = tl.arange(0, BLOCK_K)
             ln_nmask = ln_n < tl.where(r_n1 > r_n0, tl.minimum(r_n1, r_n_dim), r_n_dim)
+            if L2PF > 0:
+                if WALIGN >= 8:
+                    # before the wait: the first L2PF weight tiles of the first sub-tile into L2 (no registers)
+                    ln_pn = tl.minimum(L2PF * BLOCK_K, r_k1 - r_k0)
+                    tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + r_w + (ln_n) * (r_k_dim) + (r_k0), tl.where(ln_nmask, tl.minimum(ln_pn, r_k_dim - (r_k0)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                    if r_w_up >= 0:
+                        tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + r_w_up + (ln_n) * (r_k_dim) + (r_k0), tl.where(ln_nmask, tl.minimum(ln_pn, r_k_dim - (r_k0)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
             if STAGES <= 1:     # the first weight tiles, before the wait (the pipelined path loads its own)
                 ln_w = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
                                mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :], other=0.0)
@@ -163,6 +172,18 @@ def prefill_chunk(
                         for ln_kb in tl.range(tl.multiple_of(r_k0, WALIGN), ln_k1, BLOCK_K, num_stages=STAGES):
                             ln_kk = ln_kb + ln_k
                             ln_kmask = ln_kk < ln_k1
+                            if L2PF > 0:
+                                if WALIGN >= 8:
+                                    # L2 prefetch of the weight tile L2PF K steps ahead; past k1 it is the next
+                                    # sub-tile's first tile (its rows + BLOCK_N), so sub-tiles start warm
+                                    ln_pc = ln_kb + L2PF * BLOCK_K
+                                    ln_pw = ln_pc >= ln_k1
+                                    ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
+                                    ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
+                                    ln_pok = ln_pr < ln_n_end
+                                    tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pok, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                                    if r_w_up >= 0:
+                                        tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wub + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pok, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
                             ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
                             ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
                                 mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
