@@ -185,7 +185,7 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN
 # BLOCK_TA: attention rows per tile (query heads x block tokens): 32 packs 4 heads of a block
 # of 8 (BLOCK_T's 16 packed 2: each K/V tile was read once per 2 heads); 64 spills ~2 KB in
 # attn_partial alone (sm_90 build check), 32 does not.
-GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 4, "BLOCK_TA": 32}
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}
