@@ -185,7 +185,11 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN
 # BLOCK_TA: attention rows per tile (query heads x block tokens): 32 packs 4 heads of a block
 # of 8 (BLOCK_T's 16 packed 2: each K/V tile was read once per 2 heads); 64 spills ~2 KB in
 # attn_partial alone (sm_90 build check), 32 does not.
-GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 256, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32}
+# BLOCK_KX 128 (session 7, H200, flash 8L block 8, `--tile BLOCK_KX=...` in one call): 17.43 ms
+# against 18.72 at 256 (the expert loops' raw + dequantized tiles spill at 256: ncu counted
+# 2.8M local-memory requests in expert_down alone). L2PF 0: any depth made the step slower
+# (flash 2L block 8: 5.71 ms off, 8.22 at 1, 8.19 at 4); docs/PERF.md version 6.
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}
