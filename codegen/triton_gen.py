@@ -68,6 +68,23 @@ def _l2_rows(ptr: str, rows: str, row_ok: str, row_len: str, col0: str, ncols: s
             f"[{ptr} + ({rows}) * ({row_len}) + ({col0}), {size}], dtype=tl.int32, is_pure=False, pack=1)")
 
 
+def _l2_ahead(p: str, bases: list[str], rows: str, row_end: str, kb: str, k1: str, row_len: str,
+              step: str, esize: str, k0: str = "0", per_elem: int = 1) -> str:
+    """Statements (locals `<p>_pc`, `<p>_pw`, `<p>_pr`) that prefetch into L2, for each matrix in
+    `bases`, the K tile L2PF steps of `step` ahead of `kb` in the K range [k0, k1) of the row
+    sub-tile `rows`; past k1 it is the next sub-tile's first tile (rows + BLOCK_N, rows below
+    `row_end`), so sub-tiles start warm. K is counted in elements; `per_elem` elements share one
+    stored element (2 for MXFP4 nibbles, whose rows are `row_len` bytes). Guard as `_l2_rows`."""
+    div = f" // {per_elem}" if per_elem != 1 else ""
+    lines = [f"{p}_pc = {kb} + L2PF * {step}",
+             f"{p}_pw = {p}_pc >= {k1}",
+             f"{p}_pc = tl.where({p}_pw, {p}_pc - ({k1}" + (f" - {k0}" if k0 != "0" else "") + f"), {p}_pc)",
+             f"{p}_pr = tl.where({p}_pw, {rows} + BLOCK_N, {rows})"]
+    lines += [_l2_rows(base, f"{p}_pr", f"{p}_pr < {row_end}", row_len, f"{p}_pc{div}",
+                       f"tl.minimum({step}, {k1} - {p}_pc){div}", esize) for base in bases]
+    return "\n".join(lines)
+
+
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -76,7 +93,8 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.globals.update(L=L, f32_arg=_f32_arg, act_load=_act_load, norm_gain=_norm_gain, l2_rows=_l2_rows)
+    env.globals.update(L=L, f32_arg=_f32_arg, act_load=_act_load, norm_gain=_norm_gain, l2_rows=_l2_rows,
+                       l2_ahead=_l2_ahead)
     return env
 
 

@@ -174,16 +174,15 @@ def decode_step(
                             ln_kmask = ln_kk < ln_k1
                             if L2PF > 0:
                                 if WALIGN >= 8:
-                                    # L2 prefetch of the weight tile L2PF K steps ahead; past k1 it is the next
-                                    # sub-tile's first tile (its rows + BLOCK_N), so sub-tiles start warm
+                                    # L2 prefetch of the weight tile L2PF K steps ahead (and of the SwiGLU up
+                                    # matrix's, at the same rows and columns ln_pr / ln_pc)
                                     ln_pc = ln_kb + L2PF * BLOCK_K
                                     ln_pw = ln_pc >= ln_k1
                                     ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
                                     ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
-                                    ln_pok = ln_pr < ln_n_end
-                                    tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pok, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                                    tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
                                     if r_w_up >= 0:
-                                        tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wub + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pok, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                                        tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wub + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
                             ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
                             ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
                                 mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
