@@ -123,11 +123,12 @@ KINDS: dict[str, KindABI] = _kinds(
     # (slot, columns n0..n1 in BLOCK_N tiles; n1 <= n0: one tile), the same for expert_down and
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
-                        "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights"),
+                        "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts"),
      ("BLOCK_T", "BLOCK_N", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
+    # parts > 0 (both expert kinds): part `part` of `parts` of all routed (slot, tile) units
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
-                     "inter", "dim", "n_rows"),
+                     "inter", "dim", "n_rows", "part", "parts"),
      ("BLOCK_T", "BLOCK_N", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),

@@ -33,6 +33,10 @@ class LowerOptions:
     block_n: int = 128            # output columns per linear / combine tile
     expert_block_n: int = 512     # expert intermediate columns per expert_up_gate tile (gate + up)
     expert_down_block_n: int = 1024  # hidden columns per expert_down tile
+    expert_parts: int = -1        # > 0: each expert kind as this many tasks that split the
+    #                               routed (slot, tile) units evenly AT RUN TIME (balanced for any
+    #                               routing); 0: one task per (slot, tile); -1: the programs the
+    #                               phases are balanced over (0 with fixed tile sizes)
     vocab_block: int = 1024       # vocabulary rows per lm_head tile
     kv_chunk: int = 256           # cache positions per attn_partial (flash-decoding chunk)
     qkv_q_heads: int | None = None  # query heads per qkv_rope_kv task (None: the whole KV group)

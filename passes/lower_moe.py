@@ -2,10 +2,12 @@
 
 moe_route (one task per layer) writes the plan: the distinct experts the
 block's tokens chose (count, then up to S = min(E, T * k) expert ids) and the
-per-slot token weights [S, T]. expert_up_gate / expert_down run per
-(slot, N tile): each routed expert's MXFP4 weights are read once for all the
-block's tokens that chose it; a slot past the plan's count exits early but
-still signals. moe_combine sums the slots in fixed order (+ residual).
+per-slot token weights [S, T]. expert_up_gate / expert_down read each
+routed expert's MXFP4 weights once for all the block's tokens that chose it.
+Two forms (LowerOptions.expert_parts): one task per (slot, N tile), where a
+slot past the plan's count exits early but still signals; or (the default when
+the phases are balanced over the programs) `parts` tasks per kind that split
+the (slot, tile) units of the plan's count evenly at run time. moe_combine sums the slots in fixed order (+ residual).
 
 Shape legend: T rows, D hidden, E experts, k experts per token, I expert
 intermediate, S plan slots.
@@ -90,13 +92,35 @@ def lower_experts(lw: Lowering, op: Op):
     eout = lw.add_buffer(f"{out}.slot_out", "fp32", (S, T, D), "scratch")
     (gb, gs), (ub, us), (db, ds) = lw.mxfp4(wg), lw.mxfp4(wu), lw.mxfp4(wd)
     res = op.kwarg("residual")
-    expert = (0, 1, "expert")
     bn_up, bn_down, bn = lw.options.expert_block_n, lw.options.expert_down_block_n, lw.options.block_n
-    if lw.programs:     # expert tiles balanced over the programs for the experts a step routes to
-        routed = min(S, expected_unique(E, max(1, S // T), T)) if S < E else S
-        bn_up = balance(I, lw.programs, 2 * (D // 2 + D // 32), units=routed)[0]
-        bn_down = balance(D, lw.programs, I // 2 + I // 32, units=routed)[0]
+    routed = min(S, expected_unique(E, max(1, S // T), T)) if S < E else S   # uniform routing
+    parts = lw.options.expert_parts if lw.options.expert_parts >= 0 else (lw.programs or 0)
     common = dict(op=out, plan=plan, n_slots=S, inter=I, dim=D, n_rows=T)
+    mats = (gb, gs, ub, us, db, ds)
+    if parts > 0:
+        _lower_expert_parts(lw, parts, common, x, plan, slot_w, act, eout, mats, routed)
+    else:
+        if lw.programs:     # expert tiles balanced over the programs for the experts a step routes to
+            bn_up = balance(I, lw.programs, 2 * (D // 2 + D // 32), units=routed)[0]
+            bn_down = balance(D, lw.programs, I // 2 + I // 32, units=routed)[0]
+        _lower_expert_slots(lw, bn_up, bn_down, common, x, plan, slot_w, act, eout, mats)
+    for n in range(_cdiv(D, bn)):
+        n0, n1 = n * bn, min(D, (n + 1) * bn)
+        reads = [lw.region(eout, None, None, (n0, n1)), lw.region(plan)]
+        reads += [lw.region(res, None, (n0, n1))] if res else []
+        lw.task("moe_combine", {"n": n}, reads, [lw.region(out, None, (n0, n1))], f"c.{out}",
+                dict(common, part=eout, res=res and lw.buf[res], y=out, n0=n0, n1=n1))
+    lw.produce(lw.region(out), f"c.{out}")
+
+
+def _lower_expert_slots(lw: Lowering, bn_up: int, bn_down: int, common: dict, x: str, plan: str, slot_w: str,
+                        act: str, eout: str, mats: tuple):
+    """One task per (slot, N tile): a slot's tiles wait for its own up_gate tiles only, but a
+    step routed to fewer experts than the plan has slots leaves the tasks of the empty slots
+    (and the programs that hold them) idle."""
+    gb, gs, ub, us, db, ds = mats
+    S, I, D = common["n_slots"], common["inter"], common["dim"]
+    expert = (0, 1, "expert")
     for s in range(S):
         for n in range(_cdiv(I, bn_up)):
             n0, n1 = n * bn_up, min(I, (n + 1) * bn_up)
@@ -116,10 +140,34 @@ def lower_experts(lw: Lowering, op: Op):
                     f"c.{eout}", dict(common, act=act, weights=slot_w, blocks=db, scales=ds, out=eout,
                                       slot=s, n0=n0, n1=n1))
     lw.produce(lw.region(eout), f"c.{eout}")
-    for n in range(_cdiv(D, bn)):
-        n0, n1 = n * bn, min(D, (n + 1) * bn)
-        reads = [lw.region(eout, None, None, (n0, n1)), lw.region(plan)]
-        reads += [lw.region(res, None, (n0, n1))] if res else []
-        lw.task("moe_combine", {"n": n}, reads, [lw.region(out, None, (n0, n1))], f"c.{out}",
-                dict(common, part=eout, res=res and lw.buf[res], y=out, n0=n0, n1=n1))
-    lw.produce(lw.region(out), f"c.{out}")
+
+
+def _lower_expert_parts(lw: Lowering, parts: int, common: dict, x: str, plan: str, slot_w: str, act: str,
+                        eout: str, mats: tuple, routed: float):
+    """`parts` tasks per expert kind; part j takes units [j*U/parts, (j+1)*U/parts) of the
+    U = count x tiles routed (slot, BLOCK_N tile) units, count read from the plan at run time.
+    Every part streams the same bytes whatever the routing (the per-slot form idles the
+    programs of empty slots). The price: expert_down waits for ALL of up_gate (one counter),
+    not for its own slot's. Regions are runtime-indexed (slot / rows of a part); their row
+    extents are the expected share at `routed` distinct experts, for the scheduler's costs."""
+    gb, gs, ub, us, db, ds = mats
+    S, I, D = common["n_slots"], common["inter"], common["dim"]
+    expert = (0, 1, "expert")
+    slots = (0, 1, "slot")
+    up_rows = max(1, min(I, _cdiv(int(routed * I), parts)))
+    down_rows = max(1, min(D, _cdiv(int(routed * D), parts)))
+    up_signal, down_signal = f"c.{act}", f"c.{eout}"
+    for j in range(parts):
+        reads = [lw.region(plan), lw.region(x), lw.region(slot_w, slots)]
+        reads += [lw.region(w, expert, (0, up_rows, "part")) for w in (gb, gs, ub, us)]
+        lw.task("expert_up_gate", {"part": j}, reads, [lw.region(act, slots, None, (0, up_rows, "part"))],
+                up_signal, dict(common, x=lw.buf[x], gate_blocks=gb, gate_scales=gs, up_blocks=ub,
+                                up_scales=us, act=act, weights=slot_w, slot=0, part=j, parts=parts))
+    lw.produce(lw.region(act), up_signal)
+    for j in range(parts):
+        reads = [lw.region(act, slots, None, None), lw.region(plan), lw.region(slot_w, slots)]
+        reads += [lw.region(w, expert, (0, down_rows, "part")) for w in (db, ds)]
+        lw.task("expert_down", {"part": j}, reads, [lw.region(eout, slots, None, (0, down_rows, "part"))],
+                down_signal, dict(common, act=act, weights=slot_w, blocks=db, scales=ds, out=eout,
+                                  slot=0, part=j, parts=parts))
+    lw.produce(lw.region(eout), down_signal)

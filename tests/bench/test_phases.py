@@ -1,6 +1,7 @@
 """`tilecomp bench --phases` on CPU (interpreter): every kind of the step is replayed alone,
 its tasks really run (they redo their outputs), and the weight bytes it reports are the
 model's: the LM head's whole matrix, the q/k/v projections, the routed experts' MXFP4 bytes."""
+import pytest
 import torch
 
 from tilecomp.bench.floor import MXFP4_BYTES_PER_ELEM
@@ -12,11 +13,14 @@ from tilecomp.models.presets import preset
 from tilecomp.runtime.megakernel import MegakernelEngine
 
 
-def test_phase_replay_runs_each_kind_alone_and_counts_its_weight_bytes():
+@pytest.mark.parametrize("lower", [None, {"expert_parts": 3}], ids=["slot-tasks", "expert-parts"])
+def test_phase_replay_runs_each_kind_alone_and_counts_its_weight_bytes(lower):
+    """expert-parts: the experts as 3 tasks per kind that split the routed units at run time;
+    their bytes are still the routed experts' (each part's share from the plan's count)."""
     torch.manual_seed(3)
     cfg, dcfg = preset("tiny", layers=2)
     target = MiMoForCausalLM(cfg)
-    engine = MegakernelEngine(target, DFlashDraft(dcfg, cfg), max_len=64)
+    engine = MegakernelEngine(target, DFlashDraft(dcfg, cfg), max_len=64, lower=lower)
     engine.generate([5, 9, 2, 7], 1)                      # prefill + one step: real plans and rows
     step = engine.step_program("plain")
     step.launch(engine.arenas)
@@ -46,4 +50,6 @@ def test_phase_replay_runs_each_kind_alone_and_counts_its_weight_bytes():
     expert = 3 * cfg.moe_intermediate_size * cfg.hidden_size * MXFP4_BYTES_PER_ELEM
     got = out["kinds"]["expert_up_gate"]["bytes"] + out["kinds"]["expert_down"]["bytes"]
     assert routed > 0 and abs(got - routed * expert) <= 2 * len(plans)
+    if lower:
+        assert len(plans) == 3 * len(plan_offsets)
     assert "sum of phases" in format_phases(out)

@@ -66,7 +66,7 @@ def column_ranges(n, task_n):
     return [(n0, min(n, n0 + task_n)) for n0 in range(0, n, task_n)]
 
 
-def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None):
+def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None, parts=0):
     E, inter = moe.experts.gate_proj_blocks.shape[:2]
     rsf = moe.gate.routed_scaling_factor
     route = TaskRecord("moe_route", 0, dict(
@@ -76,18 +76,25 @@ def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None):
         weights=b.offset("weights"), n_experts=E, top_k=moe.gate.top_k, scale_bits=float_bits(rsf),
         norm_topk=int(moe.gate.norm_topk_prob), dim=D, n_rows=T), signals=[0])
     up_cols, down_cols = column_ranges(inter, task_n), column_ranges(D, task_n)
-    n_up, n_down = n_slots * len(up_cols), n_slots * len(down_cols)
+    # parts > 0: `parts` tasks per expert kind that split the routed (slot, tile) units (slot,
+    # n0, n1 unused: they get values that would be wrong if a body read them)
+    units = [(0, (7, 3), j) for j in range(parts)] if parts else \
+        [(s, c, 0) for s in range(n_slots) for c in up_cols]
+    down_units = [(0, (7, 3), j) for j in range(parts)] if parts else \
+        [(s, c, 0) for s in range(n_slots) for c in down_cols]
+    n_up, n_down = len(units), len(down_units)
     up = [TaskRecord("expert_up_gate", 1 + i, dict(
         x=b.offset("xn"), plan=b.offset("plan"), gate_blocks=b.offset("gate_proj_blocks"),
         gate_scales=b.offset("gate_proj_scales"), up_blocks=b.offset("up_proj_blocks"),
         up_scales=b.offset("up_proj_scales"), act=b.offset("act"), slot=s, n0=n0, n1=n1, inter=inter,
-        dim=D, n_rows=T, weights=b.offset("weights")), waits=[(0, 1, 1)], signals=[1])
-        for i, (s, (n0, n1)) in enumerate((s, c) for s in range(n_slots) for c in up_cols)]
+        dim=D, n_rows=T, weights=b.offset("weights"), part=j, parts=parts), waits=[(0, 1, 1)], signals=[1])
+        for i, (s, (n0, n1), j) in enumerate(units)]
     down = [TaskRecord("expert_down", 1000 + i, dict(
         act=b.offset("act"), plan=b.offset("plan"), weights=b.offset("weights"),
         blocks=b.offset("down_proj_blocks"), scales=b.offset("down_proj_scales"), out=b.offset("part"),
-        slot=s, n0=n0, n1=n1, inter=inter, dim=D, n_rows=T), waits=[(1, n_up, n_up)], signals=[2])
-        for i, (s, (n0, n1)) in enumerate((s, c) for s in range(n_slots) for c in down_cols)]
+        slot=s, n0=n0, n1=n1, inter=inter, dim=D, n_rows=T, part=j, parts=parts),
+        waits=[(1, n_up, n_up)], signals=[2])
+        for i, (s, (n0, n1), j) in enumerate(down_units)]
     combine = [TaskRecord("moe_combine", 2000 + i, dict(
         part=b.offset("part"), plan=b.offset("plan"), n_slots=n_slots, res=b.offset("x"),
         y=b.offset("y"), n0=n0, n1=n1, dim=D, n_rows=T), waits=[(2, n_down, n_down)], signals=[3])
@@ -95,11 +102,11 @@ def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None):
     return [route] + up + down + combine
 
 
-def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=None, mx_dot=3):
+def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=None, mx_dot=3, parts=0):
     T, D = x.shape
     b = moe_arenas(moe, x, norm_w, n_slots, logits_in=logits_in)
     arenas = b.build()
-    recs = moe_records(b, moe, T, D, n_slots, logits_in=logits_in, task_n=task_n)
+    recs = moe_records(b, moe, T, D, n_slots, logits_in=logits_in, task_n=task_n, parts=parts)
     if stages is not None:
         recs = [r for r in recs if r.kind in stages]
     E = moe.experts.gate_proj_blocks.shape[0]
@@ -126,12 +133,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("T,dim,inter,E,top_k,scaling,norm_topk,task_n,mx_dot",
-                         [pytest.param(*c.values, 3, id=c.id) for c in CASES]
-                         + [pytest.param(*c.values, 4, id=c.id + "-gemv") for c in (CASES[0], CASES[2])])
-def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk, task_n, mx_dot):
+@pytest.mark.parametrize("T,dim,inter,E,top_k,scaling,norm_topk,task_n,mx_dot,parts",
+                         [pytest.param(*c.values, 3, 0, id=c.id) for c in CASES]
+                         + [pytest.param(*c.values, 4, 0, id=c.id + "-gemv") for c in (CASES[0], CASES[2])]
+                         + [pytest.param(*CASES[0].values, 3, 3, id="tiny-T8-3-parts"),
+                            pytest.param(*CASES[2].values, 3, 5, id="partial-tiles-5-parts"),
+                            pytest.param(*CASES[1].values, 3, 40, id="T1-more-parts-than-units"),
+                            pytest.param(*CASES[0].values, 4, 3, id="tiny-T8-3-parts-gemv")])
+def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk, task_n, mx_dot, parts):
     """mx_dot 4: the experts' GEMV path (only the tokens that chose an expert; act of the others
-    stays NaN garbage, so a body that reads it poisons y)."""
+    stays NaN garbage, so a body that reads it poisons y). parts > 0: the experts as `parts`
+    tasks per kind that split the routed (slot, tile) units at run time; the parts' boundaries
+    fall inside slots, and with more parts than units some parts are empty."""
     gen = torch.Generator().manual_seed(100 * T + dim + E)
     moe = make_moe(gen, dim=dim, inter=inter, n_experts=E, top_k=top_k, scaling=scaling,
                    norm_topk=norm_topk)
@@ -143,7 +156,7 @@ def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk
         want_y = x + moe(xn[None])[0]
     experts, weights = reference_plan(moe, xn)
     n_slots = min(E, len(experts) + 2)               # more slots than chosen experts: some empty
-    arenas = run_moe(moe, x, norm.weight.detach(), n_slots, task_n=task_n, mx_dot=mx_dot)
+    arenas = run_moe(moe, x, norm.weight.detach(), n_slots, task_n=task_n, mx_dot=mx_dot, parts=parts)
     plan = arenas.view("plan")
     count = int(plan[0])
     assert count == len(experts) and plan[1:1 + count].tolist() == experts

@@ -73,20 +73,24 @@ def test_truncated_mimo_v2_flash_tiles_schedule_and_verify():
     verify_schedule(c.schedule)
 
 
-@pytest.mark.parametrize("block", [8, 1])
-def test_flash_phases_are_balanced_over_the_programs(block):
+@pytest.mark.parametrize("block,expert_parts", [(8, -1), (1, -1), (8, 0)])
+def test_flash_phases_are_balanced_over_the_programs(block, expert_parts):
     """By default the lowering sizes each weight-streaming phase for the compile's programs:
-    the LM head is one wave over nearly every program, a plain step's routed experts fill the
-    machine (v0's fixed tiles gave 16 expert tasks per layer on 132 SMs), and no linear phase
-    leaves most programs idle."""
+    the LM head is one wave over nearly every program, the routed experts fill the machine
+    (v0's fixed tiles gave 16 expert tasks per layer on 132 SMs): by default one expert task
+    per program and kind that takes its share of the routed units at run time, each on its
+    own program; with expert_parts 0, (slot, tile) tasks sized for the expected routing; and
+    no linear phase leaves most programs idle."""
     from collections import Counter, defaultdict
 
+    from tilecomp.passes.lower import LowerOptions
     from tilecomp.passes.pipeline import CompileOptions
     from tilecomp.settings import Settings
     cfg, dcfg = preset("mimo-v2-flash", 2)
     P = 132
-    c = compile_model(cfg, dcfg if block == 8 else None, CompileOptions(programs=P, block=None if block == 8
-                                                                       else 1), settings=Settings())
+    c = compile_model(cfg, dcfg if block == 8 else None,
+                      CompileOptions(programs=P, block=None if block == 8 else 1,
+                                     lower=LowerOptions(expert_parts=expert_parts)), settings=Settings())
     tp = c.schedule if block == 8 else c.plain_schedule
     n = Counter(t.kind for t in tp.tasks)
     heads = 2 if block == 8 else 1               # the DFlash step has the draft's LM head too
@@ -96,9 +100,15 @@ def test_flash_phases_are_balanced_over_the_programs(block):
     moe_layers = len({t.attrs["op"] for t in tp.tasks if t.kind == "expert_up_gate"})
     assert moe_layers >= 1
     slots = min(cfg.n_routed_experts, block * cfg.num_experts_per_tok)
+    program_of = {t: p for p, queue in enumerate(tp.programs) for t in queue}
     for kind in ("expert_up_gate", "expert_down"):
         per_layer = n[kind] // moe_layers
-        assert per_layer % slots == 0 and per_layer >= P * 0.9, (kind, per_layer)
+        if expert_parts:
+            assert per_layer == P, (kind, per_layer)
+            for op in {t.attrs["op"] for t in tp.tasks if t.kind == kind}:
+                assert len({program_of[t.id] for t in tp.tasks if t.kind == kind and t.attrs["op"] == op}) == P
+        else:
+            assert per_layer % slots == 0 and per_layer >= P * 0.9, (kind, per_layer)
     # the split router (on every MoE layer's critical path) fills the machine too, + 1 top-k task
     assert 0.9 * P <= n["moe_route"] // moe_layers - 1 <= P
     linear = defaultdict(int)

@@ -67,13 +67,18 @@ def test_plain_greedy_equals_reference():
 
 
 def test_split_qkv_tasks_and_tuning_switches_give_the_same_tokens():
-    """One task per query head (the GPU default), 8 warps, other tiles: same tokens."""
+    """One task per query head (the GPU default), 8 warps, other tiles, the experts as 2 tasks
+    per kind that split the routed units at run time (the GPU default is one per program): same
+    tokens."""
     target, draft = models(4)
     ids = prompt(4, 9)
     ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 4, use_draft=False)
     engine = MegakernelEngine(target, draft, max_len=MAX_LEN, qkv_q_heads=1, num_warps=8,
-                              tiles={"BLOCK_K": 32, "BLOCK_N": 32})
-    qkv = [r for r in engine.step_program("plain").records.tolist() if r[0] == KIND_IDS["qkv_rope_kv"]]
+                              tiles={"BLOCK_K": 32, "BLOCK_N": 32}, lower={"expert_parts": 2})
+    records = engine.step_program("plain").records.tolist()
+    qkv = [r for r in records if r[0] == KIND_IDS["qkv_rope_kv"]]
+    moe_layers = sum(1 for i in range(target.config.num_hidden_layers) if target.config.is_moe(i))
+    assert moe_layers and sum(r[0] == KIND_IDS["expert_down"] for r in records) == 2 * moe_layers
     assert engine.qkv_q_heads == 1 and engine.consts["BLOCK_K"] == 32
     got = engine.generate(ids, 4, use_draft=False)
     assert got.tokens == ref.tokens

@@ -48,12 +48,17 @@ def task_bytes(kind: str, row: list[int], consts: dict, wbytes: int, plan_count)
         k1 = a("k1") if a("k1") > a("k0") else a("k_dim")
         return n * (k1 - a("k0")) * wbytes * (2 if a("w_up") >= 0 else 1)
     if kind in ("expert_up_gate", "expert_down"):
-        if a("slot") >= plan_count(a("plan")):
+        cols, k, mats = (a("inter"), a("dim"), 2) if kind == "expert_up_gate" else (a("dim"), a("inter"), 1)
+        if a("parts") > 0:      # its share of the routed (slot, BLOCK_N tile) units
+            bn = consts["BLOCK_N"]
+            tps = -(-cols // bn)
+            units = plan_count(a("plan")) * tps
+            q0, q1 = a("part") * units // a("parts"), (a("part") + 1) * units // a("parts")
+            n = sum(min(bn, cols - (q % tps) * bn) for q in range(q0, q1))
+        elif a("slot") >= plan_count(a("plan")):
             return 0
-        if kind == "expert_up_gate":
-            n, k, mats = _span(row, kind, "n0", "n1", consts["BLOCK_N"], a("inter")), a("dim"), 2
         else:
-            n, k, mats = _span(row, kind, "n0", "n1", consts["BLOCK_N"], a("dim")), a("inter"), 1
+            n = _span(row, kind, "n0", "n1", consts["BLOCK_N"], cols)
         return int(mats * n * k * MXFP4_BYTES_PER_ELEM)
     if kind == "qkv_rope_kv":
         rep = a("n_heads_q") // a("n_kv_heads")
