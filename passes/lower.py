@@ -36,7 +36,8 @@ class LowerOptions:
     expert_parts: int = -1        # > 0: each expert kind as this many tasks that split the
     #                               routed (slot, tile) units evenly AT RUN TIME (balanced for any
     #                               routing); 0: one task per (slot, tile); -1: the programs the
-    #                               phases are balanced over (0 with fixed tile sizes)
+    #                               phases are balanced over when the block has > 1 row (0 at
+    #                               one row, where every slot is used, and with fixed tile sizes)
     vocab_block: int = 1024       # vocabulary rows per lm_head tile
     kv_chunk: int = 256           # cache positions per attn_partial (flash-decoding chunk)
     qkv_q_heads: int | None = None  # query heads per qkv_rope_kv task (None: the whole KV group)

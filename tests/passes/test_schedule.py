@@ -77,9 +77,10 @@ def test_truncated_mimo_v2_flash_tiles_schedule_and_verify():
 def test_flash_phases_are_balanced_over_the_programs(block, expert_parts):
     """By default the lowering sizes each weight-streaming phase for the compile's programs:
     the LM head is one wave over nearly every program, the routed experts fill the machine
-    (v0's fixed tiles gave 16 expert tasks per layer on 132 SMs): by default one expert task
-    per program and kind that takes its share of the routed units at run time, each on its
-    own program; with expert_parts 0, (slot, tile) tasks sized for the expected routing; and
+    (v0's fixed tiles gave 16 expert tasks per layer on 132 SMs): by default at block 8 one
+    expert task per program and kind that takes its share of the routed units at run time,
+    each on its own program; at block 1 or with expert_parts 0, (slot, tile) tasks sized for
+    the expected routing; and
     no linear phase leaves most programs idle."""
     from collections import Counter, defaultdict
 
@@ -103,7 +104,7 @@ def test_flash_phases_are_balanced_over_the_programs(block, expert_parts):
     program_of = {t: p for p, queue in enumerate(tp.programs) for t in queue}
     for kind in ("expert_up_gate", "expert_down"):
         per_layer = n[kind] // moe_layers
-        if expert_parts:
+        if expert_parts and block > 1:     # one row: every slot is used, per-slot tasks stay
             assert per_layer == P, (kind, per_layer)
             for op in {t.attrs["op"] for t in tp.tasks if t.kind == kind}:
                 assert len({program_of[t.id] for t in tp.tasks if t.kind == kind and t.attrs["op"] == op}) == P
