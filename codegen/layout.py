@@ -162,6 +162,8 @@ KINDS: dict[str, KindABI] = _kinds(
 # 2: tl.dot_scaled with the next raw tile prefetched into registers; 0 and 3: the template's
 # own bit-level dequantization to fp32 (exact: the interpreter runs them, where bf16 math is
 # wrong), 0 with per-code branches, 3 by bit-casting the code into fp32 (no branch).
+# 5: 3 with the weights as the dots' left operand (rows = the MMA's M: Hopper's wgmma at 64+
+# rows, the tokens on N), the activations converted once per K step for all warps.
 # SALIGN = expert scale rows (K / 32 bytes) are multiples of this many bytes (1 = no hint)
 # L2PF = weight tiles the streaming loops (linear, lm_head, qkv_rope_kv, experts) prefetch
 # into L2 ahead of their loads, with Hopper's bulk prefetch (cp.async.bulk.prefetch.L2: no

@@ -139,7 +139,9 @@ CASES = [
                          + [pytest.param(*CASES[0].values, 3, 3, id="tiny-T8-3-parts"),
                             pytest.param(*CASES[2].values, 3, 5, id="partial-tiles-5-parts"),
                             pytest.param(*CASES[1].values, 3, 40, id="T1-more-parts-than-units"),
-                            pytest.param(*CASES[0].values, 4, 3, id="tiny-T8-3-parts-gemv")])
+                            pytest.param(*CASES[0].values, 4, 3, id="tiny-T8-3-parts-gemv"),
+                            pytest.param(*CASES[2].values, 5, 0, id="partial-tiles-weights-left"),
+                            pytest.param(*CASES[0].values, 5, 3, id="tiny-T8-3-parts-weights-left")])
 def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk, task_n, mx_dot, parts):
     """mx_dot 4: the experts' GEMV path (only the tokens that chose an expert; act of the others
     stays NaN garbage, so a body that reads it poisons y). parts > 0: the experts as `parts`
@@ -241,7 +243,7 @@ def test_ties_choose_the_lowest_expert():
     torch.testing.assert_close(arenas.view("weights")[:3], torch.full((3, 4), 1 / 3))
 
 
-@pytest.mark.parametrize("mode", [0, 3, 4], ids=["branches", "bitcast", "bitcast-gemv"])
+@pytest.mark.parametrize("mode", [0, 3, 4, 5], ids=["branches", "bitcast", "bitcast-gemv", "bitcast-weights-left"])
 def test_mxfp4_dequant_matches_models_mxfp4(mode):
     """Every E2M1 code and a spread of E8M0 scales (including 2, the smallest exact one)
     through one expert_up_gate tile, with both bit-level dequantizations (MX_DOT 0 and 3; 4 is 3
