@@ -124,12 +124,12 @@ KINDS: dict[str, KindABI] = _kinds(
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     # parts > 0 (both expert kinds): part `part` of `parts` of all routed (slot, tile) units
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows", "part", "parts"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
@@ -192,7 +192,7 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN
 # against 18.72 at 256 (the expert loops' raw + dequantized tiles spill at 256: ncu counted
 # 2.8M local-memory requests in expert_down alone). L2PF 0: any depth made the step slower
 # (flash 2L block 8: 5.71 ms off, 8.22 at 1, 8.19 at 4); docs/PERF.md version 6.
-GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32}
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 64, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

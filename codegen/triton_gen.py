@@ -69,17 +69,17 @@ def _l2_rows(ptr: str, rows: str, row_ok: str, row_len: str, col0: str, ncols: s
 
 
 def _l2_ahead(p: str, bases: list[str], rows: str, row_end: str, kb: str, k1: str, row_len: str,
-              step: str, esize: str, k0: str = "0", per_elem: int = 1) -> str:
+              step: str, esize: str, k0: str = "0", per_elem: int = 1, block_n: str = "BLOCK_N") -> str:
     """Statements (locals `<p>_pc`, `<p>_pw`, `<p>_pr`) that prefetch into L2, for each matrix in
     `bases`, the K tile L2PF steps of `step` ahead of `kb` in the K range [k0, k1) of the row
-    sub-tile `rows`; past k1 it is the next sub-tile's first tile (rows + BLOCK_N, rows below
+    sub-tile `rows`; past k1 it is the next sub-tile's first tile (rows + block_n, rows below
     `row_end`), so sub-tiles start warm. K is counted in elements; `per_elem` elements share one
     stored element (2 for MXFP4 nibbles, whose rows are `row_len` bytes). Guard as `_l2_rows`."""
     div = f" // {per_elem}" if per_elem != 1 else ""
     lines = [f"{p}_pc = {kb} + L2PF * {step}",
              f"{p}_pw = {p}_pc >= {k1}",
              f"{p}_pc = tl.where({p}_pw, {p}_pc - ({k1}" + (f" - {k0}" if k0 != "0" else "") + f"), {p}_pc)",
-             f"{p}_pr = tl.where({p}_pw, {rows} + BLOCK_N, {rows})"]
+             f"{p}_pr = tl.where({p}_pw, {rows} + {block_n}, {rows})"]
     lines += [_l2_rows(base, f"{p}_pr", f"{p}_pr < {row_end}", row_len, f"{p}_pc{div}",
                        f"tl.minimum({step}, {k1} - {p}_pc){div}", esize) for base in bases]
     return "\n".join(lines)

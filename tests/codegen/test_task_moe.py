@@ -111,7 +111,7 @@ def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=Non
         recs = [r for r in recs if r.kind in stages]
     E = moe.experts.gate_proj_blocks.shape[0]
     const = dict(BLOCK_T=16, BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_K=BLOCK_K,
-                 BLOCK_KX=BLOCK_K, BLOCK_KR=BLOCK_K, BLOCK_RN=BLOCK_N, BLOCK_N=BLOCK_N, MX_DOT=mx_dot)
+                 BLOCK_KX=BLOCK_K, BLOCK_KR=BLOCK_K, BLOCK_RN=BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NX=BLOCK_N, MX_DOT=mx_dot)
     run_tasks([recs], arenas, const, n_counters=4)
     return arenas
 
@@ -266,7 +266,7 @@ def test_mxfp4_dequant_matches_models_mxfp4(mode):
         x=b.offset("x"), plan=b.offset("plan"), gate_blocks=b.offset("blocks"),
         gate_scales=b.offset("scales"), up_blocks=b.offset("blocks"), up_scales=b.offset("scales"),
         act=b.offset("act"), slot=0, n0=0, n1=0, inter=inter, dim=D, n_rows=T, weights=b.offset("w1")))
-    run_tasks([[rec]], arenas, dict(BLOCK_T=16, BLOCK_N=32, BLOCK_KX=32, MX_DOT=mode))
+    run_tasks([[rec]], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=32, MX_DOT=mode))
     h = x @ w.T
     torch.testing.assert_close(arenas.view("act")[0], torch.nn.functional.silu(h) * h,
                                rtol=1e-5, atol=1e-5)
@@ -307,7 +307,7 @@ def test_mx_dot_expert_loops_match_dequantized_weights(D, inter, block_kx, salig
     down = TaskRecord("expert_down", 1, dict(
         act=b.offset("act_in"), plan=b.offset("plan"), weights=b.offset("w"), blocks=b.offset("db"),
         scales=b.offset("ds"), out=b.offset("out"), slot=0, n0=0, n1=D, inter=inter, dim=D, n_rows=T))
-    run_tasks([[up, down]], arenas, dict(BLOCK_T=16, BLOCK_N=32, BLOCK_KX=block_kx, MX_DOT=mode,
+    run_tasks([[up, down]], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=block_kx, MX_DOT=mode,
                                          SALIGN=salign, STAGES_X=2))
     g, u = x @ wg.T, x @ wu.T
     torch.testing.assert_close(arenas.view("act")[0], torch.nn.functional.silu(g) * u, rtol=1e-5, atol=1e-5)
@@ -321,7 +321,7 @@ from tilecomp.codegen.build import build_report
 from tilecomp.codegen.triton_gen import generate_kernel
 kinds, path = sys.argv[1].split(","), sys.argv[2]
 const = dict(BLOCK_T=16, BLOCK_TA=16, BLOCK_S=32, BLOCK_HD=256, BLOCK_HV=128, BLOCK_E=256, BLOCK_K=64, BLOCK_KX=64, BLOCK_KR=64,
-             BLOCK_RN=16, BLOCK_N=64)
+             BLOCK_RN=16, BLOCK_N=64, BLOCK_NX=64)
 open(path, "w").write(generate_kernel(kinds, constexprs=const))
 print(build_report(path, programs=132).line())
 """

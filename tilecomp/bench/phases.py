@@ -49,8 +49,8 @@ def task_bytes(kind: str, row: list[int], consts: dict, wbytes: int, plan_count)
         return n * (k1 - a("k0")) * wbytes * (2 if a("w_up") >= 0 else 1)
     if kind in ("expert_up_gate", "expert_down"):
         cols, k, mats = (a("inter"), a("dim"), 2) if kind == "expert_up_gate" else (a("dim"), a("inter"), 1)
-        if a("parts") > 0:      # its share of the routed (slot, BLOCK_N tile) units
-            bn = consts["BLOCK_N"]
+        if a("parts") > 0:      # its share of the routed (slot, BLOCK_NX tile) units
+            bn = consts["BLOCK_NX"]
             tps = -(-cols // bn)
             units = plan_count(a("plan")) * tps
             q0, q1 = a("part") * units // a("parts"), (a("part") + 1) * units // a("parts")
@@ -58,7 +58,7 @@ def task_bytes(kind: str, row: list[int], consts: dict, wbytes: int, plan_count)
         elif a("slot") >= plan_count(a("plan")):
             return 0
         else:
-            n = _span(row, kind, "n0", "n1", consts["BLOCK_N"], cols)
+            n = _span(row, kind, "n0", "n1", consts["BLOCK_NX"], cols)
         return int(mats * n * k * MXFP4_BYTES_PER_ELEM)
     if kind == "qkv_rope_kv":
         rep = a("n_heads_q") // a("n_kv_heads")
