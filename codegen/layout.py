@@ -164,6 +164,9 @@ KINDS: dict[str, KindABI] = _kinds(
 # wrong), 0 with per-code branches, 3 by bit-casting the code into fp32 (no branch).
 # 5: 3 with the weights as the dots' left operand (rows = the MMA's M: Hopper's wgmma at 64+
 # rows, the tokens on N), the activations converted once per K step for all warps.
+# 6: the codes as 32-bit words, one mask + integer multiply + mask per element and one scale
+# multiply (3 has ~5 integer ops and 2 multiplies), 8 dots of BLOCK_KX / 8 (>= 16) per K step;
+# exact for scale codes 65..191 and all-zero groups (the engine checks the weights, else 3).
 # SALIGN = expert scale rows (K / 32 bytes) are multiples of this many bytes (1 = no hint)
 # L2PF = weight tiles the streaming loops (linear, lm_head, qkv_rope_kv, experts) prefetch
 # into L2 ahead of their loads, with Hopper's bulk prefetch (cp.async.bulk.prefetch.L2: no
@@ -192,7 +195,7 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN
 # against 18.72 at 256 (the expert loops' raw + dequantized tiles spill at 256: ncu counted
 # 2.8M local-memory requests in expert_down alone). L2PF 0: any depth made the step slower
 # (flash 2L block 8: 5.71 ms off, 8.22 at 1, 8.19 at 4); docs/PERF.md version 6.
-GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 64, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32}
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "MX_DOT": 6, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

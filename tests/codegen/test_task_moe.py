@@ -102,7 +102,8 @@ def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None, parts=0)
     return [route] + up + down + combine
 
 
-def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=None, mx_dot=3, parts=0):
+def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=None, mx_dot=3, parts=0,
+            block_kx=None):
     T, D = x.shape
     b = moe_arenas(moe, x, norm_w, n_slots, logits_in=logits_in)
     arenas = b.build()
@@ -111,7 +112,7 @@ def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=Non
         recs = [r for r in recs if r.kind in stages]
     E = moe.experts.gate_proj_blocks.shape[0]
     const = dict(BLOCK_T=16, BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_K=BLOCK_K,
-                 BLOCK_KX=BLOCK_K, BLOCK_KR=BLOCK_K, BLOCK_RN=BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NX=BLOCK_N, MX_DOT=mx_dot)
+                 BLOCK_KX=block_kx or BLOCK_K, BLOCK_KR=BLOCK_K, BLOCK_RN=BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NX=BLOCK_N, MX_DOT=mx_dot)
     run_tasks([recs], arenas, const, n_counters=4)
     return arenas
 
@@ -141,7 +142,9 @@ CASES = [
                             pytest.param(*CASES[1].values, 3, 40, id="T1-more-parts-than-units"),
                             pytest.param(*CASES[0].values, 4, 3, id="tiny-T8-3-parts-gemv"),
                             pytest.param(*CASES[2].values, 5, 0, id="partial-tiles-weights-left"),
-                            pytest.param(*CASES[0].values, 5, 3, id="tiny-T8-3-parts-weights-left")])
+                            pytest.param(*CASES[0].values, 5, 3, id="tiny-T8-3-parts-weights-left"),
+                            pytest.param(*CASES[0].values, 6, 3, id="tiny-T8-3-parts-word-codes"),
+                            pytest.param(*CASES[2].values, 6, 0, id="partial-tiles-word-codes")])
 def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk, task_n, mx_dot, parts):
     """mx_dot 4: the experts' GEMV path (only the tokens that chose an expert; act of the others
     stays NaN garbage, so a body that reads it poisons y). parts > 0: the experts as `parts`
@@ -158,7 +161,8 @@ def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk
         want_y = x + moe(xn[None])[0]
     experts, weights = reference_plan(moe, xn)
     n_slots = min(E, len(experts) + 2)               # more slots than chosen experts: some empty
-    arenas = run_moe(moe, x, norm.weight.detach(), n_slots, task_n=task_n, mx_dot=mx_dot, parts=parts)
+    arenas = run_moe(moe, x, norm.weight.detach(), n_slots, task_n=task_n, mx_dot=mx_dot, parts=parts,
+                     block_kx=128 if mx_dot == 6 else None)     # 6: 8 dots of BLOCK_KX / 8 >= 16
     plan = arenas.view("plan")
     count = int(plan[0])
     assert count == len(experts) and plan[1:1 + count].tolist() == experts
@@ -271,6 +275,56 @@ def test_mxfp4_dequant_matches_models_mxfp4(mode):
     torch.testing.assert_close(arenas.view("act")[0], torch.nn.functional.silu(h) * h,
                                rtol=1e-5, atol=1e-5)
     assert torch.isfinite(arenas.view("act")).all()
+
+
+@pytest.mark.parametrize("salign,inter", [(1, 160), (4, 256)], ids=["scale-bytes-K-tail", "scale-words"])
+def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter):
+    """MX_DOT 6 (32-bit words of codes, one multiply per element, 2^63 on the accumulator):
+    every E2M1 code at every nibble position of a word, with E8M0 scales from 65 to 191 (the
+    range it is exact for), through expert_up_gate AND expert_down; a K tail shorter than the
+    tile is masked (with SALIGN 4 the scale rows are whole 32-bit words, so K is a multiple of
+    128 there)."""
+    from tilecomp.models.mxfp4 import dequantize_mxfp4
+    gen = torch.Generator().manual_seed(6)
+    T, D = 2, 384
+    def mx(n, k):
+        blocks = torch.randint(0, 256, (1, n, k // 32, 16), generator=gen, dtype=torch.uint8)
+        scales = torch.randint(110, 132, (1, n, k // 32), generator=gen, dtype=torch.uint8)
+        scales[0, 0, :2] = torch.tensor([65, 191], dtype=torch.uint8)
+        return blocks, scales, dequantize_mxfp4(blocks, scales)[0]
+    gb, gs, wg = mx(inter, D)
+    ub, us, wu = mx(inter, D)
+    db, ds, wd = mx(D, inter)
+    x = torch.randn(T, D, generator=gen) * 1e-3           # keeps the 2^64-scaled row finite
+    act_in = torch.randn(1, T, inter, generator=gen)
+    b = ArenaBuilder(torch.float32)
+    b.add("x", x, "f32"), b.add("act_in", act_in, "f32"), b.add("w", torch.tensor([[1.0, 0.5]]), "f32")
+    for name, t in dict(gb=gb, gs=gs, ub=ub, us=us, db=db, ds=ds).items():
+        b.add(name, t, "u8")
+    b.add("plan", torch.tensor([1, 0], dtype=torch.int32), "i32")
+    b.reserve("act", (1, T, inter), "f32"), b.reserve("out", (1, T, D), "f32")
+    arenas = b.build()
+    up = TaskRecord("expert_up_gate", 0, dict(
+        x=b.offset("x"), plan=b.offset("plan"), gate_blocks=b.offset("gb"), gate_scales=b.offset("gs"),
+        up_blocks=b.offset("ub"), up_scales=b.offset("us"), act=b.offset("act"), slot=0, n0=0, n1=inter,
+        inter=inter, dim=D, n_rows=T, weights=b.offset("w")))
+    down = TaskRecord("expert_down", 1, dict(
+        act=b.offset("act_in"), plan=b.offset("plan"), weights=b.offset("w"), blocks=b.offset("db"),
+        scales=b.offset("ds"), out=b.offset("out"), slot=0, n0=0, n1=D, inter=inter, dim=D, n_rows=T))
+    run_tasks([[up, down]], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=128, MX_DOT=6, SALIGN=salign))
+    # float64 references; the bound is fp32 rounding of sums whose terms cancel: 1e-5 of the
+    # sum of |terms| (a wrong code or scale is off by a whole term)
+    x64, a64 = x.double(), act_in[0].double()
+    g, u = x64 @ wg.double().T, x64 @ wu.double().T
+    gm, um = x64.abs() @ wg.double().abs().T, x64.abs() @ wu.double().abs().T
+    got = arenas.view("act")[0].double()
+    want = torch.nn.functional.silu(g) * u
+    assert ((got - want).abs() <= 1e-5 * (gm * um.clamp(min=u.abs()) + um * gm) + 1e-30).all()
+    w = torch.tensor([1.0, 0.5], dtype=torch.float64)[:, None]
+    want = (a64 @ wd.double().T) * w
+    bound = 1e-5 * (a64.abs() @ wd.double().abs().T) * w
+    assert ((arenas.view("out")[0].double() - want).abs() <= bound).all()
+    assert torch.isfinite(arenas.view("act")).all() and torch.isfinite(arenas.view("out")).all()
 
 
 @pytest.mark.parametrize("D,inter,block_kx,salign,mode", [(128, 256, 128, 4, 1), (64, 96, 64, 1, 1),

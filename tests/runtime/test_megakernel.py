@@ -10,7 +10,7 @@ import torch
 
 from tilecomp.codegen.harness import Megakernel
 from tilecomp.codegen.layout import KIND_IDS
-from tilecomp.errors import DeadlockError
+from tilecomp.errors import DeadlockError, TilecompError
 from tilecomp.models.dflash import DFlashDraft
 from tilecomp.models.mimo import MiMoForCausalLM
 from tilecomp.models.presets import preset
@@ -170,3 +170,27 @@ def test_kernel_files_launch_with_the_step_programs_tile_sizes(tmp_path):
     engine = MegakernelEngine(target, draft, max_len=MAX_LEN, artifacts=tmp_path, tiles={"BLOCK_K": 32})
     step = engine.step_program("plain")
     assert step.kernel.constexprs["BLOCK_K"] == 32
+
+
+def test_word_code_experts_only_for_the_scales_they_are_exact_for():
+    """MX_DOT 6 is exact for scale codes 65..191 and all-zero groups: a model with a non-zero
+    group outside gets MX_DOT 3, or a named error when 6 was asked for; an all-zero group at
+    code 0 (what the quantizer writes) keeps 6. End to end, 6 gives the reference tokens."""
+    from tilecomp.runtime.megakernel import _word_codes_or_exact
+    target, draft = models(6)
+    assert _word_codes_or_exact(target, draft, {}) == 6
+    experts = next(m for m in target.modules() if hasattr(m, "gate_proj_scales"))
+    with torch.no_grad():
+        experts.gate_proj_blocks[0, 0, 0].zero_()
+        experts.gate_proj_scales[0, 0, 0] = 0
+        assert _word_codes_or_exact(target, draft, {}) == 6
+        experts.gate_proj_blocks[0, 0, 0, 0] = 0x21
+        assert _word_codes_or_exact(target, draft, {}) == 3
+        with pytest.raises(TilecompError, match="gate_proj_scales has non-zero groups with codes in 0..0"):
+            _word_codes_or_exact(target, draft, {"MX_DOT": 6})
+    target, draft = models(6)
+    ids = prompt(6, 9)
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 3, use_draft=False)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": 6, "BLOCK_KX": 128})
+    assert engine.consts["MX_DOT"] == 6
+    assert engine.generate(ids, 3, use_draft=False).tokens == ref.tokens

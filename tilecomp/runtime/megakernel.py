@@ -68,6 +68,27 @@ class StepProgram:
         raise_on_timeout(self.errors, self.epoch, self.task_names, self.counter_names)
 
 
+def _word_codes_or_exact(target, draft, tiles: dict) -> int:
+    """MX_DOT 6 (one multiply per element) is exact for E8M0 scale codes 65..191 (2^-62 .. 2^64,
+    what trained weights use) and for all-zero groups at any scale (the quantizer gives those
+    code 0); a checkpoint with other groups gets the exact-everywhere MX_DOT 3 (an explicit
+    --tile MX_DOT=6 is refused instead)."""
+    for model in (target, draft):
+        buffers = dict(model.named_buffers()) if model is not None else {}
+        for name, scales in buffers.items():
+            blocks = buffers.get(name[:-len("_scales")] + "_blocks") if name.endswith("_scales") else None
+            if blocks is None or scales.dtype != torch.uint8:
+                continue
+            out = (scales < 65) | (scales > 191)                        # [..., N, K/32]
+            if bool(out.any()) and bool(((blocks[out] & 0x77) != 0).any()):
+                lo, hi = int(scales[out].min()), int(scales[out].max())
+                if tiles.get("MX_DOT") == 6:
+                    raise TilecompError(f"tiles: MX_DOT=6 is exact for MXFP4 scale codes 65..191; {name} "
+                                        f"has non-zero groups with codes in {lo}..{hi} (use MX_DOT=3)")
+                return 3
+    return 6
+
+
 class MegakernelEngine:
     def __init__(self, target, draft=None, max_len: int = 4096, programs: int | None = None,
                  artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None,
@@ -121,6 +142,13 @@ class MegakernelEngine:
             if torch.cuda.get_device_capability(self.device)[0] < 9:
                 self.consts["L2PF"] = 0     # the bulk L2 prefetch is sm_90+ PTX
         self.consts.update(self.tiles)
+        if self.consts.get("MX_DOT") == 6:
+            if self.consts["BLOCK_KX"] < 128:       # 8 dots of BLOCK_KX / 8 columns, each >= 16
+                if self.tiles.get("MX_DOT") == 6:
+                    raise TilecompError(f"tiles: MX_DOT=6 needs BLOCK_KX >= 128, found {self.consts['BLOCK_KX']}")
+                self.consts["MX_DOT"] = 3
+            else:
+                self.consts["MX_DOT"] = _word_codes_or_exact(target, draft, self.tiles)
         if (self.schedule is None and draft is not None or self.prefill_schedule is None
                 or self.plain_schedule is None):
             self._compile_missing()
