@@ -195,7 +195,12 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN
 # against 18.72 at 256 (the expert loops' raw + dequantized tiles spill at 256: ncu counted
 # 2.8M local-memory requests in expert_down alone). L2PF 0: any depth made the step slower
 # (flash 2L block 8: 5.71 ms off, 8.22 at 1, 8.19 at 4); docs/PERF.md version 6.
-GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "MX_DOT": 6, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32}
+# BLOCK_NX 128 (session 8, H200, flash 2L block 8 --phases): expert_up_gate 586 -> 530 us,
+# expert_down 423 -> 360 us against 64. MX_DOT 6 measured slower than 3 despite ~27% fewer
+# instructions per K step (up_gate 677 us at NX 128): its 8 small dots each stage their operands
+# through shared memory behind a barrier (32 bar.sync per K step in the sm_90 SASS); MX_DOT 5 (the
+# weights as wgmma's left operand) 1287 us. Both stay as switches.
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}
