@@ -74,13 +74,20 @@ def _emit_ctx_kv(lw: Lowering, kw: Op, rope: Op, klin: Op, vw: Op, vlin: Op):
     D = lw.shape(x)[1]
     ring = lw.tp.buffers[kc].shape[1]
     signal = f"c.{kw.out.name[1:]}"
-    for g in range(n_kv):
-        reads = [lw.region(x), lw.region(wk, (g * hd, (g + 1) * hd)), lw.region(wv, (g * vd, (g + 1) * vd))]
+    split = bool(lw.options.qkv_split_kv and lw.options.qkv_q_heads)
+    tasks = [(g, part, which) for g in range(n_kv) for part, which in enumerate(("k", "v") if split else ("kv",))]
+    for g, part, which in tasks:
+        reads = [lw.region(x)] + ([lw.region(wk, (g * hd, (g + 1) * hd))] if "k" in which else []) \
+            + ([lw.region(wv, (g * vd, (g + 1) * vd))] if "v" in which else [])
         reads += ([lw.region(norm)] if norm else []) + pos_regions + count_regions
-        writes = [lw.region(kc, (g, g + 1), (0, T, "pos")), lw.region(vc, (g, g + 1), (0, T, "pos"))]
-        lw.task("qkv_rope_kv", {"kv_head": g}, reads, writes, signal,
+        writes = ([lw.region(kc, (g, g + 1), (0, T, "pos"))] if "k" in which else []) \
+            + ([lw.region(vc, (g, g + 1), (0, T, "pos"))] if "v" in which else [])
+        coords = {"kv_head": g, "part": part} if split else {"kv_head": g}
+        lw.task("qkv_rope_kv", coords, reads, writes, signal,
                 dict(op=kw.out.name[1:], x=lw.buf[x], x_stride=D, norm=norm, eps=klin.attrs.get("eps"),
-                     wk=wk, wv=wv, k_cache=kc, v_cache=vc, head=g, n_heads_q=0, n_kv_heads=n_kv, head_dim=hd,
+                     wk=wk if "k" in which else None, wv=wv if "v" in which else None,
+                     k_cache=kc if "k" in which else None, v_cache=vc if "v" in which else None,
+                     head=g, n_heads_q=0, n_kv_heads=n_kv, head_dim=hd,
                      v_head_dim=vd, rope_dim=rope.attrs["rope_dim"], theta=float(rope.attrs["theta"]),
                      v_scale=float(vw.attrs.get("value_scale", 1.0)), dim=D, pos=pos, ring=ring, rows=rows,
                      n_rows=T))
@@ -90,11 +97,14 @@ def _emit_ctx_kv(lw: Lowering, kw: Op, rope: Op, klin: Op, vw: Op, vlin: Op):
         lw.done.add(id(o))
 
 
-def _qkv_parts(G: int, per_task: int | None) -> list[tuple[int, int, bool]]:
-    """(first query head in the group, query heads, writes K/V) of each task of one KV head."""
+def _qkv_parts(G: int, per_task: int | None, split_kv: bool = False) -> list[tuple[int, int, str]]:
+    """(first query head in the group, query heads, which of "kv" it writes) of each task of one
+    KV head: the whole group in one task, or query heads per_task at a time plus a k/v task
+    (split_kv: a k task and a v task, so no task streams more than one head's rows)."""
     if not per_task or per_task >= G:
-        return [(0, G, True)]
-    return [(h, min(per_task, G - h), False) for h in range(0, G, per_task)] + [(0, 0, True)]
+        return [(0, G, "kv")]
+    return [(h, min(per_task, G - h), "") for h in range(0, G, per_task)] + \
+        ([(0, 0, "k"), (0, 0, "v")] if split_kv else [(0, 0, "kv")])
 
 
 def lower_qkv(lw: Lowering, op: Op):
@@ -110,7 +120,7 @@ def lower_qkv(lw: Lowering, op: Op):
     kc, vc = lw.buf[k_in], lw.buf[v_in]
     norm = op.kwarg("norm") and lw.weight(op.kwarg("norm"))
     pos, pos_regions = lw.scalar_reads(pos_v)
-    parts = _qkv_parts(G, lw.options.qkv_q_heads)
+    parts = _qkv_parts(G, lw.options.qkv_q_heads, bool(lw.options.qkv_split_kv))
     for g in range(hkv):
         signal = f"c.{q}.h{g}"
         for part, (h0, nq, kv) in enumerate(parts):
@@ -119,17 +129,19 @@ def lower_qkv(lw: Lowering, op: Op):
             if nq:
                 reads.append(lw.region(lw.weight(wq), cols))
                 writes.append(lw.region(q, None, cols))
-            if kv:
-                reads += [lw.region(lw.weight(wk), (g * hd, (g + 1) * hd)),
-                          lw.region(lw.weight(wv), (g * vd, (g + 1) * vd))]
-                writes += [lw.region(kc, (g, g + 1), (0, T, "pos")), lw.region(vc, (g, g + 1), (0, T, "pos"))]
+            if "k" in kv:
+                reads.append(lw.region(lw.weight(wk), (g * hd, (g + 1) * hd)))
+                writes.append(lw.region(kc, (g, g + 1), (0, T, "pos")))
+            if "v" in kv:
+                reads.append(lw.region(lw.weight(wv), (g * vd, (g + 1) * vd)))
+                writes.append(lw.region(vc, (g, g + 1), (0, T, "pos")))
             reads += ([lw.region(norm)] if norm else []) + pos_regions
             coords = {"kv_head": g, "part": part} if len(parts) > 1 else {"kv_head": g}
             lw.task("qkv_rope_kv", coords, reads, writes, signal,
                     dict(op=q, x=lw.buf[x], x_stride=lw.shape(x)[1], norm=norm, eps=a.get("eps"),
-                         wq=lw.weight(wq) if nq else None, wk=lw.weight(wk) if kv else None,
-                         wv=lw.weight(wv) if kv else None, q_out=q if nq else None,
-                         k_cache=kc if kv else None, v_cache=vc if kv else None, head=g, q_head0=h0,
+                         wq=lw.weight(wq) if nq else None, wk=lw.weight(wk) if "k" in kv else None,
+                         wv=lw.weight(wv) if "v" in kv else None, q_out=q if nq else None,
+                         k_cache=kc if "k" in kv else None, v_cache=vc if "v" in kv else None, head=g, q_head0=h0,
                          q_heads=nq, n_heads_q=hq, n_kv_heads=hkv, head_dim=hd, v_head_dim=vd,
                          rope_dim=a["rope_dim"], theta=float(a["theta"]),
                          v_scale=float(a.get("value_scale", 1.0)), dim=lw.shape(x)[1], pos=pos,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tilecomp.bench.floor import MXFP4_BYTES_PER_ELEM
-from tilecomp.bench.phases import format_phases, replay_phases
+from tilecomp.bench.phases import format_phases, replay_phases, task_bytes
 from tilecomp.codegen import layout as L
 from tilecomp.models.dflash import DFlashDraft
 from tilecomp.models.mimo import MiMoForCausalLM
@@ -13,14 +13,16 @@ from tilecomp.models.presets import preset
 from tilecomp.runtime.megakernel import MegakernelEngine
 
 
-@pytest.mark.parametrize("lower", [None, {"expert_parts": 3}], ids=["slot-tasks", "expert-parts"])
-def test_phase_replay_runs_each_kind_alone_and_counts_its_weight_bytes(lower):
+@pytest.mark.parametrize("lower,q_heads", [(None, None), ({"expert_parts": 3}, 1)],
+                         ids=["slot-tasks", "expert-parts-split-qkv"])
+def test_phase_replay_runs_each_kind_alone_and_counts_its_weight_bytes(lower, q_heads):
     """expert-parts: the experts as 3 tasks per kind that split the routed units at run time;
-    their bytes are still the routed experts' (each part's share from the plan's count)."""
+    their bytes are still the routed experts' (each part's share from the plan's count). With
+    one query head per qkv task, k and v are tasks of their own: q/k/v bytes still add up."""
     torch.manual_seed(3)
     cfg, dcfg = preset("tiny", layers=2)
     target = MiMoForCausalLM(cfg)
-    engine = MegakernelEngine(target, DFlashDraft(dcfg, cfg), max_len=64, lower=lower)
+    engine = MegakernelEngine(target, DFlashDraft(dcfg, cfg), max_len=64, lower=lower, qkv_q_heads=q_heads)
     engine.generate([5, 9, 2, 7], 1)                      # prefill + one step: real plans and rows
     step = engine.step_program("plain")
     step.launch(engine.arenas)
@@ -44,6 +46,9 @@ def test_phase_replay_runs_each_kind_alone_and_counts_its_weight_bytes(lower):
     specs = [cfg.attn(i) for i in range(cfg.num_hidden_layers)]
     qkv = sum(a.n_heads * a.head_dim + a.n_kv_heads * (a.head_dim + a.v_head_dim) for a in specs)
     assert out["kinds"]["qkv_rope_kv"]["bytes"] == qkv * cfg.hidden_size * wbytes
+    qkv_rows = [r for r in step.records.tolist() if r[L.F_KIND] == L.KIND_IDS["qkv_rope_kv"]]
+    each = [task_bytes("qkv_rope_kv", r, engine.consts, wbytes, None) for r in qkv_rows]
+    assert all(b > 0 for b in each)          # a v-only task streams its v rows too
     plans = [r for r in step.records.tolist() if r[L.F_KIND] == L.KIND_IDS["expert_down"]]
     plan_offsets = {r[L.kind_abi("expert_down").arg_word("plan")] for r in plans}
     routed = sum(int(engine.arenas.data["i32"][o]) for o in plan_offsets)

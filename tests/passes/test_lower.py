@@ -180,20 +180,29 @@ def test_split_router_then_plan(tiny):
     assert {c for c, _ in up.waits} == {"c.L1.mlp.plan", "c.L1.mlp.plan.logits"}
 
 
-def test_finer_qkv_tasks_share_one_counter(tiny):
+@pytest.mark.parametrize("split_kv", [0, 1])
+def test_finer_qkv_tasks_share_one_counter(tiny, split_kv):
+    """One task per query head plus one k/v task per KV head, or (split_kv, the default) a k task
+    and a v task; all of a KV head's tasks signal one counter that attention waits on."""
     cfg, _, c = tiny
-    tp = lower(c.fused, LowerOptions(qkv_q_heads=1))
+    tp = lower(c.fused, LowerOptions(qkv_q_heads=1, qkv_split_kv=split_kv))
     verify_tile(tp)
     spec = cfg.attn(1)
     G = spec.n_heads // spec.n_kv_heads
+    kv = 2 if split_kv else 1
     tasks = [t for t in tp.tasks if t.kind == "qkv_rope_kv" and t.attrs["op"] == "L1.q_rot"]
-    assert len(tasks) == spec.n_kv_heads * (G + 1)
+    assert len(tasks) == spec.n_kv_heads * (G + kv)
     h0 = [t for t in tasks if t.coords["kv_head"] == 0]
-    assert [(t.attrs["q_head0"], t.attrs["q_heads"]) for t in h0] == [(h, 1) for h in range(G)] + [(0, 0)]
-    assert "k_cache" in h0[-1].attrs and all("k_cache" not in t.attrs for t in h0[:-1])
-    assert tp.counters["c.L1.q_rot.h0"].expected == G + 1
+    assert [(t.attrs["q_head0"], t.attrs["q_heads"]) for t in h0] == [(h, 1) for h in range(G)] + [(0, 0)] * kv
+    assert all("k_cache" not in t.attrs and "v_cache" not in t.attrs for t in h0[:G])
+    if split_kv:
+        assert "k_cache" in h0[G].attrs and "v_cache" not in h0[G].attrs and "wv" not in h0[G].attrs
+        assert "v_cache" in h0[G + 1].attrs and "k_cache" not in h0[G + 1].attrs and "wk" not in h0[G + 1].attrs
+    else:
+        assert "k_cache" in h0[-1].attrs and "v_cache" in h0[-1].attrs
+    assert tp.counters["c.L1.q_rot.h0"].expected == G + kv
     part = next(t for t in tp.tasks if t.kind == "attn_partial" and t.attrs["op"] == "L1.attn")
-    assert ("c.L1.q_rot.h0", G + 1) in part.waits
+    assert ("c.L1.q_rot.h0", G + kv) in part.waits
 
 
 def test_balance_fills_the_programs_in_as_few_waves_as_it_can():

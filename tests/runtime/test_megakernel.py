@@ -67,7 +67,8 @@ def test_plain_greedy_equals_reference():
 
 
 def test_split_qkv_tasks_and_tuning_switches_give_the_same_tokens():
-    """One task per query head (the GPU default), 8 warps, other tiles, the experts as 2 tasks
+    """One task per query head and a k and a v task per KV head (the GPU default), 8 warps,
+    other tiles, the experts as 2 tasks
     per kind that split the routed units at run time (the GPU default is one per program): same
     tokens."""
     target, draft = models(4)
@@ -83,7 +84,7 @@ def test_split_qkv_tasks_and_tuning_switches_give_the_same_tokens():
     got = engine.generate(ids, 4, use_draft=False)
     assert got.tokens == ref.tokens
     cfg = target.config
-    per_layer = [cfg.attn(i).n_heads + cfg.attn(i).n_kv_heads for i in range(cfg.num_hidden_layers)]
+    per_layer = [cfg.attn(i).n_heads + 2 * cfg.attn(i).n_kv_heads for i in range(cfg.num_hidden_layers)]
     assert len(qkv) == sum(per_layer)
 
 
