@@ -277,28 +277,23 @@ def test_mxfp4_dequant_matches_models_mxfp4(mode):
     assert torch.isfinite(arenas.view("act")).all()
 
 
-@pytest.mark.parametrize("salign,inter", [(1, 160), (4, 256)], ids=["scale-bytes-K-tail", "scale-words"])
-def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter):
-    """MX_DOT 6 (32-bit words of codes, one multiply per element, 2^63 on the accumulator):
-    every E2M1 code at every nibble position of a word, with E8M0 scales from 65 to 191 (the
-    range it is exact for), through expert_up_gate AND expert_down; a K tail shorter than the
-    tile is masked (with SALIGN 4 the scale rows are whole 32-bit words, so K is a multiple of
-    128 there)."""
+def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales=()):
+    """One expert (random MXFP4 gate / up / down, scale codes in [lo, hi), `edge_scales` on the
+    first groups of row 0) in arenas, with an expert_up_gate record over its whole width (act
+    from x) and an expert_down record over its whole dim (out from act_in, token weights w).
+    Returns (arenas, [up, down], (wg, wu, wd) dequantized)."""
     from tilecomp.models.mxfp4 import dequantize_mxfp4
-    gen = torch.Generator().manual_seed(6)
-    T, D = 2, 384
     def mx(n, k):
         blocks = torch.randint(0, 256, (1, n, k // 32, 16), generator=gen, dtype=torch.uint8)
-        scales = torch.randint(110, 132, (1, n, k // 32), generator=gen, dtype=torch.uint8)
-        scales[0, 0, :2] = torch.tensor([65, 191], dtype=torch.uint8)
+        scales = torch.randint(scales_lo, scales_hi, (1, n, k // 32), generator=gen, dtype=torch.uint8)
+        if edge_scales:
+            scales[0, 0, :len(edge_scales)] = torch.tensor(edge_scales, dtype=torch.uint8)
         return blocks, scales, dequantize_mxfp4(blocks, scales)[0]
     gb, gs, wg = mx(inter, D)
     ub, us, wu = mx(inter, D)
     db, ds, wd = mx(D, inter)
-    x = torch.randn(T, D, generator=gen) * 1e-3           # keeps the 2^64-scaled row finite
-    act_in = torch.randn(1, T, inter, generator=gen)
     b = ArenaBuilder(torch.float32)
-    b.add("x", x, "f32"), b.add("act_in", act_in, "f32"), b.add("w", torch.tensor([[1.0, 0.5]]), "f32")
+    b.add("x", x, "f32"), b.add("act_in", act_in, "f32"), b.add("w", w, "f32")
     for name, t in dict(gb=gb, gs=gs, ub=ub, us=us, db=db, ds=ds).items():
         b.add(name, t, "u8")
     b.add("plan", torch.tensor([1, 0], dtype=torch.int32), "i32")
@@ -311,7 +306,23 @@ def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter):
     down = TaskRecord("expert_down", 1, dict(
         act=b.offset("act_in"), plan=b.offset("plan"), weights=b.offset("w"), blocks=b.offset("db"),
         scales=b.offset("ds"), out=b.offset("out"), slot=0, n0=0, n1=D, inter=inter, dim=D, n_rows=T))
-    run_tasks([[up, down]], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=128, MX_DOT=6, SALIGN=salign))
+    return arenas, [up, down], (wg, wu, wd)
+
+
+@pytest.mark.parametrize("salign,inter", [(1, 160), (4, 256)], ids=["scale-bytes-K-tail", "scale-words"])
+def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter):
+    """MX_DOT 6 (32-bit words of codes, one multiply per element, 2^63 on the accumulator):
+    every E2M1 code at every nibble position of a word, with E8M0 scales from 65 to 191 (the
+    range it is exact for), through expert_up_gate AND expert_down; a K tail shorter than the
+    tile is masked (with SALIGN 4 the scale rows are whole 32-bit words, so K is a multiple of
+    128 there)."""
+    gen = torch.Generator().manual_seed(6)
+    T, D = 2, 384
+    x = torch.randn(T, D, generator=gen) * 1e-3           # keeps the 2^64-scaled row finite
+    act_in = torch.randn(1, T, inter, generator=gen)
+    arenas, recs, (wg, wu, wd) = one_expert(gen, T, D, inter, 110, 132, x, act_in, torch.tensor([[1.0, 0.5]]),
+                                            edge_scales=(65, 191))
+    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=128, MX_DOT=6, SALIGN=salign))
     # float64 references; the bound is fp32 rounding of sums whose terms cancel: 1e-5 of the
     # sum of |terms| (a wrong code or scale is off by a whole term)
     x64, a64 = x.double(), act_in[0].double()
@@ -334,35 +345,13 @@ def test_mx_dot_expert_loops_match_dequantized_weights(D, inter, block_kx, salig
     """MX_DOT=1 (pipelined) and 2 (register prefetch): expert_up_gate and expert_down through
     tl.dot_scaled, with the scales read as 32-bit words (SALIGN 4) or bytes. Activations are bf16 values (the
     path multiplies in bf16), so the products are exact and the bound is fp32's."""
-    from tilecomp.models.mxfp4 import dequantize_mxfp4
     gen = torch.Generator().manual_seed(7)
     T = 3
-    def mx(n, k):
-        blocks = torch.randint(0, 256, (1, n, k // 32, 16), generator=gen, dtype=torch.uint8)
-        scales = torch.randint(120, 130, (1, n, k // 32), generator=gen, dtype=torch.uint8)
-        return blocks, scales, dequantize_mxfp4(blocks, scales)[0]
-    gb, gs, wg = mx(inter, D)
-    ub, us, wu = mx(inter, D)
-    db, ds, wd = mx(D, inter)
     x = torch.randn(T, D, generator=gen).bfloat16().float()
     act_in = torch.randn(1, T, inter, generator=gen).bfloat16().float()
-    b = ArenaBuilder(torch.float32)
-    b.add("x", x, "f32"), b.add("act_in", act_in, "f32")
-    b.add("w", torch.tensor([[1.0, 0.5, 2.0]]), "f32")
-    for name, t in dict(gb=gb, gs=gs, ub=ub, us=us, db=db, ds=ds).items():
-        b.add(name, t, "u8")
-    b.add("plan", torch.tensor([1, 0], dtype=torch.int32), "i32")
-    b.reserve("act", (1, T, inter), "f32"), b.reserve("out", (1, T, D), "f32")
-    arenas = b.build()
-    up = TaskRecord("expert_up_gate", 0, dict(
-        x=b.offset("x"), plan=b.offset("plan"), gate_blocks=b.offset("gb"), gate_scales=b.offset("gs"),
-        up_blocks=b.offset("ub"), up_scales=b.offset("us"), act=b.offset("act"), slot=0, n0=0,
-        n1=inter, inter=inter, dim=D, n_rows=T))
-    down = TaskRecord("expert_down", 1, dict(
-        act=b.offset("act_in"), plan=b.offset("plan"), weights=b.offset("w"), blocks=b.offset("db"),
-        scales=b.offset("ds"), out=b.offset("out"), slot=0, n0=0, n1=D, inter=inter, dim=D, n_rows=T))
-    run_tasks([[up, down]], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=block_kx, MX_DOT=mode,
-                                         SALIGN=salign, STAGES_X=2))
+    arenas, recs, (wg, wu, wd) = one_expert(gen, T, D, inter, 120, 130, x, act_in, torch.tensor([[1.0, 0.5, 2.0]]))
+    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=block_kx, MX_DOT=mode,
+                                   SALIGN=salign, STAGES_X=2))
     g, u = x @ wg.T, x @ wu.T
     torch.testing.assert_close(arenas.view("act")[0], torch.nn.functional.silu(g) * u, rtol=1e-5, atol=1e-5)
     want = (act_in[0] @ wd.T) * torch.tensor([1.0, 0.5, 2.0])[:, None]
