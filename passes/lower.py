@@ -43,6 +43,8 @@ class LowerOptions:
     qkv_q_heads: int | None = None  # query heads per qkv_rope_kv task (None: the whole KV group)
     qkv_split_kv: int = 1         # with qkv_q_heads (and for the draft's context K/V): k and v of
     #                               a KV head as two tasks (1) or one (0)
+    qkv_split_rope: int = 0       # with qkv_q_heads == 1: each q head's and k head's rotary rows
+    #                               (the first rope_dim) and its other rows as two tasks
     router_block: int = -1       # experts per split-router moe_route task (0: one router task;
     #                              -1: balanced over the programs, 32 with fixed tile sizes)
     min_n_tiles: int = 32         # split K when a linear has fewer N tiles than this ...

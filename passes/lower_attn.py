@@ -121,17 +121,24 @@ def lower_qkv(lw: Lowering, op: Op):
     norm = op.kwarg("norm") and lw.weight(op.kwarg("norm"))
     pos, pos_regions = lw.scalar_reads(pos_v)
     parts = _qkv_parts(G, lw.options.qkv_q_heads, bool(lw.options.qkv_split_kv))
+    rope = a["rope_dim"]
+    if lw.options.qkv_split_rope and lw.options.qkv_q_heads == 1 and 0 < rope < hd:
+        # the rotary rows and the others of each q head and k head as tasks of their own
+        parts = [(h0, nq, kv, rp) for h0, nq, kv in parts for rp in ((1, 2) if nq or "k" in kv else (0,))]
+    else:
+        parts = [(h0, nq, kv, 0) for h0, nq, kv in parts]
     for g in range(hkv):
         signal = f"c.{q}.h{g}"
-        for part, (h0, nq, kv) in enumerate(parts):
-            cols = ((g * G + h0) * hd, (g * G + h0 + nq) * hd)
+        for part, (h0, nq, kv, rp) in enumerate(parts):
+            r0, r1 = (0, rope) if rp == 1 else (rope, hd) if rp == 2 else (0, hd)    # rows of a q / k head
+            cols = ((g * G + h0) * hd + r0, (g * G + h0 + nq - 1) * hd + r1) if nq else None
             reads, writes = [lw.region(x)], []
             if nq:
                 reads.append(lw.region(lw.weight(wq), cols))
                 writes.append(lw.region(q, None, cols))
             if "k" in kv:
-                reads.append(lw.region(lw.weight(wk), (g * hd, (g + 1) * hd)))
-                writes.append(lw.region(kc, (g, g + 1), (0, T, "pos")))
+                reads.append(lw.region(lw.weight(wk), (g * hd + r0, g * hd + r1)))
+                writes.append(lw.region(kc, (g, g + 1), (0, T, "pos"), (r0, r1)))
             if "v" in kv:
                 reads.append(lw.region(lw.weight(wv), (g * vd, (g + 1) * vd)))
                 writes.append(lw.region(vc, (g, g + 1), (0, T, "pos")))
@@ -143,7 +150,7 @@ def lower_qkv(lw: Lowering, op: Op):
                          wv=lw.weight(wv) if "v" in kv else None, q_out=q if nq else None,
                          k_cache=kc if "k" in kv else None, v_cache=vc if "v" in kv else None, head=g, q_head0=h0,
                          q_heads=nq, n_heads_q=hq, n_kv_heads=hkv, head_dim=hd, v_head_dim=vd,
-                         rope_dim=a["rope_dim"], theta=float(a["theta"]),
+                         rope_dim=rope, theta=float(a["theta"]), rope_part=rp,
                          v_scale=float(a.get("value_scale", 1.0)), dim=lw.shape(x)[1], pos=pos,
                          ring=lw.tp.buffers[kc].shape[1], n_rows=T))
         for r in (lw.region(q, None, (g * G * hd, (g + 1) * G * hd)), lw.region(kc, (g, g + 1), (0, T, "pos")),

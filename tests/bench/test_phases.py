@@ -13,12 +13,13 @@ from tilecomp.models.presets import preset
 from tilecomp.runtime.megakernel import MegakernelEngine
 
 
-@pytest.mark.parametrize("lower,q_heads", [(None, None), ({"expert_parts": 3}, 1)],
+@pytest.mark.parametrize("lower,q_heads", [(None, None), ({"expert_parts": 3, "qkv_split_rope": 1}, 1)],
                          ids=["slot-tasks", "expert-parts-split-qkv"])
 def test_phase_replay_runs_each_kind_alone_and_counts_its_weight_bytes(lower, q_heads):
     """expert-parts: the experts as 3 tasks per kind that split the routed units at run time;
     their bytes are still the routed experts' (each part's share from the plan's count). With
-    one query head per qkv task, k and v are tasks of their own: q/k/v bytes still add up."""
+    one query head per qkv task, k and v are tasks of their own and each q / k head's rotary rows
+    are apart from its other rows: q/k/v bytes still add up."""
     torch.manual_seed(3)
     cfg, dcfg = preset("tiny", layers=2)
     target = MiMoForCausalLM(cfg)

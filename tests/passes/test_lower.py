@@ -205,6 +205,23 @@ def test_finer_qkv_tasks_share_one_counter(tiny, split_kv):
     assert ("c.L1.q_rot.h0", G + kv) in part.waits
 
 
+def test_rotary_rows_apart_from_the_other_rows_of_each_head(tiny):
+    """qkv_split_rope: each q head and k head as a task for its rotary rows (the first rope_dim)
+    and one for the others, with exactly those weight rows and q columns / K-cache dims; v whole."""
+    cfg, _, c = tiny
+    tp = lower(c.fused, LowerOptions(qkv_q_heads=1, qkv_split_rope=1))
+    verify_tile(tp)
+    spec = cfg.attn(1)
+    G, hd, rope = spec.n_heads // spec.n_kv_heads, spec.head_dim, spec.rope_dim
+    h0 = [t for t in tp.tasks if t.kind == "qkv_rope_kv" and t.attrs["op"] == "L1.q_rot" and t.coords["kv_head"] == 0]
+    assert [(t.attrs["q_heads"], t.attrs["rope_part"]) for t in h0] == [(1, 1), (1, 2)] * G + [(0, 1), (0, 2), (0, 0)]
+    q_rows = [(r.dims[0].lo, r.dims[0].hi) for t in h0[:2] for r in t.reads if r.buffer.endswith("q_proj.weight")]
+    assert q_rows == [(0, rope), (rope, hd)]
+    k_dims = [r.dims[2][:2] for t in h0[2 * G:2 * G + 2] for r in t.writes]
+    assert k_dims == [(0, rope), (rope, hd)]
+    assert tp.counters["c.L1.q_rot.h0"].expected == 2 * G + 3
+
+
 def test_balance_fills_the_programs_in_as_few_waves_as_it_can():
     from tilecomp.passes.lower import balance, expected_unique
     assert balance(152064, 132, 4096 * 2) == (1152, 1)            # 132 LM-head tasks: one full wave

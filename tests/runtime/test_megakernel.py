@@ -67,15 +67,15 @@ def test_plain_greedy_equals_reference():
 
 
 def test_split_qkv_tasks_and_tuning_switches_give_the_same_tokens():
-    """One task per query head and a k and a v task per KV head (the GPU default), 8 warps,
-    other tiles, the experts as 2 tasks
+    """One task per query head and a k and a v task per KV head (the GPU default), each q and k
+    head's rotary rows apart from its other rows, 8 warps, other tiles, the experts as 2 tasks
     per kind that split the routed units at run time (the GPU default is one per program): same
     tokens."""
     target, draft = models(4)
     ids = prompt(4, 9)
     ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 4, use_draft=False)
     engine = MegakernelEngine(target, draft, max_len=MAX_LEN, qkv_q_heads=1, num_warps=8,
-                              tiles={"BLOCK_K": 32, "BLOCK_N": 32}, lower={"expert_parts": 2})
+                              tiles={"BLOCK_K": 32, "BLOCK_N": 32}, lower={"expert_parts": 2, "qkv_split_rope": 1})
     records = engine.step_program("plain").records.tolist()
     qkv = [r for r in records if r[0] == KIND_IDS["qkv_rope_kv"]]
     moe_layers = sum(1 for i in range(target.config.num_hidden_layers) if target.config.is_moe(i))
@@ -83,8 +83,12 @@ def test_split_qkv_tasks_and_tuning_switches_give_the_same_tokens():
     assert engine.qkv_q_heads == 1 and engine.consts["BLOCK_K"] == 32
     got = engine.generate(ids, 4, use_draft=False)
     assert got.tokens == ref.tokens
+    with torch.no_grad():       # tokens alone hardly see a wrong rotary half of a tiny random model
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
     cfg = target.config
-    per_layer = [cfg.attn(i).n_heads + 2 * cfg.attn(i).n_kv_heads for i in range(cfg.num_hidden_layers)]
+    # q heads and k heads as rotary-rows and other-rows tasks, v heads whole
+    per_layer = [2 * cfg.attn(i).n_heads + 3 * cfg.attn(i).n_kv_heads for i in range(cfg.num_hidden_layers)]
     assert len(qkv) == sum(per_layer)
 
 
