@@ -39,7 +39,10 @@ def test_compile_writes_every_stage_and_a_manifest(tiny_out, capsys):
         assert (tiny_out / name).is_file(), name
     manifest = json.loads((tiny_out / "manifest.json").read_text())
     assert manifest["source"] == {"preset": "tiny", "layers": None}
+    lower = manifest["options"].pop("lower")
     assert manifest["options"] == {"dtype": "bf16", "max_len": 64, "programs": 4, "interpreter_order": False}
+    # the engine's own GPU options: one query head per qkv task, k and v apart
+    assert lower["qkv_q_heads"] == 1 and lower["qkv_split_kv"] == 1 and lower["expert_parts"] == -1
     # 5 MoE layers x (the router split over the 4 programs + the plan task)
     assert manifest["schedule"]["programs"] == 4 and manifest["schedule"]["tasks_by_kind"]["moe_route"] == 5 * 5
     assert sum(manifest["schedule"]["tasks_by_kind"].values()) == manifest["schedule"]["tasks"]
@@ -124,6 +127,24 @@ def test_bad_compile_arguments(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     assert tilecomp("compile", "--preset", "tiny", "--out", tmp_path / "a_file", "--quiet") == 2
     assert f"--out: {tmp_path / 'a_file'} exists and is not a directory" in capsys.readouterr().out
+    assert tilecomp("compile", "--preset", "tiny", "--out", tmp_path, "--lower", "qkv_split_rop=1") == 2
+    assert "--lower" in capsys.readouterr().out
+    assert tilecomp("compile", "--preset", "tiny", "--out", tmp_path, "--qkv-q-heads", -3) == 2
+    assert "--qkv-q-heads: expected N >= 0" in capsys.readouterr().out
+
+
+def test_compile_takes_the_engines_lowering_switches(tiny_out, tmp_path):
+    """--qkv-q-heads 0 (whole KV groups) and --lower qkv_split_rope=1 change the written
+    schedule, and the manifest records the options used."""
+    counts = {}
+    for name, extra in (("default", ()), ("groups", ("--qkv-q-heads", 0)), ("rope", ("--lower", "qkv_split_rope=1"))):
+        out = tmp_path / name
+        assert tilecomp("compile", "--preset", "tiny", "--out", out, "--programs", 4, "--max-len", 64,
+                        "--quiet", *extra) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        counts[name] = manifest["schedule"]["tasks_by_kind"]["qkv_rope_kv"]
+        assert manifest["options"]["lower"]["qkv_split_rope"] == (name == "rope")
+    assert counts["groups"] < counts["default"] < counts["rope"]
 
 
 def test_the_console_script_lists_and_runs_both_commands(tiny_out, capsys):

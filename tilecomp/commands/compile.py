@@ -15,6 +15,7 @@ pass's output.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,6 +44,12 @@ def add_parser(subparsers):
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--target", metavar="SM", default=None,
                    help="also build OUT/kernels/*.py for this GPU (e.g. sm_90) without a GPU")
+    p.add_argument("--qkv-q-heads", type=int, default=-1, metavar="N",
+                   help="query heads per qkv task (0: a whole KV group; default: 1, as the engine on a GPU; "
+                        "a whole group with --interpreter-order)")
+    p.add_argument("--lower", action="append", default=[], metavar="NAME=N",
+                   help="override a lowering option (passes/lower.py LowerOptions), as `tilecomp bench --lower`, "
+                        "e.g. --lower expert_parts=0 or --lower qkv_split_rope=1")
     p.add_argument("--report", action="store_true",
                    help="with --target: print registers, spills, shared memory, occupancy per kernel")
     p.set_defaults(func=run)
@@ -126,7 +133,8 @@ def manifest(compiled, source: dict, files: dict[str, str]) -> dict:
         "source": source,
         "options": {"dtype": compiled.options.dtype, "max_len": compiled.options.max_len,
                     "programs": compiled.options.programs,
-                    "interpreter_order": compiled.options.interpreter_order},
+                    "interpreter_order": compiled.options.interpreter_order,
+                    "lower": dataclasses.asdict(compiled.options.lower)},
         "config": compiled.config.to_dict(),
         "draft_config": compiled.draft_config.to_dict(),
         "decode_step": {
@@ -147,12 +155,19 @@ def manifest(compiled, source: dict, files: dict[str, str]) -> dict:
 
 
 def run(args) -> int:
-    from tilecomp.passes.pipeline import CompileOptions, compile_model, stderr_progress
+    from tilecomp.passes.pipeline import compile_model, stderr_progress
     from tilecomp.settings import Settings, settings as read_settings
     _check_options(args)
     cfg, dcfg, source = load_configs(args)
-    options = CompileOptions(dtype=args.dtype, max_len=args.max_len, programs=args.programs,
-                             interpreter_order=args.interpreter_order)
+    from tilecomp.commands.bench import parse_lower
+    from tilecomp.passes.pipeline import engine_options
+    if args.qkv_q_heads < -1:
+        raise TilecompError(f"--qkv-q-heads: expected N >= 0 (0: a whole KV group), found {args.qkv_q_heads}")
+    # the options an engine compiles its own steps with, so the stages written are what runs
+    options = dataclasses.replace(
+        engine_options(args.max_len, args.programs, args.interpreter_order,
+                       None if args.qkv_q_heads == 0 else args.qkv_q_heads, parse_lower(args.lower)),
+        dtype=args.dtype)
     dumps = read_settings() if args.dump is None else Settings(dump_dir=args.dump, debug=2)
     compiled = compile_model(cfg, dcfg, options, progress=no_progress if args.quiet else stderr_progress,
                              settings=dumps)
