@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tilecomp.bench.floor import MXFP4_BYTES_PER_ELEM
-from tilecomp.bench.phases import format_phases, replay_phases, task_bytes
+from tilecomp.bench.phases import byte_imbalance, format_phases, replay_phases, task_bytes
 from tilecomp.codegen import layout as L
 from tilecomp.models.dflash import DFlashDraft
 from tilecomp.models.mimo import MiMoForCausalLM
@@ -59,3 +59,13 @@ def test_phase_replay_runs_each_kind_alone_and_counts_its_weight_bytes(lower, q_
     if lower:
         assert len(plans) == 3 * len(plan_offsets)
     assert "sum of phases" in format_phases(out)
+
+    assert out["kinds"]["lm_head"]["byte_imbalance"] == 1.0       # one program in the interpreter
+    assert "max/mean B" in format_phases(out)
+
+
+def test_byte_imbalance_is_the_busiest_programs_bytes_over_the_mean():
+    bounds = [0, 2, 3, 3, 5]                     # 4 programs: records 0-1, 2, none, 3-4
+    assert byte_imbalance(bounds, {0: 10, 1: 10, 2: 20, 3: 5, 4: 5}) == 1.6         # 20 / (50 / 4)
+    assert byte_imbalance(bounds, {0: 5, 2: 5, 3: 5}) == 4 / 3                       # records not of the kind: 0
+    assert byte_imbalance([0, 1, 2], {0: 7, 1: 7}) == 1.0

@@ -71,12 +71,23 @@ def task_bytes(kind: str, row: list[int], consts: dict, wbytes: int, plan_count)
     return None
 
 
+def byte_imbalance(bounds: list[int], sizes: dict[int, int]) -> float:
+    """The busiest program's bytes over the mean of all programs, for the tasks in `sizes`
+    (record index -> bytes; program p holds records bounds[p] .. bounds[p + 1] - 1). 1: the
+    phase's bytes are spread evenly; an expert phase whose empty slots idle 56 of 132 programs
+    reads ~1.7."""
+    per_program = [sum(sizes.get(i, 0) for i in range(bounds[p], bounds[p + 1])) for p in range(len(bounds) - 1)]
+    total = sum(per_program)
+    return max(per_program) * len(per_program) / total if total else 1.0
+
+
 def replay_phases(step, arenas, iters: int = 20, kinds=None, alone: bool = False) -> dict:
     """step: a StepProgram that has run at least once on `arenas`. Before every launch
     (untimed) the fp32 and int32 arenas are restored to what the step left, so each phase
     sees the step's own inputs (a replayed `accept` would move the position on, an in-place
     residual would add up, a router would re-plan on those sums). Per-kind
-    {tasks, ms (median launch), bytes, gbps} plus the empty launch's time (`launch_ms`).
+    {tasks, ms (median launch), bytes, gbps, byte_imbalance (the busiest program's weight bytes over
+    the mean)} plus the empty launch's time (`launch_ms`).
     kinds: the kind names to replay (default: all in the step). alone: also time each kind
     in a kernel of its own (same tile sizes and warps): the difference to the step kernel is
     what the other kinds' code costs it (registers, spills, shared memory of the union).
@@ -145,11 +156,12 @@ def replay_phases(step, arenas, iters: int = 20, kinds=None, alone: bool = False
             own = Megakernel.build([name], step.kernel.constexprs, name=f"phase_{name}",
                                    spin_limit=step.kernel.spin_limit, num_warps=step.kernel.num_warps)
             alone_ms = run(sel, per_program, kernel=own, label=f"{name}_alone")
-        sizes = [task_bytes(name, rows[i], step.kernel.constexprs, wbytes, plan_count) for i in idx]
-        nbytes = None if any(s is None for s in sizes) else sum(sizes)
+        sizes = {i: task_bytes(name, rows[i], step.kernel.constexprs, wbytes, plan_count) for i in idx}
+        nbytes = None if any(s is None for s in sizes.values()) else sum(sizes.values())
         out["kinds"][name] = {"tasks": len(idx), "ms": ms, "alone_ms": alone_ms, "bytes": nbytes,
                               "gbps": nbytes / ms / 1e6 if nbytes else None,
-                              "max_tasks_per_program": max(per_program)}
+                              "max_tasks_per_program": max(per_program),
+                              "byte_imbalance": byte_imbalance(bounds, sizes) if nbytes else None}
     out["sum_ms"] = sum(k["ms"] for k in out["kinds"].values())
     return out
 
@@ -157,11 +169,12 @@ def replay_phases(step, arenas, iters: int = 20, kinds=None, alone: bool = False
 def format_phases(p: dict) -> str:
     lines = [f"phases alone (waits removed; empty launch {p['launch_ms'] * 1e3:.1f} us; 'own us': the "
              "kind in a kernel of its own):",
-             f"{'kind':<22}{'tasks':>7}{'max/prog':>9}{'us':>10}{'own us':>10}{'MB':>9}{'GB/s':>8}"]
+             f"{'kind':<22}{'tasks':>7}{'max/prog':>9}{'us':>10}{'own us':>10}{'MB':>9}{'GB/s':>8}{'max/mean B':>11}"]
     for name, k in sorted(p["kinds"].items(), key=lambda kv: -kv[1]["ms"]):
         mb = f"{k['bytes'] / 1e6:9.1f}" if k["bytes"] is not None else f"{'-':>9}"
         gb = f"{k['gbps']:8.0f}" if k["gbps"] else f"{'-':>8}"
         own = f"{k['alone_ms'] * 1e3:10.1f}" if k.get("alone_ms") is not None else f"{'-':>10}"
-        lines.append(f"{name:<22}{k['tasks']:>7}{k['max_tasks_per_program']:>9}{k['ms'] * 1e3:>10.1f}{own}{mb}{gb}")
+        imb = f"{k['byte_imbalance']:11.2f}" if k.get("byte_imbalance") else f"{'-':>11}"
+        lines.append(f"{name:<22}{k['tasks']:>7}{k['max_tasks_per_program']:>9}{k['ms'] * 1e3:>10.1f}{own}{mb}{gb}{imb}")
     lines.append(f"sum of phases {p['sum_ms']:.3f} ms")
     return "\n".join(lines)
