@@ -166,8 +166,9 @@ KINDS: dict[str, KindABI] = _kinds(
 # 5: 3 with the weights as the dots' left operand (rows = the MMA's M: Hopper's wgmma at 64+
 # rows, the tokens on N), the activations converted once per K step for all warps.
 # 6: the codes as 32-bit words, one mask + integer multiply + mask per element and one scale
-# multiply (3 has ~5 integer ops and 2 multiplies), 8 dots of BLOCK_KX / 8 (>= 16) per K step;
-# exact for scale codes 65..191 and all-zero groups (the engine checks the weights, else 3).
+# multiply (3 has ~5 integer ops and 2 multiplies), joined back in registers into 3's even / odd
+# tiles for the same two dots per K step; exact for scale codes 65..191 and all-zero groups (the
+# engine checks the weights, else 3).
 # SALIGN = expert scale rows (K / 32 bytes) are multiples of this many bytes (1 = no hint)
 # L2PF = weight tiles the streaming loops (linear, lm_head, qkv_rope_kv, experts) prefetch
 # into L2 ahead of their loads, with Hopper's bulk prefetch (cp.async.bulk.prefetch.L2: no
@@ -197,10 +198,11 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN
 # 2.8M local-memory requests in expert_down alone). L2PF 0: any depth made the step slower
 # (flash 2L block 8: 5.71 ms off, 8.22 at 1, 8.19 at 4); docs/PERF.md version 6.
 # BLOCK_NX 128 (session 8, H200, flash 2L block 8 --phases): expert_up_gate 586 -> 530 us,
-# expert_down 423 -> 360 us against 64. MX_DOT 6 measured slower than 3 despite ~27% fewer
-# instructions per K step (up_gate 677 us at NX 128): its 8 small dots each stage their operands
-# through shared memory behind a barrier (32 bar.sync per K step in the sm_90 SASS); MX_DOT 5 (the
-# weights as wgmma's left operand) 1287 us. Both stay as switches.
+# expert_down 423 -> 360 us against 64. MX_DOT 6's first form (8 dots of 16 columns per K step)
+# measured slower than 3 despite ~27% fewer instructions (up_gate 677 us at NX 128): each small
+# dot staged its operands through shared memory behind a barrier (32 bar.sync per K step); its
+# join form (2 dots, 8 bar.sync, 1123 against 1413 instructions, no spills) is not yet measured.
+# MX_DOT 5 (the weights as wgmma's left operand) 1287 us.
 GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32}
 GPU_NUM_WARPS = 8
 
