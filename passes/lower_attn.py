@@ -9,7 +9,7 @@ from __future__ import annotations
 from tilecomp.errors import IRError
 from tilecomp.ir.graph import Op, OpKind
 
-from .lower import Lowering
+from .lower import Lowering, _cdiv
 
 
 def _producer(lw: Lowering, value: str) -> Op | None:
@@ -170,7 +170,11 @@ def lower_attention(lw: Lowering, op: Op):
     C = lw.tp.buffers[kc].shape[1]
     ring_window = 0 < window and window + T < C       # keys live at a runtime offset in a big ring
     span = window + T if ring_window else C
-    ck = min(lw.options.kv_chunk, span)
+    ck = lw.options.kv_chunk
+    if ck <= 0:     # sized so the KV heads' chunks fill the programs (32-key multiples, at least 32)
+        per_head = max(1, (lw.programs or 1) // hkv)
+        ck = max(32, _cdiv(_cdiv(span, per_head), 32) * 32)
+    ck = min(ck, span)
     n_chunks = -(-span // ck)
     out = lw.value_buffer(op.out.name)
     m = lw.add_buffer(f"{out}.part_m", "fp32", (n_chunks, hq, T), "scratch")

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from tilecomp.ir.tile import parse_tile, print_tile, verify_tile
+from tilecomp.ir.tile import parse_tile, print_tile, verify_schedule, verify_tile
 from tilecomp.models.presets import preset
 from tilecomp.passes.lower import LowerOptions, lower
 from tilecomp.passes.pipeline import compile_model
@@ -232,3 +232,23 @@ def test_balance_fills_the_programs_in_as_few_waves_as_it_can():
     assert width % 64 == 0 and 0.9 * 132 <= 8 * (2048 // width) <= 132
     assert balance(256, 132, 4096 * 4, quantum=1) == (2, 1)         # the router: 2 experts per task
     assert abs(expected_unique(256, 8, 8) - 57.42) < 0.01 and expected_unique(16, 2, 1) == 2
+
+
+def test_kv_chunk_zero_sizes_the_attention_chunks_to_fill_the_programs():
+    """kv_chunk 0: a full-attention layer's (KV head, chunk) tasks about fill the programs (at
+    the default 256 keys, its 4 KV heads give 68 tasks on 132 programs), in 32-key multiples."""
+    from tilecomp.passes.pipeline import CompileOptions, compile_model
+    from tilecomp.settings import Settings
+    cfg, dcfg = preset("mimo-v2-flash", 2)
+    P = 132
+    c = compile_model(cfg, None, CompileOptions(programs=P, block=1, lower=LowerOptions(kv_chunk=0)),
+                      settings=Settings())
+    tp = c.plain_schedule
+    for op in {t.attrs["op"] for t in tp.tasks if t.kind == "attn_partial"}:
+        parts = [t for t in tp.tasks if t.kind == "attn_partial" and t.attrs["op"] == op]
+        chunk = parts[0].attrs["chunk_len"]
+        assert chunk % 32 == 0 and chunk >= 32
+        span = parts[0].attrs["n_chunks"] * chunk
+        if span >= 4096:                                   # the full-attention layer
+            assert 0.9 * P <= len(parts) <= P + parts[0].attrs["n_kv_heads"], (op, len(parts), chunk)
+    verify_schedule(tp)
