@@ -199,3 +199,19 @@ def test_word_code_experts_only_for_the_scales_they_are_exact_for():
     engine = MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": 6, "BLOCK_KX": 128})
     assert engine.consts["MX_DOT"] == 6
     assert engine.generate(ids, 3, use_draft=False).tokens == ref.tokens
+
+
+def test_dflash_step_with_the_gpu_lowering_gives_the_reference_tokens():
+    """The DFlash step (a block of rows) lowered as on a GPU: experts as run-time balanced parts
+    over the routed units, one query head per qkv task, k / v and rotary rows apart, attention
+    chunks sized for the programs; greedy tokens and acceptance as the reference's."""
+    target, draft = models(7)
+    ids = prompt(7, 10)
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 5)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, qkv_q_heads=1,
+                              lower={"expert_parts": 3, "qkv_split_rope": 1, "kv_chunk": 0})
+    records = engine.step_program("dflash").records.tolist()
+    assert sum(r[0] == KIND_IDS["expert_up_gate"] for r in records) == 3 * sum(
+        target.config.is_moe(i) for i in range(target.config.num_hidden_layers))
+    got = engine.generate(ids, 5)
+    assert got.tokens == ref.tokens and got.acceptance == ref.acceptance
