@@ -138,7 +138,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift
     ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "n1", "logits",
                  "tile_key", "tile_arg", "tile", "n_tiles", "state", "pos_shift", "n_rows", "rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN", "L2PF")),
+     ("BLOCK_T", "BLOCK_NH", "BLOCK_K", "STAGES", "WALIGN", "L2PF")),
     # out[t] = token of the largest tile key of row t (lowest token on ties); with top_p < 1
     # (and temperature > 0) the whole logits row is re-read: top-p cut-off, then Gumbel keys
     ("sample_reduce", ("tile_key", "tile_arg", "n_tiles", "out", "n_rows", "logits", "vocab",

@@ -102,7 +102,8 @@ def _head(temp, seed, vocab=200, T=6, D=32, pos=17, shift=1, ties=False, top_p=1
         tile_key=b.offset("key"), tile_arg=b.offset("arg"), n_tiles=n_tiles, out=b.offset("tok"),
         n_rows=T, logits=b.offset("logits"), vocab=vocab, state=b.offset("st"), pos_shift=shift),
         waits=[(0, n_tiles, n_tiles)])
-    run_tasks([heads + [reduce]], arenas, dict(BLOCK_T=16, BLOCK_N=32 if sub else BN, BLOCK_K=32, BLOCK_V=2))
+    run_tasks([heads + [reduce]], arenas, dict(BLOCK_T=16, BLOCK_N=32 if sub else BN, BLOCK_NH=32 if sub else BN,
+                                               BLOCK_K=32, BLOCK_V=2))
     logits = x @ w.T
     want = sample(logits, torch.arange(pos + shift, pos + shift + T), temp, top_p, seed)
     return arenas, logits, want

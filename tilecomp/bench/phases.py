@@ -42,7 +42,7 @@ def task_bytes(kind: str, row: list[int], consts: dict, wbytes: int, plan_count)
     of the plan at that arena_i32 offset (expert tasks whose slot is past it do nothing)."""
     a = lambda name: _arg(row, kind, name)          # noqa: E731
     if kind == "lm_head":
-        return _span(row, kind, "n0", "n1", consts["BLOCK_N"], a("vocab")) * a("dim") * wbytes
+        return _span(row, kind, "n0", "n1", consts["BLOCK_NH"], a("vocab")) * a("dim") * wbytes
     if kind == "linear":
         n = _span(row, kind, "n0", "n1", consts["BLOCK_N"], a("n_dim"))
         k1 = a("k1") if a("k1") > a("k0") else a("k_dim")

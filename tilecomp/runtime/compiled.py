@@ -143,7 +143,7 @@ def _numel(shape) -> int:
 
 
 def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
-    """The engine's tile sizes; with `widen`, BLOCK_N (and the experts' BLOCK_NX) grow to the widest task of the schedule
+    """The engine's tile sizes; with `widen`, BLOCK_N (and the experts' BLOCK_NX, the LM head's BLOCK_NH) grow to the widest task of the schedule
     so every task is one tile (fewer tile operations: the interpreter's choice). Without it the
     linear / lm_head / linear_reduce / expert tasks loop over BLOCK_N sub-tiles (a GPU keeps
     small register tiles, and the cached kernel of the engine's own tile sizes fits)."""
@@ -156,4 +156,5 @@ def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
     if widths:
         consts["BLOCK_N"] = max(consts["BLOCK_N"], pow2(max(widths)))
         consts["BLOCK_NX"] = max(consts.get("BLOCK_NX", 0), consts["BLOCK_N"])     # the experts' rows
+        consts["BLOCK_NH"] = max(consts.get("BLOCK_NH", 0), consts["BLOCK_N"])     # the LM head's rows
     return consts
