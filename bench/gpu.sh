@@ -30,6 +30,13 @@ variant() {
   step "var-$name" 150 tilecomp bench --preset mimo-v2-flash --layers "$layers" --context 4096 --block "$block" \
     --skip-compile --skip-bf16 --eager-iters 1 --iters 30 --json "$OUT/var-$name.json" "$@"
 }
+# tokensv NAME [tokens flags...]: tokens-tiny (bf16 greedy tokens against the reference) under a
+# variant's --tile / --lower flags, e.g. 'tokensv mx6 --tile MX_DOT=6'
+tokensv() {
+  local name=$1; shift
+  step "tokens-$name" 110 python3 -m tilecomp.bench.tokens --preset tiny --prompts 3 --new-tokens 16 \
+    --json "$OUT/tokens-tiny-$name.json" "$@"
+}
 # phasesv NAME BLOCK [bench flags...]: --phases of the flash 2-layer step under a variant's flags
 phasesv() {
   local name=$1 block=$2; shift 2
@@ -40,6 +47,7 @@ for s in "$@"; do
   case $s in
     var\ *) variant ${s#var } ;;    # e.g. 'var b8-p264 2 8 --programs 264'
     phasesv\ *) phasesv ${s#phasesv } ;;   # e.g. 'phasesv l2pf0 8 --tile L2PF=0'
+    tokensv\ *) tokensv ${s#tokensv } ;;   # e.g. 'tokensv mx6 --tile MX_DOT=6'
     sweep-json) python3 -c "import glob, json, os, sys; json.dump({os.path.basename(f)[4:-5]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/var-*.json'))}, open(sys.argv[1] + '/sweep.json', 'w'), indent=1)" "$OUT"
                 rm -f "$OUT"/var-*.json ;;
     logs) (cd "$OUT" && tar czf logs.tgz *.log && rm -f *.log) ;;

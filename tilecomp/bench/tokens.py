@@ -39,16 +39,18 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def check(target, draft, prompts: list[list[int]], new_tokens: int, schedule=None,
-          programs: int | None = None, truth=None) -> dict:
+          programs: int | None = None, truth=None, tiles: dict | None = None, lower: dict | None = None) -> dict:
     """schedule: the compiled step (a Compiled: decode step + prefill chunk, or a TileProgram);
-    truth: the same weights in fp32 (cache-free forward), the arbiter at a divergence."""
+    truth: the same weights in fp32 (cache-free forward), the arbiter at a divergence; tiles /
+    lower: the megakernel's tuning switches (as `tilecomp bench --tile / --lower`)."""
     from tilecomp.runtime.megakernel import MegakernelEngine
     from tilecomp.runtime.reference import ReferenceEngine
     from tilecomp.codegen.kernels import step_rows
     # the compiled programs' caches hold at least two blocks (a block of 8 rows without a draft)
     max_len = max(len(p) for p in prompts) + new_tokens + 2 * step_rows(draft.config if draft else None)
     ref = ReferenceEngine(target, draft, max_len=max_len)
-    mk = MegakernelEngine(target, draft, max_len=max_len, programs=programs, schedule=schedule)
+    mk = MegakernelEngine(target, draft, max_len=max_len, programs=programs, schedule=schedule,
+                          tiles=tiles, lower=lower)
     rows, deviations = [], []
     for k, prompt in enumerate(prompts):
         row = {"prompt_len": len(prompt)}
@@ -113,8 +115,14 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-draft", action="store_true", help="check plain decoding only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", action="append", default=[], metavar="NAME=N",
+                   help="a megakernel tile size or code path, as `tilecomp bench --tile` (repeatable)")
+    p.add_argument("--lower", action="append", default=[], metavar="NAME=N",
+                   help="a lowering option, as `tilecomp bench --lower` (repeatable)")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
+    from tilecomp.commands.bench import parse_lower, parse_tiles
+    tiles, lower = parse_tiles(args.tile), parse_lower(args.lower)
     from tilecomp.models import preset
     from tilecomp.passes.pipeline import compile_model, engine_options
     from .random_model import random_draft, random_target
@@ -133,11 +141,11 @@ def main(argv=None) -> int:
     schedule = None
     if draft is not None:
         max_len = int(lens.max()) + args.new_tokens + 2 * dcfg.block_size
-        schedule = compile_model(cfg, dcfg, engine_options(max_len, programs, not on_gpu))   # decode step + prefill
+        schedule = compile_model(cfg, dcfg, engine_options(max_len, programs, not on_gpu, lower=lower))   # decode step + prefill
     truth = copy.deepcopy(target).float()           # the arbiter at a divergence
     report = check(target, draft, prompts, args.new_tokens, schedule=schedule, programs=programs,
-                   truth=truth)
-    report.update(preset=args.preset, layers=cfg.num_hidden_layers, dtype=str(dtype),
+                   truth=truth, tiles=tiles, lower=lower)
+    report.update(preset=args.preset, layers=cfg.num_hidden_layers, dtype=str(dtype), tiles=tiles, lower=lower,
                   device=torch.cuda.get_device_name(0) if on_gpu else "cpu", torch=torch.__version__)
     text = json.dumps(report, indent=2)
     if args.json:
