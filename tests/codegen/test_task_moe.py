@@ -162,7 +162,7 @@ def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk
     experts, weights = reference_plan(moe, xn)
     n_slots = min(E, len(experts) + 2)               # more slots than chosen experts: some empty
     arenas = run_moe(moe, x, norm.weight.detach(), n_slots, task_n=task_n, mx_dot=mx_dot, parts=parts,
-                     block_kx=128 if mx_dot == 6 else None)     # 6: 8 dots of BLOCK_KX / 8 >= 16
+                     block_kx=128 if mx_dot == 6 else None)     # 6: the GPU's K step, word tails masked
     plan = arenas.view("plan")
     count = int(plan[0])
     assert count == len(experts) and plan[1:1 + count].tolist() == experts
@@ -309,8 +309,9 @@ def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales
     return arenas, [up, down], (wg, wu, wd)
 
 
-@pytest.mark.parametrize("salign,inter", [(1, 160), (4, 256)], ids=["scale-bytes-K-tail", "scale-words"])
-def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter):
+@pytest.mark.parametrize("salign,inter,block_kx", [(1, 160, 128), (4, 256, 128), (1, 160, 32)],
+                         ids=["scale-bytes-K-tail", "scale-words", "one-group-K-steps"])
+def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter, block_kx):
     """MX_DOT 6 (32-bit words of codes, one multiply per element, 2^63 on the accumulator):
     every E2M1 code at every nibble position of a word, with E8M0 scales from 65 to 191 (the
     range it is exact for), through expert_up_gate AND expert_down; a K tail shorter than the
@@ -322,7 +323,7 @@ def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter):
     act_in = torch.randn(1, T, inter, generator=gen)
     arenas, recs, (wg, wu, wd) = one_expert(gen, T, D, inter, 110, 132, x, act_in, torch.tensor([[1.0, 0.5]]),
                                             edge_scales=(65, 191))
-    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=128, MX_DOT=6, SALIGN=salign))
+    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=block_kx, MX_DOT=6, SALIGN=salign))
     # float64 references; the bound is fp32 rounding of sums whose terms cancel: 1e-5 of the
     # sum of |terms| (a wrong code or scale is off by a whole term)
     x64, a64 = x.double(), act_in[0].double()

@@ -143,12 +143,7 @@ class MegakernelEngine:
                 self.consts["L2PF"] = 0     # the bulk L2 prefetch is sm_90+ PTX
         self.consts.update(self.tiles)
         if self.consts.get("MX_DOT") == 6:
-            if self.consts["BLOCK_KX"] < 128:       # 8 dots of BLOCK_KX / 8 columns, each >= 16
-                if self.tiles.get("MX_DOT") == 6:
-                    raise TilecompError(f"tiles: MX_DOT=6 needs BLOCK_KX >= 128, found {self.consts['BLOCK_KX']}")
-                self.consts["MX_DOT"] = 3
-            else:
-                self.consts["MX_DOT"] = _word_codes_or_exact(target, draft, self.tiles)
+            self.consts["MX_DOT"] = _word_codes_or_exact(target, draft, self.tiles)
         if (self.schedule is None and draft is not None or self.prefill_schedule is None
                 or self.plain_schedule is None):
             self._compile_missing()
