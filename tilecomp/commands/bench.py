@@ -49,8 +49,7 @@ def run(args) -> int:
     args.lower_options = parse_lower(args.lower)
     if args.num_warps is not None and args.num_warps not in (1, 2, 4, 8, 16):
         raise TilecompError(f"--num-warps: expected 1, 2, 4, 8 or 16, found {args.num_warps}")
-    if args.qkv_q_heads == 0:
-        args.qkv_q_heads = None                      # a whole KV group per task
+    args.qkv_q_heads = parse_qkv_q_heads(args.qkv_q_heads)
     report = run_bench(args)
     print(format_table(report))
     if args.json:
@@ -92,6 +91,14 @@ def parse_tiles(items: list[str]) -> dict:
         return bool(name) and n > 0 and not n & (n - 1)
     return _name_values(items, "--tile", ok, f"N a power of two (e.g. BLOCK_K=256), {SWITCHES}, "
                         f">= 1 for {COUNTS}, >= 0 for {OPTIONAL_COUNTS}")
+
+
+def parse_qkv_q_heads(n: int) -> int | None:
+    """--qkv-q-heads N -> engine_options' qkv_q_heads: 0 a whole KV group per task (None), -1 the
+    engine's default, N query heads per task."""
+    if n < -1:
+        raise TilecompError(f"--qkv-q-heads: expected N >= 0 (0: a whole KV group), found {n}")
+    return None if n == 0 else n
 
 
 def parse_lower(items: list[str]) -> dict:

@@ -159,14 +159,12 @@ def run(args) -> int:
     from tilecomp.settings import Settings, settings as read_settings
     _check_options(args)
     cfg, dcfg, source = load_configs(args)
-    from tilecomp.commands.bench import parse_lower
+    from tilecomp.commands.bench import parse_lower, parse_qkv_q_heads
     from tilecomp.passes.pipeline import engine_options
-    if args.qkv_q_heads < -1:
-        raise TilecompError(f"--qkv-q-heads: expected N >= 0 (0: a whole KV group), found {args.qkv_q_heads}")
     # the options an engine compiles its own steps with, so the stages written are what runs
     options = dataclasses.replace(
         engine_options(args.max_len, args.programs, args.interpreter_order,
-                       None if args.qkv_q_heads == 0 else args.qkv_q_heads, parse_lower(args.lower)),
+                       parse_qkv_q_heads(args.qkv_q_heads), parse_lower(args.lower)),
         dtype=args.dtype)
     dumps = read_settings() if args.dump is None else Settings(dump_dir=args.dump, debug=2)
     compiled = compile_model(cfg, dcfg, options, progress=no_progress if args.quiet else stderr_progress,
