@@ -61,6 +61,25 @@ def lower_kv_write(lw: Lowering, op: Op):
     _emit_ctx_kv(lw, k_write, k_rope, k_lin, v_write, v_lin)
 
 
+def _kv_part(lw: Lowering, which: str, g: int, wk: str, wv: str, kc: str, vc: str, T: int,
+             k_rows: tuple[int, int] | None = None):
+    """(reads, writes, record args) of the k and / or v projection ("k" / "v" in `which`) of KV
+    head g: weight rows and cache rows of the block's T positions; k_rows limits k to those rows
+    of the head (its rotary rows or the others)."""
+    hd, vd = lw.tp.buffers[kc].shape[2], lw.tp.buffers[vc].shape[2]
+    r0, r1 = k_rows or (0, hd)
+    reads, writes, args = [], [], dict(wk=None, wv=None, k_cache=None, v_cache=None)
+    if "k" in which:
+        reads.append(lw.region(wk, (g * hd + r0, g * hd + r1)))
+        writes.append(lw.region(kc, (g, g + 1), (0, T, "pos"), (r0, r1)))
+        args.update(wk=wk, k_cache=kc)
+    if "v" in which:
+        reads.append(lw.region(wv, (g * vd, (g + 1) * vd)))
+        writes.append(lw.region(vc, (g, g + 1), (0, T, "pos")))
+        args.update(wv=wv, v_cache=vc)
+    return reads, writes, args
+
+
 def _emit_ctx_kv(lw: Lowering, kw: Op, rope: Op, klin: Op, vw: Op, vlin: Op):
     x = klin.args[0]
     T = lw.shape(x)[0]
@@ -77,17 +96,12 @@ def _emit_ctx_kv(lw: Lowering, kw: Op, rope: Op, klin: Op, vw: Op, vlin: Op):
     split = bool(lw.options.qkv_split_kv and lw.options.qkv_q_heads)
     tasks = [(g, part, which) for g in range(n_kv) for part, which in enumerate(("k", "v") if split else ("kv",))]
     for g, part, which in tasks:
-        reads = [lw.region(x)] + ([lw.region(wk, (g * hd, (g + 1) * hd))] if "k" in which else []) \
-            + ([lw.region(wv, (g * vd, (g + 1) * vd))] if "v" in which else [])
-        reads += ([lw.region(norm)] if norm else []) + pos_regions + count_regions
-        writes = ([lw.region(kc, (g, g + 1), (0, T, "pos"))] if "k" in which else []) \
-            + ([lw.region(vc, (g, g + 1), (0, T, "pos"))] if "v" in which else [])
+        kv_reads, writes, kv_args = _kv_part(lw, which, g, wk, wv, kc, vc, T)
+        reads = [lw.region(x)] + kv_reads + ([lw.region(norm)] if norm else []) + pos_regions + count_regions
         coords = {"kv_head": g, "part": part} if split else {"kv_head": g}
         lw.task("qkv_rope_kv", coords, reads, writes, signal,
                 dict(op=kw.out.name[1:], x=lw.buf[x], x_stride=D, norm=norm, eps=klin.attrs.get("eps"),
-                     wk=wk if "k" in which else None, wv=wv if "v" in which else None,
-                     k_cache=kc if "k" in which else None, v_cache=vc if "v" in which else None,
-                     head=g, n_heads_q=0, n_kv_heads=n_kv, head_dim=hd,
+                     **kv_args, head=g, n_heads_q=0, n_kv_heads=n_kv, head_dim=hd,
                      v_head_dim=vd, rope_dim=rope.attrs["rope_dim"], theta=float(rope.attrs["theta"]),
                      v_scale=float(vw.attrs.get("value_scale", 1.0)), dim=D, pos=pos, ring=ring, rows=rows,
                      n_rows=T))
@@ -132,23 +146,14 @@ def lower_qkv(lw: Lowering, op: Op):
         for part, (h0, nq, kv, rp) in enumerate(parts):
             r0, r1 = (0, rope) if rp == 1 else (rope, hd) if rp == 2 else (0, hd)    # rows of a q / k head
             cols = ((g * G + h0) * hd + r0, (g * G + h0 + nq - 1) * hd + r1) if nq else None
-            reads, writes = [lw.region(x)], []
-            if nq:
-                reads.append(lw.region(lw.weight(wq), cols))
-                writes.append(lw.region(q, None, cols))
-            if "k" in kv:
-                reads.append(lw.region(lw.weight(wk), (g * hd + r0, g * hd + r1)))
-                writes.append(lw.region(kc, (g, g + 1), (0, T, "pos"), (r0, r1)))
-            if "v" in kv:
-                reads.append(lw.region(lw.weight(wv), (g * vd, (g + 1) * vd)))
-                writes.append(lw.region(vc, (g, g + 1), (0, T, "pos")))
+            kv_reads, kv_writes, kv_args = _kv_part(lw, kv, g, lw.weight(wk), lw.weight(wv), kc, vc, T, (r0, r1))
+            reads = [lw.region(x)] + ([lw.region(lw.weight(wq), cols)] if nq else []) + kv_reads
             reads += ([lw.region(norm)] if norm else []) + pos_regions
+            writes = ([lw.region(q, None, cols)] if nq else []) + kv_writes
             coords = {"kv_head": g, "part": part} if len(parts) > 1 else {"kv_head": g}
             lw.task("qkv_rope_kv", coords, reads, writes, signal,
                     dict(op=q, x=lw.buf[x], x_stride=lw.shape(x)[1], norm=norm, eps=a.get("eps"),
-                         wq=lw.weight(wq) if nq else None, wk=lw.weight(wk) if "k" in kv else None,
-                         wv=lw.weight(wv) if "v" in kv else None, q_out=q if nq else None,
-                         k_cache=kc if "k" in kv else None, v_cache=vc if "v" in kv else None, head=g, q_head0=h0,
+                         wq=lw.weight(wq) if nq else None, q_out=q if nq else None, **kv_args, head=g, q_head0=h0,
                          q_heads=nq, n_heads_q=hq, n_kv_heads=hkv, head_dim=hd, v_head_dim=vd,
                          rope_dim=rope, theta=float(a["theta"]), rope_part=rp,
                          v_scale=float(a.get("value_scale", 1.0)), dim=lw.shape(x)[1], pos=pos,
