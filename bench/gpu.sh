@@ -71,6 +71,14 @@ for s in "$@"; do
     ncu\ *) k=${s#ncu }; step "ncu-$k" 200 /usr/local/cuda/bin/ncu --nvtx --nvtx-include "phase_${k}_alone/" --launch-count 1 \
               --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
               tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 8 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --phases ;;
+    # 'ncusrc KIND': the same phase's per-instruction and per-line counters (bench/ncu_source.py)
+    ncusrc\ *) k=${s#ncusrc }; step "ncusrc-$k" 200 /usr/local/cuda/bin/ncu --nvtx --nvtx-include "phase_${k}_alone/" --launch-count 1 \
+              --section SourceCounters --section WarpStateStats --import-source yes -f -o "$OUT/ncu-$k" \
+              tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 8 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --phases
+              for p in sass cuda; do
+                step "ncusrc-$k-$p" 120 bash -c "/usr/local/cuda/bin/ncu -i '$OUT/ncu-$k.ncu-rep' --page source --csv --print-source $p > '$OUT/src-$k-$p.csv' && python3 bench/ncu_source.py '$OUT/src-$k-$p.csv'"
+              done
+              rm -f "$OUT/ncu-$k.ncu-rep" "$OUT/src-$k-"*.csv ;;
     baseline) step baseline 300 python3 .device/compile_baseline.py mxfp4 8 4096 ;;
     generate) step generate 300 bash -c 'tilecomp generate --engine megakernel --prompt "def fibonacci(n):" --max-new-tokens 128 --json && tilecomp generate --engine megakernel --no-draft --prompt "def fibonacci(n):" --max-new-tokens 128 --json && tilecomp generate --engine reference --prompt "def fibonacci(n):" --max-new-tokens 128 --json' ;;
     *) echo "unknown step $s"; exit 2 ;;

@@ -88,7 +88,7 @@ KINDS: dict[str, KindABI] = _kinds(
     ("linear", ("x", "x_stride", "w", "w_up", "k_dim", "n_dim", "n0", "n1", "k0", "k1",
                 "norm", "eps_bits", "bias", "res", "res_stride", "y", "y_stride", "n_rows",
                 "rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN", "L2PF")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN", "L2PF", "AALIGN")),
     # y[t, n0:n0+BN] = sum_s part[s, t, n0:n0+BN] (+ residual)
     ("linear_reduce", ("part", "n_split", "split_stride", "n_dim", "n0", "n1", "res", "y",
                        "y_stride", "n_rows", "rows"),
@@ -103,7 +103,7 @@ KINDS: dict[str, KindABI] = _kinds(
                      "v_cache", "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
                      "rope_dim", "theta_bits", "v_scale_bits", "dim", "pos", "ring", "n_rows",
                      "rows", "q_head0", "q_heads", "rope_part"),
-     ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES", "WALIGN", "L2PF")),
+     ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES", "WALIGN", "L2PF", "AALIGN")),
     # (kv head, chunk): partial (m, l, acc) of the head group's queries; key j at cache row
     # j % ring; pos = arena_i32 offset of the block start; causal 0 = the draft's form
     ("attn_partial", ("q", "k_cache", "v_cache", "part_m", "part_l", "part_acc",
@@ -120,17 +120,17 @@ KINDS: dict[str, KindABI] = _kinds(
     ("moe_route", ("x", "norm", "eps_bits", "gate", "bias", "xn", "plan", "weights",
                    "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows",
                    "split", "e0", "e1", "logits"),
-     ("BLOCK_T", "BLOCK_E", "BLOCK_RN", "BLOCK_K", "BLOCK_KR", "STAGES", "WALIGN")),
+     ("BLOCK_T", "BLOCK_E", "BLOCK_RN", "BLOCK_K", "BLOCK_KR", "STAGES", "WALIGN", "AALIGN")),
     # (slot, columns n0..n1 in BLOCK_N tiles; n1 <= n0: one tile), the same for expert_down and
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF", "AALIGN")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     # parts > 0 (both expert kinds): part `part` of `parts` of all routed (slot, tile) units
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF", "AALIGN")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
@@ -138,7 +138,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift
     ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "n1", "logits",
                  "tile_key", "tile_arg", "tile", "n_tiles", "state", "pos_shift", "n_rows", "rows"),
-     ("BLOCK_T", "BLOCK_NH", "BLOCK_K", "STAGES", "WALIGN", "L2PF")),
+     ("BLOCK_T", "BLOCK_NH", "BLOCK_K", "STAGES", "WALIGN", "L2PF", "AALIGN")),
     # out[t] = token of the largest tile key of row t (lowest token on ties); with top_p < 1
     # (and temperature > 0) the whole logits row is re-read: top-p cut-off, then Gumbel keys
     ("sample_reduce", ("tile_key", "tile_arg", "n_tiles", "out", "n_rows", "logits", "vocab",
@@ -175,7 +175,12 @@ KINDS: dict[str, KindABI] = _kinds(
 # register or shared-memory cost), plus the first L2PF tiles of a task before its wait (for
 # the experts: once the plan names the expert). 0 = off: the interpreter has no inline asm,
 # and GPUs before sm_90 have no bulk prefetch (the engine turns it off there).
-TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0}
+# AALIGN = the fp32 activation offsets and row lengths ACT_ALIGNED_ARGS names are multiples of this
+# many elements (4: 16-byte vector loads of activations; the engine lowers it to what the
+# records allow, act_alignment). Without it every fp32 activation load in the K loops was a
+# 4-byte copy per element: ncu on flash 2L block 8 counted 54% of linear's and the LM head's
+# global sectors as excessive (H200, session 9).
+TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4}
 # What a GPU build adds (the interpreter keeps the smaller tiles: it pays per element): on an
 # H100 (docs/PERF.md, version 2 sweep) 8 warps and 256-wide K steps put 32 KB of weights in
 # flight per K step; the 2-layer flash DFlash step went 11.8 ms (4 warps, BLOCK_K 64) ->
@@ -275,6 +280,27 @@ def encode_record(rec: TaskRecord) -> list[int]:
 # record args the WALIGN hint covers (element offsets / lengths of weight rows)
 ALIGNED_ARGS = {"linear": ("w", "w_up", "k_dim", "k0", "k1"), "lm_head": ("w", "dim"),
                 "qkv_rope_kv": ("wq", "wk", "wv", "dim"), "moe_route": ("gate",)}
+
+
+# record args the AALIGN hint covers (element offsets / row lengths of fp32 activations): the
+# frame loads them as tl.multiple_of(arg, AALIGN)
+ACT_ALIGNED_ARGS = {"linear": ("x", "x_stride", "res", "res_stride", "y", "y_stride"),
+                    "lm_head": ("x", "x_stride"), "qkv_rope_kv": ("x", "x_stride"),
+                    "moe_route": ("x", "dim"), "expert_up_gate": ("x", "dim", "act", "inter"),
+                    "expert_down": ("act", "inter", "out", "dim")}
+
+
+def act_alignment(queues, cap: int) -> int:
+    """The largest power of 2 <= cap that divides every ACT_ALIGNED_ARGS arg of the records
+    (absent args, < 0, are skipped): the AALIGN a kernel running these queues may be built with."""
+    align = max(1, cap)
+    for queue in queues:
+        for rec in queue:
+            for arg in ACT_ALIGNED_ARGS.get(rec.kind, ()):
+                value = rec.args.get(arg, -1)
+                while align > 1 and value is not None and value >= 0 and value % align:
+                    align //= 2
+    return align
 
 
 def check_alignment(queues, walign: int, task_names: dict | None = None):

@@ -1,4 +1,5 @@
-"""The WALIGN hint (16-byte weight loads) holds for every record the engine and compiler make."""
+"""The WALIGN hint (16-byte weight loads) holds for every record the engine and compiler make;
+the AALIGN hint (16-byte fp32 activation loads) is lowered to what the records allow."""
 import pytest
 import torch
 
@@ -42,4 +43,29 @@ def test_compiled_step_records_are_aligned():
         programs = [engine.schedule, engine.prefill_schedule, engine.plain_schedule]
         assert (programs[0] is None) == (engine.draft is None) and all(programs[1:])
         for tp in filter(None, programs):
-            L.check_alignment(RecordBuilder(engine.builder, tp).queues(), walign)
+            queues = RecordBuilder(engine.builder, tp).queues()
+            L.check_alignment(queues, walign)
+            # every activation offset / row length of the presets allows 16-byte loads
+            assert L.act_alignment(queues, 4) == 4
+        assert all(step.kernel.constexprs["AALIGN"] == 4 for step in map(engine.step_program, ("prefill", "plain")))
+
+
+def test_activation_alignment_is_lowered_to_what_the_records_allow():
+    """act_alignment: the largest power of 2 <= cap dividing every hinted activation arg (absent
+    args, -1, do not count); args other kinds or other names hold are not constrained."""
+    lin = L.TaskRecord("linear", 1, dict(x=128, x_stride=64, res=-1, res_stride=0, y=256, y_stride=64, k_dim=3))
+    assert L.act_alignment([[lin]], 4) == 4
+    assert L.act_alignment([[lin]], 1) == 1
+    odd = L.TaskRecord("lm_head", 2, dict(x=130, x_stride=64, dim=4096))     # x: a row of a 2-wide offset
+    assert L.act_alignment([[lin], [odd]], 4) == 2
+    assert L.act_alignment([[lin, L.TaskRecord("expert_down", 3, dict(act=64, inter=37, out=0, dim=64))]], 4) == 1
+    assert L.act_alignment([[L.TaskRecord("attn_partial", 4, dict(q=3))]], 4) == 4
+
+
+def test_the_frame_loads_hinted_activation_args_with_multiple_of():
+    from tilecomp.codegen.triton_gen import generate_kernel
+    tiles = dict(BLOCK_T=16, BLOCK_N=32, BLOCK_K=32, BLOCK_TA=16, BLOCK_S=16, BLOCK_HD=16, BLOCK_HV=16)
+    src = generate_kernel(["linear", "attn_partial"], name="k", constexprs=tiles)
+    assert "r_x = tl.multiple_of(tl.load(rec + " in src and "r_y_stride = tl.multiple_of(" in src
+    assert "r_w = tl.load(rec + " in src and "r_q = tl.load(rec + " in src     # weights: WALIGN; attention: none
+    assert "AALIGN: tl.constexpr" in src

@@ -6,7 +6,7 @@ import triton.language as tl
 
 KERNEL_NAME = "decode_step"
 RECORD_WORDS = tl.constexpr(48)
-CONSTEXPRS = {'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'L2PF': 0, 'STAGES': 3, 'WALIGN': 1}
+CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'L2PF': 0, 'STAGES': 3, 'WALIGN': 1}
 
 
 @triton.jit(do_not_specialize=["epoch"])  # epoch == 1 must not become a constant
@@ -23,6 +23,7 @@ def decode_step(
     arena_i32,    # token ids, step state, routing plans
     SPIN_LIMIT: tl.constexpr,
     TRACE: tl.constexpr,
+    AALIGN: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -87,8 +88,8 @@ def decode_step(
                     em_val = tl.where(em_is_mask[:, None], em_msk[None, :], em_tok)
                     tl.store(arena_f32 + r_out + em_t[:, None] * r_dim + em_d[None, :], em_val, mask=em_m)
         elif kind == 2:  # linear
-            r_x = tl.load(rec + 4)
-            r_x_stride = tl.load(rec + 5)
+            r_x = tl.multiple_of(tl.load(rec + 4), AALIGN)
+            r_x_stride = tl.multiple_of(tl.load(rec + 5), AALIGN)
             r_w = tl.load(rec + 6)
             r_w_up = tl.load(rec + 7)
             r_k_dim = tl.load(rec + 8)
@@ -100,10 +101,10 @@ def decode_step(
             r_norm = tl.load(rec + 14)
             r_eps_bits = tl.load(rec + 15)
             r_bias = tl.load(rec + 16)
-            r_res = tl.load(rec + 17)
-            r_res_stride = tl.load(rec + 18)
-            r_y = tl.load(rec + 19)
-            r_y_stride = tl.load(rec + 20)
+            r_res = tl.multiple_of(tl.load(rec + 17), AALIGN)
+            r_res_stride = tl.multiple_of(tl.load(rec + 18), AALIGN)
+            r_y = tl.multiple_of(tl.load(rec + 19), AALIGN)
+            r_y_stride = tl.multiple_of(tl.load(rec + 20), AALIGN)
             r_n_rows = tl.load(rec + 21)
             r_rows = tl.load(rec + 22)
             # -- linear: loads that do not depend on other tasks (weights) --
