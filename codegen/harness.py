@@ -141,8 +141,7 @@ def run_tasks(queues: list[list[L.TaskRecord]], arenas: Arenas, constexprs: dict
     device = arenas.data["f32"].device
     all_records = [r for q in queues for r in q]
     kinds = sorted(set(kinds or [r.kind for r in all_records]))
-    if "AALIGN" in constexprs:
-        constexprs = dict(constexprs, AALIGN=L.act_alignment(queues, constexprs["AALIGN"]))
+    constexprs = L.fit_act_alignment(constexprs, queues)
     kernel = Megakernel.build(kinds, constexprs, spin_limit=spin_limit)
     records, queue = L.pack_records(queues, device)
     if counters is None:

@@ -290,17 +290,33 @@ ACT_ALIGNED_ARGS = {"linear": ("x", "x_stride", "res", "res_stride", "y", "y_str
                     "expert_down": ("act", "inter", "out", "dim")}
 
 
+def _hinted_values(queues, table: dict):
+    """(record, arg, value) of every arg `table` names for the record's kind that is present
+    (absent args are None or < 0)."""
+    for queue in queues:
+        for rec in queue:
+            for arg in table.get(rec.kind, ()):
+                value = rec.args.get(arg, -1)
+                if value is not None and value >= 0:
+                    yield rec, arg, value
+
+
 def act_alignment(queues, cap: int) -> int:
     """The largest power of 2 <= cap that divides every ACT_ALIGNED_ARGS arg of the records
     (absent args, < 0, are skipped): the AALIGN a kernel running these queues may be built with."""
     align = max(1, cap)
-    for queue in queues:
-        for rec in queue:
-            for arg in ACT_ALIGNED_ARGS.get(rec.kind, ()):
-                value = rec.args.get(arg, -1)
-                while align > 1 and value is not None and value >= 0 and value % align:
-                    align //= 2
+    for _, _, value in _hinted_values(queues, ACT_ALIGNED_ARGS):
+        while value % align:
+            align //= 2
     return align
+
+
+def fit_act_alignment(consts: dict, queues) -> dict:
+    """The launch constexprs for these queues: AALIGN (when the kernel has it) lowered to what
+    their records allow."""
+    if "AALIGN" not in consts:
+        return consts
+    return dict(consts, AALIGN=act_alignment(queues, consts["AALIGN"]))
 
 
 def check_alignment(queues, walign: int, task_names: dict | None = None):
@@ -308,14 +324,11 @@ def check_alignment(queues, walign: int, task_names: dict | None = None):
     kernel built with the hint would otherwise issue misaligned vector loads."""
     if walign <= 1:
         return
-    for queue in queues:
-        for rec in queue:
-            for arg in ALIGNED_ARGS.get(rec.kind, ()):
-                value = rec.args.get(arg, -1)
-                if value is not None and value >= 0 and value % walign:
-                    name = (task_names or {}).get(rec.task, f"task {rec.task}")
-                    raise ScheduleError(f"{rec.kind} {name}: arg {arg}={value} is not a multiple of "
-                                        f"WALIGN={walign} elements (weight rows must be 16-byte aligned)")
+    for rec, arg, value in _hinted_values(queues, ALIGNED_ARGS):
+        if value % walign:
+            name = (task_names or {}).get(rec.task, f"task {rec.task}")
+            raise ScheduleError(f"{rec.kind} {name}: arg {arg}={value} is not a multiple of "
+                                f"WALIGN={walign} elements (weight rows must be 16-byte aligned)")
 
 
 def pack_records(queues: list[list[TaskRecord]], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -190,8 +190,7 @@ class MegakernelEngine:
         consts = tile_constexprs(tp, self.consts, widen=interpreting())
         names = {t.id: f"{t.kind} [{t.name} {t.attrs.get('op', '')}]" for t in tp.tasks}
         L.check_alignment(queues, consts.get("WALIGN", 1), names)
-        if "AALIGN" in consts:  # the activation hint only as far as these records allow it
-            consts["AALIGN"] = L.act_alignment(queues, consts["AALIGN"])
+        consts = L.fit_act_alignment(consts, queues)   # the activation hint as far as the records allow
         # the artifacts' / cached kernel, launched with this program's tile sizes (on a GPU the
         # recorded CONSTEXPRS + layout.GPU_TUNING + tiles; the file's own values are the CPU ones)
         kernel = Megakernel.from_file(self.kernel_paths[kernel_name], num_warps=self.num_warps,
