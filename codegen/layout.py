@@ -88,7 +88,7 @@ KINDS: dict[str, KindABI] = _kinds(
     ("linear", ("x", "x_stride", "w", "w_up", "k_dim", "n_dim", "n0", "n1", "k0", "k1",
                 "norm", "eps_bits", "bias", "res", "res_stride", "y", "y_stride", "n_rows",
                 "rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN", "L2PF", "AALIGN")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN", "L2PF", "AALIGN", "NORM_F32")),
     # y[t, n0:n0+BN] = sum_s part[s, t, n0:n0+BN] (+ residual)
     ("linear_reduce", ("part", "n_split", "split_stride", "n_dim", "n0", "n1", "res", "y",
                        "y_stride", "n_rows", "rows"),
@@ -103,7 +103,7 @@ KINDS: dict[str, KindABI] = _kinds(
                      "v_cache", "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
                      "rope_dim", "theta_bits", "v_scale_bits", "dim", "pos", "ring", "n_rows",
                      "rows", "q_head0", "q_heads", "rope_part"),
-     ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES", "WALIGN", "L2PF", "AALIGN")),
+     ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES", "WALIGN", "L2PF", "AALIGN", "NORM_F32")),
     # (kv head, chunk): partial (m, l, acc) of the head group's queries; key j at cache row
     # j % ring; pos = arena_i32 offset of the block start; causal 0 = the draft's form
     ("attn_partial", ("q", "k_cache", "v_cache", "part_m", "part_l", "part_acc",
@@ -120,7 +120,7 @@ KINDS: dict[str, KindABI] = _kinds(
     ("moe_route", ("x", "norm", "eps_bits", "gate", "bias", "xn", "plan", "weights",
                    "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows",
                    "split", "e0", "e1", "logits"),
-     ("BLOCK_T", "BLOCK_E", "BLOCK_RN", "BLOCK_K", "BLOCK_KR", "STAGES", "WALIGN", "AALIGN")),
+     ("BLOCK_T", "BLOCK_E", "BLOCK_RN", "BLOCK_K", "BLOCK_KR", "STAGES", "WALIGN", "AALIGN", "NORM_F32")),
     # (slot, columns n0..n1 in BLOCK_N tiles; n1 <= n0: one tile), the same for expert_down and
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
@@ -138,7 +138,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift
     ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "n1", "logits",
                  "tile_key", "tile_arg", "tile", "n_tiles", "state", "pos_shift", "n_rows", "rows"),
-     ("BLOCK_T", "BLOCK_NH", "BLOCK_K", "STAGES", "WALIGN", "L2PF", "AALIGN")),
+     ("BLOCK_T", "BLOCK_NH", "BLOCK_K", "STAGES", "WALIGN", "L2PF", "AALIGN", "NORM_F32")),
     # out[t] = token of the largest tile key of row t (lowest token on ties); with top_p < 1
     # (and temperature > 0) the whole logits row is re-read: top-p cut-off, then Gumbel keys
     ("sample_reduce", ("tile_key", "tile_arg", "n_tiles", "out", "n_rows", "logits", "vocab",
@@ -180,7 +180,20 @@ KINDS: dict[str, KindABI] = _kinds(
 # records allow, act_alignment). Without it every fp32 activation load in the K loops was a
 # 4-byte copy per element: ncu on flash 2L block 8 counted 54% of linear's and the LM head's
 # global sectors as excessive (H200, session 9).
-TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4}
+# NORM_F32 = 1: the RMSNorm gains live in arena_f32 (exact: they are widened from the checkpoint
+# dtype), so the gain tile the K loops multiply into x has x's element size. With bf16 gains
+# (0, arena_w), Triton's coalescing gave the x and gain loads (one shape, shared offsets) the bf16
+# load's 8 elements per thread: every fp32 x copy was two 16-byte halves 32 bytes apart, 74% of
+# linear's remaining excessive sectors (ncu source counters, H200, session 9). The engine places
+# the gains (weights.add_weights) and checks every record's norm slot (RecordBuilder).
+TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
+                   "NORM_F32": 1}
+
+
+def norm_arena(consts: dict) -> str:
+    """The arena that holds the RMSNorm gains for kernels built with `consts` (NORM_F32)."""
+    return "f32" if consts.get("NORM_F32", TUNING_DEFAULTS["NORM_F32"]) else "w"
+
 # What a GPU build adds (the interpreter keeps the smaller tiles: it pays per element): on an
 # H100 (docs/PERF.md, version 2 sweep) 8 warps and 256-wide K steps put 32 KB of weights in
 # flight per K step; the 2-layer flash DFlash step went 11.8 ms (4 warps, BLOCK_K 64) ->

@@ -40,14 +40,22 @@ def _act_load(ptr: str, mask: str = "None", other: str = "0.0") -> str:
 
 
 def _norm_gain(out: str, kk: str, kmask: str, t: str) -> str:
-    """The RMSNorm weight of K columns `kk` (row `r_norm` of arena_w; 1.0 when r_norm < 0) as a
-    fp32 [BLOCK_T, BLOCK_K] tile for a pipelined K loop. It is a masked load, not a branch (a
-    load under `if` is not pipelined), and it is loaded as a full 2-D tile, each row the same
-    (stride 0): a [BLOCK_K] vector of bf16 is 2 bytes per thread, too narrow for an async copy,
-    so it would be a synchronous load that stalls every K step."""
-    return (f"{out} = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + ({kk})[None, :]"
-            f" + {t}[:, None] * 0,\n"
-            f"    mask=(({kmask}) & (r_norm >= 0))[None, :] & ({t} >= 0)[:, None], other=1.0).to(tl.float32)")
+    """The RMSNorm weight of K columns `kk` (slot `r_norm`; 1.0 when r_norm < 0) as a fp32
+    [BLOCK_T, BLOCK_K] tile for a pipelined K loop. It is a masked load, not a branch (a load
+    under `if` is not pipelined), and it is loaded as a full 2-D tile, each row the same
+    (stride 0): a [BLOCK_K] vector is 2-4 bytes per thread, too narrow for an async copy, so it
+    would be a synchronous load that stalls every K step. NORM_F32 (layout.norm_arena): the gains
+    live in arena_f32, so this tile has the element size of the x tile it scales; Triton's
+    coalescing gives loads of one shape that share offsets the widest vector of the group, and a
+    bf16 gain made the fp32 x copies 32 bytes per thread, each 16-byte half a strided access."""
+    lines = []
+    for cond, arena, conv in (("if NORM_F32:", "arena_f32", ""),
+                              ("else:", "arena_w", ".to(tl.float32)")):
+        lines += [cond,
+                  f"    {out} = tl.load({arena} + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + ({kk})[None, :]"
+                  f" + {t}[:, None] * 0,",
+                  f"        mask=(({kmask}) & (r_norm >= 0))[None, :] & ({t} >= 0)[:, None], other=1.0){conv}"]
+    return "\n".join(lines)
 
 
 # Hopper's bulk L2 prefetch (PTX ISA 8.0, sm_90): one instruction moves a contiguous run of a

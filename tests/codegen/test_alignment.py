@@ -48,6 +48,18 @@ def test_compiled_step_records_are_aligned():
             # every activation offset / row length of the presets allows 16-byte loads
             assert L.act_alignment(queues, 4) == 4
         assert all(step.kernel.constexprs["AALIGN"] == 4 for step in map(engine.step_program, ("prefill", "plain")))
+    # the RMSNorm gains sit where the kernels read them (NORM_F32), and a record naming a gain
+    # in the other arena is refused with the gain named
+    slot = engine.builder.slots["model.layers.0.input_layernorm.weight"]
+    assert slot.arena == "f32" and engine.builder.slots["model.norm.weight"].arena == "f32"
+    assert engine.builder.slots["model.layers.0.self_attn.q_proj.weight"].arena == "w"
+    RecordBuilder(engine.builder, engine.plain_schedule, norm_arena="f32").queues()
+    with pytest.raises(ScheduleError, match=r"RMSNorm gain model\.layers\.\d+\.\w+layernorm\.weight is in "
+                                            r"the 'f32' arena, the kernels read gains from 'w'"):
+        RecordBuilder(engine.builder, engine.plain_schedule, norm_arena="w").queues()
+    bf16_gains = MegakernelEngine(target, None, max_len=32, programs=4, qkv_q_heads=1, tiles={"NORM_F32": 0})
+    assert bf16_gains.builder.slots["model.norm.weight"].arena == "w"
+    RecordBuilder(bf16_gains.builder, bf16_gains.plain_schedule, norm_arena="w").queues()
 
 
 def test_activation_alignment_is_lowered_to_what_the_records_allow():

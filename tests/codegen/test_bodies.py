@@ -26,8 +26,9 @@ def test_qkv_rope_kv_matches_reference_projection_and_rope(rope_dim, n_rows, spl
     wq, wk, wv = (torch.randn(n, D, generator=g) for n in (H * hd, G * hd, G * vd))
     gain = torch.rand(D, generator=g) + 0.5
     b = ArenaBuilder(torch.float32)
-    for name, t in dict(wq=wq, wk=wk, wv=wv, g=gain).items():
+    for name, t in dict(wq=wq, wk=wk, wv=wv).items():
         b.add(name, t, "w")
+    b.add("g", gain, L.norm_arena({}))
     b.add("x", x, "f32"), b.add("st", state_words(pos=pos), "i32")
     b.add("kc", torch.zeros(G, ring, hd), "w"), b.add("vc", torch.zeros(G, ring, vd), "w")
     b.reserve("q", (n_rows, H * hd), "f32")

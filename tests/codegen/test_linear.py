@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tilecomp.codegen.harness import run_tasks
-from tilecomp.codegen.layout import TaskRecord, float_bits
+from tilecomp.codegen.layout import TaskRecord, float_bits, norm_arena
 from tilecomp.runtime.buffers import ArenaBuilder
 
 CONST = dict(BLOCK_T=16, BLOCK_N=32, BLOCK_K=32)
@@ -17,19 +17,23 @@ def linear_record(task, b, n0, k0, k1, *, T, N, K, norm, res, y="y", y_stride=No
         y_stride=y_stride or N, n_rows=T, rows=rows), signals=[0])
 
 
-@pytest.mark.parametrize("norm,res,stages", [(False, False, 3), (True, True, 3), (True, True, 1)])
-def test_linear_matches_torch(norm, res, stages):
-    """stages 3: the tl.range-pipelined K loop; 1: the manual one-tile prefetch before the wait."""
+@pytest.mark.parametrize("norm,res,stages,norm_f32", [(False, False, 3, 1), (True, True, 3, 1), (True, True, 1, 1),
+                                                      (True, True, 3, 0), (True, False, 1, 0)])
+def test_linear_matches_torch(norm, res, stages, norm_f32):
+    """stages 3: the tl.range-pipelined K loop; 1: the manual one-tile prefetch before the wait.
+    norm_f32: the gain in arena_f32 (1) or arena_w (0), as layout.norm_arena places it (the other
+    arena holds other data at that offset, so a kernel reading the wrong one fails)."""
     g = torch.Generator().manual_seed(1)
     T, K, N = 5, 80, 72  # neither a multiple of the tiles
     x, w, gain, resid = (torch.randn(s, generator=g) for s in [(T, K), (N, K), (K,), (T, N)])
+    const = dict(CONST, STAGES=stages, NORM_F32=norm_f32)
     b = ArenaBuilder(torch.float32)
-    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", gain, "w"), b.add("res", resid, "f32")
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", gain, norm_arena(const)), b.add("res", resid, "f32")
     b.reserve("y", (T, N), "f32")
     arenas = b.build()
     recs = [linear_record(i, b, n0, 0, K, T=T, N=N, K=K, norm=norm, res=res)
             for i, n0 in enumerate(range(0, N, 32))]
-    counters = run_tasks([recs], arenas, dict(CONST, STAGES=stages))
+    counters = run_tasks([recs], arenas, const)
     xin = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain if norm else x
     want = xin @ w.T + (resid if res else 0)
     torch.testing.assert_close(arenas.view("y"), want, rtol=1e-5, atol=1e-4)
@@ -41,7 +45,7 @@ def test_linear_split_k_partials_and_dynamic_rows():
     T, K, N = 6, 96, 32
     x, w = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g)
     b = ArenaBuilder(torch.float32)
-    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", torch.ones(K), "w")
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", torch.ones(K), "f32")
     b.add("res", torch.zeros(T, N), "f32"), b.add("rows", torch.tensor([4], dtype=torch.int32), "i32")
     b.add("part", torch.full((2, T, N), 7.0), "f32")
     arenas = b.build()
@@ -77,7 +81,7 @@ def test_linear_swiglu_epilogue(stages):
     T, K, N = 4, 64, 48
     x, wg, wu = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, K, generator=g)
     b = ArenaBuilder(torch.float32)
-    b.add("x", x, "f32"), b.add("w", wg, "w"), b.add("wu", wu, "w"), b.add("g", torch.ones(K), "w")
+    b.add("x", x, "f32"), b.add("w", wg, "w"), b.add("wu", wu, "w"), b.add("g", torch.ones(K), "f32")
     b.add("res", torch.zeros(T, N), "f32"), b.reserve("y", (T, N), "f32")
     arenas = b.build()
     recs = [linear_record(i, b, n0, 0, K, T=T, N=N, K=K, norm=True, res=False) for i, n0 in enumerate((0, 32))]
@@ -94,7 +98,7 @@ def test_linear_tile_stops_at_n1():
     T, K, N = 3, 32, 40
     x, w = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g)
     b = ArenaBuilder(torch.float32)
-    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", torch.ones(K), "w")
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", torch.ones(K), "f32")
     b.add("res", torch.zeros(T, N), "f32"), b.add("y", torch.full((T, N), 5.0), "f32")
     arenas = b.build()
     rec = linear_record(0, b, 8, 0, K, T=T, N=N, K=K, norm=False, res=False)
@@ -113,7 +117,7 @@ def test_linear_task_wider_than_block_n_runs_sub_tiles(stages):
     T, K, N = 3, 64, 80
     x, w, wu, res = (torch.randn(s, generator=g) for s in [(T, K), (N, K), (N, K), (T, N)])
     b = ArenaBuilder(torch.float32)
-    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("wu", wu, "w"), b.add("g", torch.ones(K), "w")
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("wu", wu, "w"), b.add("g", torch.ones(K), "f32")
     b.add("res", res, "f32"), b.add("y", torch.full((T, N), 5.0), "f32")
     arenas = b.build()
     rec = linear_record(0, b, 4, 0, K, T=T, N=N, K=K, norm=True, res=False)

@@ -12,7 +12,7 @@ import torch
 import triton
 
 from tilecomp.codegen.harness import run_tasks
-from tilecomp.codegen.layout import TaskRecord, float_bits
+from tilecomp.codegen.layout import TaskRecord, float_bits, norm_arena
 from tilecomp.models.mimo import MoE, RMSNorm
 from tilecomp.models.mxfp4 import quantize_mxfp4
 from tilecomp.models.presets import preset
@@ -44,7 +44,7 @@ def moe_arenas(moe, x, norm_w, n_slots, *, logits_in=False):
     b.add("x", x, "f32")
     if logits_in:
         b.add("logits", x @ moe.gate.weight.T, "f32")
-    b.add("norm", norm_w, "w")
+    b.add("norm", norm_w, norm_arena({}))
     b.add("gate", moe.gate.weight.detach(), "f32")
     b.add("bias", moe.gate.e_score_correction_bias, "f32")
     for name in ("gate_proj", "up_proj", "down_proj"):
@@ -144,7 +144,9 @@ CASES = [
                             pytest.param(*CASES[2].values, 5, 0, id="partial-tiles-weights-left"),
                             pytest.param(*CASES[0].values, 5, 3, id="tiny-T8-3-parts-weights-left"),
                             pytest.param(*CASES[0].values, 6, 3, id="tiny-T8-3-parts-word-codes"),
-                            pytest.param(*CASES[2].values, 6, 0, id="partial-tiles-word-codes")])
+                            pytest.param(*CASES[2].values, 6, 0, id="partial-tiles-word-codes"),
+                            pytest.param(*CASES[2].values, 7, 0, id="partial-tiles-one-dot"),
+                            pytest.param(*CASES[0].values, 7, 3, id="tiny-T8-3-parts-one-dot")])
 def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk, task_n, mx_dot, parts):
     """mx_dot 4: the experts' GEMV path (only the tokens that chose an expert; act of the others
     stays NaN garbage, so a body that reads it poisons y). parts > 0: the experts as `parts`
@@ -247,7 +249,8 @@ def test_ties_choose_the_lowest_expert():
     torch.testing.assert_close(arenas.view("weights")[:3], torch.full((3, 4), 1 / 3))
 
 
-@pytest.mark.parametrize("mode", [0, 3, 4, 5], ids=["branches", "bitcast", "bitcast-gemv", "bitcast-weights-left"])
+@pytest.mark.parametrize("mode", [0, 3, 4, 5, 7], ids=["branches", "bitcast", "bitcast-gemv", "bitcast-weights-left",
+                                                   "bitcast-one-dot"])
 def test_mxfp4_dequant_matches_models_mxfp4(mode):
     """Every E2M1 code and a spread of E8M0 scales (including 2, the smallest exact one)
     through one expert_up_gate tile, with both bit-level dequantizations (MX_DOT 0 and 3; 4 is 3

@@ -82,8 +82,10 @@ def reserve_buffers(b: ArenaBuilder, *programs):
 
 
 class RecordBuilder:
-    def __init__(self, b: ArenaBuilder, tp):
-        self.b, self.tp = b, tp
+    def __init__(self, b: ArenaBuilder, tp, norm_arena: str | None = None):
+        """norm_arena: the arena the kernels read RMSNorm gains from (layout.norm_arena); every
+        record's `norm` slot is checked against it (None: not checked)."""
+        self.b, self.tp, self.norm_arena = b, tp, norm_arena
         self.counter_index = {name: i for i, name in enumerate(tp.counters)}
         self.state = b.offset("state")
 
@@ -117,6 +119,8 @@ class RecordBuilder:
                 value = attrs[arg]
                 if isinstance(value, str):
                     value = self.offset(value, task) + int(attrs.get(f"{arg}_offset", 0))
+                    if arg == "norm":
+                        self._check_norm(attrs[arg], task)
                 args[arg] = int(value)
             else:
                 args[arg] = -1 if arg in OPTIONAL_ARGS else 0
@@ -127,6 +131,15 @@ class RecordBuilder:
                  for c, target in task.waits]
         signals = [(self.counter_index[c], inc) for c, inc in task.signals]
         return L.TaskRecord(task.kind, task.id, args, waits, signals)
+
+    def _check_norm(self, name: str, task):
+        buf = self.tp.buffers[name]
+        slot = weight_slot(buf.param or buf.name) if buf.kind == "weight" else f"tile.{name}"
+        arena = self.b.slots[slot].arena
+        if self.norm_arena is not None and arena != self.norm_arena:
+            raise ScheduleError(f"task {task.name} ({task.kind}): RMSNorm gain {slot} is in the "
+                                f"{arena!r} arena, the kernels read gains from {self.norm_arena!r} "
+                                f"(NORM_F32; weights.add_weights places them)")
 
     def queues(self) -> list[list[L.TaskRecord]]:
         if self.tp.programs is None:

@@ -116,9 +116,20 @@ class MegakernelEngine:
         self.device = target.lm_head.weight.device
         self.programs = programs or (1 if interpreting() else
                                      torch.cuda.get_device_properties(self.device).multi_processor_count)
+        self.consts = constexprs_for(self.config, self.dcfg, self.rows)
+        unknown = set(tiles or {}) - set(self.consts)
+        if unknown:
+            raise TilecompError(f"tiles: unknown tile size(s) {sorted(unknown)}; expected some of "
+                                f"{sorted(self.consts)}")
+        self.tiles = dict(tiles or {})
+        if not interpreting():
+            self.consts.update(L.GPU_TUNING)
+            if torch.cuda.get_device_capability(self.device)[0] < 9:
+                self.consts["L2PF"] = 0     # the bulk L2 prefetch is sm_90+ PTX
+        self.consts.update(self.tiles)
         wdtype = torch.float32 if interpreting() else target.lm_head.weight.dtype
         builder = ArenaBuilder(wdtype)
-        add_weights(builder, target, draft)
+        add_weights(builder, target, draft, norm_arena=L.norm_arena(self.consts))
         # KV positions per flash-decoding partial: the interpreter runs one chunk per head
         # (fewer tasks); a GPU splits the context so the partials fill the SMs
         self.chunk_len = chunk_len or (None if interpreting() else 256)
@@ -131,17 +142,6 @@ class MegakernelEngine:
         self.schedule = _load_schedule(schedule)
         self.prefill_schedule = _load_schedule(prefill_schedule)
         self.plain_schedule = _load_schedule(plain_schedule)
-        self.consts = constexprs_for(self.config, self.dcfg, self.rows)
-        unknown = set(tiles or {}) - set(self.consts)
-        if unknown:
-            raise TilecompError(f"tiles: unknown tile size(s) {sorted(unknown)}; expected some of "
-                                f"{sorted(self.consts)}")
-        self.tiles = dict(tiles or {})
-        if not interpreting():
-            self.consts.update(L.GPU_TUNING)
-            if torch.cuda.get_device_capability(self.device)[0] < 9:
-                self.consts["L2PF"] = 0     # the bulk L2 prefetch is sm_90+ PTX
-        self.consts.update(self.tiles)
         if self.consts.get("MX_DOT") == 6:
             self.consts["MX_DOT"] = _word_codes_or_exact(target, draft, self.tiles)
         if (self.schedule is None and draft is not None or self.prefill_schedule is None
@@ -186,7 +186,7 @@ class MegakernelEngine:
 
     def _compiled(self, tp, kernel_name: str) -> StepProgram:
         """A compiler-scheduled tile program (its queues, counters and tile sizes)."""
-        queues = RecordBuilder(self.builder, tp).queues()
+        queues = RecordBuilder(self.builder, tp, norm_arena=L.norm_arena(self.consts)).queues()
         consts = tile_constexprs(tp, self.consts, widen=interpreting())
         names = {t.id: f"{t.kind} [{t.name} {t.attrs.get('op', '')}]" for t in tp.tasks}
         L.check_alignment(queues, consts.get("WALIGN", 1), names)

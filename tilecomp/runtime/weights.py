@@ -1,9 +1,10 @@
 """Pack the target's and the draft's parameters into the typed arenas.
 
 Slot names are the checkpoint tensor names (`model.layers.0.self_attn.q_proj.weight`;
-draft tensors under `draft.`). Matrices, norms and embeddings go to the `w`
-arena (the engine's weight dtype), the router weight / bias and the attention
-sinks to `f32`, MXFP4 expert blocks and scales to `u8`.
+draft tensors under `draft.`). Matrices and embeddings go to the `w` arena (the
+engine's weight dtype), the router weight / bias and the attention sinks to `f32`,
+MXFP4 expert blocks and scales to `u8`. RMSNorm gains go where the kernels read
+them: `f32` when they are built with NORM_F32 (codegen/layout.norm_arena), else `w`.
 """
 from __future__ import annotations
 
@@ -26,14 +27,23 @@ def arena_of(name: str, tensor: torch.Tensor) -> str:
     return "w"
 
 
-def add_weights(builder: ArenaBuilder, target, draft=None):
-    """Every parameter and buffer of target (and draft, prefixed `draft.`) into `builder`."""
+def norm_gains(module) -> set[str]:
+    """Names of the RMSNorm gains of `module` (the `weight` of every *RMSNorm submodule)."""
+    return {f"{name}.weight" if name else "weight" for name, sub in module.named_modules()
+            if type(sub).__name__.endswith("RMSNorm")}
+
+
+def add_weights(builder: ArenaBuilder, target, draft=None, norm_arena: str = "w"):
+    """Every parameter and buffer of target (and draft, prefixed `draft.`) into `builder`; the
+    RMSNorm gains into `norm_arena`."""
     for prefix, module in (("", target), ("draft.", draft)):
         if module is None:
             continue
         tensors = dict(module.named_parameters())
         tensors.update(module.named_buffers())
+        gains = norm_gains(module)
         for name, tensor in tensors.items():
             if tensor.is_meta:
                 raise CheckpointError(f"tensor {prefix}{name} has no data (meta tensor)")
-            builder.add(prefix + name, tensor.detach(), arena_of(name, tensor))
+            arena = norm_arena if name in gains else arena_of(name, tensor)
+            builder.add(prefix + name, tensor.detach(), arena)

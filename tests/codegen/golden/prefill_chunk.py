@@ -6,7 +6,7 @@ import triton.language as tl
 
 KERNEL_NAME = "prefill_chunk"
 RECORD_WORDS = tl.constexpr(48)
-CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'L2PF': 0, 'STAGES': 3, 'WALIGN': 1}
+CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'L2PF': 0, 'NORM_F32': 1, 'STAGES': 3, 'WALIGN': 1}
 
 
 @triton.jit(do_not_specialize=["epoch"])  # epoch == 1 must not become a constant
@@ -29,6 +29,7 @@ def prefill_chunk(
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     L2PF: tl.constexpr,
+    NORM_F32: tl.constexpr,
     STAGES: tl.constexpr,
     WALIGN: tl.constexpr,
 ):
@@ -185,8 +186,12 @@ def prefill_chunk(
                                     if r_w_up >= 0:
                                         tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wub + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
                             ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
-                            ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
-                                mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
+                            if NORM_F32:
+                                ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                                    mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0)
+                            else:
+                                ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                                    mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
                             ln_x = ln_x * ln_inv[:, None] * ln_g
                             ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
                                             mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
@@ -205,8 +210,12 @@ def prefill_chunk(
                             ln_kk = ln_kb + ln_k
                             ln_kmask = ln_kk < r_k1
                             ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
-                            ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
-                                mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
+                            if NORM_F32:
+                                ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                                    mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0)
+                            else:
+                                ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                                    mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
                             ln_x = ln_x * ln_inv[:, None] * ln_g
                             # next weight tile streams while this one is used
                             ln_w_next = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
