@@ -40,22 +40,24 @@ def _act_load(ptr: str, mask: str = "None", other: str = "0.0") -> str:
 
 
 def _norm_gain(out: str, kk: str, kmask: str, t: str) -> str:
-    """The RMSNorm weight of K columns `kk` (slot `r_norm`; 1.0 when r_norm < 0) as a fp32
-    [BLOCK_T, BLOCK_K] tile for a pipelined K loop. It is a masked load, not a branch (a load
-    under `if` is not pipelined), and it is loaded as a full 2-D tile, each row the same
-    (stride 0): a [BLOCK_K] vector is 2-4 bytes per thread, too narrow for an async copy, so it
-    would be a synchronous load that stalls every K step. NORM_F32 (layout.norm_arena): the gains
-    live in arena_f32, so this tile has the element size of the x tile it scales; Triton's
-    coalescing gives loads of one shape that share offsets the widest vector of the group, and a
-    bf16 gain made the fp32 x copies 32 bytes per thread, each 16-byte half a strided access."""
-    lines = []
-    for cond, arena, conv in (("if NORM_F32:", "arena_f32", ""),
-                              ("else:", "arena_w", ".to(tl.float32)")):
-        lines += [cond,
-                  f"    {out} = tl.load({arena} + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + ({kk})[None, :]"
-                  f" + {t}[:, None] * 0,",
-                  f"        mask=(({kmask}) & (r_norm >= 0))[None, :] & ({t} >= 0)[:, None], other=1.0){conv}"]
-    return "\n".join(lines)
+    """The RMSNorm weight of K columns `kk` (slot `r_norm`; 1.0 when r_norm < 0) as a fp32 tile
+    that broadcasts over the [BLOCK_T, BLOCK_K] x tile of a pipelined K loop (a masked load, not a
+    branch: a load under `if` is not pipelined).
+    NORM_F32 (gains in arena_f32, layout.norm_arena): a [1, BLOCK_K] row, 4 bytes per thread, which
+    an async copy takes, and BLOCK_K * 4 bytes per K step.
+    Else (bf16 gains in arena_w): a [BLOCK_T, BLOCK_K] tile, each row the same (stride 0), because
+    a [BLOCK_K] bf16 vector is 2 bytes per thread, too narrow for an async copy (a synchronous load
+    would stall every K step). That tile costs BLOCK_T times the bytes, and as a load of x's shape
+    that shares x's offsets it gave the fp32 x copies its 8 elements per thread (Triton's
+    coalescing takes the widest vector of such a group): two strided 16-byte halves per thread."""
+    return "\n".join([
+        "if NORM_F32:",
+        f"    {out} = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + ({kk}),",
+        f"        mask=({kmask}) & (r_norm >= 0), other=1.0)[None, :]",
+        "else:",
+        f"    {out} = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + ({kk})[None, :]"
+        f" + {t}[:, None] * 0,",
+        f"        mask=(({kmask}) & (r_norm >= 0))[None, :] & ({t} >= 0)[:, None], other=1.0).to(tl.float32)"])
 
 
 # Hopper's bulk L2 prefetch (PTX ISA 8.0, sm_90): one instruction moves a contiguous run of a
