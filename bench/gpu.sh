@@ -67,10 +67,15 @@ for s in "$@"; do
     # each task kind alone (docs/PERF.md version 5), flash 2 layers, block 8 / 1
     phases-8) step phases-8 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 8 --skip-compile --skip-bf16 --eager-iters 1 --iters 20 --phases --json "$OUT/flash2-b8-phases.json" ;;
     phases-1) step phases-1 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 20 --phases --json "$OUT/flash2-b1-phases.json" ;;
-    # 'ncu KIND': Nsight Compute of one phase in its own kernel (flash 2L block 8), e.g. 'ncu expert_down'
-    ncu\ *) k=${s#ncu }; step "ncu-$k" 200 /usr/local/cuda/bin/ncu --nvtx --nvtx-include "phase_${k}_alone/" --launch-count 1 \
+    # 'ncu KIND [bench flags...]': Nsight Compute of one phase in its own kernel (flash 2L block 8),
+    # e.g. 'ncu expert_down' or 'ncu linear --tile NORM_F32=1'; 'ncum KIND ...': the same phase
+    # inside the whole megakernel (the kernel generation runs)
+    ncu\ *|ncum\ *) read -r -a a <<< "${s#* }"; k=${a[0]}; tag=$(printf '%s' "${a[*]:1}" | tr -c 'A-Za-z0-9' '_')
+              range="phase_${k}_alone/"; [[ $s == ncum* ]] && range="phase_${k}/"
+              step "${s%% *}-$k${tag:+-$tag}" 200 /usr/local/cuda/bin/ncu --nvtx --nvtx-include "$range" --launch-count 1 \
               --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-              tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 8 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --phases ;;
+              --section LaunchStats --section Occupancy \
+              tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 8 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --phases "${a[@]:1}" ;;
     # 'ncusrc KIND': the same phase's per-instruction and per-line counters (bench/ncu_source.py)
     ncusrc\ *) k=${s#ncusrc }; step "ncusrc-$k" 200 /usr/local/cuda/bin/ncu --nvtx --nvtx-include "phase_${k}_alone/" --launch-count 1 \
               --section SourceCounters --section WarpStateStats --import-source yes -f -o "$OUT/ncu-$k" \

@@ -169,6 +169,10 @@ KINDS: dict[str, KindABI] = _kinds(
 # multiply (3 has ~5 integer ops and 2 multiplies), joined back in registers into 3's even / odd
 # tiles for the same two dots per K step; exact for scale codes 65..191 and all-zero groups (the
 # engine checks the weights, else 3).
+# 7: 3's even / odd tiles interleaved back into K order (tl.join), one dot per matrix per K step
+# over the natural x tile (sm_90: 4 bar.sync per up_gate K step against 8). Session 10, H200:
+# up_gate in a kernel of its own 438 against 514 us, but in the whole megakernel 656 against 577,
+# and flash 8L block 8 14.75 against 13.1-13.3 ms, so 3 stays.
 # SALIGN = expert scale rows (K / 32 bytes) are multiples of this many bytes (1 = no hint)
 # L2PF = weight tiles the streaming loops (linear, lm_head, qkv_rope_kv, experts) prefetch
 # into L2 ahead of their loads, with Hopper's bulk prefetch (cp.async.bulk.prefetch.L2: no
@@ -181,13 +185,16 @@ KINDS: dict[str, KindABI] = _kinds(
 # 4-byte copy per element: ncu on flash 2L block 8 counted 54% of linear's and the LM head's
 # global sectors as excessive (H200, session 9).
 # NORM_F32 = 1: the RMSNorm gains live in arena_f32 (exact: they are widened from the checkpoint
-# dtype), so the gain tile the K loops multiply into x has x's element size. With bf16 gains
-# (0, arena_w), Triton's coalescing gave the x and gain loads (one shape, shared offsets) the bf16
-# load's 8 elements per thread: every fp32 x copy was two 16-byte halves 32 bytes apart, 74% of
-# linear's remaining excessive sectors (ncu source counters, H200, session 9). The engine places
-# the gains (weights.add_weights) and checks every record's norm slot (RecordBuilder).
+# dtype), and the K loops load them as one fp32 [1, BLOCK_K] row per step. 0 (bf16 gains in
+# arena_w): a stride-0 [BLOCK_T, BLOCK_K] bf16 tile, which Triton's coalescing groups with the x
+# tile (one shape, shared offsets) and gives 8 elements per thread, so every fp32 x copy is two
+# 16-byte halves 32 bytes apart: 74% of linear's remaining excessive sectors (ncu source counters,
+# H200, session 9). Measured (session 10, H200, flash 8L): 13.13 / 13.25 ms with 1 against 12.87
+# with 0 at block 8, 4.54 against 4.60 at block 1; run-to-run spread is 2-3%, so 0 (version 8's
+# loads) stays the default. The engine places the gains (weights.add_weights) and checks every
+# record's norm slot (RecordBuilder).
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
-                   "NORM_F32": 1}
+                   "NORM_F32": 0}
 
 
 def norm_arena(consts: dict) -> str:

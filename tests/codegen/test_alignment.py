@@ -50,16 +50,15 @@ def test_compiled_step_records_are_aligned():
         assert all(step.kernel.constexprs["AALIGN"] == 4 for step in map(engine.step_program, ("prefill", "plain")))
     # the RMSNorm gains sit where the kernels read them (NORM_F32), and a record naming a gain
     # in the other arena is refused with the gain named
-    slot = engine.builder.slots["model.layers.0.input_layernorm.weight"]
-    assert slot.arena == "f32" and engine.builder.slots["model.norm.weight"].arena == "f32"
-    assert engine.builder.slots["model.layers.0.self_attn.q_proj.weight"].arena == "w"
-    RecordBuilder(engine.builder, engine.plain_schedule, norm_arena="f32").queues()
-    with pytest.raises(ScheduleError, match=r"RMSNorm gain model\.layers\.\d+\.\w+layernorm\.weight is in "
-                                            r"the 'f32' arena, the kernels read gains from 'w'"):
-        RecordBuilder(engine.builder, engine.plain_schedule, norm_arena="w").queues()
-    bf16_gains = MegakernelEngine(target, None, max_len=32, programs=4, qkv_q_heads=1, tiles={"NORM_F32": 0})
-    assert bf16_gains.builder.slots["model.norm.weight"].arena == "w"
-    RecordBuilder(bf16_gains.builder, bf16_gains.plain_schedule, norm_arena="w").queues()
+    for norm_f32, arena, other in ((0, "w", "f32"), (1, "f32", "w")):
+        eng = MegakernelEngine(target, None, max_len=32, programs=4, qkv_q_heads=1, tiles={"NORM_F32": norm_f32})
+        assert eng.builder.slots["model.layers.0.input_layernorm.weight"].arena == arena == L.norm_arena(eng.consts)
+        assert eng.builder.slots["model.norm.weight"].arena == arena
+        assert eng.builder.slots["model.layers.0.self_attn.q_proj.weight"].arena == "w"
+        RecordBuilder(eng.builder, eng.plain_schedule, norm_arena=arena).queues()
+        with pytest.raises(ScheduleError, match=rf"RMSNorm gain model\.layers\.\d+\.\w+layernorm\.weight is in "
+                                                rf"the '{arena}' arena, the kernels read gains from '{other}'"):
+            RecordBuilder(eng.builder, eng.plain_schedule, norm_arena=other).queues()
 
 
 def test_activation_alignment_is_lowered_to_what_the_records_allow():

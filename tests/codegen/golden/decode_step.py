@@ -6,7 +6,7 @@ import triton.language as tl
 
 KERNEL_NAME = "decode_step"
 RECORD_WORDS = tl.constexpr(48)
-CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'L2PF': 0, 'NORM_F32': 1, 'STAGES': 3, 'WALIGN': 1}
+CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'L2PF': 0, 'NORM_F32': 0, 'STAGES': 3, 'WALIGN': 1}
 
 
 @triton.jit(do_not_specialize=["epoch"])  # epoch == 1 must not become a constant
