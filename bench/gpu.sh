@@ -43,11 +43,19 @@ phasesv() {
   step "phases-$name" 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block "$block" \
     --skip-compile --skip-bf16 --eager-iters 1 --iters 20 --phases --json "$OUT/flash2-b$block-phases-$name.json" "$@"
 }
+# benchv NAME PRESET LAYERS BLOCK [bench flags...]: the full bench (eager and torch.compile in the
+# same run) under a variant's flags, e.g. 'benchv flash8-b8-noinline mimo-v2-flash 8 8 --tile NOINLINE=1'
+benchv() {
+  local name=$1 preset=$2 layers=$3 block=$4; shift 4
+  step "bench-$name" 540 tilecomp bench --preset "$preset" --layers "$layers" --context 4096 --block "$block" \
+    --skip-bf16 --eager-iters 5 --iters 30 --json "$OUT/$name.json" "$@"
+}
 for s in "$@"; do
   case $s in
     var\ *) variant ${s#var } ;;    # e.g. 'var b8-p264 2 8 --programs 264'
     phasesv\ *) phasesv ${s#phasesv } ;;   # e.g. 'phasesv l2pf0 8 --tile L2PF=0'
     tokensv\ *) tokensv ${s#tokensv } ;;   # e.g. 'tokensv mx6 --tile MX_DOT=6'
+    benchv\ *) benchv ${s#benchv } ;;
     sweep-json) python3 -c "import glob, json, os, sys; json.dump({os.path.basename(f)[4:-5]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/var-*.json'))}, open(sys.argv[1] + '/sweep.json', 'w'), indent=1)" "$OUT"
                 rm -f "$OUT"/var-*.json ;;
     logs) (cd "$OUT" && tar czf logs.tgz *.log && rm -f *.log) ;;

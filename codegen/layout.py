@@ -194,7 +194,14 @@ KINDS: dict[str, KindABI] = _kinds(
 # loads) stays the default. The engine places the gains (weights.add_weights) and checks every
 # record's norm slot (RecordBuilder).
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
-                   "NORM_F32": 0}
+                   "NORM_F32": 0, "NOINLINE": 0}
+
+
+# constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute
+# function as a separate device function (triton.jit(noinline=True): the register allocator
+# sees one kind at a time; a kind in the whole megakernel spilled 28x more than in a kernel of
+# its own, ncu on expert_up_gate, H200, session 10); 0 inlines it (the code of version 8).
+FRAME_CONSTEXPRS = ("NOINLINE",)
 
 
 def norm_arena(consts: dict) -> str:
@@ -300,6 +307,23 @@ def encode_record(rec: TaskRecord) -> list[int]:
 # record args the WALIGN hint covers (element offsets / lengths of weight rows)
 ALIGNED_ARGS = {"linear": ("w", "w_up", "k_dim", "k0", "k1"), "lm_head": ("w", "dim"),
                 "qkv_rope_kv": ("wq", "wk", "wv", "dim"), "moe_route": ("gate",)}
+
+
+# record args whose alignment the attention templates have always assumed (flash-decoding
+# partial accumulators and the merged output are rows of head_dim-padded fp32 slots)
+FIXED_ALIGNED_ARGS = {"attn_partial": {"part_acc": 8}, "attn_reduce": {"part_acc": 8, "out": 8}}
+
+
+def arg_hint(kind: str, arg: str):
+    """What the frame states of a record arg when it loads it (tl.multiple_of): "AALIGN",
+    "WALIGN", a fixed number, or None. The frame is the one place: a kind's compute function
+    sees its args as function arguments, where a tl.multiple_of has no effect, and Triton passes
+    it what it knows of the call's operands."""
+    if arg in ACT_ALIGNED_ARGS.get(kind, ()):
+        return "AALIGN"
+    if arg in ALIGNED_ARGS.get(kind, ()):
+        return "WALIGN"
+    return FIXED_ALIGNED_ARGS.get(kind, {}).get(arg)
 
 
 # record args the AALIGN hint covers (element offsets / row lengths of fp32 activations): the

@@ -11,10 +11,13 @@ The snippet API (names a body may use) is documented in codegen/README.md.
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import hashlib
 import importlib.util
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,11 +134,64 @@ def render_body(env: jinja2.Environment, kind: str) -> Body:
 
 
 def kernel_constexprs(kinds: list[str]) -> list[str]:
-    """Sorted union of the constexpr parameters the given kinds' bodies use."""
-    names = set()
+    """Sorted union of the constexpr parameters the given kinds' bodies use, plus the frame's."""
+    names = set(L.FRAME_CONSTEXPRS)
     for kind in kinds:
         names.update(L.kind_abi(kind).constexprs)
     return sorted(names)
+
+
+_NOT_PARAMS = frozenset(dir(builtins)) | {"tl", "triton"}
+
+
+def _names(src: str) -> tuple[set[str], set[str]]:
+    """(names read, names assigned) anywhere in a rendered body part."""
+    tree = ast.parse(textwrap.dedent(src) or "pass")
+    loads, stores = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (loads if isinstance(node.ctx, ast.Load) else stores).add(node.id)
+    return loads, stores
+
+
+def _functions(abi: L.KindABI, body: Body, imports) -> dict:
+    """The source of a kind's compute function(s), with signatures and call arguments.
+    `body`: called inlined (NOINLINE 0) after the frame ran the prefetch before the wait; it takes
+    the prefetch's tensors. A noinline device function (NOINLINE 1) takes scalars only (Triton),
+    so a kind with a prefetch gets a second function, `own`, that runs its prefetch itself; a
+    kind without one uses `body` for both. A device function knows of its arguments what Triton
+    propagates from its one call site (the kernel's 16-byte pointers, the frame's AALIGN / WALIGN
+    hints on record args); a tl.multiple_of on an argument inside it has no effect."""
+    out = {"own": None}
+    for key, src, pre in (("body", body.compute, body.prefetch),
+                          ("own", f"{body.prefetch}\n{body.compute}", "")):
+        if key == "own" and not body.prefetch:
+            continue
+        values, consts = body_params(abi, Body(pre, src), imports)
+        out[key] = dict(source=src, signature=", ".join(values + [f"{c}: tl.constexpr" for c in consts]),
+                        call=", ".join(values + consts))
+    out["noinline"] = out["own"] or out["body"]
+    return out
+
+
+def body_params(abi: L.KindABI, body: Body, imports=()) -> tuple[list[str], list[str]]:
+    """The parameters of one kind's compute function, (values, constexprs), in a fixed order: the
+    arenas and record args it reads, then the prefetch locals it reads (its prefetch ran in the
+    frame before the wait), then the constexprs. Any other free name is an error: a body sees
+    nothing else of the frame."""
+    loads, stores = _names(body.compute)
+    _, pre = _names(body.prefetch)
+    free = {n for n in loads if n not in stores or n in pre} - _NOT_PARAMS
+    free -= {line.split()[-1] for line in imports}                 # module-level helpers
+    arenas = [a for a in ("arena_w", "arena_f32", "arena_u8", "arena_i32") if a in free]
+    args = [f"r_{a}" for a in abi.args if f"r_{a}" in free]
+    local = sorted(n for n in free if n in pre)
+    consts = [c for c in ("ESIZE",) + abi.constexprs if c in free]
+    unknown = free - set(arenas) - set(args) - set(local) - set(consts)
+    if unknown:
+        raise ScheduleError(f"task kind {abi.name!r}: its compute body reads {sorted(unknown)}, which "
+                            f"are neither arenas, record args, prefetch locals nor its constexprs")
+    return arenas + args + local, consts
 
 
 def generate_kernel(kinds, name: str = "decode_step", constexprs: dict | None = None) -> str:
@@ -162,8 +218,9 @@ def generate_kernel(kinds, name: str = "decode_step", constexprs: dict | None = 
     wait_block = env.get_template("wait.j2").render().strip("\n")
     recorded = {n: values[n] for n in names if n in values}
     imports = sorted({line for b in bodies.values() for line in b.imports})
+    functions = {a.name: _functions(a, bodies[a.name], imports) for a in abis}
     return env.get_template("megakernel.py.j2").render(
-        version=tilecomp.__version__, kernel_name=name, kinds=abis, bodies=bodies,
+        version=tilecomp.__version__, kernel_name=name, kinds=abis, bodies=bodies, functions=functions,
         wait_block=wait_block, imports=imports, constexpr_names=names, constexpr_values=repr(recorded),
     )
 

@@ -1,5 +1,7 @@
 """The WALIGN hint (16-byte weight loads) holds for every record the engine and compiler make;
 the AALIGN hint (16-byte fp32 activation loads) is lowered to what the records allow."""
+import re
+
 import pytest
 import torch
 
@@ -78,5 +80,7 @@ def test_the_frame_loads_hinted_activation_args_with_multiple_of():
     tiles = dict(BLOCK_T=16, BLOCK_N=32, BLOCK_K=32, BLOCK_TA=16, BLOCK_S=16, BLOCK_HD=16, BLOCK_HV=16)
     src = generate_kernel(["linear", "attn_partial"], name="k", constexprs=tiles)
     assert "r_x = tl.multiple_of(tl.load(rec + " in src and "r_y_stride = tl.multiple_of(" in src
-    assert "r_w = tl.load(rec + " in src and "r_q = tl.load(rec + " in src     # weights: WALIGN; attention: none
+    assert "r_w = tl.multiple_of(tl.load(rec + " in src and "r_q = tl.load(rec + " in src   # weights: WALIGN; q: none
+    assert re.search(r"r_w = tl.multiple_of\(tl.load\(rec \+ \d+\), WALIGN\)", src)
+    assert "r_part_acc = tl.multiple_of(tl.load(rec + " in src                            # attention's fixed 8
     assert "AALIGN: tl.constexpr" in src

@@ -25,11 +25,21 @@ def test_frame_source_matches_golden(name):
 
 
 def test_engine_kernel_is_one_jit_with_one_commented_branch_per_kind_in_order():
+    """One kernel; each kind's compute is a module-level body function, jitted twice (inlined,
+    and a noinline device function for NOINLINE 1), called from that kind's branch only."""
     source = generate_kernel(KINDS, name="decode_step")
     tree = ast.parse(source)
-    jitted = [f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)]
-    assert jitted == ["decode_step"]
+    functions = [f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)]
+    own = {"linear", "qkv_rope_kv", "lm_head"}     # kinds with a prefetch: a scalar-args copy runs it
+    assert functions == [n for k in KINDS for n in [f"_{k}_body"] + ([f"_{k}_own_body"] if k in own else [])
+                         ] + ["decode_step"]
     assert source.count("@triton.jit") == 1
+    for k in KINDS:
+        assert source.count(f"_{k} = triton.jit(_{k}_body)") == 1
+        noinline = f"_{k}_own_body" if k in own else f"_{k}_body"
+        assert source.count(f"_{k}_noinline = triton.jit(noinline=True)({noinline})") == 1
+        branch = source.split(f"  # {k}\n", 1)[1].split("elif kind ==", 1)[0]
+        assert f"_{k}_noinline(" in branch and f"_{k}(" in branch
     branches = re.findall(r"^        (?:el)?if kind == (\d+):  # (\w+)$", source, re.M)
     assert [(int(i), k) for i, k in branches] == [(L.KIND_IDS[k], k) for k in KINDS]
     assert source.count("sem=\"acquire\"") == 2 * len(KINDS)   # first poll + spin, per branch
@@ -42,3 +52,16 @@ def test_weight_loads_are_issued_before_the_wait(kind, first_weight):
     source = generate_kernel(KINDS, name="decode_step")
     branch = source.split(f"  # {kind}\n", 1)[1].split("elif kind ==", 1)[0]
     assert branch.index(first_weight) < branch.index('sem="acquire"')
+
+
+def test_compute_function_parameters_and_undeclared_frame_names():
+    """A kind's compute function takes the arenas and record args it reads, the prefetch locals
+    (inlined form only) and its constexprs; a body reading any other frame name is refused."""
+    from tilecomp.codegen.triton_gen import Body, body_params
+    abi = L.kind_abi("linear")
+    body = Body("ln_k = tl.arange(0, BLOCK_K)", "y = tl.load(arena_f32 + r_x + ln_k)\nz = y * WALIGN")
+    assert body_params(abi, body) == (["arena_f32", "r_x", "ln_k"], ["WALIGN"])
+    own = Body("", body.prefetch + "\n" + body.compute)
+    assert body_params(abi, own) == (["arena_f32", "r_x"], ["BLOCK_K", "WALIGN"])
+    with pytest.raises(Exception, match=r"reads \['qi'\]"):
+        body_params(abi, Body("", "y = tl.load(arena_f32 + qi)"))

@@ -17,16 +17,18 @@ def linear_record(task, b, n0, k0, k1, *, T, N, K, norm, res, y="y", y_stride=No
         y_stride=y_stride or N, n_rows=T, rows=rows), signals=[0])
 
 
-@pytest.mark.parametrize("norm,res,stages,norm_f32", [(False, False, 3, 1), (True, True, 3, 1), (True, True, 1, 1),
-                                                      (True, True, 3, 0), (True, False, 1, 0)])
-def test_linear_matches_torch(norm, res, stages, norm_f32):
-    """stages 3: the tl.range-pipelined K loop; 1: the manual one-tile prefetch before the wait.
-    norm_f32: the gain in arena_f32 (1) or arena_w (0), as layout.norm_arena places it (the other
-    arena holds other data at that offset, so a kernel reading the wrong one fails)."""
+@pytest.mark.parametrize("norm,res,stages,norm_f32,noinline", [(False, False, 3, 1, 0), (True, True, 3, 1, 0),
+                                                               (True, True, 1, 1, 0), (True, True, 3, 0, 0),
+                                                               (True, False, 1, 0, 1)])
+def test_linear_matches_torch(norm, res, stages, norm_f32, noinline):
+    """stages 3: the tl.range-pipelined K loop; 1: the manual one-tile prefetch before the wait
+    (its tiles reach the compute function as arguments). norm_f32: the gain in arena_f32 (1) or
+    arena_w (0), as layout.norm_arena places it (the other arena holds other data at that offset,
+    so a kernel reading the wrong one fails). noinline: the compute body as a device function."""
     g = torch.Generator().manual_seed(1)
     T, K, N = 5, 80, 72  # neither a multiple of the tiles
     x, w, gain, resid = (torch.randn(s, generator=g) for s in [(T, K), (N, K), (K,), (T, N)])
-    const = dict(CONST, STAGES=stages, NORM_F32=norm_f32)
+    const = dict(CONST, STAGES=stages, NORM_F32=norm_f32, NOINLINE=noinline)
     b = ArenaBuilder(torch.float32)
     b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", gain, norm_arena(const)), b.add("res", resid, "f32")
     b.reserve("y", (T, N), "f32")
@@ -45,7 +47,7 @@ def test_linear_split_k_partials_and_dynamic_rows():
     T, K, N = 6, 96, 32
     x, w = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g)
     b = ArenaBuilder(torch.float32)
-    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", torch.ones(K), "f32")
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", torch.ones(K), norm_arena(CONST))
     b.add("res", torch.zeros(T, N), "f32"), b.add("rows", torch.tensor([4], dtype=torch.int32), "i32")
     b.add("part", torch.full((2, T, N), 7.0), "f32")
     arenas = b.build()
@@ -81,7 +83,7 @@ def test_linear_swiglu_epilogue(stages):
     T, K, N = 4, 64, 48
     x, wg, wu = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, K, generator=g)
     b = ArenaBuilder(torch.float32)
-    b.add("x", x, "f32"), b.add("w", wg, "w"), b.add("wu", wu, "w"), b.add("g", torch.ones(K), "f32")
+    b.add("x", x, "f32"), b.add("w", wg, "w"), b.add("wu", wu, "w"), b.add("g", torch.ones(K), norm_arena(CONST))
     b.add("res", torch.zeros(T, N), "f32"), b.reserve("y", (T, N), "f32")
     arenas = b.build()
     recs = [linear_record(i, b, n0, 0, K, T=T, N=N, K=K, norm=True, res=False) for i, n0 in enumerate((0, 32))]
@@ -98,7 +100,7 @@ def test_linear_tile_stops_at_n1():
     T, K, N = 3, 32, 40
     x, w = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g)
     b = ArenaBuilder(torch.float32)
-    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", torch.ones(K), "f32")
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", torch.ones(K), norm_arena(CONST))
     b.add("res", torch.zeros(T, N), "f32"), b.add("y", torch.full((T, N), 5.0), "f32")
     arenas = b.build()
     rec = linear_record(0, b, 8, 0, K, T=T, N=N, K=K, norm=False, res=False)
@@ -117,7 +119,7 @@ def test_linear_task_wider_than_block_n_runs_sub_tiles(stages):
     T, K, N = 3, 64, 80
     x, w, wu, res = (torch.randn(s, generator=g) for s in [(T, K), (N, K), (N, K), (T, N)])
     b = ArenaBuilder(torch.float32)
-    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("wu", wu, "w"), b.add("g", torch.ones(K), "f32")
+    b.add("x", x, "f32"), b.add("w", w, "w"), b.add("wu", wu, "w"), b.add("g", torch.ones(K), norm_arena(CONST))
     b.add("res", res, "f32"), b.add("y", torch.full((T, N), 5.0), "f32")
     arenas = b.build()
     rec = linear_record(0, b, 4, 0, K, T=T, N=N, K=K, norm=True, res=False)

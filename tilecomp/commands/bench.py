@@ -73,7 +73,7 @@ def _name_values(items: list[str], flag: str, ok, expected: str) -> dict:
     return out
 
 
-SWITCHES = {"MX_DOT": (0, 1, 2, 3, 4, 5, 6, 7), "NORM_F32": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
+SWITCHES = {"MX_DOT": (0, 1, 2, 3, 4, 5, 6, 7), "NORM_F32": (0, 1), "NOINLINE": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
 COUNTS = ("STAGES", "STAGES_X")   # pipeline depths: any N >= 1
 OPTIONAL_COUNTS = ("L2PF",)        # depths where 0 turns the feature off: any N >= 0
 

@@ -6,7 +6,270 @@ import triton.language as tl
 
 KERNEL_NAME = "prefill_chunk"
 RECORD_WORDS = tl.constexpr(48)
-CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'L2PF': 0, 'NORM_F32': 0, 'STAGES': 3, 'WALIGN': 1}
+CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'L2PF': 0, 'NOINLINE': 0, 'NORM_F32': 0, 'STAGES': 3, 'WALIGN': 1}
+
+
+# -- embed: the task's work after its wait (record args r_*, constexprs) --
+def _embed_body(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    em_t = r_row0 + tl.arange(0, BLOCK_T)
+    em_tmask = em_t < r_n_rows
+    em_id = tl.load(arena_i32 + r_ids + em_t, mask=em_tmask, other=0, cache_modifier=".cg").to(tl.int64)
+    em_is_mask = ((em_id == r_mask_id) | (em_id < 0)) & (r_mask_row >= 0)
+    em_row = tl.where(em_is_mask, 0, em_id)
+    for em_d0 in range(0, r_dim, BLOCK_D):
+        em_d = em_d0 + tl.arange(0, BLOCK_D)
+        em_m = em_tmask[:, None] & (em_d < r_dim)[None, :]
+        em_tok = tl.load(arena_w + r_table + em_row[:, None] * r_dim + em_d[None, :],
+                         mask=em_m & ~em_is_mask[:, None], other=0.0).to(tl.float32)
+        em_msk = tl.load(arena_w + r_mask_row + em_d, mask=(em_d < r_dim) & (r_mask_row >= 0),
+                         other=0.0).to(tl.float32)
+        em_val = tl.where(em_is_mask[:, None], em_msk[None, :], em_tok)
+        tl.store(arena_f32 + r_out + em_t[:, None] * r_dim + em_d[None, :], em_val, mask=em_m)
+
+
+_embed = triton.jit(_embed_body)          # inlined into the kernel (NOINLINE 0)
+_embed_noinline = triton.jit(noinline=True)(_embed_body)   # NOINLINE 1
+
+
+# -- linear: the task's work after its wait (record args r_*, the prefetch's locals, constexprs) --
+def _linear_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ln_k, ln_n, ln_nmask, ln_w, ln_wu, ESIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, WALIGN: tl.constexpr, L2PF: tl.constexpr, NORM_F32: tl.constexpr):
+    ln_t = tl.arange(0, BLOCK_T)
+    ln_rows = r_n_rows
+    if r_rows >= 0:
+        ln_rows = tl.load(arena_i32 + r_rows).to(tl.int64)
+    ln_tmask = ln_t < ln_rows
+    ln_inv = tl.full([BLOCK_T], 1.0, tl.float32)
+    if r_norm >= 0:
+        ln_ss = tl.zeros([BLOCK_T], tl.float32)
+        # the sum of squares: a pipelined pass over the rows (STAGES tiles in flight)
+        for ln_kb in tl.range(0, r_k_dim, BLOCK_K, num_stages=STAGES):
+            ln_xs = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + (ln_kb + ln_k)[None, :], mask=ln_tmask[:, None] & ((ln_kb + ln_k) < r_k_dim)[None, :], other=0.0, cache_modifier=".cg")
+            ln_ss += tl.sum(ln_xs * ln_xs, axis=1)
+        ln_inv = tl.rsqrt(ln_ss / r_k_dim + r_eps_bits.to(tl.int32).to(tl.float32, bitcast=True))
+    # the task's columns [n0, n1) in sub-tiles of BLOCK_N (n1 <= n0: one tile from n0)
+    ln_n_end = tl.where(r_n1 > r_n0, tl.minimum(r_n1, r_n_dim), tl.minimum(r_n0 + BLOCK_N, r_n_dim))
+    for ln_nb in range(r_n0, ln_n_end, BLOCK_N):
+        ln_n = ln_nb + tl.arange(0, BLOCK_N)
+        ln_nmask = ln_n < ln_n_end
+        ln_acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        ln_up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        if STAGES > 1:
+            # software-pipelined: Triton keeps STAGES weight tiles in flight (async copies to shared
+            # memory); the tiles loaded before the wait are not used on this path. WALIGN: weight
+            # slots, row lengths and K bounds are multiples of WALIGN elements (16-byte loads)
+            ln_wb = tl.multiple_of(r_w, WALIGN)
+            ln_wub = tl.multiple_of(r_w_up, WALIGN)
+            ln_kd = tl.multiple_of(r_k_dim, WALIGN)
+            ln_k1 = tl.multiple_of(r_k1, WALIGN)
+            for ln_kb in tl.range(tl.multiple_of(r_k0, WALIGN), ln_k1, BLOCK_K, num_stages=STAGES):
+                ln_kk = ln_kb + ln_k
+                ln_kmask = ln_kk < ln_k1
+                if L2PF > 0:
+                    if WALIGN >= 8:
+                        # L2 prefetch of the weight tile L2PF K steps ahead (and of the SwiGLU up
+                        # matrix's, at the same rows and columns ln_pr / ln_pc)
+                        ln_pc = ln_kb + L2PF * BLOCK_K
+                        ln_pw = ln_pc >= ln_k1
+                        ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
+                        ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
+                        tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                        if r_w_up >= 0:
+                            tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wub + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                if NORM_F32:
+                    ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk),
+                        mask=(ln_kmask) & (r_norm >= 0), other=1.0)[None, :]
+                else:
+                    ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                        mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
+                ln_x = ln_x * ln_inv[:, None] * ln_g
+                ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
+                ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
+                # SwiGLU's up tile: masked off entirely (no memory traffic) when there is no W_up
+                ln_wut = tl.load(arena_w + ln_wub + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                 mask=ln_nmask[:, None] & ln_kmask[None, :] & (r_w_up >= 0), other=0.0)
+                ln_up = tl.dot(ln_x.to(ln_wut.dtype), tl.trans(ln_wut), ln_up, input_precision="ieee")
+        else:
+            if ln_nb != r_n0:    # the first sub-tile's first weight tiles were loaded before the wait
+                ln_w = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
+                               mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :], other=0.0)
+                ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
+                                mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :] & (r_w_up >= 0), other=0.0)
+            for ln_kb in range(r_k0, r_k1, BLOCK_K):
+                ln_kk = ln_kb + ln_k
+                ln_kmask = ln_kk < r_k1
+                ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                if NORM_F32:
+                    ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk),
+                        mask=(ln_kmask) & (r_norm >= 0), other=1.0)[None, :]
+                else:
+                    ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                        mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
+                ln_x = ln_x * ln_inv[:, None] * ln_g
+                # next weight tile streams while this one is used
+                ln_w_next = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
+                                    mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
+                ln_acc = tl.dot(ln_x.to(ln_w.dtype), tl.trans(ln_w), ln_acc, input_precision="ieee")
+                ln_w = ln_w_next
+                if r_w_up >= 0:
+                    ln_up = tl.dot(ln_x.to(ln_wu.dtype), tl.trans(ln_wu), ln_up, input_precision="ieee")
+                    ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
+                                    mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
+        if r_w_up >= 0:
+            ln_acc = ln_acc * tl.sigmoid(ln_acc) * ln_up
+        if r_bias >= 0:
+            ln_acc += tl.load(arena_w + r_bias + ln_n, mask=ln_nmask, other=0.0).to(tl.float32)[None, :]
+        ln_omask = ln_tmask[:, None] & ln_nmask[None, :]
+        if r_res >= 0:
+            ln_acc += tl.load(arena_f32 + r_res + ln_t[:, None] * r_res_stride + ln_n[None, :], mask=ln_omask, other=0.0, cache_modifier=".cg")
+        tl.store(arena_f32 + r_y + ln_t[:, None] * r_y_stride + ln_n[None, :], ln_acc, mask=ln_omask)
+
+
+# -- linear as a device function of its own (NOINLINE 1): scalar arguments only, so it runs
+# its prefetch itself, after the wait --
+def _linear_own_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ESIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, WALIGN: tl.constexpr, L2PF: tl.constexpr, NORM_F32: tl.constexpr):
+    ln_n = r_n0 + tl.arange(0, BLOCK_N)
+    ln_k = tl.arange(0, BLOCK_K)
+    ln_nmask = ln_n < tl.where(r_n1 > r_n0, tl.minimum(r_n1, r_n_dim), r_n_dim)
+    if L2PF > 0:
+        if WALIGN >= 8:
+            # before the wait: the first L2PF weight tiles of the first sub-tile into L2 (no registers)
+            ln_pn = tl.minimum(L2PF * BLOCK_K, r_k1 - r_k0)
+            tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + r_w + (ln_n) * (r_k_dim) + (r_k0), tl.where(ln_nmask, tl.minimum(ln_pn, r_k_dim - (r_k0)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+            if r_w_up >= 0:
+                tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + r_w_up + (ln_n) * (r_k_dim) + (r_k0), tl.where(ln_nmask, tl.minimum(ln_pn, r_k_dim - (r_k0)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    if STAGES <= 1:     # the first weight tiles, before the wait (the pipelined path loads its own)
+        ln_w = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
+                       mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :], other=0.0)
+        ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
+                        mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :] & (r_w_up >= 0), other=0.0)
+    else:               # defined on every path: the compute body takes them as arguments
+        ln_w = 0.0
+        ln_wu = 0.0
+    ln_t = tl.arange(0, BLOCK_T)
+    ln_rows = r_n_rows
+    if r_rows >= 0:
+        ln_rows = tl.load(arena_i32 + r_rows).to(tl.int64)
+    ln_tmask = ln_t < ln_rows
+    ln_inv = tl.full([BLOCK_T], 1.0, tl.float32)
+    if r_norm >= 0:
+        ln_ss = tl.zeros([BLOCK_T], tl.float32)
+        # the sum of squares: a pipelined pass over the rows (STAGES tiles in flight)
+        for ln_kb in tl.range(0, r_k_dim, BLOCK_K, num_stages=STAGES):
+            ln_xs = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + (ln_kb + ln_k)[None, :], mask=ln_tmask[:, None] & ((ln_kb + ln_k) < r_k_dim)[None, :], other=0.0, cache_modifier=".cg")
+            ln_ss += tl.sum(ln_xs * ln_xs, axis=1)
+        ln_inv = tl.rsqrt(ln_ss / r_k_dim + r_eps_bits.to(tl.int32).to(tl.float32, bitcast=True))
+    # the task's columns [n0, n1) in sub-tiles of BLOCK_N (n1 <= n0: one tile from n0)
+    ln_n_end = tl.where(r_n1 > r_n0, tl.minimum(r_n1, r_n_dim), tl.minimum(r_n0 + BLOCK_N, r_n_dim))
+    for ln_nb in range(r_n0, ln_n_end, BLOCK_N):
+        ln_n = ln_nb + tl.arange(0, BLOCK_N)
+        ln_nmask = ln_n < ln_n_end
+        ln_acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        ln_up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        if STAGES > 1:
+            # software-pipelined: Triton keeps STAGES weight tiles in flight (async copies to shared
+            # memory); the tiles loaded before the wait are not used on this path. WALIGN: weight
+            # slots, row lengths and K bounds are multiples of WALIGN elements (16-byte loads)
+            ln_wb = tl.multiple_of(r_w, WALIGN)
+            ln_wub = tl.multiple_of(r_w_up, WALIGN)
+            ln_kd = tl.multiple_of(r_k_dim, WALIGN)
+            ln_k1 = tl.multiple_of(r_k1, WALIGN)
+            for ln_kb in tl.range(tl.multiple_of(r_k0, WALIGN), ln_k1, BLOCK_K, num_stages=STAGES):
+                ln_kk = ln_kb + ln_k
+                ln_kmask = ln_kk < ln_k1
+                if L2PF > 0:
+                    if WALIGN >= 8:
+                        # L2 prefetch of the weight tile L2PF K steps ahead (and of the SwiGLU up
+                        # matrix's, at the same rows and columns ln_pr / ln_pc)
+                        ln_pc = ln_kb + L2PF * BLOCK_K
+                        ln_pw = ln_pc >= ln_k1
+                        ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
+                        ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
+                        tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                        if r_w_up >= 0:
+                            tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wub + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                if NORM_F32:
+                    ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk),
+                        mask=(ln_kmask) & (r_norm >= 0), other=1.0)[None, :]
+                else:
+                    ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                        mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
+                ln_x = ln_x * ln_inv[:, None] * ln_g
+                ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
+                ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
+                # SwiGLU's up tile: masked off entirely (no memory traffic) when there is no W_up
+                ln_wut = tl.load(arena_w + ln_wub + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                 mask=ln_nmask[:, None] & ln_kmask[None, :] & (r_w_up >= 0), other=0.0)
+                ln_up = tl.dot(ln_x.to(ln_wut.dtype), tl.trans(ln_wut), ln_up, input_precision="ieee")
+        else:
+            if ln_nb != r_n0:    # the first sub-tile's first weight tiles were loaded before the wait
+                ln_w = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
+                               mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :], other=0.0)
+                ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
+                                mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :] & (r_w_up >= 0), other=0.0)
+            for ln_kb in range(r_k0, r_k1, BLOCK_K):
+                ln_kk = ln_kb + ln_k
+                ln_kmask = ln_kk < r_k1
+                ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                if NORM_F32:
+                    ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk),
+                        mask=(ln_kmask) & (r_norm >= 0), other=1.0)[None, :]
+                else:
+                    ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                        mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
+                ln_x = ln_x * ln_inv[:, None] * ln_g
+                # next weight tile streams while this one is used
+                ln_w_next = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
+                                    mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
+                ln_acc = tl.dot(ln_x.to(ln_w.dtype), tl.trans(ln_w), ln_acc, input_precision="ieee")
+                ln_w = ln_w_next
+                if r_w_up >= 0:
+                    ln_up = tl.dot(ln_x.to(ln_wu.dtype), tl.trans(ln_wu), ln_up, input_precision="ieee")
+                    ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
+                                    mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
+        if r_w_up >= 0:
+            ln_acc = ln_acc * tl.sigmoid(ln_acc) * ln_up
+        if r_bias >= 0:
+            ln_acc += tl.load(arena_w + r_bias + ln_n, mask=ln_nmask, other=0.0).to(tl.float32)[None, :]
+        ln_omask = ln_tmask[:, None] & ln_nmask[None, :]
+        if r_res >= 0:
+            ln_acc += tl.load(arena_f32 + r_res + ln_t[:, None] * r_res_stride + ln_n[None, :], mask=ln_omask, other=0.0, cache_modifier=".cg")
+        tl.store(arena_f32 + r_y + ln_t[:, None] * r_y_stride + ln_n[None, :], ln_acc, mask=ln_omask)
+
+
+_linear = triton.jit(_linear_body)          # inlined into the kernel (NOINLINE 0)
+_linear_noinline = triton.jit(noinline=True)(_linear_own_body)   # NOINLINE 1
+
+
+# -- accept: the task's work after its wait (record args r_*, constexprs) --
+def _accept_body(arena_i32, r_state, r_draft_tok, r_post_tok, r_n_block, r_out_tokens, r_block, r_draft_block, r_mask_id, BLOCK_T: tl.constexpr):
+    ac_j = tl.arange(0, BLOCK_T)
+    ac_d = tl.load(arena_i32 + r_draft_tok + ac_j, mask=ac_j < r_n_block - 1, other=-1, cache_modifier=".cg")
+    ac_p = tl.load(arena_i32 + r_post_tok + ac_j, mask=ac_j < r_n_block, other=-2, cache_modifier=".cg")
+    ac_agree = (ac_d == ac_p) & (ac_j < r_n_block - 1)
+    ac_acc = tl.min(tl.where(ac_agree, BLOCK_T, ac_j), axis=0)
+    ac_last = tl.sum(tl.where(ac_j == ac_acc, ac_p, 0), axis=0)
+    tl.store(arena_i32 + r_out_tokens + ac_j, tl.where(ac_j < ac_acc, ac_d, ac_p), mask=ac_j <= ac_acc)
+    ac_pos = tl.load(arena_i32 + r_state + 0)
+    tl.store(arena_i32 + r_state + 5, ac_pos)
+    tl.store(arena_i32 + r_state + 4, (ac_acc + 1).to(tl.int32))
+    tl.store(arena_i32 + r_state + 0, (ac_pos + ac_acc + 1).to(tl.int32))
+    tl.store(arena_i32 + r_state + 1, ac_last)
+    tl.store(arena_i32 + r_state + 6, ac_acc.to(tl.int32))
+    tl.store(arena_i32 + r_state + 7, (ac_acc + 1).to(tl.int32))
+    if r_block >= 0:
+        tl.store(arena_i32 + r_block, ac_last)
+    if r_draft_block >= 0:
+        tl.store(arena_i32 + r_draft_block, ac_last)
+    if (r_mask_id >= 0) & (r_block >= 0):
+        tl.store(arena_i32 + r_block + ac_j, (ac_j * 0 + r_mask_id).to(tl.int32), mask=(ac_j >= 1) & (ac_j < r_n_block))
+
+
+_accept = triton.jit(_accept_body)          # inlined into the kernel (NOINLINE 0)
+_accept_noinline = triton.jit(noinline=True)(_accept_body)   # NOINLINE 1
 
 
 @triton.jit(do_not_specialize=["epoch"])  # epoch == 1 must not become a constant
@@ -29,6 +292,7 @@ def prefill_chunk(
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     L2PF: tl.constexpr,
+    NOINLINE: tl.constexpr,
     NORM_F32: tl.constexpr,
     STAGES: tl.constexpr,
     WALIGN: tl.constexpr,
@@ -74,31 +338,21 @@ def prefill_chunk(
             if TRACE:
                 tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
-                em_t = r_row0 + tl.arange(0, BLOCK_T)
-                em_tmask = em_t < r_n_rows
-                em_id = tl.load(arena_i32 + r_ids + em_t, mask=em_tmask, other=0, cache_modifier=".cg").to(tl.int64)
-                em_is_mask = ((em_id == r_mask_id) | (em_id < 0)) & (r_mask_row >= 0)
-                em_row = tl.where(em_is_mask, 0, em_id)
-                for em_d0 in range(0, r_dim, BLOCK_D):
-                    em_d = em_d0 + tl.arange(0, BLOCK_D)
-                    em_m = em_tmask[:, None] & (em_d < r_dim)[None, :]
-                    em_tok = tl.load(arena_w + r_table + em_row[:, None] * r_dim + em_d[None, :],
-                                     mask=em_m & ~em_is_mask[:, None], other=0.0).to(tl.float32)
-                    em_msk = tl.load(arena_w + r_mask_row + em_d, mask=(em_d < r_dim) & (r_mask_row >= 0),
-                                     other=0.0).to(tl.float32)
-                    em_val = tl.where(em_is_mask[:, None], em_msk[None, :], em_tok)
-                    tl.store(arena_f32 + r_out + em_t[:, None] * r_dim + em_d[None, :], em_val, mask=em_m)
+                if NOINLINE:
+                    _embed_noinline(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, BLOCK_T, BLOCK_D)
+                else:
+                    _embed(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, BLOCK_T, BLOCK_D)
         elif kind == 2:  # linear
             r_x = tl.multiple_of(tl.load(rec + 4), AALIGN)
             r_x_stride = tl.multiple_of(tl.load(rec + 5), AALIGN)
-            r_w = tl.load(rec + 6)
-            r_w_up = tl.load(rec + 7)
-            r_k_dim = tl.load(rec + 8)
+            r_w = tl.multiple_of(tl.load(rec + 6), WALIGN)
+            r_w_up = tl.multiple_of(tl.load(rec + 7), WALIGN)
+            r_k_dim = tl.multiple_of(tl.load(rec + 8), WALIGN)
             r_n_dim = tl.load(rec + 9)
             r_n0 = tl.load(rec + 10)
             r_n1 = tl.load(rec + 11)
-            r_k0 = tl.load(rec + 12)
-            r_k1 = tl.load(rec + 13)
+            r_k0 = tl.multiple_of(tl.load(rec + 12), WALIGN)
+            r_k1 = tl.multiple_of(tl.load(rec + 13), WALIGN)
             r_norm = tl.load(rec + 14)
             r_eps_bits = tl.load(rec + 15)
             r_bias = tl.load(rec + 16)
@@ -108,22 +362,26 @@ def prefill_chunk(
             r_y_stride = tl.multiple_of(tl.load(rec + 20), AALIGN)
             r_n_rows = tl.load(rec + 21)
             r_rows = tl.load(rec + 22)
-            # -- linear: loads that do not depend on other tasks (weights) --
-            ln_n = r_n0 + tl.arange(0, BLOCK_N)
-            ln_k = tl.arange(0, BLOCK_K)
-            ln_nmask = ln_n < tl.where(r_n1 > r_n0, tl.minimum(r_n1, r_n_dim), r_n_dim)
-            if L2PF > 0:
-                if WALIGN >= 8:
-                    # before the wait: the first L2PF weight tiles of the first sub-tile into L2 (no registers)
-                    ln_pn = tl.minimum(L2PF * BLOCK_K, r_k1 - r_k0)
-                    tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + r_w + (ln_n) * (r_k_dim) + (r_k0), tl.where(ln_nmask, tl.minimum(ln_pn, r_k_dim - (r_k0)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-                    if r_w_up >= 0:
-                        tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + r_w_up + (ln_n) * (r_k_dim) + (r_k0), tl.where(ln_nmask, tl.minimum(ln_pn, r_k_dim - (r_k0)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-            if STAGES <= 1:     # the first weight tiles, before the wait (the pipelined path loads its own)
-                ln_w = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
-                               mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :], other=0.0)
-                ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
-                                mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :] & (r_w_up >= 0), other=0.0)
+            if NOINLINE == 0:
+                # -- linear: loads that do not depend on other tasks (weights) --
+                ln_n = r_n0 + tl.arange(0, BLOCK_N)
+                ln_k = tl.arange(0, BLOCK_K)
+                ln_nmask = ln_n < tl.where(r_n1 > r_n0, tl.minimum(r_n1, r_n_dim), r_n_dim)
+                if L2PF > 0:
+                    if WALIGN >= 8:
+                        # before the wait: the first L2PF weight tiles of the first sub-tile into L2 (no registers)
+                        ln_pn = tl.minimum(L2PF * BLOCK_K, r_k1 - r_k0)
+                        tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + r_w + (ln_n) * (r_k_dim) + (r_k0), tl.where(ln_nmask, tl.minimum(ln_pn, r_k_dim - (r_k0)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                        if r_w_up >= 0:
+                            tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + r_w_up + (ln_n) * (r_k_dim) + (r_k0), tl.where(ln_nmask, tl.minimum(ln_pn, r_k_dim - (r_k0)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                if STAGES <= 1:     # the first weight tiles, before the wait (the pipelined path loads its own)
+                    ln_w = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
+                                   mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :], other=0.0)
+                    ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
+                                    mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :] & (r_w_up >= 0), other=0.0)
+                else:               # defined on every path: the compute body takes them as arguments
+                    ln_w = 0.0
+                    ln_wu = 0.0
             # -- linear: bounded acquire wait --
             for wi in range(0, tl.load(rec + 2)):
                 wait_counter = tl.load(rec + 32 + wi * 3)
@@ -143,97 +401,10 @@ def prefill_chunk(
             if TRACE:
                 tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
-                ln_t = tl.arange(0, BLOCK_T)
-                ln_rows = r_n_rows
-                if r_rows >= 0:
-                    ln_rows = tl.load(arena_i32 + r_rows).to(tl.int64)
-                ln_tmask = ln_t < ln_rows
-                ln_inv = tl.full([BLOCK_T], 1.0, tl.float32)
-                if r_norm >= 0:
-                    ln_ss = tl.zeros([BLOCK_T], tl.float32)
-                    # the sum of squares: a pipelined pass over the rows (STAGES tiles in flight)
-                    for ln_kb in tl.range(0, r_k_dim, BLOCK_K, num_stages=STAGES):
-                        ln_xs = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + (ln_kb + ln_k)[None, :], mask=ln_tmask[:, None] & ((ln_kb + ln_k) < r_k_dim)[None, :], other=0.0, cache_modifier=".cg")
-                        ln_ss += tl.sum(ln_xs * ln_xs, axis=1)
-                    ln_inv = tl.rsqrt(ln_ss / r_k_dim + r_eps_bits.to(tl.int32).to(tl.float32, bitcast=True))
-                # the task's columns [n0, n1) in sub-tiles of BLOCK_N (n1 <= n0: one tile from n0)
-                ln_n_end = tl.where(r_n1 > r_n0, tl.minimum(r_n1, r_n_dim), tl.minimum(r_n0 + BLOCK_N, r_n_dim))
-                for ln_nb in range(r_n0, ln_n_end, BLOCK_N):
-                    ln_n = ln_nb + tl.arange(0, BLOCK_N)
-                    ln_nmask = ln_n < ln_n_end
-                    ln_acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-                    ln_up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-                    if STAGES > 1:
-                        # software-pipelined: Triton keeps STAGES weight tiles in flight (async copies to shared
-                        # memory); the tiles loaded before the wait are not used on this path. WALIGN: weight
-                        # slots, row lengths and K bounds are multiples of WALIGN elements (16-byte loads)
-                        ln_wb = tl.multiple_of(r_w, WALIGN)
-                        ln_wub = tl.multiple_of(r_w_up, WALIGN)
-                        ln_kd = tl.multiple_of(r_k_dim, WALIGN)
-                        ln_k1 = tl.multiple_of(r_k1, WALIGN)
-                        for ln_kb in tl.range(tl.multiple_of(r_k0, WALIGN), ln_k1, BLOCK_K, num_stages=STAGES):
-                            ln_kk = ln_kb + ln_k
-                            ln_kmask = ln_kk < ln_k1
-                            if L2PF > 0:
-                                if WALIGN >= 8:
-                                    # L2 prefetch of the weight tile L2PF K steps ahead (and of the SwiGLU up
-                                    # matrix's, at the same rows and columns ln_pr / ln_pc)
-                                    ln_pc = ln_kb + L2PF * BLOCK_K
-                                    ln_pw = ln_pc >= ln_k1
-                                    ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
-                                    ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
-                                    tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-                                    if r_w_up >= 0:
-                                        tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wub + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-                            ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
-                            if NORM_F32:
-                                ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk),
-                                    mask=(ln_kmask) & (r_norm >= 0), other=1.0)[None, :]
-                            else:
-                                ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
-                                    mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
-                            ln_x = ln_x * ln_inv[:, None] * ln_g
-                            ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
-                                            mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
-                            ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
-                            # SwiGLU's up tile: masked off entirely (no memory traffic) when there is no W_up
-                            ln_wut = tl.load(arena_w + ln_wub + ln_n[:, None] * ln_kd + ln_kk[None, :],
-                                             mask=ln_nmask[:, None] & ln_kmask[None, :] & (r_w_up >= 0), other=0.0)
-                            ln_up = tl.dot(ln_x.to(ln_wut.dtype), tl.trans(ln_wut), ln_up, input_precision="ieee")
-                    else:
-                        if ln_nb != r_n0:    # the first sub-tile's first weight tiles were loaded before the wait
-                            ln_w = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
-                                           mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :], other=0.0)
-                            ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
-                                            mask=ln_nmask[:, None] & ((r_k0 + ln_k) < r_k1)[None, :] & (r_w_up >= 0), other=0.0)
-                        for ln_kb in range(r_k0, r_k1, BLOCK_K):
-                            ln_kk = ln_kb + ln_k
-                            ln_kmask = ln_kk < r_k1
-                            ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
-                            if NORM_F32:
-                                ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk),
-                                    mask=(ln_kmask) & (r_norm >= 0), other=1.0)[None, :]
-                            else:
-                                ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
-                                    mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
-                            ln_x = ln_x * ln_inv[:, None] * ln_g
-                            # next weight tile streams while this one is used
-                            ln_w_next = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
-                                                mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
-                            ln_acc = tl.dot(ln_x.to(ln_w.dtype), tl.trans(ln_w), ln_acc, input_precision="ieee")
-                            ln_w = ln_w_next
-                            if r_w_up >= 0:
-                                ln_up = tl.dot(ln_x.to(ln_wu.dtype), tl.trans(ln_wu), ln_up, input_precision="ieee")
-                                ln_wu = tl.load(arena_w + r_w_up + ln_n[:, None] * r_k_dim + (ln_kk + BLOCK_K)[None, :],
-                                                mask=ln_nmask[:, None] & ((ln_kk + BLOCK_K) < r_k1)[None, :], other=0.0)
-                    if r_w_up >= 0:
-                        ln_acc = ln_acc * tl.sigmoid(ln_acc) * ln_up
-                    if r_bias >= 0:
-                        ln_acc += tl.load(arena_w + r_bias + ln_n, mask=ln_nmask, other=0.0).to(tl.float32)[None, :]
-                    ln_omask = ln_tmask[:, None] & ln_nmask[None, :]
-                    if r_res >= 0:
-                        ln_acc += tl.load(arena_f32 + r_res + ln_t[:, None] * r_res_stride + ln_n[None, :], mask=ln_omask, other=0.0, cache_modifier=".cg")
-                    tl.store(arena_f32 + r_y + ln_t[:, None] * r_y_stride + ln_n[None, :], ln_acc, mask=ln_omask)
+                if NOINLINE:
+                    _linear_noinline(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ESIZE, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, WALIGN, L2PF, NORM_F32)
+                else:
+                    _linear(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ln_k, ln_n, ln_nmask, ln_w, ln_wu, ESIZE, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, WALIGN, L2PF, NORM_F32)
         elif kind == 13:  # accept
             r_state = tl.load(rec + 4)
             r_draft_tok = tl.load(rec + 5)
@@ -262,26 +433,10 @@ def prefill_chunk(
             if TRACE:
                 tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
-                ac_j = tl.arange(0, BLOCK_T)
-                ac_d = tl.load(arena_i32 + r_draft_tok + ac_j, mask=ac_j < r_n_block - 1, other=-1, cache_modifier=".cg")
-                ac_p = tl.load(arena_i32 + r_post_tok + ac_j, mask=ac_j < r_n_block, other=-2, cache_modifier=".cg")
-                ac_agree = (ac_d == ac_p) & (ac_j < r_n_block - 1)
-                ac_acc = tl.min(tl.where(ac_agree, BLOCK_T, ac_j), axis=0)
-                ac_last = tl.sum(tl.where(ac_j == ac_acc, ac_p, 0), axis=0)
-                tl.store(arena_i32 + r_out_tokens + ac_j, tl.where(ac_j < ac_acc, ac_d, ac_p), mask=ac_j <= ac_acc)
-                ac_pos = tl.load(arena_i32 + r_state + 0)
-                tl.store(arena_i32 + r_state + 5, ac_pos)
-                tl.store(arena_i32 + r_state + 4, (ac_acc + 1).to(tl.int32))
-                tl.store(arena_i32 + r_state + 0, (ac_pos + ac_acc + 1).to(tl.int32))
-                tl.store(arena_i32 + r_state + 1, ac_last)
-                tl.store(arena_i32 + r_state + 6, ac_acc.to(tl.int32))
-                tl.store(arena_i32 + r_state + 7, (ac_acc + 1).to(tl.int32))
-                if r_block >= 0:
-                    tl.store(arena_i32 + r_block, ac_last)
-                if r_draft_block >= 0:
-                    tl.store(arena_i32 + r_draft_block, ac_last)
-                if (r_mask_id >= 0) & (r_block >= 0):
-                    tl.store(arena_i32 + r_block + ac_j, (ac_j * 0 + r_mask_id).to(tl.int32), mask=(ac_j >= 1) & (ac_j < r_n_block))
+                if NOINLINE:
+                    _accept_noinline(arena_i32, r_state, r_draft_tok, r_post_tok, r_n_block, r_out_tokens, r_block, r_draft_block, r_mask_id, BLOCK_T)
+                else:
+                    _accept(arena_i32, r_state, r_draft_tok, r_post_tok, r_n_block, r_out_tokens, r_block, r_draft_block, r_mask_id, BLOCK_T)
         if wait_ok:
             # release: every store of this task is done before the counters move
             tl.debug_barrier()
