@@ -57,11 +57,12 @@ def _linear_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_
             # software-pipelined: Triton keeps STAGES weight tiles in flight (async copies to shared
             # memory); the tiles loaded before the wait are not used on this path. WALIGN: weight
             # slots, row lengths and K bounds are multiples of WALIGN elements (16-byte loads)
-            ln_wb = tl.multiple_of(r_w, WALIGN)
-            ln_wub = tl.multiple_of(r_w_up, WALIGN)
-            ln_kd = tl.multiple_of(r_k_dim, WALIGN)
-            ln_k1 = tl.multiple_of(r_k1, WALIGN)
-            for ln_kb in tl.range(tl.multiple_of(r_k0, WALIGN), ln_k1, BLOCK_K, num_stages=STAGES):
+            # (the frame states their WALIGN alignment when it loads them: layout.arg_hint)
+            ln_wb = r_w
+            ln_wub = r_w_up
+            ln_kd = r_k_dim
+            ln_k1 = r_k1
+            for ln_kb in tl.range(r_k0, ln_k1, BLOCK_K, num_stages=STAGES):
                 ln_kk = ln_kb + ln_k
                 ln_kmask = ln_kk < ln_k1
                 if L2PF > 0:
@@ -171,11 +172,12 @@ def _linear_own_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up
             # software-pipelined: Triton keeps STAGES weight tiles in flight (async copies to shared
             # memory); the tiles loaded before the wait are not used on this path. WALIGN: weight
             # slots, row lengths and K bounds are multiples of WALIGN elements (16-byte loads)
-            ln_wb = tl.multiple_of(r_w, WALIGN)
-            ln_wub = tl.multiple_of(r_w_up, WALIGN)
-            ln_kd = tl.multiple_of(r_k_dim, WALIGN)
-            ln_k1 = tl.multiple_of(r_k1, WALIGN)
-            for ln_kb in tl.range(tl.multiple_of(r_k0, WALIGN), ln_k1, BLOCK_K, num_stages=STAGES):
+            # (the frame states their WALIGN alignment when it loads them: layout.arg_hint)
+            ln_wb = r_w
+            ln_wub = r_w_up
+            ln_kd = r_k_dim
+            ln_k1 = r_k1
+            for ln_kb in tl.range(r_k0, ln_k1, BLOCK_K, num_stages=STAGES):
                 ln_kk = ln_kb + ln_k
                 ln_kmask = ln_kk < ln_k1
                 if L2PF > 0:
