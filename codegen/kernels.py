@@ -82,7 +82,7 @@ def kernel_sources(cfg, dcfg) -> dict[str, str]:
 def _codegen_digest() -> str:
     """Hash of the templates and the record layout (a template edit must not hit a stale cache)."""
     here = Path(__file__).parent
-    files = sorted((here / "templates").rglob("*.j2")) + [here / "layout.py", here / "triton_gen.py"]
+    files = sorted((here / "templates").rglob("*.j2")) + [here / f for f in ("layout.py", "triton_gen.py", "mxfp4_ptx.py")]
     h = hashlib.sha256()
     for f in files:
         h.update(f.read_bytes())

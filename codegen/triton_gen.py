@@ -27,6 +27,7 @@ import tilecomp
 from tilecomp.errors import ScheduleError
 
 from . import layout as L
+from . import mxfp4_ptx
 
 TEMPLATES = Path(__file__).parent / "templates"
 STEP_KINDS = ("decode_step", "prefill_chunk")
@@ -107,7 +108,8 @@ def environment() -> jinja2.Environment:
         keep_trailing_newline=True,
     )
     env.globals.update(L=L, f32_arg=_f32_arg, act_load=_act_load, norm_gain=_norm_gain, l2_rows=_l2_rows,
-                       l2_ahead=_l2_ahead)
+                       l2_ahead=_l2_ahead, mxfp4_bf16_asm=repr(mxfp4_ptx.ptx()),
+                       mxfp4_bf16_constraints=mxfp4_ptx.CONSTRAINTS)
     return env
 
 

@@ -177,22 +177,36 @@ def test_kernel_files_launch_with_the_step_programs_tile_sizes(tmp_path):
     assert step.kernel.constexprs["BLOCK_K"] == 32
 
 
-def test_word_code_experts_only_for_the_scales_they_are_exact_for():
-    """MX_DOT 6 is exact for scale codes 65..191 and all-zero groups: a model with a non-zero
-    group outside gets MX_DOT 3, or a named error when 6 was asked for; an all-zero group at
-    code 0 (what the quantizer writes) keeps 6. End to end, 6 gives the reference tokens."""
-    from tilecomp.runtime.megakernel import _word_codes_or_exact
+@pytest.mark.parametrize("mode,lo,hi", [(6, 65, 191), (8, 2, 252)])
+def test_scale_limited_dequantizations_only_for_the_scales_they_are_exact_for(mode, lo, hi):
+    """MX_DOT 6 is exact for scale codes 65..191, MX_DOT 8 for 2..252, both for all-zero groups:
+    a model with a non-zero group outside gets MX_DOT 3, or a named error when the mode was asked
+    for; an all-zero group at code 0 (what the quantizer writes) keeps the mode."""
+    from tilecomp.runtime.megakernel import _exact_mx_dot
     target, draft = models(6)
-    assert _word_codes_or_exact(target, draft, {}) == 6
+    assert _exact_mx_dot(target, draft, {}, mode) == mode
     experts = next(m for m in target.modules() if hasattr(m, "gate_proj_scales"))
     with torch.no_grad():
         experts.gate_proj_blocks[0, 0, 0].zero_()
         experts.gate_proj_scales[0, 0, 0] = 0
-        assert _word_codes_or_exact(target, draft, {}) == 6
+        assert _exact_mx_dot(target, draft, {}, mode) == mode
         experts.gate_proj_blocks[0, 0, 0, 0] = 0x21
-        assert _word_codes_or_exact(target, draft, {}) == 3
-        with pytest.raises(TilecompError, match="gate_proj_scales has non-zero groups with codes in 0..0"):
-            _word_codes_or_exact(target, draft, {"MX_DOT": 6})
+        assert _exact_mx_dot(target, draft, {}, mode) == 3
+        with pytest.raises(TilecompError, match=rf"MX_DOT={mode} is exact for MXFP4 scale codes {lo}..{hi}; "
+                                                r".*gate_proj_scales has non-zero groups with codes in 0..0"):
+            _exact_mx_dot(target, draft, {"MX_DOT": mode}, mode)
+        experts.gate_proj_scales[0, 0, 0] = hi + 1
+        assert _exact_mx_dot(target, draft, {}, mode) == 3
+        experts.gate_proj_scales[0, 0, 0] = hi
+        assert _exact_mx_dot(target, draft, {}, mode) == mode
+
+
+def test_word_code_experts_give_the_reference_tokens_and_ptx_lookups_are_refused_on_cpu():
+    """End to end, MX_DOT 6 gives the reference tokens; MX_DOT 8 (inline PTX) is refused in the
+    interpreter with the reason."""
+    target, draft = models(6)
+    with pytest.raises(TilecompError, match="MX_DOT=8 dequantizes with inline PTX"):
+        MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": 8})
     target, draft = models(6)
     ids = prompt(6, 9)
     ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 3, use_draft=False)

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from tilecomp.codegen import layout as L
+from tilecomp.codegen import mxfp4_ptx
 from tilecomp.codegen.kernels import constexprs_for, kernel_files, step_rows
 from tilecomp.codegen.harness import (Megakernel, interpreting, new_counters, new_errors,
                                       raise_on_timeout)
@@ -68,25 +69,32 @@ class StepProgram:
         raise_on_timeout(self.errors, self.epoch, self.task_names, self.counter_names)
 
 
-def _word_codes_or_exact(target, draft, tiles: dict) -> int:
-    """MX_DOT 6 (one multiply per element) is exact for E8M0 scale codes 65..191 (2^-62 .. 2^64,
-    what trained weights use) and for all-zero groups at any scale (the quantizer gives those
-    code 0); a checkpoint with other groups gets the exact-everywhere MX_DOT 3 (an explicit
-    --tile MX_DOT=6 is refused instead)."""
+# MXFP4 dequantizations that are exact only for some E8M0 scale codes: MX_DOT -> (lo, hi)
+EXACT_SCALES = {6: (65, 191), 8: mxfp4_ptx.SCALE_RANGE}
+
+
+def _exact_mx_dot(target, draft, tiles: dict, mode: int) -> int:
+    """`mode` when every non-zero MXFP4 group of the checkpoint has a scale code it is exact for
+    (EXACT_SCALES; all-zero groups are exact at any scale, the quantizer gives those code 0), else
+    the exact-everywhere MX_DOT 3; an explicit --tile MX_DOT=mode is refused instead.
+    MX_DOT 6: one multiply per element, 2^-62 .. 2^64 (what trained weights use). MX_DOT 8: bf16
+    table lookups, no bf16 subnormal or overflow in a product."""
+    lo, hi = EXACT_SCALES[mode]
     for model in (target, draft):
         buffers = dict(model.named_buffers()) if model is not None else {}
         for name, scales in buffers.items():
             blocks = buffers.get(name[:-len("_scales")] + "_blocks") if name.endswith("_scales") else None
             if blocks is None or scales.dtype != torch.uint8:
                 continue
-            out = (scales < 65) | (scales > 191)                        # [..., N, K/32]
+            out = (scales < lo) | (scales > hi)                         # [..., N, K/32]
             if bool(out.any()) and bool(((blocks[out] & 0x77) != 0).any()):
-                lo, hi = int(scales[out].min()), int(scales[out].max())
-                if tiles.get("MX_DOT") == 6:
-                    raise TilecompError(f"tiles: MX_DOT=6 is exact for MXFP4 scale codes 65..191; {name} "
-                                        f"has non-zero groups with codes in {lo}..{hi} (use MX_DOT=3)")
+                found = int(scales[out].min()), int(scales[out].max())
+                if tiles.get("MX_DOT") == mode:
+                    raise TilecompError(f"tiles: MX_DOT={mode} is exact for MXFP4 scale codes {lo}..{hi}; "
+                                        f"{name} has non-zero groups with codes in {found[0]}..{found[1]} "
+                                        f"(use MX_DOT=3)")
                 return 3
-    return 6
+    return mode
 
 
 class MegakernelEngine:
@@ -142,8 +150,11 @@ class MegakernelEngine:
         self.schedule = _load_schedule(schedule)
         self.prefill_schedule = _load_schedule(prefill_schedule)
         self.plain_schedule = _load_schedule(plain_schedule)
-        if self.consts.get("MX_DOT") == 6:
-            self.consts["MX_DOT"] = _word_codes_or_exact(target, draft, self.tiles)
+        if self.consts.get("MX_DOT") == 8 and interpreting():
+            raise TilecompError("tiles: MX_DOT=8 dequantizes with inline PTX, which the Triton "
+                                "interpreter cannot run (use MX_DOT=3 on CPU)")
+        if self.consts.get("MX_DOT") in EXACT_SCALES:
+            self.consts["MX_DOT"] = _exact_mx_dot(target, draft, self.tiles, self.consts["MX_DOT"])
         if (self.schedule is None and draft is not None or self.prefill_schedule is None
                 or self.plain_schedule is None):
             self._compile_missing()

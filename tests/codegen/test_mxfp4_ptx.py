@@ -1,0 +1,61 @@
+"""MX_DOT 8's inline-PTX dequantization (codegen/mxfp4_ptx.py): the program the GPU runs,
+executed instruction by instruction on CPU, gives the bf16 values of models/mxfp4 for every
+code at every position of a word; the expert kinds build for sm_90 with it."""
+import pytest
+import torch
+
+from tilecomp.codegen import mxfp4_ptx as M
+from tilecomp.models.mxfp4 import dequantize_mxfp4
+
+
+def reference_bf16(word: int, scale: int) -> list[int]:
+    blocks = torch.tensor(list(word.to_bytes(4, "little")) + [0] * 12, dtype=torch.uint8).view(1, 1, 16)
+    values = dequantize_mxfp4(blocks, torch.tensor([[scale]], dtype=torch.uint8))[0, :8]
+    return [b & 0xFFFF for b in values.to(torch.bfloat16).view(torch.int16).tolist()]
+
+
+def unpack(e01, e23, o01, o23) -> list[int]:
+    """Element order of the tile: even registers hold elements 0, 2 | 4, 6, odd ones 1, 3 | 5, 7."""
+    return [e01 & 0xFFFF, o01 & 0xFFFF, e01 >> 16, o01 >> 16, e23 & 0xFFFF, o23 & 0xFFFF, e23 >> 16, o23 >> 16]
+
+
+@pytest.mark.parametrize("scale", [M.SCALE_RANGE[0], 100, 118, 127, 128, 190, M.SCALE_RANGE[1]])
+def test_every_code_at_every_position_matches_the_reference(scale):
+    gen = torch.Generator().manual_seed(scale)
+    words = [b * 0x01010101 for b in range(256)]                        # every byte in every position
+    words += [int(w) for w in torch.randint(0, 2**32, (256,), generator=gen, dtype=torch.int64)]
+    for word in words:
+        assert unpack(*M.emulate(word, scale)) == reference_bf16(word, scale), (hex(word), scale)
+
+
+def test_tables_hold_the_e2m1_magnitudes_and_the_block_is_well_formed():
+    for m, bits in enumerate(M.MAGNITUDES):
+        value = torch.tensor([bits], dtype=torch.int16).view(torch.bfloat16).item()
+        assert value == [0, 0.5, 1, 1.5, 2, 3, 4, 6][m]
+    asm = M.ptx()
+    assert asm.startswith("{") and asm.endswith("}")
+    assert M.CONSTRAINTS.count("=r") == 4 and M.CONSTRAINTS.count(",r") == 2
+    assert all(f"${i}" in asm for i in range(6)) and "$6" not in asm
+    assert asm.count("prmt.b32") == 12 and asm.count("fma.rn.bf16x2") == 4
+
+
+def test_a_wrong_table_is_caught():
+    """The emulator runs PROGRAM itself: a changed table byte changes its results."""
+    word, scale = 0x76543210, 127
+    good = unpack(*M.emulate(word, scale))
+    program = M.PROGRAM
+    try:
+        M.PROGRAM = tuple(("mov", "lb", M.LO_B ^ 0x40) if op[:2] == ("mov", "lb") else op for op in program)
+        assert unpack(*M.emulate(word, scale)) != good
+    finally:
+        M.PROGRAM = program
+
+
+def test_expert_kinds_build_for_sm90_with_ptx_lookups(tmp_path):
+    from tilecomp.codegen.build import build_report
+    from tilecomp.codegen.triton_gen import generate_kernel
+    path = tmp_path / "decode_step.py"
+    path.write_text(generate_kernel(["expert_up_gate", "expert_down"], constexprs=dict(
+        BLOCK_T=16, BLOCK_NX=64, BLOCK_KX=128, MX_DOT=8, SALIGN=4)))
+    report = build_report(path, programs=132, target="sm_90")
+    assert 0 < report.registers <= 255 and report.fits
