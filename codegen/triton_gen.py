@@ -164,16 +164,14 @@ def _functions(abi: L.KindABI, body: Body, imports) -> dict:
     kind without one uses `body` for both. A device function knows of its arguments what Triton
     propagates from its one call site (the kernel's 16-byte pointers, the frame's AALIGN / WALIGN
     hints on record args); a tl.multiple_of on an argument inside it has no effect."""
-    out = {"own": None}
-    for key, src, pre in (("body", body.compute, body.prefetch),
-                          ("own", f"{body.prefetch}\n{body.compute}", "")):
-        if key == "own" and not body.prefetch:
-            continue
-        values, consts = body_params(abi, Body(pre, src), imports)
-        out[key] = dict(source=src, signature=", ".join(values + [f"{c}: tl.constexpr" for c in consts]),
-                        call=", ".join(values + consts))
-    out["noinline"] = out["own"] or out["body"]
-    return out
+    def function(prefetch: str, src: str) -> dict:
+        values, consts = body_params(abi, Body(prefetch, src), imports)
+        return dict(source=src, signature=", ".join(values + [f"{c}: tl.constexpr" for c in consts]),
+                    call=", ".join(values + consts))
+
+    inlined = function(body.prefetch, body.compute)
+    own = function("", f"{body.prefetch}\n{body.compute}") if body.prefetch else None
+    return {"body": inlined, "own": own, "noinline": own or inlined}
 
 
 def body_params(abi: L.KindABI, body: Body, imports=()) -> tuple[list[str], list[str]]:

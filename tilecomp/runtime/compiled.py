@@ -96,16 +96,20 @@ class RecordBuilder:
         if buf is None:
             raise ScheduleError(f"task {task.name} ({task.kind}): {name!r} is neither a buffer "
                                 f"nor a runtime scalar ({sorted(STATE_OF)})")
+        slot_name = self.slot_name(name)
+        slot = self.b.slots[slot_name]
+        if buf.kind != "weight" and slot_of(name) is not None and slot.numel < _numel(buf.shape):
+            raise ScheduleError(f"buffer {name} {list(buf.shape)} is larger than the engine's "
+                                f"{slot_name} {list(slot.shape)} (compile with the engine's max_len)")
+        return slot.offset
+
+    def slot_name(self, name: str) -> str:
+        """The arena slot a tile buffer lives in: a weight's checkpoint slot, the engine slot it
+        aliases, or its own `tile.<name>`."""
+        buf = self.tp.buffers[name]
         if buf.kind == "weight":
-            return self.b.offset(weight_slot(buf.param or buf.name))
-        alias = slot_of(name)
-        if alias is not None:
-            slot = self.b.slots[alias]
-            if slot.numel < _numel(buf.shape):
-                raise ScheduleError(f"buffer {name} {list(buf.shape)} is larger than the engine's "
-                                    f"{alias} {list(slot.shape)} (compile with the engine's max_len)")
-            return slot.offset
-        return self.b.offset(f"tile.{name}")
+            return weight_slot(buf.param or buf.name)
+        return slot_of(name) or f"tile.{name}"
 
     def record(self, task) -> L.TaskRecord:
         abi = L.kind_abi(task.kind)
@@ -133,10 +137,11 @@ class RecordBuilder:
         return L.TaskRecord(task.kind, task.id, args, waits, signals)
 
     def _check_norm(self, name: str, task):
-        buf = self.tp.buffers[name]
-        slot = weight_slot(buf.param or buf.name) if buf.kind == "weight" else f"tile.{name}"
+        if self.norm_arena is None:
+            return
+        slot = self.slot_name(name)
         arena = self.b.slots[slot].arena
-        if self.norm_arena is not None and arena != self.norm_arena:
+        if arena != self.norm_arena:
             raise ScheduleError(f"task {task.name} ({task.kind}): RMSNorm gain {slot} is in the "
                                 f"{arena!r} arena, the kernels read gains from {self.norm_arena!r} "
                                 f"(NORM_F32; weights.add_weights places them)")
