@@ -177,6 +177,10 @@ KINDS: dict[str, KindABI] = _kinds(
 # multiply in inline PTX (codegen/mxfp4_ptx.py; the values 3 rounds to bf16, for scale codes
 # 2..252: the engine checks the weights, else 3). GPU only (the interpreter has no inline asm);
 # sm_90 up_gate K loop 1132 instructions against 1302. Not yet measured on a GPU.
+# 9: the codes as 32-bit words that the engine repacks once (codegen/mxfp4_ptx.py, "MX_DOT 9"):
+# per word 9 rotate / mask operations and 4 bf16x2 multiplies in inline PTX give its 8 elements
+# in K order (x 2^-32, put back on the accumulator), one dot per matrix per K step over the
+# natural x tile; exact for scale codes 34..160 (the engine checks the weights, else 3). GPU only.
 # SALIGN = expert scale rows (K / 32 bytes) are multiples of this many bytes (1 = no hint)
 # L2PF = weight tiles the streaming loops (linear, lm_head, qkv_rope_kv, experts) prefetch
 # into L2 ahead of their loads, with Hopper's bulk prefetch (cp.async.bulk.prefetch.L2: no

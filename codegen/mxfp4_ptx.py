@@ -1,4 +1,7 @@
-"""MX_DOT 8: MXFP4 codes -> bf16 pairs with byte-permute table lookups, as one inline-PTX block.
+"""Inline-PTX MXFP4 dequantizations: MX_DOT 8 (byte-permute table lookups on the stored bytes) and
+MX_DOT 9 (rotate-and-mask on words the engine repacks once, see "MX_DOT 9" below).
+
+MX_DOT 8: MXFP4 codes -> bf16 pairs with byte-permute table lookups, as one inline-PTX block.
 
 One instance takes 4 raw bytes of a row (8 E2M1 codes: byte j holds element 2j in its low nibble,
 2j + 1 in its high nibble) and their group's E8M0 scale byte, and returns 4 registers of bf16
@@ -58,18 +61,22 @@ CONSTRAINTS = "=r,=r,=r,=r,r,r"
 
 _PTX = {"mov": "mov.b32 {}, {};", "and": "and.b32 {}, {}, {};", "or": "or.b32 {}, {}, {};",
         "shl": "shl.b32 {}, {}, {};", "shr": "shr.u32 {}, {}, {};", "mul": "mul.lo.u32 {}, {}, {};",
-        "prmt": "prmt.b32 {}, {}, {}, {};", "fma": "fma.rn.bf16x2 {}, {}, {}, {};"}
+        "prmt": "prmt.b32 {}, {}, {}, {};", "fma": "fma.rn.bf16x2 {}, {}, {}, {};",
+        "rotl": "shf.l.wrap.b32 {0}, {1}, {1}, {2};", "sel": "lop3.b32 {}, {}, {}, {}, 0xE4;"}
 
 
 def _operand(x) -> str:
     return f"{x:#x}" if isinstance(x, int) else (x if x.startswith("$") else f"%{x}")
 
 
-def ptx() -> str:
-    """The asm block for tl.inline_asm_elementwise (CONSTRAINTS, pack 4: one register holds the 4
-    code bytes, one the 4 scale bytes, and each bf16 output takes 2 registers of pairs)."""
-    lines = ["{", ".reg .b32 " + ", ".join(f"%{r}" for r in LOCALS) + ";"]
-    lines += [_PTX[op].format(_operand(dst), *map(_operand, src)) for op, dst, *src in PROGRAM]
+def ptx(program=None, local_regs=None) -> str:
+    """The asm block for tl.inline_asm_elementwise. MX_DOT 8 (the default; CONSTRAINTS, pack 4):
+    one register holds the 4 code bytes, one the 4 scale bytes, and each bf16 output takes 2
+    registers of pairs. MX_DOT 9: `ptx(WORD_PROGRAM, WORD_LOCALS)` (WORD_CONSTRAINTS, pack 1)."""
+    program = PROGRAM if program is None else program
+    local_regs = LOCALS if local_regs is None else local_regs
+    lines = ["{", ".reg .b32 " + ", ".join(f"%{r}" for r in local_regs) + ";"]
+    lines += [_PTX[op].format(_operand(dst), *map(_operand, src)) for op, dst, *src in program]
     return " ".join(lines + ["}"])
 
 
@@ -105,15 +112,114 @@ def _fma_bf16x2(a: int, b: int, c: int) -> int:
 
 def emulate(word: int, scale: int) -> tuple[int, int, int, int]:
     """The four output registers PROGRAM computes for a code word and a scale byte."""
-    reg = {"$4": word & 0xFFFFFFFF, "$5": (scale & 0xFF) * 0x01010101}
+    return _run(PROGRAM, word, (scale & 0xFF) * 0x01010101)
+
+
+def _run(program, word: int, second: int) -> tuple[int, int, int, int]:
+    reg = {"$4": word & 0xFFFFFFFF, "$5": second & 0xFFFFFFFF}
 
     def val(x):
         return reg[x] if isinstance(x, str) else x
 
-    for op, dst, *src in PROGRAM:
+    for op, dst, *src in program:
         a = [val(x) for x in src]
         reg[dst] = {"mov": lambda: a[0], "and": lambda: a[0] & a[1], "or": lambda: a[0] | a[1],
                     "shl": lambda: a[0] << a[1], "shr": lambda: a[0] >> a[1],
                     "mul": lambda: a[0] * a[1], "prmt": lambda: _prmt(*a),
-                    "fma": lambda: _fma_bf16x2(*a)}[op]() & 0xFFFFFFFF
+                    "fma": lambda: _fma_bf16x2(*a),
+                    "rotl": lambda: (a[0] << a[1]) | (a[0] >> (32 - a[1])),
+                    "sel": lambda: (a[0] & a[2]) | (a[1] & ~a[2])}[op]() & 0xFFFFFFFF
     return reg["$0"], reg["$1"], reg["$2"], reg["$3"]
+
+
+# ---------------------------------------------------------------------------------------------
+# MX_DOT 9: rotate-and-mask on repacked words.
+#
+# The engine stores every expert matrix's codes repacked once (`repack_words`): each 32-bit word
+# still holds the 8 codes of 8 consecutive K elements, with their 32 bits moved so that output
+# register j (bf16 pair: element j low, element j + 4 high) is the word rotated by ROUTES[j]'s
+# amount and masked. A bf16 whose bits are the code's magnitude bits e1 e0 m at bits 8..6 (exponent
+# field e1 e0, mantissa bit m; the code 0.5 is the bf16 subnormal 2^-127) and its sign at bit 15
+# reads as E2M1 x 2^-126, exactly; one `fma.rn.bf16x2` by 2^(s - 1 - WORD_SHIFT) (bf16, both
+# halves, built per 32-element group outside the block) applies the scale, and the expert loop
+# multiplies its fp32 accumulator by 2^WORD_SHIFT once at the end. 9 integer operations and 4
+# bf16x2 multiplies per 8 elements, against about 36 + 4 for MX_DOT 8. No rotation set tiles all
+# 32 bits with four copies of the 8 target bits (checked by brute force), so pair 3 takes two.
+PAIR_MASK = 0x81C081C0                   # bits 6-8, 15 | 22-24, 31 of a bf16 pair
+# output register -> (rotate-left amount, mask of the output bits it supplies)
+ROUTES = ((0, PAIR_MASK),), ((4, PAIR_MASK),), ((10, PAIR_MASK),), ((6, 0x80C080C0), (14, 0x01000100))
+WORD_SHIFT = 32
+# scale codes for which every product is exact: the factor 2^(s-1-WORD_SHIFT) is a normal bf16
+# (s <= 128 + WORD_SHIFT) and 0.5 * 2^(s-127-WORD_SHIFT) >= 2^-126 (s >= WORD_SHIFT + 2)
+WORD_SCALE_RANGE = (WORD_SHIFT + 2, WORD_SHIFT + 128)
+# (op, dst, *operands): $0..$3 outputs, $4 the repacked word, $5 the group's factor (bf16 pair)
+WORD_PROGRAM = (("mov", "nz", 0x80008000),) + tuple(
+    op for j, routes in enumerate(ROUTES) for op in (
+        ((("and", f"${j}", "$4", routes[0][1]),) if routes[0][0] == 0 and len(routes) == 1 else
+         (("rotl", "t", "$4", routes[0][0]), ("and", f"${j}", "t", routes[0][1])) if len(routes) == 1 else
+         (("rotl", "t", "$4", routes[0][0]), ("rotl", "u", "$4", routes[1][0]),
+          ("sel", "t", "t", "u", routes[0][1]), ("and", f"${j}", "t", PAIR_MASK)))
+        + (("fma", f"${j}", f"${j}", "$5", "nz"),))
+)
+WORD_LOCALS = ("nz", "t", "u")
+WORD_CONSTRAINTS = "=r,=r,=r,=r,r,r"
+
+
+def _word_destinations() -> list[list[int]]:
+    """dest[e][i]: the bit of the repacked word that holds bit i (m, e0, e1, sign) of element e."""
+    dest = []
+    for e in range(8):
+        j, half = e % 4, 16 * (e // 4)
+        bits = []
+        for target in (6, 7, 8, 15):
+            q = target + half
+            amount = next(r for r, mask in ROUTES[j] if mask >> q & 1)
+            bits.append((q - amount) % 32)
+        dest.append(bits)
+    return dest
+
+
+WORD_DEST = _word_destinations()
+
+
+def word_factor(scale: int) -> int:
+    """The bf16 pair 2^(s - 1 - WORD_SHIFT) the block multiplies by (s in WORD_SCALE_RANGE)."""
+    bits = (scale + 126 - WORD_SHIFT) << 7
+    return bits | bits << 16
+
+
+def emulate_word(word: int, scale: int) -> tuple[int, int, int, int]:
+    """WORD_PROGRAM's four output registers for a repacked word and a scale code (the values x
+    2^-WORD_SHIFT: the bf16 pairs the tensor cores see)."""
+    return _run(WORD_PROGRAM, word, word_factor(scale))
+
+
+def repack_word(word: int) -> int:
+    """A word of 8 codes in the stored MXFP4 order (element e = nibble e) in MX_DOT 9's order."""
+    out = 0
+    for e in range(8):
+        code = word >> 4 * e & 15
+        for i in range(4):
+            out |= (code >> i & 1) << WORD_DEST[e][i]
+    return out
+
+
+def repack_words(blocks):
+    """MXFP4 blocks (uint8 [..., K/32, 16], the models/mxfp4 layout) with every little-endian
+    32-bit word repacked for MX_DOT 9 (same shape and dtype; torch, on the tensor's device, in
+    chunks so a large expert tensor needs little extra memory)."""
+    import torch
+    flat = blocks.contiguous().view(-1)
+    if flat.numel() % 4:
+        raise ValueError(f"MXFP4 blocks of shape {tuple(blocks.shape)}: not a whole number of 32-bit words")
+    out = torch.empty_like(flat)
+    chunk = 1 << 26
+    for start in range(0, flat.numel(), chunk):
+        b = flat[start:start + chunk].view(-1, 4).to(torch.int64)
+        w = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
+        r = torch.zeros_like(w)
+        for e in range(8):
+            for i in range(4):
+                r |= (w >> (4 * e + i) & 1) << WORD_DEST[e][i]
+        out[start:start + chunk].view(-1, 4).copy_(torch.stack([r >> (8 * k) & 255 for k in range(4)], 1))
+    return out.view(blocks.shape)

@@ -109,7 +109,9 @@ def environment() -> jinja2.Environment:
     )
     env.globals.update(L=L, f32_arg=_f32_arg, act_load=_act_load, norm_gain=_norm_gain, l2_rows=_l2_rows,
                        l2_ahead=_l2_ahead, mxfp4_bf16_asm=repr(mxfp4_ptx.ptx()),
-                       mxfp4_bf16_constraints=mxfp4_ptx.CONSTRAINTS)
+                       mxfp4_bf16_constraints=mxfp4_ptx.CONSTRAINTS,
+                       mxfp4_word_asm=repr(mxfp4_ptx.ptx(mxfp4_ptx.WORD_PROGRAM, mxfp4_ptx.WORD_LOCALS)),
+                       mxfp4_word_constraints=mxfp4_ptx.WORD_CONSTRAINTS, mxfp4_word_shift=mxfp4_ptx.WORD_SHIFT)
     return env
 
 

@@ -1,6 +1,7 @@
-"""MX_DOT 8's inline-PTX dequantization (codegen/mxfp4_ptx.py): the program the GPU runs,
-executed instruction by instruction on CPU, gives the bf16 values of models/mxfp4 for every
-code at every position of a word; the expert kinds build for sm_90 with it."""
+"""MX_DOT 8's and 9's inline-PTX dequantizations (codegen/mxfp4_ptx.py): the programs the GPU runs,
+executed instruction by instruction on CPU, give the bf16 values of models/mxfp4 for every
+code at every position of a word (MX_DOT 9 on the words as the engine repacks them); the expert
+kinds build for sm_90 with them."""
 import pytest
 import torch
 
@@ -51,11 +52,52 @@ def test_a_wrong_table_is_caught():
         M.PROGRAM = program
 
 
-def test_expert_kinds_build_for_sm90_with_ptx_lookups(tmp_path):
+@pytest.mark.parametrize("scale", [M.WORD_SCALE_RANGE[0], 100, 118, 127, 128, M.WORD_SCALE_RANGE[1]])
+def test_repacked_words_give_every_code_at_every_position(scale):
+    """MX_DOT 9: the program on a repacked word gives the reference bf16 values x 2^-WORD_SHIFT
+    (the expert loop multiplies its accumulator back), element e in register e % 4, half e // 4."""
+    gen = torch.Generator().manual_seed(scale)
+    words = [b * 0x01010101 for b in range(256)]
+    words += [int(w) for w in torch.randint(0, 2**32, (256,), generator=gen, dtype=torch.int64)]
+    for word in words:
+        regs = M.emulate_word(M.repack_word(word), scale)
+        got = [regs[e % 4] >> (16 * (e // 4)) & 0xFFFF for e in range(8)]
+        values = torch.tensor(got, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float() * 2.0 ** M.WORD_SHIFT
+        want = torch.tensor(reference_bf16(word, scale), dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+        assert torch.equal(values, want), (hex(word), scale)
+
+
+def test_word_repack_is_a_bit_permutation_and_the_tensor_form_agrees():
+    assert sorted(b for bits in M.WORD_DEST for b in bits) == list(range(32))
+    blocks = torch.randint(0, 256, (2, 3, 4, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = M.repack_words(blocks)
+    assert packed.shape == blocks.shape and packed.dtype == torch.uint8
+    src, out = blocks.view(-1, 4).tolist(), packed.view(-1, 4).tolist()
+    for a, b in zip(src, out):
+        assert M.repack_word(int.from_bytes(bytes(a), "little")) == int.from_bytes(bytes(b), "little")
+    asm = M.ptx(M.WORD_PROGRAM, M.WORD_LOCALS)
+    assert asm.count("fma.rn.bf16x2") == 4 and asm.count("shf.l.wrap.b32") == 4 and "$6" not in asm
+    assert M.WORD_CONSTRAINTS.count("=r") == 4 and M.WORD_CONSTRAINTS.count(",r") == 2
+
+
+def test_a_wrong_route_is_caught():
+    """Repack and program both follow ROUTES: changing the program alone changes the values."""
+    word, scale = 0x76543210, 127
+    good = M.emulate_word(M.repack_word(word), scale)
+    program = M.WORD_PROGRAM
+    try:
+        M.WORD_PROGRAM = tuple(("rotl", "t", "$4", 5) if op == ("rotl", "t", "$4", 4) else op for op in program)
+        assert M.emulate_word(M.repack_word(word), scale) != good
+    finally:
+        M.WORD_PROGRAM = program
+
+
+@pytest.mark.parametrize("mode", [8, 9])
+def test_expert_kinds_build_for_sm90_with_ptx_lookups(tmp_path, mode):
     from tilecomp.codegen.build import build_report
     from tilecomp.codegen.triton_gen import generate_kernel
     path = tmp_path / "decode_step.py"
     path.write_text(generate_kernel(["expert_up_gate", "expert_down"], constexprs=dict(
-        BLOCK_T=16, BLOCK_NX=64, BLOCK_KX=128, MX_DOT=8, SALIGN=4)))
+        BLOCK_T=16, BLOCK_NX=64, BLOCK_KX=128, MX_DOT=mode, SALIGN=4)))
     report = build_report(path, programs=132, target="sm_90")
     assert 0 < report.registers <= 255 and report.fits

@@ -177,9 +177,9 @@ def test_kernel_files_launch_with_the_step_programs_tile_sizes(tmp_path):
     assert step.kernel.constexprs["BLOCK_K"] == 32
 
 
-@pytest.mark.parametrize("mode,lo,hi", [(6, 65, 191), (8, 2, 252)])
+@pytest.mark.parametrize("mode,lo,hi", [(6, 65, 191), (8, 2, 252), (9, 34, 160)])
 def test_scale_limited_dequantizations_only_for_the_scales_they_are_exact_for(mode, lo, hi):
-    """MX_DOT 6 is exact for scale codes 65..191, MX_DOT 8 for 2..252, both for all-zero groups:
+    """MX_DOT 6 is exact for scale codes 65..191, MX_DOT 8 for 2..252, MX_DOT 9 for 34..160, all for all-zero groups:
     a model with a non-zero group outside gets MX_DOT 3, or a named error when the mode was asked
     for; an all-zero group at code 0 (what the quantizer writes) keeps the mode."""
     from tilecomp.runtime.megakernel import _exact_mx_dot
@@ -202,11 +202,12 @@ def test_scale_limited_dequantizations_only_for_the_scales_they_are_exact_for(mo
 
 
 def test_word_code_experts_give_the_reference_tokens_and_ptx_lookups_are_refused_on_cpu():
-    """End to end, MX_DOT 6 gives the reference tokens; MX_DOT 8 (inline PTX) is refused in the
-    interpreter with the reason."""
+    """End to end, MX_DOT 6 gives the reference tokens; MX_DOT 8 and 9 (inline PTX) are refused in
+    the interpreter with the reason."""
     target, draft = models(6)
-    with pytest.raises(TilecompError, match="MX_DOT=8 dequantizes with inline PTX"):
-        MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": 8})
+    for mode in (8, 9):
+        with pytest.raises(TilecompError, match=f"MX_DOT={mode} dequantizes with inline PTX"):
+            MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": mode})
     target, draft = models(6)
     ids = prompt(6, 9)
     ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 3, use_draft=False)

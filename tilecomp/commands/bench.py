@@ -22,7 +22,7 @@ def add_parser(subparsers):
                    "codegen/layout.py GPU_NUM_WARPS)")
     p.add_argument("--tile", action="append", default=[], metavar="NAME=N",
                    help="override a megakernel tile size or code-path switch (repeatable), e.g. "
-                        "--tile BLOCK_K=256, --tile MX_DOT=8 (expert dequantization: 0-8), "
+                        "--tile BLOCK_K=256, --tile MX_DOT=9 (expert dequantization: 0-9), "
                         "--tile NORM_F32=1 (fp32 RMSNorm gains), --tile NOINLINE=1 (each task kind a "
                         "device function); codegen/layout.py TUNING_DEFAULTS says what each does")
     p.add_argument("--lower", action="append", default=[], metavar="NAME=N",
@@ -76,7 +76,7 @@ def _name_values(items: list[str], flag: str, ok, expected: str) -> dict:
     return out
 
 
-SWITCHES = {"MX_DOT": (0, 1, 2, 3, 4, 5, 6, 7, 8), "NORM_F32": (0, 1), "NOINLINE": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
+SWITCHES = {"MX_DOT": (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), "NORM_F32": (0, 1), "NOINLINE": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
 COUNTS = ("STAGES", "STAGES_X")   # pipeline depths: any N >= 1
 OPTIONAL_COUNTS = ("L2PF",)        # depths where 0 turns the feature off: any N >= 0
 

@@ -62,6 +62,16 @@ class ArenaBuilder:
     def offset(self, name: str) -> int:
         return self.slots[name].offset
 
+    def transform(self, fn) -> None:
+        """Replace every added tensor t by fn(name, t), before build (same shape and dtype: the
+        slots are laid out already); e.g. a kernel-specific weight layout."""
+        for name, tensor in self._init.items():
+            out = fn(name, tensor)
+            if out.shape != tensor.shape or out.dtype != tensor.dtype:
+                raise CheckpointError(f"arena slot {name!r}: a transform changed {tuple(tensor.shape)} "
+                                      f"{tensor.dtype} into {tuple(out.shape)} {out.dtype}")
+            self._init[name] = out
+
     def build(self, device="cpu") -> "Arenas":
         data = {a: torch.zeros(max(self._sizes[a], ALIGN), dtype=self.dtype(a), device=device)
                 for a in ARENAS}

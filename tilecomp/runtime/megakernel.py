@@ -70,7 +70,7 @@ class StepProgram:
 
 
 # MXFP4 dequantizations that are exact only for some E8M0 scale codes: MX_DOT -> (lo, hi)
-EXACT_SCALES = {6: (65, 191), 8: mxfp4_ptx.SCALE_RANGE}
+EXACT_SCALES = {6: (65, 191), 8: mxfp4_ptx.SCALE_RANGE, 9: mxfp4_ptx.WORD_SCALE_RANGE}
 
 
 def _exact_mx_dot(target, draft, tiles: dict, mode: int) -> int:
@@ -78,7 +78,8 @@ def _exact_mx_dot(target, draft, tiles: dict, mode: int) -> int:
     (EXACT_SCALES; all-zero groups are exact at any scale, the quantizer gives those code 0), else
     the exact-everywhere MX_DOT 3; an explicit --tile MX_DOT=mode is refused instead.
     MX_DOT 6: one multiply per element, 2^-62 .. 2^64 (what trained weights use). MX_DOT 8: bf16
-    table lookups, no bf16 subnormal or overflow in a product."""
+    table lookups, no bf16 subnormal or overflow in a product. MX_DOT 9: the same for the bf16
+    products scaled by 2^-32 (codegen/mxfp4_ptx.py WORD_SCALE_RANGE)."""
     lo, hi = EXACT_SCALES[mode]
     for model in (target, draft):
         buffers = dict(model.named_buffers()) if model is not None else {}
@@ -150,11 +151,15 @@ class MegakernelEngine:
         self.schedule = _load_schedule(schedule)
         self.prefill_schedule = _load_schedule(prefill_schedule)
         self.plain_schedule = _load_schedule(plain_schedule)
-        if self.consts.get("MX_DOT") == 8 and interpreting():
-            raise TilecompError("tiles: MX_DOT=8 dequantizes with inline PTX, which the Triton "
-                                "interpreter cannot run (use MX_DOT=3 on CPU)")
+        if self.consts.get("MX_DOT") in (8, 9) and interpreting():
+            raise TilecompError(f"tiles: MX_DOT={self.consts['MX_DOT']} dequantizes with inline PTX, "
+                                "which the Triton interpreter cannot run (use MX_DOT=3 on CPU)")
         if self.consts.get("MX_DOT") in EXACT_SCALES:
             self.consts["MX_DOT"] = _exact_mx_dot(target, draft, self.tiles, self.consts["MX_DOT"])
+        if self.consts.get("MX_DOT") == 9:
+            # MX_DOT 9 reads the expert codes repacked word by word (codegen/mxfp4_ptx.py): the
+            # arena holds that copy; the model's own buffers are left as they are
+            builder.transform(lambda name, t: mxfp4_ptx.repack_words(t) if name.endswith("_blocks") else t)
         if (self.schedule is None and draft is not None or self.prefill_schedule is None
                 or self.plain_schedule is None):
             self._compile_missing()
