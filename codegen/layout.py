@@ -125,12 +125,12 @@ KINDS: dict[str, KindABI] = _kinds(
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF", "AALIGN")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     # parts > 0 (both expert kinds): part `part` of `parts` of all routed (slot, tile) units
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "STAGES_X", "SALIGN", "L2PF", "AALIGN")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
@@ -201,8 +201,13 @@ KINDS: dict[str, KindABI] = _kinds(
 # with 0 at block 8, 4.54 against 4.60 at block 1; run-to-run spread is 2-3%, so 0 (version 8's
 # loads) stays the default. The engine places the gains (weights.add_weights) and checks every
 # record's norm slot (RecordBuilder).
+# PTX_ASM (MX_DOT 9 only) = 1: the repacked words are decoded by the inline-PTX block of
+# codegen/mxfp4_ptx.py (9 integer ops and 4 bf16x2 multiplies per word; a GPU build, GPU_TUNING);
+# 0: the same rotations and masks as Triton integer ops, the pairs widened to fp32 and scaled there
+# (what the interpreter runs, so the CPU tests cover the repacked arena, the word routes, the K
+# order and the 2^WORD_SHIFT rescale end to end; on a GPU a measurable variant).
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
-                   "NORM_F32": 0, "NOINLINE": 0}
+                   "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute
@@ -243,7 +248,8 @@ def norm_arena(consts: dict) -> str:
 # dot staged its operands through shared memory behind a barrier (32 bar.sync per K step); its
 # join form (2 dots, 8 bar.sync, 1123 against 1413 instructions, no spills) is not yet measured.
 # MX_DOT 5 (the weights as wgmma's left operand) 1287 us.
-GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32}
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32,
+              "PTX_ASM": 1}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

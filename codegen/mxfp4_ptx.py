@@ -137,7 +137,8 @@ def _run(program, word: int, second: int) -> tuple[int, int, int, int]:
 #
 # The engine stores every expert matrix's codes repacked once (`repack_words`): each 32-bit word
 # still holds the 8 codes of 8 consecutive K elements, with their 32 bits moved so that output
-# register j (bf16 pair: element j low, element j + 4 high) is the word rotated by ROUTES[j]'s
+# register j (bf16 pair: element 2j low, element 2j + 1 high: the K order the tensor cores read) is
+# the word rotated by ROUTES[j]'s
 # amount and masked. A bf16 whose bits are the code's magnitude bits e1 e0 m at bits 8..6 (exponent
 # field e1 e0, mantissa bit m; the code 0.5 is the bf16 subnormal 2^-127) and its sign at bit 15
 # reads as E2M1 x 2^-126, exactly; one `fma.rn.bf16x2` by 2^(s - 1 - WORD_SHIFT) (bf16, both
@@ -148,6 +149,10 @@ def _run(program, word: int, second: int) -> tuple[int, int, int, int]:
 PAIR_MASK = 0x81C081C0                   # bits 6-8, 15 | 22-24, 31 of a bf16 pair
 # output register -> (rotate-left amount, mask of the output bits it supplies)
 ROUTES = ((0, PAIR_MASK),), ((4, PAIR_MASK),), ((10, PAIR_MASK),), ((6, 0x80C080C0), (14, 0x01000100))
+# (the second mask of a two-route register is the rest of PAIR_MASK: WORD_PROGRAM selects with the
+# first and masks with PAIR_MASK, the templates' Triton-op form masks each rotation with its own)
+assert all(len(r) == 1 and r[0][1] == PAIR_MASK or len(r) == 2 and r[0][1] | r[1][1] == PAIR_MASK
+           and not r[0][1] & r[1][1] for r in ROUTES)
 WORD_SHIFT = 32
 # scale codes for which every product is exact: the factor 2^(s-1-WORD_SHIFT) is a normal bf16
 # (s <= 128 + WORD_SHIFT) and 0.5 * 2^(s-127-WORD_SHIFT) >= 2^-126 (s >= WORD_SHIFT + 2)
@@ -165,11 +170,15 @@ WORD_LOCALS = ("nz", "t", "u")
 WORD_CONSTRAINTS = "=r,=r,=r,=r,r,r"
 
 
+# element e of a word -> (output register, bit offset of its half)
+WORD_ELEMENT = tuple((e // 2, 16 * (e % 2)) for e in range(8))
+
+
 def _word_destinations() -> list[list[int]]:
     """dest[e][i]: the bit of the repacked word that holds bit i (m, e0, e1, sign) of element e."""
     dest = []
     for e in range(8):
-        j, half = e % 4, 16 * (e // 4)
+        j, half = WORD_ELEMENT[e]
         bits = []
         for target in (6, 7, 8, 15):
             q = target + half

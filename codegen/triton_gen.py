@@ -111,7 +111,8 @@ def environment() -> jinja2.Environment:
                        l2_ahead=_l2_ahead, mxfp4_bf16_asm=repr(mxfp4_ptx.ptx()),
                        mxfp4_bf16_constraints=mxfp4_ptx.CONSTRAINTS,
                        mxfp4_word_asm=repr(mxfp4_ptx.ptx(mxfp4_ptx.WORD_PROGRAM, mxfp4_ptx.WORD_LOCALS)),
-                       mxfp4_word_constraints=mxfp4_ptx.WORD_CONSTRAINTS, mxfp4_word_shift=mxfp4_ptx.WORD_SHIFT)
+                       mxfp4_word_constraints=mxfp4_ptx.WORD_CONSTRAINTS, mxfp4_word_shift=mxfp4_ptx.WORD_SHIFT,
+                       mxfp4_word_routes=mxfp4_ptx.ROUTES)
     return env
 
 

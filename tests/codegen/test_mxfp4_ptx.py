@@ -55,13 +55,14 @@ def test_a_wrong_table_is_caught():
 @pytest.mark.parametrize("scale", [M.WORD_SCALE_RANGE[0], 100, 118, 127, 128, M.WORD_SCALE_RANGE[1]])
 def test_repacked_words_give_every_code_at_every_position(scale):
     """MX_DOT 9: the program on a repacked word gives the reference bf16 values x 2^-WORD_SHIFT
-    (the expert loop multiplies its accumulator back), element e in register e % 4, half e // 4."""
+    (the expert loop multiplies its accumulator back), element e in register e // 2, half e % 2 (WORD_ELEMENT)."""
     gen = torch.Generator().manual_seed(scale)
     words = [b * 0x01010101 for b in range(256)]
     words += [int(w) for w in torch.randint(0, 2**32, (256,), generator=gen, dtype=torch.int64)]
     for word in words:
         regs = M.emulate_word(M.repack_word(word), scale)
-        got = [regs[e % 4] >> (16 * (e // 4)) & 0xFFFF for e in range(8)]
+        got = [regs[e // 2] >> (16 * (e % 2)) & 0xFFFF for e in range(8)]
+        assert got == [regs[j] >> half & 0xFFFF for j, half in M.WORD_ELEMENT]
         values = torch.tensor(got, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float() * 2.0 ** M.WORD_SHIFT
         want = torch.tensor(reference_bf16(word, scale), dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
         assert torch.equal(values, want), (hex(word), scale)
@@ -78,6 +79,29 @@ def test_word_repack_is_a_bit_permutation_and_the_tensor_form_agrees():
     asm = M.ptx(M.WORD_PROGRAM, M.WORD_LOCALS)
     assert asm.count("fma.rn.bf16x2") == 4 and asm.count("shf.l.wrap.b32") == 4 and "$6" not in asm
     assert M.WORD_CONSTRAINTS.count("=r") == 4 and M.WORD_CONSTRAINTS.count(",r") == 2
+
+
+def test_arena_transform_writes_the_repacked_copy_and_leaves_the_model_alone():
+    """The engine's MX_DOT 9 path: ArenaBuilder.transform applies repack_words slot by slot at
+    build; the added tensor (the model's buffer) is unchanged, and a transform that changes a
+    slot's shape is refused with the slot named."""
+    from tilecomp.errors import CheckpointError
+    from tilecomp.runtime.buffers import ArenaBuilder
+    blocks = torch.randint(0, 256, (2, 4, 3, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    scales = torch.full((2, 4, 3), 127, dtype=torch.uint8)
+    before = blocks.clone()
+    b = ArenaBuilder()
+    b.add("layer.up_blocks", blocks, "u8")
+    b.add("layer.up_scales", scales, "u8")
+    b.transform(lambda name, t: M.repack_words(t) if name.endswith("_blocks") else t)
+    arenas = b.build()
+    assert torch.equal(blocks, before)
+    assert torch.equal(arenas.view("layer.up_blocks"), M.repack_words(blocks))
+    assert not torch.equal(arenas.view("layer.up_blocks"), blocks)
+    assert torch.equal(arenas.view("layer.up_scales"), scales)
+    b.transform(lambda name, t: t[:1])
+    with pytest.raises(CheckpointError, match="layer.up_blocks"):
+        b.build()
 
 
 def test_a_wrong_route_is_caught():

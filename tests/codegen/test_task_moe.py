@@ -280,10 +280,11 @@ def test_mxfp4_dequant_matches_models_mxfp4(mode):
     assert torch.isfinite(arenas.view("act")).all()
 
 
-def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales=()):
+def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales=(), repack=False):
     """One expert (random MXFP4 gate / up / down, scale codes in [lo, hi), `edge_scales` on the
     first groups of row 0) in arenas, with an expert_up_gate record over its whole width (act
     from x) and an expert_down record over its whole dim (out from act_in, token weights w).
+    repack: the arenas hold the codes as the engine stores them for MX_DOT 9.
     Returns (arenas, [up, down], (wg, wu, wd) dequantized)."""
     from tilecomp.models.mxfp4 import dequantize_mxfp4
     def mx(n, k):
@@ -301,6 +302,9 @@ def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales
         b.add(name, t, "u8")
     b.add("plan", torch.tensor([1, 0], dtype=torch.int32), "i32")
     b.reserve("act", (1, T, inter), "f32"), b.reserve("out", (1, T, D), "f32")
+    if repack:
+        from tilecomp.codegen.mxfp4_ptx import repack_words
+        b.transform(lambda name, t: repack_words(t) if name in ("gb", "ub", "db") else t)
     arenas = b.build()
     up = TaskRecord("expert_up_gate", 0, dict(
         x=b.offset("x"), plan=b.offset("plan"), gate_blocks=b.offset("gb"), gate_scales=b.offset("gs"),
@@ -312,21 +316,24 @@ def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales
     return arenas, [up, down], (wg, wu, wd)
 
 
+@pytest.mark.parametrize("mode", [6, 9], ids=["words", "repacked-words"])
 @pytest.mark.parametrize("salign,inter,block_kx", [(1, 160, 128), (4, 256, 128), (1, 160, 32)],
                          ids=["scale-bytes-K-tail", "scale-words", "one-group-K-steps"])
-def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter, block_kx):
-    """MX_DOT 6 (32-bit words of codes, one multiply per element, 2^63 on the accumulator):
-    every E2M1 code at every nibble position of a word, with E8M0 scales from 65 to 191 (the
-    range it is exact for), through expert_up_gate AND expert_down; a K tail shorter than the
-    tile is masked (with SALIGN 4 the scale rows are whole 32-bit words, so K is a multiple of
-    128 there)."""
+def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter, block_kx, mode):
+    """MX_DOT 6 (32-bit words of codes, one multiply per element, 2^63 on the accumulator) and
+    MX_DOT 9 (the engine's repacked words, rotate-and-mask routes in their Triton-op form
+    PTX_ASM 0, 2^32 on the accumulator): every E2M1 code at every nibble position of a word,
+    with the E8M0 scales at both ends of the range each is exact for, through expert_up_gate AND
+    expert_down; a K tail shorter than the tile is masked (with SALIGN 4 the scale rows are
+    whole 32-bit words, so K is a multiple of 128 there)."""
     gen = torch.Generator().manual_seed(6)
     T, D = 2, 384
     x = torch.randn(T, D, generator=gen) * 1e-3           # keeps the 2^64-scaled row finite
     act_in = torch.randn(1, T, inter, generator=gen)
+    edges = {6: (65, 191), 9: (34, 160)}[mode]
     arenas, recs, (wg, wu, wd) = one_expert(gen, T, D, inter, 110, 132, x, act_in, torch.tensor([[1.0, 0.5]]),
-                                            edge_scales=(65, 191))
-    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=block_kx, MX_DOT=6, SALIGN=salign))
+                                            edge_scales=edges, repack=mode == 9)
+    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=block_kx, MX_DOT=mode, SALIGN=salign))
     # float64 references; the bound is fp32 rounding of sums whose terms cancel: 1e-5 of the
     # sum of |terms| (a wrong code or scale is off by a whole term)
     x64, a64 = x.double(), act_in[0].double()

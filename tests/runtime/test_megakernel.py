@@ -10,6 +10,7 @@ import torch
 
 from tilecomp.codegen.harness import Megakernel
 from tilecomp.codegen.layout import KIND_IDS
+from tilecomp.codegen.mxfp4_ptx import repack_words
 from tilecomp.errors import DeadlockError, TilecompError
 from tilecomp.models.dflash import DFlashDraft
 from tilecomp.models.mimo import MiMoForCausalLM
@@ -202,18 +203,26 @@ def test_scale_limited_dequantizations_only_for_the_scales_they_are_exact_for(mo
 
 
 def test_word_code_experts_give_the_reference_tokens_and_ptx_lookups_are_refused_on_cpu():
-    """End to end, MX_DOT 6 gives the reference tokens; MX_DOT 8 and 9 (inline PTX) are refused in
-    the interpreter with the reason."""
+    """End to end, MX_DOT 6 and MX_DOT 9 (the engine's repacked words, decoded by the Triton-op
+    form of the PTX block, PTX_ASM 0) give the reference tokens; inline PTX (MX_DOT 8, MX_DOT 9
+    with PTX_ASM 1) is refused in the interpreter with the reason."""
     target, draft = models(6)
-    for mode in (8, 9):
-        with pytest.raises(TilecompError, match=f"MX_DOT={mode} dequantizes with inline PTX"):
-            MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": mode})
-    target, draft = models(6)
+    for tiles in ({"MX_DOT": 8}, {"MX_DOT": 9, "PTX_ASM": 1}):
+        with pytest.raises(TilecompError, match=f"MX_DOT={tiles['MX_DOT']}.* dequantizes with inline PTX"):
+            MegakernelEngine(target, draft, max_len=MAX_LEN, tiles=tiles)
     ids = prompt(6, 9)
     ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 3, use_draft=False)
-    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": 6, "BLOCK_KX": 128})
-    assert engine.consts["MX_DOT"] == 6
-    assert engine.generate(ids, 3, use_draft=False).tokens == ref.tokens
+    for mode in (6, 9):
+        engine = MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": mode, "BLOCK_KX": 128})
+        assert engine.consts["MX_DOT"] == mode
+        assert engine.generate(ids, 3, use_draft=False).tokens == ref.tokens, mode
+    # the arena holds the repacked codes, the model its own
+    buffers = dict(target.named_buffers())
+    names = [n for n in engine.builder.slots if n.endswith("_blocks")]
+    assert names and all(n in buffers for n in names)
+    for name in names:
+        assert torch.equal(engine.arenas.view(name), repack_words(buffers[name])), name
+        assert not torch.equal(engine.arenas.view(name), buffers[name]), name
 
 
 def test_dflash_step_with_the_gpu_lowering_gives_the_reference_tokens():

@@ -39,6 +39,7 @@ class ArenaBuilder:
     slots: dict[str, Slot] = field(default_factory=dict)
     _sizes: dict[str, int] = field(default_factory=lambda: {a: 0 for a in ARENAS})
     _init: dict[str, torch.Tensor] = field(default_factory=dict)
+    _transforms: list = field(default_factory=list)
 
     def dtype(self, arena: str) -> torch.dtype:
         return {"w": self.wdtype, "f32": torch.float32, "u8": torch.uint8,
@@ -63,20 +64,23 @@ class ArenaBuilder:
         return self.slots[name].offset
 
     def transform(self, fn) -> None:
-        """Replace every added tensor t by fn(name, t), before build (same shape and dtype: the
-        slots are laid out already); e.g. a kernel-specific weight layout."""
-        for name, tensor in self._init.items():
-            out = fn(name, tensor)
-            if out.shape != tensor.shape or out.dtype != tensor.dtype:
-                raise CheckpointError(f"arena slot {name!r}: a transform changed {tuple(tensor.shape)} "
-                                      f"{tensor.dtype} into {tuple(out.shape)} {out.dtype}")
-            self._init[name] = out
+        """Have build() write fn(name, t) instead of every added tensor t (same shape and dtype:
+        the slots are laid out already); e.g. a kernel-specific weight layout. Applied one slot at
+        a time while the arenas are filled, so a transformed copy of all the weights never exists
+        at once (a flash-sized model's experts are tens of GB)."""
+        self._transforms.append(fn)
 
     def build(self, device="cpu") -> "Arenas":
         data = {a: torch.zeros(max(self._sizes[a], ALIGN), dtype=self.dtype(a), device=device)
                 for a in ARENAS}
         arenas = Arenas(data, dict(self.slots))
         for name, tensor in self._init.items():
+            for fn in self._transforms:
+                out = fn(name, tensor)
+                if out.shape != tensor.shape or out.dtype != tensor.dtype:
+                    raise CheckpointError(f"arena slot {name!r}: a transform changed {tuple(tensor.shape)} "
+                                          f"{tensor.dtype} into {tuple(out.shape)} {out.dtype}")
+                tensor = out
             arenas.view(name).copy_(tensor.to(arenas.view(name).dtype))
         return arenas
 

@@ -151,9 +151,12 @@ class MegakernelEngine:
         self.schedule = _load_schedule(schedule)
         self.prefill_schedule = _load_schedule(prefill_schedule)
         self.plain_schedule = _load_schedule(plain_schedule)
-        if self.consts.get("MX_DOT") in (8, 9) and interpreting():
-            raise TilecompError(f"tiles: MX_DOT={self.consts['MX_DOT']} dequantizes with inline PTX, "
-                                "which the Triton interpreter cannot run (use MX_DOT=3 on CPU)")
+        ptx = self.consts.get("MX_DOT") == 8 or (self.consts.get("MX_DOT") == 9 and self.consts.get("PTX_ASM"))
+        if ptx and interpreting():
+            how = "" if self.consts["MX_DOT"] == 8 else " with PTX_ASM=1"
+            raise TilecompError(f"tiles: MX_DOT={self.consts['MX_DOT']}{how} dequantizes with inline PTX, "
+                                "which the Triton interpreter cannot run (use MX_DOT=3, or MX_DOT=9 "
+                                "with PTX_ASM=0, on CPU)")
         if self.consts.get("MX_DOT") in EXACT_SCALES:
             self.consts["MX_DOT"] = _exact_mx_dot(target, draft, self.tiles, self.consts["MX_DOT"])
         if self.consts.get("MX_DOT") == 9:
