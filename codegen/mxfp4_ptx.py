@@ -155,7 +155,9 @@ assert all(len(r) == 1 and r[0][1] == PAIR_MASK or len(r) == 2 and r[0][1] | r[1
            and not r[0][1] & r[1][1] for r in ROUTES)
 WORD_SHIFT = 32
 # scale codes for which every product is exact: the factor 2^(s-1-WORD_SHIFT) is a normal bf16
-# (s <= 128 + WORD_SHIFT) and 0.5 * 2^(s-127-WORD_SHIFT) >= 2^-126 (s >= WORD_SHIFT + 2)
+# (s <= 128 + WORD_SHIFT) and 0.5 * 2^(s-127-WORD_SHIFT) >= 2^-126 (s >= WORD_SHIFT + 2). (The dot
+# then multiplies x by weights 2^WORD_SHIFT too small: a product under fp32's 2^-126, |x w| < 2^-94
+# in true value, may be flushed by the tensor cores; trained weights have s near 120.)
 WORD_SCALE_RANGE = (WORD_SHIFT + 2, WORD_SHIFT + 128)
 # (op, dst, *operands): $0..$3 outputs, $4 the repacked word, $5 the group's factor (bf16 pair)
 WORD_PROGRAM = (("mov", "nz", 0x80008000),) + tuple(

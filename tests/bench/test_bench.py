@@ -120,3 +120,82 @@ def test_bench_switches_parse_and_name_bad_values():
         parse_lower(["vocab=4"])
     with pytest.raises(TilecompError, match="--lower: .*'programs=-1'"):
         parse_lower(["programs=-1"])
+
+
+def test_bench_reports_tokens_per_s_at_the_measured_acceptance_of_a_checkpoint(tmp_path, monkeypatch):
+    """A --checkpoint with a draft and a tokenizer.json: after its timing, the megakernel engine
+    generates greedily from held-out stdlib prompts; the report carries that acceptance (the
+    reference engine's on the same prompts) and tokens/s at it next to the assumed ones. Without
+    the megakernel (first run) the reference engine measures it; --acceptance-prompts 0 measures
+    none."""
+    from tilecomp.bench.acceptance import heldout_prompts
+    from tilecomp.cli import main
+    from tilecomp.models import load_pretrained
+    from tilecomp.train.corpus import stdlib_dir
+    from tilecomp.train.evaluate import acceptance
+    from tilecomp.train.tokenizer import load_tokenizer, train_tokenizer
+    ckpt = tmp_path / "ckpt"
+    assert main(["init", "--preset", "tiny", "--out", str(ckpt), "--seed", "3"]) == 0
+    texts = [(stdlib_dir() / name).read_text() for name in ("textwrap.py", "bisect.py", "heapq.py")]
+    train_tokenizer(texts, vocab_size=512).save(str(ckpt / "tokenizer.json"))
+    tok = load_tokenizer(ckpt / "tokenizer.json")
+    target, draft = load_pretrained(ckpt, dtype=torch.float32)
+    args = argparse.Namespace(checkpoint=str(ckpt), preset=None, layers=None, context=24, block=8,
+                              acceptance=6.3, programs=None, iters=1, eager_iters=1, skip_compile=True,
+                              skip_megakernel=True, skip_bf16=True, json=None, num_warps=4,
+                              tiles={"BLOCK_K": 32}, qkv_q_heads=-1, trace=False,
+                              lower_options={"kv_chunk": 8}, acceptance_prompts=3,
+                              acceptance_prompt_len=12, acceptance_tokens=12)
+    report = run_bench(args)
+    m = report["measured_acceptance"]
+    assert (m["engine"], m["prompts"], m["new_tokens"]) == ("reference", 3, 12)
+    want = acceptance(target, draft, heldout_prompts(tok, 3, 12), 12, max_len=64)
+    assert (m["steps"], m["mean_acceptance"]) == (want["steps"], want["mean_acceptance"])
+    r = report["results"]["eager"]
+    assert r["tokens_per_s_measured"] == pytest.approx(r["steps_per_s"] * m["mean_acceptance"])
+    assert r["tokens_per_s"] == pytest.approx(r["steps_per_s"] * 6.3)
+    assert "measured acceptance" in format_table(report)
+    # with the megakernel, its own engine (the one whose step was timed) generates; that engine's
+    # greedy tokens equal the reference's (tests/runtime), so here only which engine is checked
+    seen = []
+
+    def fake(engine, tokenizer, args, block_size):
+        seen.append(type(engine).__name__)
+        return dict(want, new_tokens=args.acceptance_tokens)
+    monkeypatch.setattr("tilecomp.bench.run.measure_acceptance", fake)
+    args.skip_megakernel = False
+    report = run_bench(args)
+    assert seen == ["MegakernelEngine"] and report["measured_acceptance"]["engine"] == "megakernel"
+    mk = report["results"]["megakernel"]
+    assert mk["tokens_per_s_measured"] == pytest.approx(mk["steps_per_s"] * want["mean_acceptance"])
+    args.acceptance_prompts, args.skip_megakernel = 0, True
+    assert "measured_acceptance" not in run_bench(args) and seen == ["MegakernelEngine"]
+
+
+def test_heldout_prompts_are_held_out_windows_and_name_a_shortfall(tmp_path):
+    from tilecomp.bench.acceptance import heldout_prompts
+    from tilecomp.errors import TilecompError
+    from tilecomp.train.corpus import is_heldout
+    from tilecomp.train.tokenizer import load_tokenizer
+    tok = load_tokenizer("examples/model/tokenizer.json")
+    prompts = heldout_prompts(tok, 3, 32, seed=1)
+    assert len(prompts) == 3 and all(len(p) == 32 for p in prompts)
+    assert prompts == heldout_prompts(tok, 3, 32, seed=1) != heldout_prompts(tok, 3, 32, seed=2)
+    lib = tmp_path / "Lib"
+    lib.mkdir()
+    names = [f"m{i}.py" for i in range(400)]
+    held = [n for n in names if is_heldout(n)]
+    for n in names:
+        (lib / n).write_text("def f(x):\n    return x + 1\n" * (40 if n == held[0] else 1))
+    assert len(heldout_prompts(tok, 1, 32, lib_dir=lib)) == 1
+    with pytest.raises(TilecompError, match="--acceptance-prompts"):
+        heldout_prompts(tok, 2, 32, lib_dir=lib)
+
+
+@pytest.mark.parametrize("flag,value", [("--acceptance-prompts", -1), ("--acceptance-tokens", 0),
+                                        ("--acceptance-prompt-len", 0)])
+def test_bench_names_a_bad_acceptance_flag(capsys, flag, value):
+    from tilecomp.cli import main
+    assert main(["bench", "--preset", "tiny", flag, str(value)]) != 0
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err

@@ -13,6 +13,7 @@ import torch
 from tilecomp import __version__
 from tilecomp.errors import TilecompError
 
+from .acceptance import checkpoint_tokenizer, measure_acceptance
 from .eager_step import EagerStep
 from .floor import step_bytes
 from .static_step import StaticStep
@@ -44,10 +45,12 @@ def load_models(args, device):
     return cfg, dcfg, target, draft
 
 
-def measure_megakernel(cfg, dcfg, target, draft, args, iters: int) -> dict:
+def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=None) -> dict:
     """The generated megakernel's step as generation runs it: one launch, then the read-back of
     the committed tokens. The DFlash step runs the compiler's schedule (`compile_model`); every
-    timed step starts from the same saved step state, so each sees `args.context` positions."""
+    timed step starts from the same saved step state, so each sees `args.context` positions.
+    With a tokenizer (a checkpoint with a trained draft), the same engine then generates from
+    held-out prompts: stats["measured_acceptance"]."""
     from tilecomp.codegen import layout as L
     from tilecomp.passes.pipeline import compile_model, engine_options
     from tilecomp.runtime.megakernel import MegakernelEngine
@@ -97,6 +100,8 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int) -> dict:
         step.check()
         stats["trace"] = summarize(step, buf)
         print(format_summary(stats["trace"]), flush=True)
+    if tokenizer is not None and use_draft:
+        stats["measured_acceptance"] = measure_acceptance(engine, tokenizer, args, dcfg.block_size)
     if getattr(args, "phases", False) and torch.cuda.is_available():
         from .phases import format_phases, replay_phases
         stats["phases"] = replay_phases(step, engine.arenas, alone=True)
@@ -122,6 +127,7 @@ def run_bench(args) -> dict:
     dflash = args.block > 1
     tokens_per_step = args.acceptance if dflash else 1.0
     report["assumed_acceptance"] = args.acceptance if dflash else None
+    tokenizer = checkpoint_tokenizer(args) if draft is not None else None
 
     def record(name: str, stats: dict):
         """Add one measurement, print it, and save the report so far (a run cut off by a
@@ -148,14 +154,35 @@ def run_bench(args) -> dict:
                            "bandwidth_gbps": bw}
         record("eager", eager_stats)
         if not args.skip_megakernel:
-            record("megakernel", measure_megakernel(cfg, dcfg, target, draft, args, args.iters))
+            mk = measure_megakernel(cfg, dcfg, target, draft, args, args.iters, tokenizer)
+            measured = mk.pop("measured_acceptance", None)
+            if measured is not None:
+                report["measured_acceptance"] = measured
+            record("megakernel", mk)
+        if tokenizer is not None and "measured_acceptance" not in report:   # no megakernel run
+            from tilecomp.runtime.reference import ReferenceEngine
+            ref = ReferenceEngine(target, draft, max_len=args.context + 4 * args.block)
+            report["measured_acceptance"] = dict(measure_acceptance(ref, tokenizer, args, dcfg.block_size),
+                                                 engine="reference")
         if not args.skip_compile:
             record("torch_compile", measure_compiled(target, draft, args))
     gc.collect()
     if not args.skip_bf16 and device == "cuda":
         report["bf16_experts"] = measure_bf16_experts(cfg, dcfg, args, target, draft)
     add_speedups(report)
+    add_measured_tokens(report)
     return report
+
+
+def add_measured_tokens(report: dict):
+    """steps/s x the measured acceptance, next to the assumed tokens/s of every timed step."""
+    m = report.get("measured_acceptance")
+    if not m:
+        return
+    m.setdefault("engine", "megakernel")
+    for r in report["results"].values():
+        if "steps_per_s" in r:
+            r["tokens_per_s_measured"] = r["steps_per_s"] * m["mean_acceptance"]
 
 
 def measure_compiled(target, draft, args) -> dict:
@@ -222,6 +249,12 @@ def format_table(report: dict) -> str:
                      f"{r['ratio_to_floor']:>9.2f}{r['achieved_gbps']:>8.0f}{r['tokens_per_s']:>10.1f}")
     if report.get("assumed_acceptance"):
         lines.append(f"tokens/s assume {report['assumed_acceptance']} tokens per step (--acceptance, assumed)")
+    m = report.get("measured_acceptance")
+    if m:
+        at = ", ".join(f"{name} {r['tokens_per_s_measured']:.1f}" for name, r in report["results"].items()
+                       if "tokens_per_s_measured" in r)
+        lines.append(f"measured acceptance {m['mean_acceptance']:.2f} tokens per step ({m['engine']} engine, "
+                     f"{m['prompts']} held-out stdlib prompts x {m['new_tokens']} greedy tokens): tokens/s {at}")
     for name, s in report.get("speedup_of_megakernel", {}).items():
         lines.append(f"megakernel speedup over {name}: {s:.2f}x")
     b = report.get("bf16_experts")

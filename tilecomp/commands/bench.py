@@ -12,6 +12,12 @@ def add_parser(subparsers):
     p.add_argument("--block", type=int, default=8, choices=(1, 8), help="8: DFlash step; 1: plain decode")
     p.add_argument("--acceptance", type=float, default=6.3,
                    help="tokens per DFlash step assumed for tokens/s (labelled as assumed)")
+    p.add_argument("--acceptance-prompts", type=int, default=8, metavar="N",
+                   help="with --checkpoint holding a draft and tokenizer.json, block 8: also measure the "
+                        "acceptance by greedy generation from N held-out stdlib prompts and report tokens/s "
+                        "at it (0: off)")
+    p.add_argument("--acceptance-prompt-len", type=int, default=64, metavar="T", help="tokens per prompt")
+    p.add_argument("--acceptance-tokens", type=int, default=128, metavar="M", help="new tokens per prompt")
     p.add_argument("--programs", type=int, help="megakernel programs (default: one per SM)")
     p.add_argument("--iters", type=int, default=100, help="timed steps of the megakernel and torch.compile")
     p.add_argument("--eager-iters", type=int, default=20, help="timed steps of eager PyTorch")
@@ -53,6 +59,11 @@ def run(args) -> int:
     if args.num_warps is not None and args.num_warps not in (1, 2, 4, 8, 16):
         raise TilecompError(f"--num-warps: expected 1, 2, 4, 8 or 16, found {args.num_warps}")
     args.qkv_q_heads = parse_qkv_q_heads(args.qkv_q_heads)
+    for flag, value, least in (("--acceptance-prompts", args.acceptance_prompts, 0),
+                               ("--acceptance-prompt-len", args.acceptance_prompt_len, 1),
+                               ("--acceptance-tokens", args.acceptance_tokens, 1)):
+        if value < least:
+            raise TilecompError(f"{flag}: expected an integer >= {least}, found {value}")
     report = run_bench(args)
     print(format_table(report))
     if args.json:

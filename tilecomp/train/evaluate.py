@@ -65,11 +65,18 @@ def distinct_lines(text: str) -> float:
 @torch.no_grad()
 def acceptance(target, draft, prompts: list[list[int]], new_tokens: int, max_len: int = 1024,
                tokenizer=None) -> dict:
-    """Mean tokens per DFlash step over all prompts; with a tokenizer, also the mean
-    `distinct_lines` of the greedy continuations (how much the target repeats itself)."""
-    engine = ReferenceEngine(target, draft, max_len=max_len)
+    """Mean tokens per DFlash step over all prompts, with the reference engine; with a tokenizer,
+    also the mean `distinct_lines` of the greedy continuations (how much the target repeats itself)."""
+    return acceptance_of(ReferenceEngine(target, draft, max_len=max_len), prompts, new_tokens,
+                         draft.config.block_size, tokenizer)
+
+
+@torch.no_grad()
+def acceptance_of(engine, prompts: list[list[int]], new_tokens: int, block_size: int, tokenizer=None) -> dict:
+    """`acceptance` with any engine that has `generate` (the reference or the megakernel engine):
+    greedy DFlash generation of `new_tokens` after each prompt."""
     steps, accepted, committed, seconds = 0, 0, 0, 0.0
-    histogram = [0] * draft.config.block_size
+    histogram = [0] * block_size
     distinct = []
     for prompt in prompts:
         result = engine.generate(prompt, new_tokens, temperature=0.0)
