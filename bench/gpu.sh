@@ -92,6 +92,9 @@ for s in "$@"; do
                 step "ncusrc-$k-$p" 120 bash -c "/usr/local/cuda/bin/ncu -i '$OUT/ncu-$k.ncu-rep' --page source --csv --print-source $p > '$OUT/src-$k-$p.csv' && python3 bench/ncu_source.py '$OUT/src-$k-$p.csv'"
               done
               rm -f "$OUT/ncu-$k.ncu-rep" "$OUT/src-$k-"*.csv ;;
+    # the shipped example model (examples/model): the step at context 1024, block 8, with tokens/s
+    # at its measured acceptance (16 held-out stdlib prompts x 128 greedy tokens, megakernel engine)
+    bench-shipped) step bench-shipped 300 tilecomp bench --checkpoint examples/model --context 1024 --block 8 --skip-bf16 --eager-iters 5 --iters 100 --acceptance-prompts 16 --json "$OUT/shipped-ctx1024-b8.json" ;;
     baseline) step baseline 300 python3 .device/compile_baseline.py mxfp4 8 4096 ;;
     generate) step generate 300 bash -c 'tilecomp generate --engine megakernel --prompt "def fibonacci(n):" --max-new-tokens 128 --json && tilecomp generate --engine megakernel --no-draft --prompt "def fibonacci(n):" --max-new-tokens 128 --json && tilecomp generate --engine reference --prompt "def fibonacci(n):" --max-new-tokens 128 --json' ;;
     *) echo "unknown step $s"; exit 2 ;;
