@@ -63,10 +63,10 @@ for s in "$@"; do
     env) step env 60 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))" ;;
     tokens-tiny) step tokens-tiny 110 python3 -m tilecomp.bench.tokens --preset tiny --prompts 3 --new-tokens 16 --json "$OUT/tokens-tiny.json" ;;
     tokens-small) step tokens-small 420 python3 -m tilecomp.bench.tokens --preset small --prompts 12 --new-tokens 32 --json "$OUT/tokens-small.json" ;;
-    bench-small-8) step bench-small-8 300 tilecomp bench --preset small --context 4096 --block 8 --skip-bf16 --eager-iters 5 --iters 20 --json "$OUT/small-ctx4096-b8.json" ;;
-    bench-small-1) step bench-small-1 300 tilecomp bench --preset small --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 20 --json "$OUT/small-ctx4096-b1.json" ;;
-    bench-flash-8) step bench-flash-8 540 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 8 --skip-bf16 --eager-iters 5 --iters 30 --json "$OUT/flash8-ctx4096-b8.json" ;;
-    bench-flash-1) step bench-flash-1 240 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 30 --json "$OUT/flash8-ctx4096-b1.json" ;;
+    bench-small-8) step bench-small-8 300 tilecomp bench --preset small --context 4096 --block 8 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/small-ctx4096-b8.json" ;;
+    bench-small-1) step bench-small-1 300 tilecomp bench --preset small --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/small-ctx4096-b1.json" ;;
+    bench-flash-8) step bench-flash-8 540 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 8 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/flash8-ctx4096-b8.json" ;;
+    bench-flash-1) step bench-flash-1 240 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/flash8-ctx4096-b1.json" ;;
     # version-1 levers on a 2-layer flash step, each with per-task timers (docs/PERF.md)
     trace-v1) step trace-v1 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --json "$OUT/flash2-b1-v1.json" ;;
     trace-stages1) step trace-stages1 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --tile STAGES=1 --json "$OUT/flash2-b1-stages1.json" ;;
