@@ -36,3 +36,25 @@ def test_counts_bytes_and_floor():
     text = format_tile_stats(hand_program(), 2.0)
     assert f"{s.bytes_moved:,}" in text and "expert_up_gate" in text
     assert f"{s.bytes_moved / 2e3:,.1f} us per step" in text
+
+
+def test_critical_chain_follows_the_deepest_then_largest_predecessor():
+    """embed -> two parallel up_gate tiles (one larger) -> a down task waiting on both, plus a
+    side task off the chain: depth 3, the larger up_gate on the chain, its bytes in the bound."""
+    from tilecomp.stats import critical_chain
+    tp = hand_program()
+    tp.tasks[2].reads.append(Region("y", (Dim(0, 8), Dim(0, 64))))        # tile 1 moves more bytes
+    tp.tasks.append(Task(3, "expert_down", reads=[Region("y", (Dim(0, 8), Dim(0, 128)))],
+                         waits=[("d", 2)], signals=[("e", 1)]))
+    tp.tasks.append(Task(4, "moe_combine", reads=[Region("x", (Dim(0, 8), Dim(0, 64)))],
+                         waits=[("c", 1)], signals=[("f", 1)]))
+    tp.counters.update(e=Counter("e", 1, 64), f=Counter("f", 1, 96))
+    tp.programs = [[0, 1, 3], [2, 4]]
+    ch = critical_chain(tp)
+    assert ch.depth == 3 and ch.tasks == [0, 2, 3]
+    assert ch.kinds == {"embed": 1, "expert_up_gate": 1, "expert_down": 1}
+    assert ch.link_bytes == [tp.task_bytes(tp.tasks[i]) for i in (0, 2, 3)]
+    text = format_tile_stats(tp, 2.0)
+    assert "longest dependency chain: 3 phases (embed 1, expert_up_gate 1, expert_down 1)" in text
+    assert f"{sum(ch.link_bytes):,} bytes: {sum(ch.link_bytes) / 1e3:,.1f} us at 1.0 GB/s per program" in text
+    assert critical_chain(TileProgram()).depth == 0

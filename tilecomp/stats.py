@@ -64,6 +64,44 @@ def tile_stats(tp: TileProgram) -> TileStats:
                      {k: by_kind[k] for k in kinds}, dict(by_buffer), sum(task_bytes), unique, programs)
 
 
+@dataclass
+class Chain:
+    depth: int                        # phases on the longest dependency chain
+    tasks: list[int]                  # one task per link, first to last (the largest of the deepest)
+    kinds: dict[str, int]             # links per task kind
+    link_bytes: list[int]             # bytes of each link's task
+
+
+def critical_chain(tp: TileProgram) -> Chain:
+    """The longest chain of dependent tasks (through counters), largest task per link."""
+    signalers: dict[str, list[int]] = {}
+    for t in tp.tasks:
+        for c, _ in t.signals:
+            signalers.setdefault(c, []).append(t.id)
+    nbytes = {t.id: tp.task_bytes(t) for t in tp.tasks}
+    by_id = {t.id: t for t in tp.tasks}
+    from tilecomp.passes.schedule import task_graph      # topological order; names a cycle
+    depth: dict[int, int] = {}
+    best_pred: dict[int, int | None] = {}
+    for i in task_graph(tp).order:
+        preds = [j for c, _ in by_id[i].waits for j in signalers.get(c, ())]
+        pick = max(preds, key=lambda j: (depth[j], nbytes[j]), default=None)
+        depth[i] = 1 + (depth[pick] if pick is not None else 0)
+        best_pred[i] = pick
+    if not depth:
+        return Chain(0, [], {}, [])
+    last = max(depth, key=lambda i: (depth[i], nbytes[i]))
+    chain = []
+    while last is not None:
+        chain.append(last)
+        last = best_pred[last]
+    chain.reverse()
+    kinds = Counter(by_id[i].kind for i in chain)
+    order = {k: n for n, k in enumerate(TASK_KINDS)}
+    return Chain(len(chain), chain, {k: kinds[k] for k in sorted(kinds, key=lambda k: order.get(k, len(order)))},
+                 [nbytes[i] for i in chain])
+
+
 def format_tile_stats(tp: TileProgram, gbps: float) -> str:
     s = tile_stats(tp)
     head = f"tile program: {s.tasks} tasks, {s.buffers} buffers, {s.counters} counters"
@@ -76,4 +114,13 @@ def format_tile_stats(tp: TileProgram, gbps: float) -> str:
     lines.append(f"unique bytes (each distinct region once): {s.unique_bytes:,}")
     lines.append(f"bandwidth floor at {gbps:g} GB/s: {s.floor_us(gbps):,.1f} us per step "
                  f"(bytes moved), {s.floor_us(gbps, unique=True):,.1f} us (unique bytes)")
+    ch = critical_chain(tp)
+    lines.append(f"longest dependency chain: {ch.depth} phases (" +
+                 ", ".join(f"{k} {n}" for k, n in ch.kinds.items()) + ")")
+    if s.program_bytes and ch.depth:
+        per = gbps / len(s.program_bytes)
+        lines.append(f"  its largest task per link streams {sum(ch.link_bytes):,} bytes: "
+                     f"{sum(ch.link_bytes) / (per * 1e3):,.1f} us at {per:.1f} GB/s per program "
+                     f"({gbps:g} GB/s over {len(s.program_bytes)} programs), a bound on the step "
+                     f"that more total bandwidth does not lower")
     return "\n".join(lines) + "\n"
