@@ -74,17 +74,14 @@ class Chain:
 
 def critical_chain(tp: TileProgram) -> Chain:
     """The longest chain of dependent tasks (through counters), largest task per link."""
-    signalers: dict[str, list[int]] = {}
-    for t in tp.tasks:
-        for c, _ in t.signals:
-            signalers.setdefault(c, []).append(t.id)
+    from tilecomp.passes.schedule import task_graph      # signalers, topological order; names a cycle
+    g = task_graph(tp)
     nbytes = {t.id: tp.task_bytes(t) for t in tp.tasks}
     by_id = {t.id: t for t in tp.tasks}
-    from tilecomp.passes.schedule import task_graph      # topological order; names a cycle
     depth: dict[int, int] = {}
     best_pred: dict[int, int | None] = {}
-    for i in task_graph(tp).order:
-        preds = [j for c, _ in by_id[i].waits for j in signalers.get(c, ())]
+    for i in g.order:
+        preds = [j for c, _ in by_id[i].waits for j in g.signalers.get(c, ())]
         pick = max(preds, key=lambda j: (depth[j], nbytes[j]), default=None)
         depth[i] = 1 + (depth[pick] if pick is not None else 0)
         best_pred[i] = pick

@@ -159,9 +159,9 @@ def test_bench_reports_tokens_per_s_at_the_measured_acceptance_of_a_checkpoint(t
     # greedy tokens equal the reference's (tests/runtime), so here only which engine is checked
     seen = []
 
-    def fake(engine, tokenizer, args, block_size):
+    def fake(engine, tokenizer, args, block_size, engine_name):
         seen.append(type(engine).__name__)
-        return dict(want, new_tokens=args.acceptance_tokens)
+        return dict(want, engine=engine_name, new_tokens=args.acceptance_tokens)
     monkeypatch.setattr("tilecomp.bench.run.measure_acceptance", fake)
     args.skip_megakernel = False
     report = run_bench(args)

@@ -53,11 +53,12 @@ def checkpoint_tokenizer(args):
     return load_tokenizer(path)
 
 
-def measure_acceptance(engine, tokenizer, args, block_size: int) -> dict:
-    """Mean tokens per DFlash step of greedy generation on held-out stdlib prompts."""
+def measure_acceptance(engine, tokenizer, args, block_size: int, engine_name: str) -> dict:
+    """Mean tokens per DFlash step of greedy generation on held-out stdlib prompts, by `engine`
+    (reported as `engine_name`)."""
     from tilecomp.train.evaluate import acceptance_of
     prompts = heldout_prompts(tokenizer, args.acceptance_prompts, args.acceptance_prompt_len)
     out = acceptance_of(engine, prompts, args.acceptance_tokens, block_size, tokenizer)
-    out.update(new_tokens=args.acceptance_tokens, prompt_len=args.acceptance_prompt_len,
+    out.update(engine=engine_name, new_tokens=args.acceptance_tokens, prompt_len=args.acceptance_prompt_len,
                source="held-out Python stdlib files (tilecomp.train.corpus split), greedy")
     return out

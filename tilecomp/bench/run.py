@@ -101,7 +101,7 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=Non
         stats["trace"] = summarize(step, buf)
         print(format_summary(stats["trace"]), flush=True)
     if tokenizer is not None and use_draft:
-        stats["measured_acceptance"] = measure_acceptance(engine, tokenizer, args, dcfg.block_size)
+        stats["measured_acceptance"] = measure_acceptance(engine, tokenizer, args, dcfg.block_size, "megakernel")
     if getattr(args, "phases", False) and torch.cuda.is_available():
         from .phases import format_phases, replay_phases
         stats["phases"] = replay_phases(step, engine.arenas, alone=True)
@@ -162,8 +162,7 @@ def run_bench(args) -> dict:
         if tokenizer is not None and "measured_acceptance" not in report:   # no megakernel run
             from tilecomp.runtime.reference import ReferenceEngine
             ref = ReferenceEngine(target, draft, max_len=args.context + 4 * args.block)
-            report["measured_acceptance"] = dict(measure_acceptance(ref, tokenizer, args, dcfg.block_size),
-                                                 engine="reference")
+            report["measured_acceptance"] = measure_acceptance(ref, tokenizer, args, dcfg.block_size, "reference")
         if not args.skip_compile:
             record("torch_compile", measure_compiled(target, draft, args))
     gc.collect()
@@ -179,7 +178,6 @@ def add_measured_tokens(report: dict):
     m = report.get("measured_acceptance")
     if not m:
         return
-    m.setdefault("engine", "megakernel")
     for r in report["results"].values():
         if "steps_per_s" in r:
             r["tokens_per_s_measured"] = r["steps_per_s"] * m["mean_acceptance"]
