@@ -30,6 +30,12 @@ variant() {
   step "var-$name" 150 tilecomp bench --preset mimo-v2-flash --layers "$layers" --context 4096 --block "$block" \
     --skip-compile --skip-bf16 --eager-iters 1 --iters 30 --json "$OUT/var-$name.json" "$@"
 }
+# svar NAME BLOCK [bench flags...]: the megakernel alone on the small preset's step (context 4096)
+svar() {
+  local name=$1 block=$2; shift 2
+  step "svar-$name" 120 tilecomp bench --preset small --context 4096 --block "$block" \
+    --skip-compile --skip-bf16 --eager-iters 1 --iters 100 --json "$OUT/var-small-$name.json" "$@"
+}
 # tokensv NAME [tokens flags...]: tokens-tiny (bf16 greedy tokens against the reference) under a
 # variant's --tile / --lower flags, e.g. 'tokensv mx6 --tile MX_DOT=6'
 tokensv() {
@@ -53,6 +59,7 @@ benchv() {
 for s in "$@"; do
   case $s in
     var\ *) variant ${s#var } ;;    # e.g. 'var b8-p264 2 8 --programs 264'
+    svar\ *) svar ${s#svar } ;;     # e.g. 'svar fold 1 --lower fold_reduce=1'
     phasesv\ *) phasesv ${s#phasesv } ;;   # e.g. 'phasesv l2pf0 8 --tile L2PF=0'
     tokensv\ *) tokensv ${s#tokensv } ;;   # e.g. 'tokensv mx6 --tile MX_DOT=6'
     benchv\ *) benchv ${s#benchv } ;;

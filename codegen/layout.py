@@ -106,10 +106,13 @@ KINDS: dict[str, KindABI] = _kinds(
      ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES", "WALIGN", "L2PF", "AALIGN", "NORM_F32")),
     # (kv head, chunk): partial (m, l, acc) of the head group's queries; key j at cache row
     # j % ring; pos = arena_i32 offset of the block start; causal 0 = the draft's form
+    # arrive >= 0 (passes/fold_reduce.py): the counter the head's partials arrive at; the last
+    # to arrive merges them as attn_reduce does (sink, out, n_chunks: attn_reduce's args)
     ("attn_partial", ("q", "k_cache", "v_cache", "part_m", "part_l", "part_acc",
                       "head", "chunk", "chunk_len", "n_heads_q", "n_kv_heads", "head_dim",
-                      "v_head_dim", "window", "causal", "pos", "ring", "scale_bits", "n_rows"),
-     ("BLOCK_TA", "BLOCK_S", "BLOCK_HD", "BLOCK_HV", "STAGES")),
+                      "v_head_dim", "window", "causal", "pos", "ring", "scale_bits", "n_rows",
+                      "arrive", "n_chunks", "sink", "out"),
+     ("BLOCK_TA", "BLOCK_S", "BLOCK_HD", "BLOCK_HV", "STAGES", "ARRIVE")),
     # kv head: merge the chunk partials, sink (-1 = none) in the denominator, normalise
     ("attn_reduce", ("part_m", "part_l", "part_acc", "sink", "out", "head", "n_chunks",
                      "n_heads_q", "n_kv_heads", "v_head_dim", "n_rows"),
@@ -207,7 +210,7 @@ KINDS: dict[str, KindABI] = _kinds(
 # (what the interpreter runs, so the CPU tests cover the repacked arena, the word routes, the K
 # order and the 2^WORD_SHIFT rescale end to end; on a GPU a measurable variant).
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
-                   "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0}
+                   "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute
@@ -325,7 +328,7 @@ ALIGNED_ARGS = {"linear": ("w", "w_up", "k_dim", "k0", "k1"), "lm_head": ("w", "
 
 # record args whose alignment the attention templates have always assumed (flash-decoding
 # partial accumulators and the merged output are rows of head_dim-padded fp32 slots)
-FIXED_ALIGNED_ARGS = {"attn_partial": {"part_acc": 8}, "attn_reduce": {"part_acc": 8, "out": 8}}
+FIXED_ALIGNED_ARGS = {"attn_partial": {"part_acc": 8, "out": 8}, "attn_reduce": {"part_acc": 8, "out": 8}}
 
 
 def arg_hint(kind: str, arg: str):

@@ -147,6 +147,9 @@ def kernel_constexprs(kinds: list[str]) -> list[str]:
 
 
 _NOT_PARAMS = frozenset(dir(builtins)) | {"tl", "triton"}
+# kernel parameters a body may read: the arenas, and the scoreboard with the step number (a body
+# that counts arrivals itself, e.g. attn_partial's last-arriver merge)
+FRAME_VALUES = ("arena_w", "arena_f32", "arena_u8", "arena_i32", "counters", "epoch")
 
 
 def _names(src: str) -> tuple[set[str], set[str]]:
@@ -186,14 +189,15 @@ def body_params(abi: L.KindABI, body: Body, imports=()) -> tuple[list[str], list
     _, pre = _names(body.prefetch)
     free = {n for n in loads if n not in stores or n in pre} - _NOT_PARAMS
     free -= {line.split()[-1] for line in imports}                 # module-level helpers
-    arenas = [a for a in ("arena_w", "arena_f32", "arena_u8", "arena_i32") if a in free]
+    arenas = [a for a in FRAME_VALUES if a in free]
     args = [f"r_{a}" for a in abi.args if f"r_{a}" in free]
     local = sorted(n for n in free if n in pre)
     consts = [c for c in ("ESIZE",) + abi.constexprs if c in free]
     unknown = free - set(arenas) - set(args) - set(local) - set(consts)
     if unknown:
         raise ScheduleError(f"task kind {abi.name!r}: its compute body reads {sorted(unknown)}, which "
-                            f"are neither arenas, record args, prefetch locals nor its constexprs")
+                            f"are neither arenas, the counters and epoch, record args, prefetch locals "
+                            f"nor its constexprs")
     return arenas + args + local, consts
 
 

@@ -94,6 +94,9 @@ def verify_tile(tp: TileProgram) -> TileProgram:
                 checked.add(r)
             if tp.buffers[r.buffer].kind == "weight":
                 raise IRError(f"task {t.name} ({t.kind}) writes weight buffer {r.buffer}")
+        arrive = t.attrs.get("arrive")
+        if arrive is not None and arrive not in tp.counters:
+            raise IRError(f"task {t.name} ({t.kind}): arrives at unknown counter {arrive!r}")
         for c, n in list(t.waits) + list(t.signals):
             if c not in tp.counters:
                 raise IRError(f"task {t.name} ({t.kind}): unknown counter {c!r}")
@@ -116,11 +119,17 @@ def verify_tile(tp: TileProgram) -> TileProgram:
 # ----------------------------------------------------------------------------- schedule
 
 def check_counters(tp: TileProgram):
-    """Every counter gets `expected` signals per step; every wait target is reachable."""
+    """Every counter gets `expected` signals per step (a task with `arrive = c` adds one to c
+    itself, passes/fold_reduce.py); every wait target is reachable."""
     total: dict[str, int] = defaultdict(int)
     for t in tp.tasks:
         for c, n in t.signals:
             total[c] += n
+        if "arrive" in t.attrs:
+            if any(c == t.attrs["arrive"] for c, _ in list(t.signals) + list(t.waits)):
+                raise ScheduleError(f"task {t.name} ({t.kind}) arrives at counter {t.attrs['arrive']} "
+                                    "and also signals or waits on it")
+            total[t.attrs["arrive"]] += 1
     for c in tp.counters.values():
         if total[c.name] != c.expected:
             raise ScheduleError(f"counter {c.name} expects {c.expected} signals per step "
@@ -181,6 +190,8 @@ def check_data_dependencies(tp: TileProgram, graph):
 
     A read of persistent state (kv_cache, state) without such a wait reads the previous
     step's value: then the writer must come after the reader (write-after-read order).
+    Tasks that arrive at one counter (`arrive`, passes/fold_reduce.py) may read each other's
+    writes: only the last to arrive does, after every other arrival.
     """
     writes: dict[str, list] = defaultdict(list)
     for t in tp.tasks:
@@ -199,6 +210,8 @@ def check_data_dependencies(tp: TileProgram, graph):
             for wr, w in index[r.buffer].candidates(r):
                 if w.id == t.id or w.rank != t.rank or not signals[w.id].isdisjoint(waited) or \
                         not regions_overlap(wr, r):
+                    continue
+                if "arrive" in t.attrs and w.attrs.get("arrive") == t.attrs["arrive"]:
                     continue
                 if tp.buffers[r.buffer].kind in ("state", "kv_cache"):
                     previous_step.append((t, r, w, wr))    # checked below, after every direct read

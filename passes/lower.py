@@ -54,6 +54,8 @@ class LowerOptions:
     programs: int | None = None   # balance each phase's tasks over this many programs (`balance`);
     #                               None: the compile's programs (off in interpreter order); 0: off
     ranks: int = 1                # every task runs on rank 0 until the partition pass exists
+    fold_reduce: int = 0          # 1: the fold_reduce pass merges each attention's partials in
+    #                               the last partial to arrive (no attn_reduce tasks)
 
 
 # A task's fixed cost (queue read, waits, signal) in weight bytes streamed by one program:

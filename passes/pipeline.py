@@ -23,6 +23,7 @@ from tilecomp.trace import (TraceOptions, build_modules, trace_decode_step, trac
                             trace_prefill_step)
 
 from .dce import dce
+from .fold_reduce import fold_reduce_pass
 from .fuse_norm_prologue import fuse_norm_prologue
 from .fuse_residual import fuse_residual
 from .fuse_rope_kv import fuse_rope_kv
@@ -54,6 +55,8 @@ GRAPH_PASSES: tuple[Callable[[Graph], Graph], ...] = (
 TILE_PASSES: tuple = (
     # fused graph -> tile tasks: N tiles (+ split-K), KV heads x chunks, expert slots, vocab tiles
     ("tile", lower_pass),
+    # attn_reduce into the last attn_partial of its head to arrive (LowerOptions.fold_reduce)
+    ("fold_reduce", fold_reduce_pass),
     # critical-path list scheduling onto the programs (or the CPU interpreter's one queue)
     ("schedule", schedule_pass),
     # mark the loads that can be issued before the wait (weights always)

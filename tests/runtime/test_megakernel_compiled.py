@@ -111,3 +111,22 @@ def test_engine_without_a_schedule_compiles_its_own_with_its_switches(arena_guar
     assert got.tokens == want.tokens
     assert engine.step_program("plain").records.shape[0] == len(engine.plain_schedule.tasks)
     arena_guards()
+
+
+def test_folded_reduce_gives_reference_tokens(arena_guards):
+    # passes/fold_reduce.py: no attn_reduce task; the last of a head's 4 partials (chunks of 16 of
+    # 64 positions) to arrive merges them. A merge by any other arrival, or none, changes the tokens
+    torch.manual_seed(14)
+    cfg, dcfg = preset("tiny", layers=2)
+    target, draft = MiMoForCausalLM(cfg), DFlashDraft(dcfg, cfg)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, chunk_len=16, lower={"fold_reduce": 1})
+    for tp in (engine.schedule, engine.plain_schedule, engine.prefill_schedule):
+        assert not [t for t in tp.tasks if t.kind == "attn_reduce"] and tp.annotations["folded_reduces"] > 0
+        assert {t.attrs["n_chunks"] for t in tp.tasks if "arrive" in t.attrs} >= {4}
+    assert engine.step_program("dflash").kernel.constexprs["ARRIVE"] == 1
+    ids = torch.randint(0, 500, (10,), generator=torch.Generator().manual_seed(13)).tolist()
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN)
+    got, want = engine.generate(ids, 6), ref.generate(ids, 6)
+    assert got.tokens == want.tokens and got.acceptance == want.acceptance
+    assert engine.generate(ids, 3, use_draft=False).tokens == ref.generate(ids, 3, use_draft=False).tokens
+    arena_guards()

@@ -22,7 +22,10 @@ STATE_OF = {"pos": "pos", "n_new": "n_ctx", "seed": "seed", "temperature": "temp
 ALIASES = {"block": "block", "taps": "taps", "tokens": "out_tokens", "posterior": "post_tok"}
 # record args a body treats as absent when < 0; any other missing arg is 0
 OPTIONAL_ARGS = {"norm", "bias", "res", "w_up", "rows", "wq", "wk", "wv", "q_out", "k_cache",
-                 "v_cache", "sink", "mask_row", "mask_id", "logits", "draft_block", "xn", "gate"}
+                 "v_cache", "sink", "mask_row", "mask_id", "logits", "draft_block", "xn", "gate",
+                 "arrive"}
+# record args that name a counter (its index in the counter array)
+COUNTER_ARGS = {"arrive"}
 FLOAT_ARGS = {"eps_bits": "eps", "theta_bits": "theta", "v_scale_bits": "v_scale",
               "scale_bits": "scale"}
 
@@ -119,6 +122,11 @@ class RecordBuilder:
                 args[arg] = L.float_bits(float(attrs[FLOAT_ARGS[arg]]))
             elif arg == "state":
                 args[arg] = self.state
+            elif arg in COUNTER_ARGS and arg in attrs:
+                if attrs[arg] not in self.counter_index:
+                    raise ScheduleError(f"task {task.name} ({task.kind}): {arg} names counter "
+                                        f"{attrs[arg]!r}, which the program does not have")
+                args[arg] = self.counter_index[attrs[arg]]
             elif arg in attrs:
                 value = attrs[arg]
                 if isinstance(value, str):
@@ -165,12 +173,13 @@ def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
     so every task is one tile (fewer tile operations: the interpreter's choice). Without it the
     linear / lm_head / linear_reduce / expert tasks loop over BLOCK_N sub-tiles (a GPU keeps
     small register tiles, and the cached kernel of the engine's own tile sizes fits)."""
+    arrive = int(any("arrive" in t.attrs for t in tp.tasks))   # passes/fold_reduce.py's merge
     if not widen:
-        return dict(base)
+        return dict(base, ARRIVE=arrive)
     def pow2(n):
         return 1 << max(0, int(n - 1).bit_length())
     widths = [t.attrs["n1"] - t.attrs["n0"] for t in tp.tasks if "n1" in t.attrs and "n0" in t.attrs]
-    consts = dict(base)
+    consts = dict(base, ARRIVE=arrive)
     if widths:
         consts["BLOCK_N"] = max(consts["BLOCK_N"], pow2(max(widths)))
         consts["BLOCK_NX"] = max(consts.get("BLOCK_NX", 0), consts["BLOCK_N"])     # the experts' rows
