@@ -1,19 +1,23 @@
-"""Fold each attention's reduce into the last of its partials to arrive (one dependency link less
-per attention).
+"""Fold a reduction task into the last of its producers to arrive (one dependency link less on
+the critical path, per attention and per split router).
 
-Lowering emits flash decoding as attn_partial tasks per (KV head, chunk), which signal the head's
-partial counter, and one attn_reduce per KV head that waits on it. On the step's critical path
-that is two links: partials -> reduce -> the consumer. Here each attn_reduce task goes away:
+Two tails qualify (FOLDS): attn_reduce, which waits on the attn_partial tasks of one KV head
+(flash decoding, one per KV chunk), and the moe_route task that builds the routing plan from the
+logits its split-router moe_route tasks wrote. On the step's critical path each is two links:
+producers -> tail -> consumers. Here the tail task goes away:
 
-  - every partial of its head gets `arrive = <the head's partial counter>` plus the reduce's
-    args (`sink`, `out`, `n_chunks`); after its own stores it adds 1 to that counter itself, with
-    an acq_rel atomic, and the task that sees the last of the step's n_chunks arrivals merges the
-    head's partials (attn_reduce's body) before it signals. The partial counter is no longer
-    signalled by the frame nor waited on: it counts arrivals (`expected` stays n_chunks);
-  - every partial signals the reduce's counter instead, and declares the reduce's reads and
-    writes (the merge may run in any of them). The reduce's consumers wait for all of those
-    signals: the last arriver's signal comes after its merge, so when the counter is complete
-    the output is written.
+  - every producer gets `arrive = <the counter the tail waited on>` and the count of arrivals
+    (`n_chunks` / `n_splits`) plus the tail's own args (attn_reduce's `out`, `sink`; the router
+    tasks already carry the plan's). After its own stores it adds 1 to that counter itself, with
+    an acq_rel atomic, and the task that sees the last of the step's arrivals runs the tail's work
+    (attn_reduce's body; the top-k and plan of moe_route) before it signals. The arrival counter
+    is no longer signalled by the frame nor waited on: it counts arrivals (`expected` unchanged); a
+    wait on it elsewhere (the experts' on the split router's normed rows) becomes a wait on the
+    tail's counter, which its producers signal after arriving;
+  - every producer signals the tail's counter instead, and declares the tail's reads and writes
+    (the tail's work may run in any of them). The tail's consumers wait for all of those
+    signals: the last arriver's signal comes after the tail's work, so when the counter is
+    complete the output is written.
 
 The verifiers know the protocol: an `arrive` counter gets one arrival per task that names it
 (check_counters), and tasks arriving at one counter may read each other's writes
@@ -28,24 +32,39 @@ from tilecomp.errors import IRError
 from tilecomp.ir.tile import Counter, Task, TileProgram, verify_tile
 
 
-def _foldable(tp: TileProgram, reduce: Task, signalers: dict[str, list[Task]]) -> list[Task] | None:
-    """The partials a reduce can fold into: it waits on one counter only, every task signalling
-    that counter is an attn_partial of the same op that signals nothing else, and they are
-    n_chunks."""
-    if len(reduce.waits) != 1 or len(reduce.signals) != 1:
+# tail kind -> (its producers' kind, the producers' attr that counts arrivals, tail attrs they
+# take over). A tail qualifies when `is_tail` holds for it (attn_reduce always; the router task
+# that builds the plan from the split router's logits).
+FOLDS = {
+    "attn_reduce": ("attn_partial", "n_chunks", ("out", "sink")),
+    "moe_route": ("moe_route", "n_splits", ()),
+}
+
+
+def _is_tail(t: Task) -> bool:
+    return t.kind == "attn_reduce" or (t.kind == "moe_route" and t.attrs.get("split") == 0
+                                       and "gate" not in t.attrs)
+
+
+def _foldable(tail: Task, signalers: dict[str, list[Task]]) -> list[Task] | None:
+    """The producers a tail can fold into: it waits on one counter only, every task signalling
+    that counter is of the producer kind, of the same op, and signals nothing else (and, for
+    attention, they are the n_chunks partials of the head)."""
+    if tail.kind not in FOLDS or not _is_tail(tail) or len(tail.waits) != 1 or len(tail.signals) != 1:
         return None
-    counter, _ = reduce.waits[0]
+    kind, count, _ = FOLDS[tail.kind]
+    counter, _ = tail.waits[0]
     parts = signalers.get(counter, [])
-    ok = parts and all(p.kind == "attn_partial" and p.signals == [(counter, 1)] and "arrive" not in p.attrs
-                       and p.attrs.get("op") == reduce.attrs.get("op") for p in parts)
-    if not ok or len(parts) != reduce.attrs.get("n_chunks"):
+    ok = parts and all(p.kind == kind and p.id != tail.id and p.signals == [(counter, 1)]
+                       and "arrive" not in p.attrs and p.attrs.get("op") == tail.attrs.get("op") for p in parts)
+    if not ok or (count in tail.attrs and len(parts) != tail.attrs[count]):
         return None
     return parts
 
 
 def fold_reduce(tp: TileProgram) -> TileProgram:
-    """Return a copy of `tp` (unscheduled) without attn_reduce tasks that could fold (see the
-    module docstring); every other task is unchanged but renumbered."""
+    """Return a copy of `tp` (unscheduled) without the tails that could fold (see the module
+    docstring); every other task is unchanged but renumbered."""
     if tp.programs is not None:
         raise IRError("fold_reduce: runs before the schedule pass (the program already has queues)")
     signalers: dict[str, list[Task]] = defaultdict(list)
@@ -54,17 +73,17 @@ def fold_reduce(tp: TileProgram) -> TileProgram:
             signalers[c].append(t)
     replaced: dict[int, Task] = {}
     dropped: set[int] = set()
+    then: dict[str, str] = {}          # arrival counter -> the counter its tasks signal after it
     for r in tp.tasks:
-        if r.kind != "attn_reduce":
-            continue
-        parts = _foldable(tp, r, signalers)
+        parts = _foldable(r, signalers)
         if parts is None:
             continue
+        _, count, taken = FOLDS[r.kind]
         arrive = r.waits[0][0]
+        then[arrive] = r.signals[0][0]
         for p in parts:
-            attrs = dict(p.attrs, arrive=arrive, n_chunks=r.attrs["n_chunks"], out=r.attrs["out"])
-            if "sink" in r.attrs:
-                attrs["sink"] = r.attrs["sink"]
+            attrs = dict(p.attrs, arrive=arrive, **{count: len(parts)})
+            attrs.update((k, r.attrs[k]) for k in taken if k in r.attrs)
             reads = list(p.reads) + [x for x in r.reads if x not in p.reads]
             replaced[p.id] = dataclasses.replace(p, reads=reads, writes=list(p.writes) + list(r.writes),
                                                  signals=list(r.signals), attrs=attrs)
@@ -81,8 +100,15 @@ def fold_reduce(tp: TileProgram) -> TileProgram:
     counters = {name: Counter(name, expected[name], c.slot) for name, c in tp.counters.items()}
     tasks = []
     for i, t in enumerate(kept):
-        # lowering waits for every signal of a counter; the folded counters got more of them
-        waits = [(c, counters[c].expected if n == tp.counters[c].expected else n) for c, n in t.waits]
+        # lowering waits for every signal of a counter; the folded counters got more of them. A
+        # wait on an arrival counter (the experts' on the split router's normed rows) becomes a
+        # wait on the counter its tasks signal after arriving: nobody polls arrivals
+        waits: list[tuple[str, int]] = []
+        for c, n in t.waits:
+            c = then.get(c, c)
+            n = counters[c].expected if c in then.values() or n == tp.counters[c].expected else n
+            if (c, n) not in waits:
+                waits.append((c, n))
         tasks.append(dataclasses.replace(t, id=i, waits=waits))
     notes = dict(tp.annotations, folded_reduces=len(dropped))
     return verify_tile(dataclasses.replace(tp, tasks=tasks, counters=counters, annotations=notes))

@@ -1,5 +1,6 @@
 """fold_reduce: each attention's attn_reduce becomes the merge of the last attn_partial of its
-head to arrive; the verifiers accept the result and reject it with an arrival removed."""
+head to arrive, and the split router's plan task the work of its last logits task to arrive; the
+verifiers accept the result and reject it with an arrival removed."""
 import copy
 from collections import defaultdict
 
@@ -8,8 +9,9 @@ import pytest
 from tilecomp.errors import IRError, ScheduleError
 from tilecomp.ir.tile import parse_tile, print_tile, verify_schedule
 from tilecomp.passes.fold_reduce import fold_reduce, fold_reduce_pass
-from tilecomp.passes.lower import LowerOptions
-from tilecomp.passes.pipeline import CompileOptions
+from tilecomp.models.presets import preset
+from tilecomp.passes.lower import LowerOptions, lower
+from tilecomp.passes.pipeline import CompileOptions, compile_model
 from tilecomp.passes.schedule import ScheduleOptions, schedule
 
 
@@ -54,6 +56,34 @@ def test_every_reduce_folds_into_its_heads_partials(tiny_tile, folded):
     after = [t for t in folded.tasks if t.kind != "attn_partial"]
     assert [(t.kind, t.coords, t.attrs, t.reads, t.writes) for t in before] == \
         [(t.kind, t.coords, t.attrs, t.reads, t.writes) for t in after]
+
+
+@pytest.fixture(scope="module")
+def split_router():
+    cfg, dcfg = preset("tiny")       # 16 experts: 4 router tasks of 4 experts per MoE layer
+    return lower(compile_model(cfg, dcfg).fused, LowerOptions(router_block=4))
+
+
+def test_the_split_routers_plan_folds_into_its_logits_tasks(split_router):
+    tails = [t for t in split_router.tasks if t.kind == "moe_route" and t.attrs["split"] == 0]
+    splits = [t for t in split_router.tasks if t.kind == "moe_route" and t.attrs["split"] == 1]
+    assert tails and len(splits) == 4 * len(tails)
+    folded = fold_reduce(split_router)
+    routes = [t for t in folded.tasks if t.kind == "moe_route"]
+    assert len(routes) == len(splits) and all(t.attrs["split"] == 1 for t in routes)
+    for tail in tails:
+        arrive = tail.waits[0][0]
+        group = [t for t in routes if t.attrs["arrive"] == arrive]
+        assert len(group) == 4 == folded.counters[arrive].expected
+        assert all(t.signals == tail.signals and t.attrs["n_splits"] == 4 for t in group)
+        assert all(w in t.writes for t in group for w in tail.writes)
+        plan = tail.signals[0][0]
+        # the experts wait for the four signals of the plan (which cover the normed rows), and
+        # nobody waits on the arrivals
+        experts = [t for t in folded.tasks if (plan, 4) in t.waits]
+        assert experts and all(t.kind.startswith(("expert", "moe_combine")) for t in experts)
+        assert not any(c == arrive for t in folded.tasks for c, _ in t.waits)
+    verify_schedule(schedule(folded, ScheduleOptions(programs=5)))
 
 
 def test_folded_program_schedules_verifies_and_round_trips(folded):

@@ -115,14 +115,18 @@ def test_engine_without_a_schedule_compiles_its_own_with_its_switches(arena_guar
 
 def test_folded_reduce_gives_reference_tokens(arena_guards):
     # passes/fold_reduce.py: no attn_reduce task; the last of a head's 4 partials (chunks of 16 of
-    # 64 positions) to arrive merges them. A merge by any other arrival, or none, changes the tokens
+    # 64 positions) to arrive merges them, and the last of a layer's 4 router tasks (4 of its 16
+    # experts each) builds the plan. Work done by any other arrival, or none, changes the tokens
     torch.manual_seed(14)
     cfg, dcfg = preset("tiny", layers=2)
     target, draft = MiMoForCausalLM(cfg), DFlashDraft(dcfg, cfg)
-    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, chunk_len=16, lower={"fold_reduce": 1})
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, chunk_len=16,
+                              lower={"fold_reduce": 1, "router_block": 4})
     for tp in (engine.schedule, engine.plain_schedule, engine.prefill_schedule):
         assert not [t for t in tp.tasks if t.kind == "attn_reduce"] and tp.annotations["folded_reduces"] > 0
-        assert {t.attrs["n_chunks"] for t in tp.tasks if "arrive" in t.attrs} >= {4}
+        assert {t.attrs["n_chunks"] for t in tp.tasks if "arrive" in t.attrs and t.kind == "attn_partial"} >= {4}
+        routes = [t for t in tp.tasks if t.kind == "moe_route"]
+        assert routes and all(t.attrs["split"] == 1 and t.attrs["n_splits"] == 4 for t in routes)
     assert engine.step_program("dflash").kernel.constexprs["ARRIVE"] == 1
     ids = torch.randint(0, 500, (10,), generator=torch.Generator().manual_seed(13)).tolist()
     ref = ReferenceEngine(target, draft, max_len=MAX_LEN)
