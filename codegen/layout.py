@@ -253,6 +253,7 @@ def norm_arena(consts: dict) -> str:
 # join form (2 dots, 8 bar.sync, 1123 against 1413 instructions, no spills) is not yet measured.
 # MX_DOT 5 (the weights as wgmma's left operand) 1287 us.
 GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32,
+              "MX_DOT": 9,
               "PTX_ASM": 1}
 GPU_NUM_WARPS = 8
 
