@@ -235,7 +235,10 @@ def norm_arena(consts: dict) -> str:
 # per task over 32 experts; its tasks took 453 us each, on every MoE layer's critical path;
 # v3: 16 x 64 with a separate RMSNorm pass, 16 + 64 steps, 211 us per task). v4: one pass over
 # x (the norm's sum of squares rides along the dot) in 256-wide steps: 16 dependent steps.
-# MX_DOT is 3 on a GPU too (TUNING_DEFAULTS; session 6, flash 2L block 8, `tilecomp bench
+# MX_DOT 9 on a GPU (version 10, session 12, H200, same call: flash 8L block 8 11.60 ms against
+# 12.86 at 3, block 1 4.44 against 4.50; expert_down 295 -> 251 us in the phases; the engine falls
+# back to 3 for a checkpoint whose scales are outside 34..160). Before it, MX_DOT was 3 on a GPU
+# too (TUNING_DEFAULTS; session 6, flash 2L block 8, `tilecomp bench
 # --phases`, H100): expert_up_gate / expert_down phases 0.77 / 0.71 ms with 3, 1.10 / 1.00 ms
 # with 0, 1.91 / 1.69 ms with 1, 2.75 / 2.15 ms with 2. All are bound by instructions and
 # shared memory, far from the bytes (docs/PERF.md "Version 5").
