@@ -56,6 +56,13 @@ benchv() {
   step "bench-$name" 540 tilecomp bench --preset "$preset" --layers "$layers" --context 4096 --block "$block" \
     --skip-bf16 --eager-iters 5 --iters 30 --json "$OUT/$name.json" "$@"
 }
+# tracev NAME PRESET LAYERS BLOCK [bench flags...]: per-task timers of one step (--trace: wait and
+# work per kind, kind switches against repeats), e.g. 'tracev small-b1 small 8 1'
+tracev() {
+  local name=$1 preset=$2 layers=$3 block=$4; shift 4
+  step "trace-$name" 150 tilecomp bench --preset "$preset" --layers "$layers" --context 4096 --block "$block" \
+    --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --json "$OUT/trace-$name.json" "$@"
+}
 for s in "$@"; do
   case $s in
     var\ *) variant ${s#var } ;;    # e.g. 'var b8-p264 2 8 --programs 264'
@@ -63,6 +70,7 @@ for s in "$@"; do
     phasesv\ *) phasesv ${s#phasesv } ;;   # e.g. 'phasesv l2pf0 8 --tile L2PF=0'
     tokensv\ *) tokensv ${s#tokensv } ;;   # e.g. 'tokensv mx6 --tile MX_DOT=6'
     benchv\ *) benchv ${s#benchv } ;;
+    tracev\ *) tracev ${s#tracev } ;;     # e.g. 'tracev small-b1 small 8 1'
     sweep-json) python3 -c "import glob, json, os, sys; json.dump({os.path.basename(f)[4:-5]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/var-*.json'))}, open(sys.argv[1] + '/sweep.json', 'w'), indent=1)" "$OUT"
                 rm -f "$OUT"/var-*.json ;;
     logs) (cd "$OUT" && tar czf logs.tgz *.log && rm -f *.log) ;;
@@ -99,6 +107,17 @@ for s in "$@"; do
                 step "ncusrc-$k-$p" 120 bash -c "/usr/local/cuda/bin/ncu -i '$OUT/ncu-$k.ncu-rep' --page source --csv --print-source $p > '$OUT/src-$k-$p.csv' && python3 bench/ncu_source.py '$OUT/src-$k-$p.csv'"
               done
               rm -f "$OUT/ncu-$k.ncu-rep" "$OUT/src-$k-"*.csv ;;
+    # 'ncustep NAME PRESET LAYERS BLOCK [bench flags...]': Nsight Compute of ONE whole step kernel
+    # (decode_step, the 4th launch) with its stall reasons summed over every instruction
+    # (bench/ncu_source.py --stalls): e.g. 'ncustep small-b1 small 8 1' for the share of
+    # 'no instruction' stalls (the SM waiting for code) against memory and math
+    ncustep\ *) read -r -a a <<< "${s#ncustep }"; n=${a[0]}; pr=${a[1]}; ly=${a[2]}; bl=${a[3]}
+              step "ncustep-$n" 240 /usr/local/cuda/bin/ncu --kernel-name decode_step --launch-skip 3 --launch-count 1 \
+              --section SourceCounters --section WarpStateStats --import-source no -f -o "$OUT/ncu-step-$n" \
+              tilecomp bench --preset "$pr" --layers "$ly" --context 4096 --block "$bl" --skip-compile --skip-bf16 \
+              --eager-iters 1 --iters 5 "${a[@]:4}"
+              step "ncustep-$n-sass" 120 bash -c "/usr/local/cuda/bin/ncu -i '$OUT/ncu-step-$n.ncu-rep' --page source --csv --print-source sass > '$OUT/src-step-$n.csv' && python3 bench/ncu_source.py --stalls '$OUT/src-step-$n.csv'"
+              rm -f "$OUT/ncu-step-$n.ncu-rep" "$OUT/src-step-$n.csv" ;;
     # the shipped example model (examples/model): the step at context 1024, block 8, with tokens/s
     # at its measured acceptance (16 held-out stdlib prompts x 128 greedy tokens, megakernel engine)
     bench-shipped) step bench-shipped 300 tilecomp bench --checkpoint examples/model --context 1024 --block 8 --skip-bf16 --eager-iters 5 --iters 100 --acceptance-prompts 16 --json "$OUT/shipped-ctx1024-b8.json" ;;

@@ -33,3 +33,14 @@ def test_a_page_without_a_header_is_named(tmp_path, capsys):
     page.write_text("no,header\n")
     assert _module().main([str(page)]) == 1
     assert "empty.csv: no header row" in capsys.readouterr().out
+
+
+def test_stall_reasons_are_summed_over_the_kernel(tmp_path, capsys):
+    page = tmp_path / "step.csv"
+    page.write_text('"#","Address","Source","stall_no_inst","stall_long_sb","stall_no_inst (Not Issued)"\n'
+                    '"1","0x10","LDG.E R1, desc[UR4][R2.64]","10","30","99"\n'
+                    '"2","0x20","FFMA R4, R8, R12, R4","50","10","99"\n')
+    assert _module().main([str(page), "--stalls"]) == 0
+    out = capsys.readouterr().out.split("== stall reasons over the whole kernel (100 samples)")[1]
+    assert out.index("no_inst") < out.index("long_sb")           # ranked; 'Not Issued' copies left out
+    assert "60.0%" in out and "40.0%" in out

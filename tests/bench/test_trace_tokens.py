@@ -38,6 +38,21 @@ def test_summary_splits_wait_and_work_per_kind():
     assert "lm_head" in format_summary(s)
 
 
+def test_summary_splits_kind_switches_from_repeats():
+    # program 0: linear (switch, 3 us), linear (repeat, 1 us), lm_head (switch, 4 us)
+    step = fake_step([["linear", "linear", "lm_head"], ["lm_head"]])
+    ns = 1000
+    trace = torch.tensor([[0, 0, 3 * ns], [3 * ns, 3 * ns, 4 * ns], [4 * ns, 4 * ns, 8 * ns],
+                          [0, 1 * ns, 3 * ns]])
+    s = summarize(step, trace)
+    lin, head = s["kinds"]["linear"], s["kinds"]["lm_head"]
+    assert (lin["switch_tasks"], lin["switch_us_per_task"]) == (1, 3.0)
+    assert (lin["repeat_tasks"], lin["repeat_us_per_task"]) == (1, 1.0)
+    assert (head["switch_tasks"], head["switch_us_per_task"], head["repeat_us_per_task"]) == (2, 3.0, None)
+    text = format_summary(s)
+    assert "switch us/task" in text and "3.00 (   1)" in text
+
+
 def test_first_difference():
     assert first_difference([1, 2, 3], [1, 2, 3]) is None
     assert first_difference([1, 2, 3], [1, 5, 3]) == 1

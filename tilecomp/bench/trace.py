@@ -5,6 +5,12 @@ task record, three %globaltimer stamps: when its program reached it, when its
 waits were met, when its signals were sent. `summarize` turns them into
 per-kind totals of waiting and working time, per-program busy fractions and
 the longest tasks, which is what `tilecomp bench --trace` prints and saves.
+
+Each kind's work is also split by what ran before it on its program: a task after one of
+another kind ("switch": its code was last run a kind ago, so the SM fetches it again) against a
+task after one of the same kind ("repeat": the code is warm in the SM's instruction cache).
+A kind whose switch tasks take much longer than its repeat tasks of the same size pays for
+its code, not its bytes.
 """
 from __future__ import annotations
 
@@ -24,10 +30,13 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
     bounds = step.queue.cpu().tolist()
     t_min = min(s[0] for s in stamps if s[0] > 0)
     span_ns = max(s[2] for s in stamps) - t_min
-    kinds = collections.defaultdict(lambda: {"tasks": 0, "wait_us": 0.0, "work_us": 0.0})
+    kinds = collections.defaultdict(lambda: {"tasks": 0, "wait_us": 0.0, "work_us": 0.0,
+                                             "switch_tasks": 0, "switch_work_us": 0.0,
+                                             "repeat_tasks": 0, "repeat_work_us": 0.0})
     programs, longest = [], []
     for p in range(len(bounds) - 1):
         busy = 0
+        prev = None
         for qi in range(bounds[p], bounds[p + 1]):
             start, ready, done = stamps[qi]
             kind, task = records[qi]
@@ -35,6 +44,10 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
             k["tasks"] += 1
             k["wait_us"] += (ready - start) / 1e3
             k["work_us"] += (done - ready) / 1e3
+            side = "repeat" if kind == prev else "switch"
+            k[f"{side}_tasks"] += 1
+            k[f"{side}_work_us"] += (done - ready) / 1e3
+            prev = kind
             busy += done - ready
             longest.append(((done - ready) / 1e3, (ready - t_min) / 1e3, p,
                             step.task_names.get(task, f"t{task}")))
@@ -44,6 +57,9 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
     for k in kinds.values():
         k["work_share"] = k["work_us"] / total_work
         k["work_us_per_task"] = k["work_us"] / k["tasks"]
+        for side in ("switch", "repeat"):
+            n = k[f"{side}_tasks"]
+            k[f"{side}_us_per_task"] = k[f"{side}_work_us"] / n if n else None
     return {"span_us": span_ns / 1e3, "programs": len(programs),
             "mean_program_busy": sum(programs) / max(len(programs), 1),
             "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["work_us"])),
@@ -54,10 +70,15 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
 def format_summary(s: dict) -> str:
     lines = [f"step span {s['span_us']:.1f} us on {s['programs']} programs, mean busy "
              f"{100 * s['mean_program_busy']:.1f}%",
-             f"{'kind':<22}{'tasks':>7}{'work us':>12}{'share':>8}{'us/task':>10}{'wait us':>12}"]
+             f"{'kind':<22}{'tasks':>7}{'work us':>12}{'share':>8}{'us/task':>10}{'wait us':>12}"
+             f"{'switch us/task':>16}{'repeat us/task':>16}"]
+
+    def per(k, side):
+        v = k.get(f"{side}_us_per_task")
+        return f"{v:>9.2f} ({k[side + '_tasks']:>4})" if v is not None else f"{'-':>16}"
     for name, k in s["kinds"].items():
         lines.append(f"{name:<22}{k['tasks']:>7}{k['work_us']:>12.1f}{100 * k['work_share']:>7.1f}%"
-                     f"{k['work_us_per_task']:>10.2f}{k['wait_us']:>12.1f}")
+                     f"{k['work_us_per_task']:>10.2f}{k['wait_us']:>12.1f}{per(k, 'switch')}{per(k, 'repeat')}")
     lines.append("longest tasks:")
     for t in s["longest_tasks"][:8]:
         lines.append(f"  {t['work_us']:9.1f} us  from {t['start_us']:9.1f} us  program {t['program']:>3}  "
