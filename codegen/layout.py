@@ -124,7 +124,7 @@ KINDS: dict[str, KindABI] = _kinds(
                    "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows",
                    "split", "e0", "e1", "logits", "arrive", "n_splits"),
      ("BLOCK_T", "BLOCK_E", "BLOCK_RN", "BLOCK_K", "BLOCK_KR", "STAGES", "WALIGN", "AALIGN", "NORM_F32",
-      "ARRIVE")),
+      "ARRIVE", "ROUTE_DOT")),
     # (slot, columns n0..n1 in BLOCK_N tiles; n1 <= n0: one tile), the same for expert_down and
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
@@ -210,8 +210,18 @@ KINDS: dict[str, KindABI] = _kinds(
 # 0: the same rotations and masks as Triton integer ops, the pairs widened to fp32 and scaled there
 # (what the interpreter runs, so the CPU tests cover the repacked arena, the word routes, the K
 # order and the 2^WORD_SHIFT rescale end to end; on a GPU a measurable variant).
+# ROUTE_DOT: the fp32 router's product (moe_route). 0: input_precision "ieee", Triton's FMA dot,
+# whose operands go through shared memory in a layout with many bank conflicts: ncu on the whole
+# small block-1 step (H100, session 13) counted ~32 shared wavefronts per LDS.128 of the router's
+# K loop (28 excessive), and the trace 60 us per split-router task (157 us on flash 8L block 8) for
+# ~6 KB of weights. 1: "tf32x3", three tensor-core products of the tf32 halves (hi*hi + hi*lo +
+# lo*hi), error about fp32's (lo*lo is ~2^-22 relative); the interpreter computes both in fp32.
+# 2 (split router only; the single-task router takes 1): no dot, the products of a [BLOCK_RN,
+# BLOCK_KR] weight tile and the [BLOCK_T, BLOCK_KR] rows accumulated elementwise in a [BLOCK_RN,
+# BLOCK_T, BLOCK_KR] fp32 tile, summed once after the K loop (sm_90, BLOCK_RN 4 x BLOCK_KR 128:
+# a 186-instruction K step with 36 FFMA, no spills, against ieee's 639 with 140 conflicted LDS).
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
-                   "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0}
+                   "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute
@@ -255,9 +265,9 @@ def norm_arena(consts: dict) -> str:
 # dot staged its operands through shared memory behind a barrier (32 bar.sync per K step); its
 # join form (2 dots, 8 bar.sync, 1123 against 1413 instructions, no spills) is not yet measured.
 # MX_DOT 5 (the weights as wgmma's left operand) 1287 us.
-GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 16, "BLOCK_KR": 256, "L2PF": 0, "BLOCK_TA": 32,
+GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 4, "BLOCK_KR": 128, "L2PF": 0, "BLOCK_TA": 32,
               "MX_DOT": 9,
-              "PTX_ASM": 1}
+              "PTX_ASM": 1, "ROUTE_DOT": 2}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

@@ -186,9 +186,12 @@ def test_route_from_precomputed_logits():
     torch.testing.assert_close(arenas.view("weights")[:len(experts)], weights, rtol=1e-5, atol=1e-6)
 
 
-def test_split_router_matches_single_task():
+@pytest.mark.parametrize("route_dot,rn", [(0, 16), (1, 16), (2, 4)])
+def test_split_router_matches_single_task(route_dot, rn):
     """split: logits of expert tiles on separate tasks (+ xn from the e0 == 0 tile), then the
-    plan task reads the logits; same plan, weights and xn as the reference."""
+    plan task reads the logits; same plan, weights and xn as the reference. For each router
+    product (ROUTE_DOT: the FMA dot, tf32x3, the elementwise [BLOCK_RN, BLOCK_T, BLOCK_KR] form,
+    whose 4-row tiles make the [16, 40) range three full tiles and a partial one)."""
     gen = torch.Generator().manual_seed(13)
     T, D, E = 8, 64, 40
     moe = make_moe(gen, dim=D, inter=32, n_experts=E, top_k=4, scaling=2.0)
@@ -198,13 +201,15 @@ def test_split_router_matches_single_task():
     arenas = b.build()
     route = moe_records(b, moe, T, D, E)[0]
     # expert ranges [0, 16) (absent e1: one BLOCK_N=16 tile) then [16, 40) (two tiles, one partial)
-    tiles = [TaskRecord("moe_route", 0, dict(route.args, split=1, e0=0, logits=b.offset("logits")),
+    first = {} if rn == 16 else {"e1": 16}     # absent e1: one BLOCK_RN tile
+    tiles = [TaskRecord("moe_route", 0, dict(route.args, split=1, e0=0, logits=b.offset("logits"), **first),
                         signals=[0]),
              TaskRecord("moe_route", 1, dict(route.args, split=1, e0=16, e1=E, logits=b.offset("logits")),
                         signals=[0])]
     plan_task = TaskRecord("moe_route", 9, dict(route.args, x=b.offset("logits"), gate=-1, norm=-1,
                                                 xn=-1), waits=[(0, len(tiles), len(tiles))])
-    run_tasks([tiles + [plan_task]], arenas, dict(BLOCK_T=16, BLOCK_E=64, BLOCK_RN=16, BLOCK_K=32, BLOCK_KR=32),
+    run_tasks([tiles + [plan_task]], arenas, dict(BLOCK_T=16, BLOCK_E=64, BLOCK_RN=16, BLOCK_K=32, BLOCK_KR=32,
+                                                  ROUTE_DOT=route_dot) | {"BLOCK_RN": rn},
               n_counters=1)
     norm = RMSNorm(D, 1e-5, torch.float32)
     with torch.no_grad():
