@@ -245,6 +245,9 @@ def norm_arena(consts: dict) -> str:
 # per task over 32 experts; its tasks took 453 us each, on every MoE layer's critical path;
 # v3: 16 x 64 with a separate RMSNorm pass, 16 + 64 steps, 211 us per task). v4: one pass over
 # x (the norm's sum of squares rides along the dot) in 256-wide steps: 16 dependent steps.
+# v12 (session 13, H100): ROUTE_DOT 2 with 4 x 128 tiles (the FMA dot's 16 x 256 was bound by
+# shared-memory bank conflicts, 60 us per task on small block 1; now 12 us): small block 1
+# 1.875 -> 1.574 ms, flash 8L block 8 12.27 -> 11.64 ms, block 1 4.48 -> 3.76 ms (one call).
 # MX_DOT 9 on a GPU (version 10, session 12, H200, same call: flash 8L block 8 11.60 ms against
 # 12.86 at 3, block 1 4.44 against 4.50; expert_down 295 -> 251 us in the phases; the engine falls
 # back to 3 for a checkpoint whose scales are outside 34..160). Before it, MX_DOT was 3 on a GPU
