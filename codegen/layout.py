@@ -129,12 +129,12 @@ KINDS: dict[str, KindABI] = _kinds(
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     # parts > 0 (both expert kinds): part `part` of `parts` of all routed (slot, tile) units
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
@@ -220,8 +220,15 @@ KINDS: dict[str, KindABI] = _kinds(
 # BLOCK_KR] weight tile and the [BLOCK_T, BLOCK_KR] rows accumulated elementwise in a [BLOCK_RN,
 # BLOCK_T, BLOCK_KR] fp32 tile, summed once after the K loop (sm_90, BLOCK_RN 4 x BLOCK_KR 128:
 # a 186-instruction K step with 36 FFMA, no spills, against ieee's 639 with 140 conflicted LDS).
+# XPIPE (expert kinds, MX_DOT 0/3/5-9): 1 runs the K loops as Triton's software pipeline
+# (`tl.range(..., num_stages=STAGES_X)`: the raw MXFP4 tiles of STAGES_X - 1 K steps ahead in
+# flight as 16-byte async copies into shared memory, sm_90 build checked: LDGSTS.128 in the loop,
+# up_gate alone 53 -> 88 KB of shared memory, no spills) instead of 0, the one-step register
+# prefetch (the next tile loaded before this one is decoded: ~16 KB in flight per SM for up_gate's
+# 128 x 128 tiles, which at ~1.5 us loaded latency caps 132 SMs near 1.4 TB/s; the expert
+# phases measure ~0.75-1 TB/s on both the H100 and the H200). Not yet measured on a GPU.
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
-                   "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0}
+                   "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute
