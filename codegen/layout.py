@@ -226,7 +226,8 @@ KINDS: dict[str, KindABI] = _kinds(
 # up_gate alone 53 -> 88 KB of shared memory, no spills) instead of 0, the one-step register
 # prefetch (the next tile loaded before this one is decoded: ~16 KB in flight per SM for up_gate's
 # 128 x 128 tiles, which at ~1.5 us loaded latency caps 132 SMs near 1.4 TB/s; the expert
-# phases measure ~0.75-1 TB/s on both the H100 and the H200). Not yet measured on a GPU.
+# phases measure ~0.75-1 TB/s on both the H100 and the H200). Not yet measured on a GPU. The
+# pipelined loops have no L2PF prefetch (it belongs to the register-prefetch loops only).
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0}
 

@@ -208,8 +208,8 @@ def test_split_router_matches_single_task(route_dot, rn):
                         signals=[0])]
     plan_task = TaskRecord("moe_route", 9, dict(route.args, x=b.offset("logits"), gate=-1, norm=-1,
                                                 xn=-1), waits=[(0, len(tiles), len(tiles))])
-    run_tasks([tiles + [plan_task]], arenas, dict(BLOCK_T=16, BLOCK_E=64, BLOCK_RN=16, BLOCK_K=32, BLOCK_KR=32,
-                                                  ROUTE_DOT=route_dot) | {"BLOCK_RN": rn},
+    run_tasks([tiles + [plan_task]], arenas, dict(BLOCK_T=16, BLOCK_E=64, BLOCK_RN=rn, BLOCK_K=32, BLOCK_KR=32,
+                                                  ROUTE_DOT=route_dot),
               n_counters=1)
     norm = RMSNorm(D, 1e-5, torch.float32)
     with torch.no_grad():

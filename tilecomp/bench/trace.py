@@ -7,10 +7,9 @@ per-kind totals of waiting and working time, per-program busy fractions and
 the longest tasks, which is what `tilecomp bench --trace` prints and saves.
 
 Each kind's work is also split by what ran before it on its program: a task after one of
-another kind ("switch": its code was last run a kind ago, so the SM fetches it again) against a
-task after one of the same kind ("repeat": the code is warm in the SM's instruction cache).
-A kind whose switch tasks take much longer than its repeat tasks of the same size pays for
-its code, not its bytes.
+another kind ("switch") against a task after one of the same kind ("repeat"). A kind whose
+switch tasks take much longer than its repeat tasks of the same size pays for starting up
+(code not in the SM's instruction cache, a pipeline's first loads), not for its bytes.
 """
 from __future__ import annotations
 
