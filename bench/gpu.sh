@@ -104,7 +104,7 @@ for s in "$@"; do
               --section SourceCounters --section WarpStateStats --import-source yes -f -o "$OUT/ncu-$k" \
               tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 8 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --phases
               for p in sass cuda; do
-                step "ncusrc-$k-$p" 120 bash -c "/usr/local/cuda/bin/ncu -i '$OUT/ncu-$k.ncu-rep' --page source --csv --print-source $p > '$OUT/src-$k-$p.csv' && python3 bench/ncu_source.py '$OUT/src-$k-$p.csv'"
+                step "ncusrc-$k-$p" 120 bash -c "/usr/local/cuda/bin/ncu -i '$OUT/ncu-$k.ncu-rep' --page source --csv --print-source $p > '$OUT/src-$k-$p.csv' && python3 bench/ncu_source.py \$([ $p = sass ] && echo --stalls) '$OUT/src-$k-$p.csv'"
               done
               rm -f "$OUT/ncu-$k.ncu-rep" "$OUT/src-$k-"*.csv ;;
     # 'ncustep NAME PRESET LAYERS BLOCK [bench flags...]': Nsight Compute of ONE whole step kernel

@@ -129,12 +129,12 @@ KINDS: dict[str, KindABI] = _kinds(
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     # parts > 0 (both expert kinds): part `part` of `parts` of all routed (slot, tile) units
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
@@ -226,10 +226,11 @@ KINDS: dict[str, KindABI] = _kinds(
 # up_gate alone 53 -> 88 KB of shared memory, no spills) instead of 0, the one-step register
 # prefetch (the next tile loaded before this one is decoded: ~16 KB in flight per SM for up_gate's
 # 128 x 128 tiles, which at ~1.5 us loaded latency caps 132 SMs near 1.4 TB/s; the expert
-# phases measure ~0.75-1 TB/s on both the H100 and the H200). Not yet measured on a GPU. The
-# pipelined loops have no L2PF prefetch (it belongs to the register-prefetch loops only).
+# phases measure ~0.75-1 TB/s on both the H100 and the H200). Measured: GPU_TUNING's notes below
+# (v13, on by default on a GPU). The pipelined loops have no L2PF prefetch (it belongs to the register-prefetch loops only).
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
-                   "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0}
+                   "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
+                   "WLEFT": 0}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute
@@ -276,9 +277,20 @@ def norm_arena(consts: dict) -> str:
 # dot staged its operands through shared memory behind a barrier (32 bar.sync per K step); its
 # join form (2 dots, 8 bar.sync, 1123 against 1413 instructions, no spills) is not yet measured.
 # MX_DOT 5 (the weights as wgmma's left operand) 1287 us.
+# XPIPE 1 (v13, session 14, H100, one call, 30 steps each): flash 8L block 8 11.36 -> 10.73 ms
+# (STAGES_X 4: 10.68, within the spread), block 1 3.51 -> 3.40, small block 8 2.30 -> 2.27; small
+# block 1 1.534 -> 1.559 (+1.6%). up_gate alone did not move (349 -> 343 us): the kinds are bound
+# by instructions alone, and the pipeline helped inside the megakernel (up_gate 449 -> 386 us).
+# WLEFT (MX_DOT 9): 1 puts the dequantized weights on the dots' left operand (rows = M = 128, the
+# block tokens N = 16): Triton then issues wgmma with the tokens' tile in shared memory, and the
+# sm_90 K loops lose the x tile's conversions and the weight tile's ldmatrix round trip
+# (up_gate 496 -> 411 instructions per K step, expert_down 306 -> 243; whole kernel spills
+# 508 / 1,024 -> 400 / 776 bytes). Measured (v14, session 14, H100, one call, each pair run
+# back to back): flash 8L block 8 10.84 -> 10.64 ms, block 1 3.70 -> 3.49, small block 8 2.42 ->
+# 2.29, small block 1 1.59 -> 1.57; tokens-tiny 0 unexplained divergences.
 GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 4, "BLOCK_KR": 128, "L2PF": 0, "BLOCK_TA": 32,
               "MX_DOT": 9,
-              "PTX_ASM": 1, "ROUTE_DOT": 2}
+              "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

@@ -321,10 +321,11 @@ def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales
     return arenas, [up, down], (wg, wu, wd)
 
 
-@pytest.mark.parametrize("mode,xpipe", [(6, 0), (9, 0), (9, 1)], ids=["words", "repacked-words", "repacked-words-xpipe"])
+@pytest.mark.parametrize("mode,xpipe,wleft", [(6, 0, 0), (9, 0, 0), (9, 1, 0), (9, 1, 1)],
+                         ids=["words", "repacked-words", "repacked-words-xpipe", "repacked-words-xpipe-wleft"])
 @pytest.mark.parametrize("salign,inter,block_kx", [(1, 160, 128), (4, 256, 128), (1, 160, 32)],
                          ids=["scale-bytes-K-tail", "scale-words", "one-group-K-steps"])
-def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter, block_kx, mode, xpipe):
+def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter, block_kx, mode, xpipe, wleft):
     """MX_DOT 6 (32-bit words of codes, one multiply per element, 2^63 on the accumulator) and
     MX_DOT 9 (the engine's repacked words, rotate-and-mask routes in their Triton-op form
     PTX_ASM 0, 2^32 on the accumulator): every E2M1 code at every nibble position of a word,
@@ -332,7 +333,8 @@ def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter, block_kx
     expert_down; a K tail shorter than the tile is masked (with SALIGN 4 the scale rows are
     whole 32-bit words, so K is a multiple of 128 there). XPIPE 1: the K loops as Triton's
     software pipeline (the raw tiles loaded in the step that uses them) instead of the one-step
-    register prefetch."""
+    register prefetch. WLEFT 1: the dequantized weights as the dots' left operand (rows = M; on
+    Hopper Triton then issues wgmma)."""
     gen = torch.Generator().manual_seed(6)
     T, D = 2, 384
     x = torch.randn(T, D, generator=gen) * 1e-3           # keeps the 2^64-scaled row finite
@@ -341,7 +343,7 @@ def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter, block_kx
     arenas, recs, (wg, wu, wd) = one_expert(gen, T, D, inter, 110, 132, x, act_in, torch.tensor([[1.0, 0.5]]),
                                             edge_scales=edges, repack=mode == 9)
     run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=block_kx, MX_DOT=mode, SALIGN=salign,
-                                   XPIPE=xpipe, STAGES_X=3))
+                                   XPIPE=xpipe, STAGES_X=3, WLEFT=wleft))
     # float64 references; the bound is fp32 rounding of sums whose terms cancel: 1e-5 of the
     # sum of |terms| (a wrong code or scale is off by a whole term)
     x64, a64 = x.double(), act_in[0].double()
