@@ -80,7 +80,7 @@ for s in "$@"; do
     tokens-small) step tokens-small 420 python3 -m tilecomp.bench.tokens --preset small --prompts 12 --new-tokens 32 --json "$OUT/tokens-small.json" ;;
     bench-small-8) step bench-small-8 300 tilecomp bench --preset small --context 4096 --block 8 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/small-ctx4096-b8.json" ;;
     bench-small-1) step bench-small-1 300 tilecomp bench --preset small --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/small-ctx4096-b1.json" ;;
-    bench-flash-8) step bench-flash-8 540 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 8 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/flash8-ctx4096-b8.json" ;;
+    bench-flash-8) step bench-flash-8 540 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 8 --eager-iters 5 --iters 100 --json "$OUT/flash8-ctx4096-b8.json" ;;
     bench-flash-1) step bench-flash-1 240 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/flash8-ctx4096-b1.json" ;;
     # version-1 levers on a 2-layer flash step, each with per-task timers (docs/PERF.md)
     trace-v1) step trace-v1 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --json "$OUT/flash2-b1-v1.json" ;;
