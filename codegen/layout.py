@@ -129,12 +129,12 @@ KINDS: dict[str, KindABI] = _kinds(
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     # parts > 0 (both expert kinds): part `part` of `parts` of all routed (slot, tile) units
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
@@ -228,9 +228,16 @@ KINDS: dict[str, KindABI] = _kinds(
 # 128 x 128 tiles, which at ~1.5 us loaded latency caps 132 SMs near 1.4 TB/s; the expert
 # phases measure ~0.75-1 TB/s on both the H100 and the H200). Measured: GPU_TUNING's notes below
 # (v13, on by default on a GPU). The pipelined loops have no L2PF prefetch (it belongs to the register-prefetch loops only).
+# STILE (expert kinds): 1 reads the E8M0 scales in the tiled layout the engine writes once
+# (tile_scales below: per matrix, the 32-bit word of 4 groups that covers 128 K elements of a row,
+# K-word-major, so a K step's words for consecutive rows are consecutive), 0 the models' row-major
+# [N, K/32] bytes. In the row-major layout a 128-wide K step reads 4 bytes per row from rows
+# K/32 bytes apart: one 32-byte L2 sector per row for 4 useful bytes (ncu on up_gate alone, v14,
+# H100: the scale loads' sectors were a quarter of the kind's global sectors). Needs every expert
+# matrix's K/32 to be a multiple of 4 (the engine falls back to 0 otherwise).
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
-                   "WLEFT": 0}
+                   "WLEFT": 0, "STILE": 0}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute
@@ -238,6 +245,18 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN
 # sees one kind at a time; a kind in the whole megakernel spilled 28x more than in a kernel of
 # its own, ncu on expert_up_gate, H200, session 10); 0 inlines it (the code of version 8).
 FRAME_CONSTEXPRS = ("NOINLINE",)
+
+
+def tile_scales(scales: torch.Tensor) -> torch.Tensor:
+    """STILE's layout of MXFP4 scales: uint8 [..., N, K/32] (row-major, the models' layout) ->
+    the same shape and bytes with each matrix stored as [K/128, N, 4]: the 4 groups of row n that
+    cover K elements 128w .. 128w + 127 are the 32-bit word w * N + n of the matrix. K/32 must be
+    a multiple of 4."""
+    *lead, n, g = scales.shape
+    if g % 4:
+        raise ValueError(f"MXFP4 scales of shape {tuple(scales.shape)}: K/32 = {g} is not a multiple of 4 "
+                         "(STILE needs whole 32-bit words per row)")
+    return scales.reshape(*lead, n, g // 4, 4).transpose(-3, -2).contiguous().reshape(scales.shape)
 
 
 def norm_arena(consts: dict) -> str:

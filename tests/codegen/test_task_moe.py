@@ -285,11 +285,12 @@ def test_mxfp4_dequant_matches_models_mxfp4(mode):
     assert torch.isfinite(arenas.view("act")).all()
 
 
-def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales=(), repack=False):
+def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales=(), repack=False, stile=False):
     """One expert (random MXFP4 gate / up / down, scale codes in [lo, hi), `edge_scales` on the
     first groups of row 0) in arenas, with an expert_up_gate record over its whole width (act
     from x) and an expert_down record over its whole dim (out from act_in, token weights w).
-    repack: the arenas hold the codes as the engine stores them for MX_DOT 9.
+    repack: the arenas hold the codes as the engine stores them for MX_DOT 9; stile: the scales
+    as the engine stores them for STILE 1 (codegen/layout.py tile_scales).
     Returns (arenas, [up, down], (wg, wu, wd) dequantized)."""
     from tilecomp.models.mxfp4 import dequantize_mxfp4
     def mx(n, k):
@@ -310,6 +311,9 @@ def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales
     if repack:
         from tilecomp.codegen.mxfp4_ptx import repack_words
         b.transform(lambda name, t: repack_words(t) if name in ("gb", "ub", "db") else t)
+    if stile:
+        from tilecomp.codegen.layout import tile_scales
+        b.transform(lambda name, t: tile_scales(t) if name in ("gs", "us", "ds") else t)
     arenas = b.build()
     up = TaskRecord("expert_up_gate", 0, dict(
         x=b.offset("x"), plan=b.offset("plan"), gate_blocks=b.offset("gb"), gate_scales=b.offset("gs"),
@@ -344,19 +348,56 @@ def test_word_code_dequant_is_exact_over_its_scale_range(salign, inter, block_kx
                                             edge_scales=edges, repack=mode == 9)
     run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=block_kx, MX_DOT=mode, SALIGN=salign,
                                    XPIPE=xpipe, STAGES_X=3, WLEFT=wleft))
-    # float64 references; the bound is fp32 rounding of sums whose terms cancel: 1e-5 of the
-    # sum of |terms| (a wrong code or scale is off by a whole term)
+    assert_expert_outputs(arenas, x, act_in, wg, wu, wd, [1.0, 0.5])
+
+
+def assert_expert_outputs(arenas, x, act_in, wg, wu, wd, w):
+    """act and out of one_expert's records against float64 references; the bound is fp32
+    rounding of sums whose terms cancel: 1e-5 of the sum of |terms| (a wrong code or scale is off
+    by a whole term)."""
     x64, a64 = x.double(), act_in[0].double()
     g, u = x64 @ wg.double().T, x64 @ wu.double().T
     gm, um = x64.abs() @ wg.double().abs().T, x64.abs() @ wu.double().abs().T
     got = arenas.view("act")[0].double()
     want = torch.nn.functional.silu(g) * u
     assert ((got - want).abs() <= 1e-5 * (gm * um.clamp(min=u.abs()) + um * gm) + 1e-30).all()
-    w = torch.tensor([1.0, 0.5], dtype=torch.float64)[:, None]
+    w = torch.tensor(w, dtype=torch.float64)[:, None]
     want = (a64 @ wd.double().T) * w
     bound = 1e-5 * (a64.abs() @ wd.double().abs().T) * w
     assert ((arenas.view("out")[0].double() - want).abs() <= bound).all()
     assert torch.isfinite(arenas.view("act")).all() and torch.isfinite(arenas.view("out")).all()
+
+
+@pytest.mark.parametrize("mode,xpipe,block_kx", [(9, 1, 128), (9, 0, 256), (3, 0, 32)],
+                         ids=["words-xpipe", "two-words-K-tail", "scale-bytes"])
+def test_tiled_scales_read_the_engines_layout(mode, xpipe, block_kx):
+    """STILE 1: the expert kinds read the scales in the engine's K-word-major layout
+    (codegen/layout.py tile_scales) as 32-bit words (BLOCK_KX >= 128; up_gate's K = 384 leaves a
+    one-word tail in a 256-wide step) or bytes (BLOCK_KX 32), through expert_up_gate and
+    expert_down. Scale codes vary per group, so the row-major layout read as tiled fails."""
+    gen = torch.Generator().manual_seed(8)
+    T, D, inter = 2, 384, 256
+    x = torch.randn(T, D, generator=gen) * 1e-3
+    act_in = torch.randn(1, T, inter, generator=gen)
+    arenas, recs, (wg, wu, wd) = one_expert(gen, T, D, inter, 110, 132, x, act_in, torch.tensor([[1.0, 0.5]]),
+                                            repack=mode == 9, stile=True)
+    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=block_kx, MX_DOT=mode, SALIGN=4,
+                                   XPIPE=xpipe, STAGES_X=3, WLEFT=1, STILE=1))
+    assert_expert_outputs(arenas, x, act_in, wg, wu, wd, [1.0, 0.5])
+
+
+def test_tile_scales_layout():
+    """tile_scales: row n's groups 4w .. 4w + 3 become word w * N + n of each matrix; K/32 not a
+    multiple of 4 is refused."""
+    from tilecomp.codegen.layout import tile_scales
+    s = torch.arange(2 * 3 * 8, dtype=torch.uint8).reshape(2, 3, 8)        # E 2, N 3, K/32 8
+    t = tile_scales(s).view(2, -1, 4)                                      # words
+    for e in range(2):
+        for n in range(3):
+            for w in range(2):
+                assert t[e, w * 3 + n].tolist() == s[e, n, 4 * w:4 * w + 4].tolist()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        tile_scales(torch.zeros(1, 3, 6, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("D,inter,block_kx,salign,mode", [(128, 256, 128, 4, 1), (64, 96, 64, 1, 1),

@@ -5,17 +5,19 @@ The interpreter pays per tile operation, so the default tests use the tiny prese
 truncated to 2 target layers (full + SWA attention, dense + MoE, sinks, draft with
 its own 2 layers); the whole tiny preset runs in the slow test.
 """
+import dataclasses
+
 import pytest
 import torch
 
 from tilecomp.codegen.harness import Megakernel
-from tilecomp.codegen.layout import KIND_IDS
+from tilecomp.codegen.layout import KIND_IDS, tile_scales
 from tilecomp.codegen.mxfp4_ptx import repack_words
 from tilecomp.errors import DeadlockError, TilecompError
 from tilecomp.models.dflash import DFlashDraft
 from tilecomp.models.mimo import MiMoForCausalLM
 from tilecomp.models.presets import preset
-from tilecomp.runtime.megakernel import MegakernelEngine
+from tilecomp.runtime.megakernel import MegakernelEngine, _scale_tiles
 from tilecomp.runtime.reference import ReferenceEngine
 
 MAX_LEN = 64
@@ -223,6 +225,41 @@ def test_word_code_experts_give_the_reference_tokens_and_ptx_lookups_are_refused
     for name in names:
         assert torch.equal(engine.arenas.view(name), repack_words(buffers[name])), name
         assert not torch.equal(engine.arenas.view(name), buffers[name]), name
+
+
+def test_tiled_scales_give_the_reference_logits_and_are_refused_where_rows_are_not_words():
+    """STILE 1 (codegen/layout.py tile_scales): the arena holds each MXFP4 scale tensor in the
+    K-word-major layout and the step gives the reference's logits and tokens. The scale codes are
+    spread per group first (random weights quantize to nearly one code), so a layout mix-up moves
+    the logits. The tiny preset's K/32 (2 and 1 groups) are not whole words: an explicit STILE=1
+    is refused with the tensor's name, the GPU default falls back to 0."""
+    torch.manual_seed(9)
+    cfg, dcfg = preset("tiny", layers=2)
+    cfg = dataclasses.replace(cfg, hidden_size=256, moe_intermediate_size=256)   # K/32 = 8: 2 words a row
+    target = MiMoForCausalLM(cfg)
+    draft = DFlashDraft(dataclasses.replace(dcfg, hidden_size=256), cfg)
+    g = torch.Generator().manual_seed(9)
+    for name, buf in target.named_buffers():
+        if name.endswith("_scales"):
+            buf += torch.randint(0, 6, buf.shape, generator=g, dtype=torch.uint8)
+    ids = prompt(9, 9)
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 3, use_draft=False)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": 9, "BLOCK_KX": 128, "STILE": 1})
+    assert engine.consts["STILE"] == 1
+    buffers = dict(target.named_buffers())
+    names = [n for n in engine.builder.slots if n.endswith("_scales")]
+    assert names
+    for name in names:
+        assert torch.equal(engine.arenas.view(name), tile_scales(buffers[name])), name
+        assert not torch.equal(engine.arenas.view(name), buffers[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+    assert engine.generate(ids, 3, use_draft=False).tokens == ref.tokens
+    tiny, tiny_draft = models(9)
+    with pytest.raises(TilecompError, match=r"STILE=1 .*_scales has 2 groups per row \(K/32\), not a multiple of 4"):
+        MegakernelEngine(tiny, tiny_draft, max_len=MAX_LEN, tiles={"STILE": 1})
+    assert _scale_tiles(tiny, tiny_draft, {}) == 0 and _scale_tiles(target, draft, {}) == 1
 
 
 def test_dflash_step_with_the_gpu_lowering_gives_the_reference_tokens():

@@ -98,6 +98,20 @@ def _exact_mx_dot(target, draft, tiles: dict, mode: int) -> int:
     return mode
 
 
+def _scale_tiles(target, draft, tiles: dict) -> int:
+    """1 when every MXFP4 scale tensor's rows are whole 32-bit words (K/32 a multiple of 4: what
+    STILE's tiled layout needs), else 0; an explicit --tile STILE=1 is refused instead."""
+    for prefix, model in (("", target), ("draft.", draft)):
+        for name, scales in (model.named_buffers() if model is not None else ()):
+            if name.endswith("_scales") and scales.dim() >= 2 and scales.shape[-1] % 4:
+                if tiles.get("STILE"):
+                    raise TilecompError(f"tiles: STILE=1 stores the MXFP4 scales as 32-bit words of 4 groups; "
+                                        f"{prefix}{name} has {scales.shape[-1]} groups per row (K/32), not a "
+                                        f"multiple of 4 (use STILE=0)")
+                return 0
+    return 1
+
+
 class MegakernelEngine:
     def __init__(self, target, draft=None, max_len: int = 4096, programs: int | None = None,
                  artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None,
@@ -163,6 +177,11 @@ class MegakernelEngine:
             # MX_DOT 9 reads the expert codes repacked word by word (codegen/mxfp4_ptx.py): the
             # arena holds that copy; the model's own buffers are left as they are
             builder.transform(lambda name, t: mxfp4_ptx.repack_words(t) if name.endswith("_blocks") else t)
+        if self.consts.get("STILE"):
+            self.consts["STILE"] = _scale_tiles(target, draft, self.tiles)
+            if self.consts["STILE"]:
+                # STILE reads the expert scales tiled by K words (codegen/layout.py tile_scales)
+                builder.transform(lambda name, t: L.tile_scales(t) if name.endswith("_scales") else t)
         if (self.schedule is None and draft is not None or self.prefill_schedule is None
                 or self.plain_schedule is None):
             self._compile_missing()
