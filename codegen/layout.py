@@ -309,7 +309,7 @@ def norm_arena(consts: dict) -> str:
 # 2.29, small block 1 1.59 -> 1.57; tokens-tiny 0 unexplained divergences.
 GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 4, "BLOCK_KR": 128, "L2PF": 0, "BLOCK_TA": 32,
               "MX_DOT": 9,
-              "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1}
+              "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1, "STILE": 1}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}
