@@ -8,7 +8,7 @@ import torch
 from tilecomp.bench.eager_step import EagerStep
 from tilecomp.bench.floor import MXFP4_BYTES_PER_ELEM, kv_read_positions, step_bytes
 from tilecomp.bench.random_model import random_draft, random_target
-from tilecomp.bench.run import format_table, run_bench
+from tilecomp.bench.run import bf16_layers_that_fit, format_table, run_bench
 from tilecomp.bench.static_step import StaticStep
 from tilecomp.models import preset
 
@@ -63,6 +63,18 @@ def test_floor_counts_routed_experts_and_window():
     b1 = step_bytes(cfg, dcfg, context=4096, block=1, unique_experts=[0] + [8] * 7)
     assert "draft_weights" not in b1.parts and b1.total < b8.total
     assert b8.total == sum(b8.parts.values())
+
+
+def test_bf16_expert_layers_fit_next_to_the_rest():
+    """The bf16-experts baseline's layer count: what fits beside the embedding, LM head, the
+    routed experts' transient copies and 2 GiB; more memory never fits fewer layers, at least one."""
+    cfg, _ = preset("mimo-v2-flash", layers=8)
+    per_layer = 3 * cfg.n_routed_experts * cfg.moe_intermediate_size * cfg.hidden_size * 2   # 12.9 GB
+    counts = [bf16_layers_that_fit(cfg, 8, int(g * 1e9)) for g in (1, 20, 40, 60, 80, 400)]
+    assert counts == sorted(counts) and counts[0] == 1 and counts[-1] == 8
+    n = bf16_layers_that_fit(cfg, 8, int(76e9))
+    assert 3 * per_layer < n * per_layer < 76e9 - 2 * cfg.vocab_size * cfg.hidden_size * 2 - (2 << 30)
+    assert bf16_layers_that_fit(cfg, 1, int(60e9)) >= bf16_layers_that_fit(cfg, 8, int(60e9))
 
 
 def test_eager_step_records_unique_experts(tiny):
