@@ -129,12 +129,12 @@ KINDS: dict[str, KindABI] = _kinds(
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     # parts > 0 (both expert kinds): part `part` of `parts` of all routed (slot, tile) units
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
@@ -235,9 +235,16 @@ KINDS: dict[str, KindABI] = _kinds(
 # K/32 bytes apart: one 32-byte L2 sector per row for 4 useful bytes (ncu on up_gate alone, v14,
 # H100: the scale loads' sectors were a quarter of the kind's global sectors). Needs every expert
 # matrix's K/32 to be a multiple of 4 (the engine falls back to 0 otherwise).
+# AFRAG (expert kinds, MX_DOT 9, BLOCK_KX a multiple of 128): 1 has the engine store each
+# 128-element block of a row with word 4q + g holding the elements 32g + 16 e2 + 8 e1 + 2q + e0
+# (codegen/mxfp4_ptx.py afrag_order), and loads the tile's rows in afrag_rows order
+# (_mxfp4.j2); the template's reshape / permute put both back. The dequantized values of a word
+# then sit in the thread that the wgmma register operand (WLEFT 1) wants them in, so Triton drops
+# the layout conversion through shared memory: sm_90 up_gate K loop without its 16 STS.128 + 16
+# LDSM (64 KB written and read back per K step) and with 2 bar.sync instead of 4. 0: K order.
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
-                   "WLEFT": 0, "STILE": 0}
+                   "WLEFT": 0, "STILE": 0, "AFRAG": 0}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute
@@ -309,7 +316,7 @@ def norm_arena(consts: dict) -> str:
 # 2.29, small block 1 1.59 -> 1.57; tokens-tiny 0 unexplained divergences.
 GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 4, "BLOCK_KR": 128, "L2PF": 0, "BLOCK_TA": 32,
               "MX_DOT": 9,
-              "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1, "STILE": 1}
+              "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1, "STILE": 1, "AFRAG": 1}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

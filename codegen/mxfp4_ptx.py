@@ -234,3 +234,37 @@ def repack_words(blocks):
                 r |= (w >> (4 * e + i) & 1) << WORD_DEST[e][i]
         out[start:start + chunk].view(-1, 4).copy_(torch.stack([r >> (8 * k) & 255 for k in range(4)], 1))
     return out.view(blocks.shape)
+
+
+def afrag_source() -> list[int]:
+    """AFRAG's element order in a 128-element block: position 8 w + e (w = 4q + g the word,
+    e = e0 + 2 e1 + 4 e2 its element) holds element 32 g + 16 e2 + 8 e1 + 2 q + e0."""
+    src = []
+    for w in range(16):
+        q, g = divmod(w, 4)
+        for e in range(8):
+            e0, e1, e2 = e & 1, e >> 1 & 1, e >> 2
+            src.append(32 * g + 16 * e2 + 8 * e1 + 2 * q + e0)
+    assert sorted(src) == list(range(128))
+    return src
+
+
+def afrag_order(blocks):
+    """MXFP4 blocks (uint8 [..., K/32, 16]) with the elements of every 128-element block of a row
+    in AFRAG's order (afrag_source; codegen/templates/tasks/_mxfp4.j2 puts them back), before
+    repack_words. A word's 8 elements stay in one 32-element group (one scale). K % 128 == 0."""
+    import torch
+    *lead, groups, nbytes = blocks.shape
+    if nbytes != 16 or groups % 4:
+        raise ValueError(f"MXFP4 blocks of shape {tuple(blocks.shape)}: AFRAG needs [..., K/32, 16] with K a "
+                         "multiple of 128")
+    src = torch.tensor(afrag_source(), device=blocks.device)
+    b = blocks.contiguous().view(-1, 64)                             # 128-element blocks (64 bytes)
+    out = torch.empty_like(b)
+    chunk = 1 << 20
+    for start in range(0, b.shape[0], chunk):
+        x = b[start:start + chunk]
+        nib = torch.stack([x & 15, x >> 4], dim=-1).view(-1, 128)   # element k of the block
+        nib = nib[:, src].view(-1, 64, 2)
+        out[start:start + chunk] = nib[..., 0] | nib[..., 1] << 4
+    return out.view(blocks.shape)

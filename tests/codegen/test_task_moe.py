@@ -285,12 +285,14 @@ def test_mxfp4_dequant_matches_models_mxfp4(mode):
     assert torch.isfinite(arenas.view("act")).all()
 
 
-def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales=(), repack=False, stile=False):
+def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales=(), repack=False, stile=False,
+               afrag=False):
     """One expert (random MXFP4 gate / up / down, scale codes in [lo, hi), `edge_scales` on the
     first groups of row 0) in arenas, with an expert_up_gate record over its whole width (act
     from x) and an expert_down record over its whole dim (out from act_in, token weights w).
     repack: the arenas hold the codes as the engine stores them for MX_DOT 9; stile: the scales
-    as the engine stores them for STILE 1 (codegen/layout.py tile_scales).
+    as the engine stores them for STILE 1 (codegen/layout.py tile_scales); afrag: the codes in
+    AFRAG's element order before the MX_DOT 9 repack.
     Returns (arenas, [up, down], (wg, wu, wd) dequantized)."""
     from tilecomp.models.mxfp4 import dequantize_mxfp4
     def mx(n, k):
@@ -311,6 +313,9 @@ def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales
     if repack:
         from tilecomp.codegen.mxfp4_ptx import repack_words
         b.transform(lambda name, t: repack_words(t) if name in ("gb", "ub", "db") else t)
+    if afrag:
+        from tilecomp.codegen.mxfp4_ptx import afrag_order, repack_words
+        b.transform(lambda name, t: repack_words(afrag_order(t)) if name in ("gb", "ub", "db") else t)
     if stile:
         from tilecomp.codegen.layout import tile_scales
         b.transform(lambda name, t: tile_scales(t) if name in ("gs", "us", "ds") else t)
@@ -384,6 +389,38 @@ def test_tiled_scales_read_the_engines_layout(mode, xpipe, block_kx):
     run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_NX=32, BLOCK_KX=block_kx, MX_DOT=mode, SALIGN=4,
                                    XPIPE=xpipe, STAGES_X=3, WLEFT=1, STILE=1))
     assert_expert_outputs(arenas, x, act_in, wg, wu, wd, [1.0, 0.5])
+
+
+@pytest.mark.parametrize("block_nx,block_kx,xpipe,stile", [(128, 128, 1, 1), (64, 256, 0, 0), (32, 128, 1, 0)],
+                         ids=["rows-permuted-xpipe-stile", "two-blocks-per-step", "small-tile"])
+def test_afrag_order_gives_the_exact_products(block_nx, block_kx, xpipe, stile):
+    """AFRAG 1 (MX_DOT 9, WLEFT 1): the codes stored in afrag_order (each word holds the K pairs
+    the wgmma register operand gives one thread) and the tile's rows loaded in afrag_rows order
+    (BLOCK_NX 128: rows r and r + 8 of each warp's 16 swapped in from the second half) are put
+    back in K order and natural rows before the dot: both kinds against float64 references, the
+    scale codes spread per group. Without the engine's reorder the test fails."""
+    gen = torch.Generator().manual_seed(10)
+    T, D, inter = 2, 256, 384
+    x = torch.randn(T, D, generator=gen) * 1e-3
+    act_in = torch.randn(1, T, inter, generator=gen)
+    arenas, recs, (wg, wu, wd) = one_expert(gen, T, D, inter, 110, 132, x, act_in, torch.tensor([[1.0, 0.5]]),
+                                            afrag=True, stile=bool(stile))
+    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_NX=block_nx, BLOCK_KX=block_kx, MX_DOT=9, SALIGN=4,
+                                   XPIPE=xpipe, STAGES_X=3, WLEFT=1, STILE=stile, AFRAG=1))
+    assert_expert_outputs(arenas, x, act_in, wg, wu, wd, [1.0, 0.5])
+
+
+def test_afrag_source_keeps_each_word_in_one_scale_group():
+    """afrag_source is a permutation of the 128 elements of a block; the 8 elements of word
+    4q + g are in group g (one E8M0 scale), at the K pairs 2q, 2q + 1 (+ 8, + 16, + 24)."""
+    from tilecomp.codegen.mxfp4_ptx import afrag_source
+    src = afrag_source()
+    assert sorted(src) == list(range(128))
+    for w in range(16):
+        q, g = divmod(w, 4)
+        elems = src[8 * w:8 * w + 8]
+        assert {k // 32 for k in elems} == {g}
+        assert {k % 8 for k in elems} == {2 * q, 2 * q + 1}
 
 
 def test_tile_scales_layout():

@@ -12,7 +12,7 @@ import torch
 
 from tilecomp.codegen.harness import Megakernel
 from tilecomp.codegen.layout import KIND_IDS, tile_scales
-from tilecomp.codegen.mxfp4_ptx import repack_words
+from tilecomp.codegen.mxfp4_ptx import afrag_order, repack_words
 from tilecomp.errors import DeadlockError, TilecompError
 from tilecomp.models.dflash import DFlashDraft
 from tilecomp.models.mimo import MiMoForCausalLM
@@ -229,7 +229,8 @@ def test_word_code_experts_give_the_reference_tokens_and_ptx_lookups_are_refused
 
 def test_tiled_scales_give_the_reference_logits_and_are_refused_where_rows_are_not_words():
     """STILE 1 (codegen/layout.py tile_scales): the arena holds each MXFP4 scale tensor in the
-    K-word-major layout and the step gives the reference's logits and tokens. The scale codes are
+    K-word-major layout and the step gives the reference's logits and tokens; with AFRAG 1 too
+    (the codes in afrag_order before the MX_DOT 9 repack). The scale codes are
     spread per group first (random weights quantize to nearly one code), so a layout mix-up moves
     the logits. The tiny preset's K/32 (2 and 1 groups) are not whole words: an explicit STILE=1
     is refused with the tensor's name, the GPU default falls back to 0."""
@@ -256,6 +257,17 @@ def test_tiled_scales_give_the_reference_logits_and_are_refused_where_rows_are_n
         torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
                                    rtol=1e-4, atol=1e-4)
     assert engine.generate(ids, 3, use_draft=False).tokens == ref.tokens
+    # AFRAG on top (the codes in the wgmma operand's element order, WLEFT and XPIPE as on a GPU)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": 9, "BLOCK_KX": 128, "STILE": 1,
+                                                                     "AFRAG": 1, "WLEFT": 1, "XPIPE": 1})
+    assert engine.consts["AFRAG"] == 1
+    for name in (n for n in engine.builder.slots if n.endswith("_blocks")):
+        assert torch.equal(engine.arenas.view(name), repack_words(afrag_order(buffers[name]))), name
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(TilecompError, match="AFRAG=1 reorders MX_DOT 9's words.*MX_DOT is 3"):
+        MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": 3, "AFRAG": 1})
     tiny, tiny_draft = models(9)
     with pytest.raises(TilecompError, match=r"STILE=1 .*_scales has 2 groups per row \(K/32\), not a multiple of 4"):
         MegakernelEngine(tiny, tiny_draft, max_len=MAX_LEN, tiles={"STILE": 1})

@@ -98,18 +98,41 @@ def _exact_mx_dot(target, draft, tiles: dict, mode: int) -> int:
     return mode
 
 
-def _scale_tiles(target, draft, tiles: dict) -> int:
-    """1 when every MXFP4 scale tensor's rows are whole 32-bit words (K/32 a multiple of 4: what
-    STILE's tiled layout needs), else 0; an explicit --tile STILE=1 is refused instead."""
+def _rows_not_whole_words(target, draft):
+    """(name, K/32) of the first MXFP4 scale tensor whose rows are not whole 32-bit words of 4
+    groups (K not a multiple of 128), or None."""
     for prefix, model in (("", target), ("draft.", draft)):
         for name, scales in (model.named_buffers() if model is not None else ()):
             if name.endswith("_scales") and scales.dim() >= 2 and scales.shape[-1] % 4:
-                if tiles.get("STILE"):
-                    raise TilecompError(f"tiles: STILE=1 stores the MXFP4 scales as 32-bit words of 4 groups; "
-                                        f"{prefix}{name} has {scales.shape[-1]} groups per row (K/32), not a "
-                                        f"multiple of 4 (use STILE=0)")
-                return 0
-    return 1
+                return prefix + name, scales.shape[-1]
+    return None
+
+
+def _scale_tiles(target, draft, tiles: dict) -> int:
+    """1 when every MXFP4 scale tensor's rows are whole 32-bit words (K/32 a multiple of 4: what
+    STILE's tiled layout needs), else 0; an explicit --tile STILE=1 is refused instead."""
+    bad = _rows_not_whole_words(target, draft)
+    if bad is None:
+        return 1
+    if tiles.get("STILE"):
+        raise TilecompError(f"tiles: STILE=1 stores the MXFP4 scales as 32-bit words of 4 groups; "
+                            f"{bad[0]} has {bad[1]} groups per row (K/32), not a multiple of 4 (use STILE=0)")
+    return 0
+
+
+def _afrag(target, draft, consts: dict, tiles: dict) -> int:
+    """1 when AFRAG's element order applies (MX_DOT 9, BLOCK_KX and every expert K multiples of
+    128), else 0; an explicit --tile AFRAG=1 that cannot apply is refused with the reason."""
+    bad = _rows_not_whole_words(target, draft)
+    why = (f"MX_DOT is {consts.get('MX_DOT')}" if consts.get("MX_DOT") != 9 else
+           f"BLOCK_KX is {consts.get('BLOCK_KX')}" if consts.get("BLOCK_KX", 0) % 128 else
+           f"{bad[0]} has {bad[1]} groups per row (K/32), not a multiple of 4" if bad else None)
+    if why is None:
+        return 1
+    if tiles.get("AFRAG"):
+        raise TilecompError(f"tiles: AFRAG=1 reorders MX_DOT 9's words in 128-element blocks (MX_DOT 9, "
+                            f"BLOCK_KX and every expert K multiples of 128); {why} (use AFRAG=0)")
+    return 0
 
 
 class MegakernelEngine:
@@ -173,10 +196,13 @@ class MegakernelEngine:
                                 "with PTX_ASM=0, on CPU)")
         if self.consts.get("MX_DOT") in EXACT_SCALES:
             self.consts["MX_DOT"] = _exact_mx_dot(target, draft, self.tiles, self.consts["MX_DOT"])
+        if self.consts.get("AFRAG"):
+            self.consts["AFRAG"] = _afrag(target, draft, self.consts, self.tiles)
         if self.consts.get("MX_DOT") == 9:
-            # MX_DOT 9 reads the expert codes repacked word by word (codegen/mxfp4_ptx.py): the
-            # arena holds that copy; the model's own buffers are left as they are
-            builder.transform(lambda name, t: mxfp4_ptx.repack_words(t) if name.endswith("_blocks") else t)
+            # MX_DOT 9 reads the expert codes repacked word by word (codegen/mxfp4_ptx.py), AFRAG
+            # in its element order first: the arena holds that copy; the model's buffers are left
+            order = mxfp4_ptx.afrag_order if self.consts.get("AFRAG") else (lambda t: t)
+            builder.transform(lambda name, t: mxfp4_ptx.repack_words(order(t)) if name.endswith("_blocks") else t)
         if self.consts.get("STILE"):
             self.consts["STILE"] = _scale_tiles(target, draft, self.tiles)
             if self.consts["STILE"]:
