@@ -1,0 +1,101 @@
+"""Per-loop sm_90 SASS op counts of task kinds under tile variants, built on a CPU (no GPU).
+
+    python3 bench/sass_loops.py expert_up_gate [--variant ''] [--variant AFRAG=0] [--preset mimo-v2-flash]
+
+For each variant (comma-separated NAME=N tile overrides on top of codegen/layout.py GPU_TUNING)
+it generates a kernel of the named kinds with the preset's tile sizes, compiles it for sm_90
+(Triton's bundled ptxas), and prints the registers, spills and shared memory, then every loop
+(a backward branch) that holds a tensor-core instruction: its instruction count and its memory,
+barrier and MMA ops. This is how the expert K loops' shared-memory round trip (STS.128 + LDSM
+per K step) was found and checked gone (docs/PERF.md, version 16).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+MEM_OPS = re.compile(r"(LD|ST|HGMMA|HMMA|BAR|WARPGROUP|DEPBAR|LDGDEPBAR)")
+
+
+def cuobjdump() -> str:
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: Triton's bundled cuobjdump not found (needs the nvidia backend)")
+    return path
+
+
+def parse_tiles(text: str) -> dict[str, int]:
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if not value.lstrip("-").isdigit():
+            raise SystemExit(f"--variant {text!r}: expected NAME=N[,NAME=N...], found {item!r}")
+        out[name.strip()] = int(value)
+    return out
+
+
+def instructions(sass: str) -> list[tuple[int, str]]:
+    out = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(.*?);", line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2)))
+    return out
+
+
+def mma_loops(ins: list[tuple[int, str]]) -> list[tuple[int, int, collections.Counter]]:
+    """(start, end, op counts) of each backward-branch region with an HGMMA / HMMA in it."""
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    loops = []
+    for i, (addr, text) in enumerate(ins):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if not m:
+            continue
+        target = int(m.group(1), 16)
+        if target < addr and target in index:
+            body = ins[index[target]:i + 1]
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for _, t in body)
+            if any(k.startswith(("HGMMA", "HMMA")) for k in ops):
+                loops.append((target, addr, ops))
+    return loops
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("kinds", help="comma-separated task kinds, e.g. expert_up_gate,expert_down")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="NAME=N[,NAME=N] tile overrides ('' = the GPU defaults); repeatable")
+    ap.add_argument("--preset", default="mimo-v2-flash")
+    ap.add_argument("--rows", type=int, default=8, help="step rows (the DFlash block)")
+    args = ap.parse_args(argv)
+    from tilecomp.codegen.build import compile_kernel, ptxas_usage
+    from tilecomp.codegen.kernels import constexprs_for
+    from tilecomp.codegen.triton_gen import generate_kernel, load_kernel_module
+    from tilecomp.models.presets import preset
+    cfg, dcfg = preset(args.preset, layers=2)
+    consts = constexprs_for(cfg, dcfg, args.rows)
+    tmp = tempfile.mkdtemp(prefix="tilecomp-sass-")
+    module = load_kernel_module(generate_kernel(args.kinds.split(","), constexprs=consts), tmp)
+    for variant in args.variant if args.variant is not None else [""]:
+        compiled, log = compile_kernel(module, 90, tiles=parse_tiles(variant))
+        usage = ptxas_usage(compiled.asm["ptx"], 90, log)
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        print(f"[{variant or 'GPU defaults'}] registers {usage['registers']}, spills {usage['spill_stores']} / "
+              f"{usage['spill_loads']} bytes, shared memory {compiled.metadata.shared} bytes")
+        for start, end, ops in mma_loops(instructions(sass)):
+            sel = ", ".join(f"{k} {c}" for k, c in sorted(ops.items()) if MEM_OPS.match(k))
+            print(f"  loop {start:#x}..{end:#x}: {sum(ops.values())} instructions; {sel}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
