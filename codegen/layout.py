@@ -314,9 +314,13 @@ def norm_arena(consts: dict) -> str:
 # 508 / 1,024 -> 400 / 776 bytes). Measured (v14, session 14, H100, one call, each pair run
 # back to back): flash 8L block 8 10.84 -> 10.64 ms, block 1 3.70 -> 3.49, small block 8 2.42 ->
 # 2.29, small block 1 1.59 -> 1.57; tokens-tiny 0 unexplained divergences.
+# STILE 1 (v15, session 15, H100, one call): flash 8L block 8 11.14 -> 10.73 ms, block 1 3.67 ->
+# 3.47, small block 1 1.63 -> 1.58, small block 8 2.31 -> 2.35 (+1.8%); up_gate alone 353 -> 325 us.
+# AFRAG (v16) stays 0 here until a GPU call has timed it and checked its tokens (session 15 got
+# no GPU for it): `--tile AFRAG=1` turns it on.
 GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 4, "BLOCK_KR": 128, "L2PF": 0, "BLOCK_TA": 32,
               "MX_DOT": 9,
-              "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1, "STILE": 1, "AFRAG": 1}
+              "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1, "STILE": 1}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}
