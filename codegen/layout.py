@@ -88,7 +88,7 @@ KINDS: dict[str, KindABI] = _kinds(
     ("linear", ("x", "x_stride", "w", "w_up", "k_dim", "n_dim", "n0", "n1", "k0", "k1",
                 "norm", "eps_bits", "bias", "res", "res_stride", "y", "y_stride", "n_rows",
                 "rows"),
-     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN", "L2PF", "AALIGN", "NORM_F32")),
+     ("BLOCK_T", "BLOCK_N", "BLOCK_K", "STAGES", "WALIGN", "L2PF", "AALIGN", "NORM_F32", "UPLOOP")),
     # y[t, n0:n0+BN] = sum_s part[s, t, n0:n0+BN] (+ residual)
     ("linear_reduce", ("part", "n_split", "split_stride", "n_dim", "n0", "n1", "res", "y",
                        "y_stride", "n_rows", "rows"),
@@ -242,9 +242,15 @@ KINDS: dict[str, KindABI] = _kinds(
 # then sit in the thread that the wgmma register operand (WLEFT 1) wants them in, so Triton drops
 # the layout conversion through shared memory: sm_90 up_gate K loop without its 16 STS.128 + 16
 # LDSM (64 KB written and read back per K step) and with 2 bar.sync instead of 4. 0: K order.
+# UPLOOP (linear): 1 gives the linear tasks without a SwiGLU up matrix (o_proj, down_proj, the
+# draft's fc / o / down) their own pipelined K loop without the up tile; 0 runs every task through
+# the one loop that loads the up tile masked off (no bytes move, but the zeros are still staged in
+# shared memory, read back and multiplied). sm_90 build (`bench/sass_loops.py linear`): the
+# no-up loop is 265 instructions per 256-wide K step with 16 HMMA, 24 LDSM and 14 async copies,
+# against 343 with 32 / 32 / 22. Not yet measured on a GPU.
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
-                   "WLEFT": 0, "STILE": 0, "AFRAG": 0}
+                   "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute

@@ -17,18 +17,19 @@ def linear_record(task, b, n0, k0, k1, *, T, N, K, norm, res, y="y", y_stride=No
         y_stride=y_stride or N, n_rows=T, rows=rows), signals=[0])
 
 
-@pytest.mark.parametrize("norm,res,stages,norm_f32,noinline", [(False, False, 3, 1, 0), (True, True, 3, 1, 0),
-                                                               (True, True, 1, 1, 0), (True, True, 3, 0, 0),
-                                                               (True, False, 1, 0, 1)])
-def test_linear_matches_torch(norm, res, stages, norm_f32, noinline):
+@pytest.mark.parametrize("norm,res,stages,norm_f32,noinline,uploop", [
+    (False, False, 3, 1, 0, 0), (True, True, 3, 1, 0, 0), (True, True, 1, 1, 0, 0), (True, True, 3, 0, 0, 0),
+    (True, False, 1, 0, 1, 0), (True, True, 3, 1, 0, 1)])
+def test_linear_matches_torch(norm, res, stages, norm_f32, noinline, uploop):
     """stages 3: the tl.range-pipelined K loop; 1: the manual one-tile prefetch before the wait
     (its tiles reach the compute function as arguments). norm_f32: the gain in arena_f32 (1) or
     arena_w (0), as layout.norm_arena places it (the other arena holds other data at that offset,
-    so a kernel reading the wrong one fails). noinline: the compute body as a device function."""
+    so a kernel reading the wrong one fails). noinline: the compute body as a device function.
+    uploop 1: tasks without a SwiGLU up matrix run the pipelined loop that has no up tile."""
     g = torch.Generator().manual_seed(1)
     T, K, N = 5, 80, 72  # neither a multiple of the tiles
     x, w, gain, resid = (torch.randn(s, generator=g) for s in [(T, K), (N, K), (K,), (T, N)])
-    const = dict(CONST, STAGES=stages, NORM_F32=norm_f32, NOINLINE=noinline)
+    const = dict(CONST, STAGES=stages, NORM_F32=norm_f32, NOINLINE=noinline, UPLOOP=uploop)
     b = ArenaBuilder(torch.float32)
     b.add("x", x, "f32"), b.add("w", w, "w"), b.add("g", gain, norm_arena(const)), b.add("res", resid, "f32")
     b.reserve("y", (T, N), "f32")
@@ -77,8 +78,8 @@ def test_embed_gathers_rows_and_mask_embedding():
     torch.testing.assert_close(arenas.view("out"), want)
 
 
-@pytest.mark.parametrize("stages", [3, 1])
-def test_linear_swiglu_epilogue(stages):
+@pytest.mark.parametrize("stages,uploop", [(3, 0), (1, 0), (3, 1)])
+def test_linear_swiglu_epilogue(stages, uploop):
     g = torch.Generator().manual_seed(8)
     T, K, N = 4, 64, 48
     x, wg, wu = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, K, generator=g)
@@ -89,7 +90,7 @@ def test_linear_swiglu_epilogue(stages):
     recs = [linear_record(i, b, n0, 0, K, T=T, N=N, K=K, norm=True, res=False) for i, n0 in enumerate((0, 32))]
     for r in recs:
         r.args["w_up"] = b.offset("wu")
-    run_tasks([recs], arenas, dict(CONST, STAGES=stages))
+    run_tasks([recs], arenas, dict(CONST, STAGES=stages, UPLOOP=uploop))
     xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
     want = torch.nn.functional.silu(xn @ wg.T) * (xn @ wu.T)
     torch.testing.assert_close(arenas.view("y"), want, rtol=1e-5, atol=1e-4)

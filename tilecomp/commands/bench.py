@@ -30,7 +30,7 @@ def add_parser(subparsers):
                    help="override a megakernel tile size or code-path switch (repeatable), e.g. "
                         "--tile BLOCK_K=256, --tile MX_DOT=9 (expert dequantization: 0-9), "
                         "--tile NORM_F32=1 (fp32 RMSNorm gains), --tile NOINLINE=1 (each task kind a "
-                        "device function), --tile PTX_ASM=0 (MX_DOT 9 without inline PTX), --tile ROUTE_DOT=0 (the router's fp32 FMA dot), --tile XPIPE=1 (the expert K loops software-pipelined, STAGES_X deep), --tile WLEFT=1 (MX_DOT 9: the dequantized weights as the dots' left operand), --tile STILE=1 (the expert scales tiled by K words), --tile AFRAG=1 (MX_DOT 9's codes in the wgmma register operand's order); codegen/layout.py TUNING_DEFAULTS says what each does")
+                        "device function), --tile PTX_ASM=0 (MX_DOT 9 without inline PTX), --tile ROUTE_DOT=0 (the router's fp32 FMA dot), --tile XPIPE=1 (the expert K loops software-pipelined, STAGES_X deep), --tile WLEFT=1 (MX_DOT 9: the dequantized weights as the dots' left operand), --tile STILE=1 (the expert scales tiled by K words), --tile AFRAG=1 (MX_DOT 9's codes in the wgmma register operand's order), --tile UPLOOP=1 (linear tasks without a SwiGLU up matrix run a loop without it); codegen/layout.py TUNING_DEFAULTS says what each does")
     p.add_argument("--lower", action="append", default=[], metavar="NAME=N",
                    help="override a lowering option (passes/lower.py LowerOptions), e.g. --lower programs=0 "
                         "(fixed tile sizes, no balancing over the programs) or --lower kv_chunk=512")
@@ -88,7 +88,7 @@ def _name_values(items: list[str], flag: str, ok, expected: str) -> dict:
 
 
 SWITCHES = {"MX_DOT": (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), "NORM_F32": (0, 1), "NOINLINE": (0, 1), "PTX_ASM": (0, 1),
-            "ROUTE_DOT": (0, 1, 2), "XPIPE": (0, 1), "WLEFT": (0, 1), "STILE": (0, 1), "AFRAG": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
+            "ROUTE_DOT": (0, 1, 2), "XPIPE": (0, 1), "WLEFT": (0, 1), "STILE": (0, 1), "AFRAG": (0, 1), "UPLOOP": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
 COUNTS = ("STAGES", "STAGES_X")   # pipeline depths: any N >= 1
 OPTIONAL_COUNTS = ("L2PF",)        # depths where 0 turns the feature off: any N >= 0
 

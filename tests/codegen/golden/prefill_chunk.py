@@ -6,7 +6,7 @@ import triton.language as tl
 
 KERNEL_NAME = "prefill_chunk"
 RECORD_WORDS = tl.constexpr(48)
-CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'L2PF': 0, 'NOINLINE': 0, 'NORM_F32': 0, 'STAGES': 3, 'WALIGN': 1}
+CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'L2PF': 0, 'NOINLINE': 0, 'NORM_F32': 0, 'STAGES': 3, 'UPLOOP': 0, 'WALIGN': 1}
 
 
 # -- embed: the task's work after its wait (record args r_*, constexprs) --
@@ -32,7 +32,7 @@ _embed_noinline = triton.jit(noinline=True)(_embed_body)   # NOINLINE 1
 
 
 # -- linear: the task's work after its wait (record args r_*, the prefetch's locals, constexprs) --
-def _linear_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ln_k, ln_n, ln_nmask, ln_w, ln_wu, ESIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, WALIGN: tl.constexpr, L2PF: tl.constexpr, NORM_F32: tl.constexpr):
+def _linear_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ln_k, ln_n, ln_nmask, ln_w, ln_wu, ESIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, WALIGN: tl.constexpr, L2PF: tl.constexpr, NORM_F32: tl.constexpr, UPLOOP: tl.constexpr):
     ln_t = tl.arange(0, BLOCK_T)
     ln_rows = r_n_rows
     if r_rows >= 0:
@@ -58,39 +58,71 @@ def _linear_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_
             # memory); the tiles loaded before the wait are not used on this path. WALIGN: weight
             # slots, row lengths and K bounds are multiples of WALIGN elements (16-byte loads)
             # (the frame states their WALIGN alignment when it loads them: layout.arg_hint)
-            ln_wb = r_w
-            ln_wub = r_w_up
-            ln_kd = r_k_dim
-            ln_k1 = r_k1
-            for ln_kb in tl.range(r_k0, ln_k1, BLOCK_K, num_stages=STAGES):
-                ln_kk = ln_kb + ln_k
-                ln_kmask = ln_kk < ln_k1
-                if L2PF > 0:
-                    if WALIGN >= 8:
-                        # L2 prefetch of the weight tile L2PF K steps ahead (and of the SwiGLU up
-                        # matrix's, at the same rows and columns ln_pr / ln_pc)
-                        ln_pc = ln_kb + L2PF * BLOCK_K
-                        ln_pw = ln_pc >= ln_k1
-                        ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
-                        ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
-                        tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-                        if r_w_up >= 0:
-                            tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wub + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-                ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
-                if NORM_F32:
-                    ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk),
-                        mask=(ln_kmask) & (r_norm >= 0), other=1.0)[None, :]
-                else:
-                    ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
-                        mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
-                ln_x = ln_x * ln_inv[:, None] * ln_g
-                ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
-                                mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
-                ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
-                # SwiGLU's up tile: masked off entirely (no memory traffic) when there is no W_up
-                ln_wut = tl.load(arena_w + ln_wub + ln_n[:, None] * ln_kd + ln_kk[None, :],
-                                 mask=ln_nmask[:, None] & ln_kmask[None, :] & (r_w_up >= 0), other=0.0)
-                ln_up = tl.dot(ln_x.to(ln_wut.dtype), tl.trans(ln_wut), ln_up, input_precision="ieee")
+            if (UPLOOP != 0) & (r_w_up < 0):
+                # no SwiGLU up matrix: a loop without the up tile (the one-loop form loads it masked
+                # off, which moves no bytes but still stages zeros in shared memory and multiplies them)
+                ln_wb = r_w
+                ln_kd = r_k_dim
+                ln_k1 = r_k1
+                for ln_kb in tl.range(r_k0, ln_k1, BLOCK_K, num_stages=STAGES):
+                    ln_kk = ln_kb + ln_k
+                    ln_kmask = ln_kk < ln_k1
+                    if L2PF > 0:
+                        if WALIGN >= 8:
+                            # L2 prefetch of the weight tile L2PF K steps ahead (and of the SwiGLU up
+                            # matrix's, at the same rows and columns ln_pr / ln_pc)
+                            ln_pc = ln_kb + L2PF * BLOCK_K
+                            ln_pw = ln_pc >= ln_k1
+                            ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
+                            ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
+                            tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                    ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                    if NORM_F32:
+                        ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk),
+                            mask=(ln_kmask) & (r_norm >= 0), other=1.0)[None, :]
+                    else:
+                        ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                            mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
+                    ln_x = ln_x * ln_inv[:, None] * ln_g
+                    ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                    mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
+                    ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
+
+            else:
+                ln_wb = r_w
+                ln_wub = r_w_up
+                ln_kd = r_k_dim
+                ln_k1 = r_k1
+                for ln_kb in tl.range(r_k0, ln_k1, BLOCK_K, num_stages=STAGES):
+                    ln_kk = ln_kb + ln_k
+                    ln_kmask = ln_kk < ln_k1
+                    if L2PF > 0:
+                        if WALIGN >= 8:
+                            # L2 prefetch of the weight tile L2PF K steps ahead (and of the SwiGLU up
+                            # matrix's, at the same rows and columns ln_pr / ln_pc)
+                            ln_pc = ln_kb + L2PF * BLOCK_K
+                            ln_pw = ln_pc >= ln_k1
+                            ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
+                            ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
+                            tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                            if r_w_up >= 0:
+                                tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wub + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                    ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                    if NORM_F32:
+                        ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk),
+                            mask=(ln_kmask) & (r_norm >= 0), other=1.0)[None, :]
+                    else:
+                        ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                            mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
+                    ln_x = ln_x * ln_inv[:, None] * ln_g
+                    ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                    mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
+                    ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
+                    # SwiGLU's up tile: masked off entirely (no memory traffic) when there is no W_up
+                    ln_wut = tl.load(arena_w + ln_wub + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                     mask=ln_nmask[:, None] & ln_kmask[None, :] & (r_w_up >= 0), other=0.0)
+                    ln_up = tl.dot(ln_x.to(ln_wut.dtype), tl.trans(ln_wut), ln_up, input_precision="ieee")
+
         else:
             if ln_nb != r_n0:    # the first sub-tile's first weight tiles were loaded before the wait
                 ln_w = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
@@ -129,7 +161,7 @@ def _linear_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_
 
 # -- linear as a device function of its own (NOINLINE 1): scalar arguments only, so it runs
 # its prefetch itself, after the wait --
-def _linear_own_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ESIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, WALIGN: tl.constexpr, L2PF: tl.constexpr, NORM_F32: tl.constexpr):
+def _linear_own_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ESIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, WALIGN: tl.constexpr, L2PF: tl.constexpr, NORM_F32: tl.constexpr, UPLOOP: tl.constexpr):
     ln_n = r_n0 + tl.arange(0, BLOCK_N)
     ln_k = tl.arange(0, BLOCK_K)
     ln_nmask = ln_n < tl.where(r_n1 > r_n0, tl.minimum(r_n1, r_n_dim), r_n_dim)
@@ -173,39 +205,71 @@ def _linear_own_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up
             # memory); the tiles loaded before the wait are not used on this path. WALIGN: weight
             # slots, row lengths and K bounds are multiples of WALIGN elements (16-byte loads)
             # (the frame states their WALIGN alignment when it loads them: layout.arg_hint)
-            ln_wb = r_w
-            ln_wub = r_w_up
-            ln_kd = r_k_dim
-            ln_k1 = r_k1
-            for ln_kb in tl.range(r_k0, ln_k1, BLOCK_K, num_stages=STAGES):
-                ln_kk = ln_kb + ln_k
-                ln_kmask = ln_kk < ln_k1
-                if L2PF > 0:
-                    if WALIGN >= 8:
-                        # L2 prefetch of the weight tile L2PF K steps ahead (and of the SwiGLU up
-                        # matrix's, at the same rows and columns ln_pr / ln_pc)
-                        ln_pc = ln_kb + L2PF * BLOCK_K
-                        ln_pw = ln_pc >= ln_k1
-                        ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
-                        ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
-                        tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-                        if r_w_up >= 0:
-                            tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wub + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-                ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
-                if NORM_F32:
-                    ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk),
-                        mask=(ln_kmask) & (r_norm >= 0), other=1.0)[None, :]
-                else:
-                    ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
-                        mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
-                ln_x = ln_x * ln_inv[:, None] * ln_g
-                ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
-                                mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
-                ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
-                # SwiGLU's up tile: masked off entirely (no memory traffic) when there is no W_up
-                ln_wut = tl.load(arena_w + ln_wub + ln_n[:, None] * ln_kd + ln_kk[None, :],
-                                 mask=ln_nmask[:, None] & ln_kmask[None, :] & (r_w_up >= 0), other=0.0)
-                ln_up = tl.dot(ln_x.to(ln_wut.dtype), tl.trans(ln_wut), ln_up, input_precision="ieee")
+            if (UPLOOP != 0) & (r_w_up < 0):
+                # no SwiGLU up matrix: a loop without the up tile (the one-loop form loads it masked
+                # off, which moves no bytes but still stages zeros in shared memory and multiplies them)
+                ln_wb = r_w
+                ln_kd = r_k_dim
+                ln_k1 = r_k1
+                for ln_kb in tl.range(r_k0, ln_k1, BLOCK_K, num_stages=STAGES):
+                    ln_kk = ln_kb + ln_k
+                    ln_kmask = ln_kk < ln_k1
+                    if L2PF > 0:
+                        if WALIGN >= 8:
+                            # L2 prefetch of the weight tile L2PF K steps ahead (and of the SwiGLU up
+                            # matrix's, at the same rows and columns ln_pr / ln_pc)
+                            ln_pc = ln_kb + L2PF * BLOCK_K
+                            ln_pw = ln_pc >= ln_k1
+                            ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
+                            ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
+                            tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                    ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                    if NORM_F32:
+                        ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk),
+                            mask=(ln_kmask) & (r_norm >= 0), other=1.0)[None, :]
+                    else:
+                        ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                            mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
+                    ln_x = ln_x * ln_inv[:, None] * ln_g
+                    ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                    mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
+                    ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
+
+            else:
+                ln_wb = r_w
+                ln_wub = r_w_up
+                ln_kd = r_k_dim
+                ln_k1 = r_k1
+                for ln_kb in tl.range(r_k0, ln_k1, BLOCK_K, num_stages=STAGES):
+                    ln_kk = ln_kb + ln_k
+                    ln_kmask = ln_kk < ln_k1
+                    if L2PF > 0:
+                        if WALIGN >= 8:
+                            # L2 prefetch of the weight tile L2PF K steps ahead (and of the SwiGLU up
+                            # matrix's, at the same rows and columns ln_pr / ln_pc)
+                            ln_pc = ln_kb + L2PF * BLOCK_K
+                            ln_pw = ln_pc >= ln_k1
+                            ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
+                            ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
+                            tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                            if r_w_up >= 0:
+                                tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wub + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                    ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                    if NORM_F32:
+                        ln_g = tl.load(arena_f32 + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk),
+                            mask=(ln_kmask) & (r_norm >= 0), other=1.0)[None, :]
+                    else:
+                        ln_g = tl.load(arena_w + tl.multiple_of(tl.maximum(r_norm, 0), WALIGN) + (ln_kk)[None, :] + ln_t[:, None] * 0,
+                            mask=((ln_kmask) & (r_norm >= 0))[None, :] & (ln_t >= 0)[:, None], other=1.0).to(tl.float32)
+                    ln_x = ln_x * ln_inv[:, None] * ln_g
+                    ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                    mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
+                    ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
+                    # SwiGLU's up tile: masked off entirely (no memory traffic) when there is no W_up
+                    ln_wut = tl.load(arena_w + ln_wub + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                     mask=ln_nmask[:, None] & ln_kmask[None, :] & (r_w_up >= 0), other=0.0)
+                    ln_up = tl.dot(ln_x.to(ln_wut.dtype), tl.trans(ln_wut), ln_up, input_precision="ieee")
+
         else:
             if ln_nb != r_n0:    # the first sub-tile's first weight tiles were loaded before the wait
                 ln_w = tl.load(arena_w + r_w + ln_n[:, None] * r_k_dim + (r_k0 + ln_k)[None, :],
@@ -297,6 +361,7 @@ def prefill_chunk(
     NOINLINE: tl.constexpr,
     NORM_F32: tl.constexpr,
     STAGES: tl.constexpr,
+    UPLOOP: tl.constexpr,
     WALIGN: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -404,9 +469,9 @@ def prefill_chunk(
                 tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
                 if NOINLINE:
-                    _linear_noinline(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ESIZE, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, WALIGN, L2PF, NORM_F32)
+                    _linear_noinline(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ESIZE, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, WALIGN, L2PF, NORM_F32, UPLOOP)
                 else:
-                    _linear(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ln_k, ln_n, ln_nmask, ln_w, ln_wu, ESIZE, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, WALIGN, L2PF, NORM_F32)
+                    _linear(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ln_k, ln_n, ln_nmask, ln_w, ln_wu, ESIZE, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, WALIGN, L2PF, NORM_F32, UPLOOP)
         elif kind == 13:  # accept
             r_state = tl.load(rec + 4)
             r_draft_tok = tl.load(rec + 5)
