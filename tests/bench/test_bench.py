@@ -77,6 +77,37 @@ def test_bf16_expert_layers_fit_next_to_the_rest():
     assert bf16_layers_that_fit(cfg, 1, int(60e9)) >= bf16_layers_that_fit(cfg, 8, int(60e9))
 
 
+def test_bf16_experts_retry_one_layer_fewer_after_an_out_of_memory(monkeypatch):
+    """measure_bf16_experts (GPU only; its control flow checked here with the GPU calls faked):
+    the layer count from bf16_layers_that_fit, an out-of-memory retried with one layer fewer and
+    recorded, ms per layer from the layers that ran; every try out of memory is an error entry."""
+    import tilecomp.bench.random_model as random_model
+    import tilecomp.bench.run as run
+    cfg, _ = preset("mimo-v2-flash", layers=8)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(60e9), int(80e9)))
+    built = []
+    monkeypatch.setattr(random_model, "random_target", lambda c, device, experts: built.append(
+        (c.num_hidden_layers, device, experts)) or object())
+    calls = iter([torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB\nmore"),
+                  {"median_ms": 12.0}])
+
+    def compiled(model, draft, args):
+        r = next(calls)
+        if isinstance(r, Exception):
+            raise r
+        return dict(r)
+    monkeypatch.setattr(run, "measure_compiled", compiled)
+    args = argparse.Namespace(block=8)
+    n = bf16_layers_that_fit(cfg, 8, int(60e9))
+    stats = run.measure_bf16_experts(cfg, args)
+    assert built == [(n, "cuda", "dense"), (n - 1, "cuda", "dense")]
+    assert stats["layers"] == n - 1 and stats["ms_per_layer"] == 12.0 / (n - 1)
+    assert stats["retries"] == [f"out of memory at {n} layers: CUDA out of memory. Tried to allocate 1 GiB"]
+    monkeypatch.setattr(run, "measure_compiled", lambda *a: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
+    out = run.measure_bf16_experts(cfg, args)
+    assert set(out) == {"error"} and out["error"].count("out of memory at") == n
+
+
 def test_eager_step_records_unique_experts(tiny):
     cfg, dcfg, target = tiny
     draft = random_draft(dcfg, cfg, "cpu", dtype=torch.float32)
