@@ -169,9 +169,7 @@ def run_bench(args) -> dict:
         # the MXFP4 models and the compiled step's CUDA graphs go first: the bf16 experts of one
         # flash layer alone are 12.9 GB
         del target, draft
-        torch._dynamo.reset()
-        gc.collect()
-        torch.cuda.empty_cache()
+        release_cuda()
         with torch.no_grad():
             report["bf16_experts"] = measure_bf16_experts(cfg, args)
     gc.collect()
@@ -209,6 +207,14 @@ def measure_compiled(target, draft, args) -> dict:
     return stats
 
 
+def release_cuda():
+    """Free what the models and compiled steps held: torch.compile's graphs (and their CUDA-graph
+    pools), unreachable tensors, and the allocator's cached blocks."""
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def bf16_layers_that_fit(cfg, block: int, free_bytes: int) -> int:
     """Target layers whose bf16 experts fit in `free_bytes` next to the embedding and LM head, the
     other weights of each layer, and the step's transient copies of the routed experts (the
@@ -243,9 +249,7 @@ def measure_bf16_experts(cfg, args) -> dict:
             layers -= 1
         finally:
             del model
-            torch._dynamo.reset()
-            gc.collect()
-            torch.cuda.empty_cache()
+            release_cuda()
     else:
         return {"error": "; ".join(errors)}
     stats["layers"] = layers

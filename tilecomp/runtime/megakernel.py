@@ -108,31 +108,34 @@ def _rows_not_whole_words(target, draft):
     return None
 
 
-def _scale_tiles(target, draft, tiles: dict) -> int:
-    """1 when every MXFP4 scale tensor's rows are whole 32-bit words (K/32 a multiple of 4: what
-    STILE's tiled layout needs), else 0; an explicit --tile STILE=1 is refused instead."""
-    bad = _rows_not_whole_words(target, draft)
-    if bad is None:
+def _applies(tiles: dict, switch: str, needs: str, why: str | None) -> int:
+    """1 when a layout switch applies (`why` is None), else 0; an explicit --tile SWITCH=1 that
+    cannot apply is refused with what it needs and why not."""
+    if why is None:
         return 1
-    if tiles.get("STILE"):
-        raise TilecompError(f"tiles: STILE=1 stores the MXFP4 scales as 32-bit words of 4 groups; "
-                            f"{bad[0]} has {bad[1]} groups per row (K/32), not a multiple of 4 (use STILE=0)")
+    if tiles.get(switch):
+        raise TilecompError(f"tiles: {switch}=1 {needs}; {why} (use {switch}=0)")
     return 0
+
+
+def _not_words(target, draft) -> str | None:
+    bad = _rows_not_whole_words(target, draft)
+    return bad and f"{bad[0]} has {bad[1]} groups per row (K/32), not a multiple of 4"
+
+
+def _scale_tiles(target, draft, tiles: dict) -> int:
+    """STILE: every MXFP4 scale tensor's rows must be whole 32-bit words (K/32 a multiple of 4)."""
+    return _applies(tiles, "STILE", "stores the MXFP4 scales as 32-bit words of 4 groups",
+                    _not_words(target, draft))
 
 
 def _afrag(target, draft, consts: dict, tiles: dict) -> int:
-    """1 when AFRAG's element order applies (MX_DOT 9, BLOCK_KX and every expert K multiples of
-    128), else 0; an explicit --tile AFRAG=1 that cannot apply is refused with the reason."""
-    bad = _rows_not_whole_words(target, draft)
+    """AFRAG: MX_DOT 9, BLOCK_KX and every expert K multiples of 128."""
     why = (f"MX_DOT is {consts.get('MX_DOT')}" if consts.get("MX_DOT") != 9 else
            f"BLOCK_KX is {consts.get('BLOCK_KX')}" if consts.get("BLOCK_KX", 0) % 128 else
-           f"{bad[0]} has {bad[1]} groups per row (K/32), not a multiple of 4" if bad else None)
-    if why is None:
-        return 1
-    if tiles.get("AFRAG"):
-        raise TilecompError(f"tiles: AFRAG=1 reorders MX_DOT 9's words in 128-element blocks (MX_DOT 9, "
-                            f"BLOCK_KX and every expert K multiples of 128); {why} (use AFRAG=0)")
-    return 0
+           _not_words(target, draft))
+    return _applies(tiles, "AFRAG", "reorders MX_DOT 9's words in 128-element blocks (MX_DOT 9, "
+                    "BLOCK_KX and every expert K multiples of 128)", why)
 
 
 class MegakernelEngine:
