@@ -63,6 +63,25 @@ tracev() {
   step "trace-$name" 150 tilecomp bench --preset "$preset" --layers "$layers" --context 4096 --block "$block" \
     --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --json "$OUT/trace-$name.json" "$@"
 }
+# pick BASE[,BASE...] CAND TOKENS_JSON FLAGS...: when var-CAND timed below every var-BASE and the tokens check
+# TOKENS_JSON (a tokensv run under the same flags) found no unexplained divergence, the bench-*
+# steps after it run with FLAGS (their JSON records the tiles); e.g.
+#   'var base 8 8' 'var af 8 8 --tile AFRAG=1' 'tokensv af --tile AFRAG=1' 'pick base af tokens-tiny-af --tile AFRAG=1' bench-flash-8
+BENCH_FLAGS=()
+pick() {
+  local base=$1 cand=$2 tok=$3; shift 3
+  if python3 - "$OUT" "$base" "$cand" "$tok" <<'PY'
+import json, sys
+out, bases, cand, tok = sys.argv[1:]
+ms = lambda n: json.load(open(f"{out}/var-{n}.json"))["results"]["megakernel"]["median_ms"]
+b, c = {n: ms(n) for n in bases.split(",")}, ms(cand)
+u = json.load(open(f"{out}/{tok}.json"))["summary"]["unexplained"]
+print(f"pick: bases {b} ms, candidate {cand} {c:.3f} ms, unexplained token divergences {u}")
+sys.exit(0 if c < min(b.values()) and u == 0 else 1)
+PY
+  then BENCH_FLAGS=("$@"); fi
+  echo "=== pick $base/$cand: bench flags now: ${BENCH_FLAGS[*]:-(defaults)}" | tee -a "$OUT/steps.log"
+}
 for s in "$@"; do
   case $s in
     var\ *) variant ${s#var } ;;    # e.g. 'var b8-p264 2 8 --programs 264'
@@ -70,7 +89,8 @@ for s in "$@"; do
     phasesv\ *) phasesv ${s#phasesv } ;;   # e.g. 'phasesv l2pf0 8 --tile L2PF=0'
     tokensv\ *) tokensv ${s#tokensv } ;;   # e.g. 'tokensv mx6 --tile MX_DOT=6'
     benchv\ *) benchv ${s#benchv } ;;
-    tracev\ *) tracev ${s#tracev } ;;     # e.g. 'tracev small-b1 small 8 1'
+    tracev\ *) tracev ${s#tracev } ;;
+    pick\ *) pick ${s#pick } ;;
     sweep-json) python3 -c "import glob, json, os, sys; json.dump({os.path.basename(f)[4:-5]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/var-*.json'))}, open(sys.argv[1] + '/sweep.json', 'w'), indent=1)" "$OUT"
                 rm -f "$OUT"/var-*.json ;;
     logs) (cd "$OUT" && tar czf logs.tgz *.log && rm -f *.log) ;;
@@ -78,10 +98,10 @@ for s in "$@"; do
     env) step env 60 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))" ;;
     tokens-tiny) step tokens-tiny 110 python3 -m tilecomp.bench.tokens --preset tiny --prompts 3 --new-tokens 16 --json "$OUT/tokens-tiny.json" ;;
     tokens-small) step tokens-small 420 python3 -m tilecomp.bench.tokens --preset small --prompts 12 --new-tokens 32 --json "$OUT/tokens-small.json" ;;
-    bench-small-8) step bench-small-8 300 tilecomp bench --preset small --context 4096 --block 8 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/small-ctx4096-b8.json" ;;
-    bench-small-1) step bench-small-1 300 tilecomp bench --preset small --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/small-ctx4096-b1.json" ;;
-    bench-flash-8) step bench-flash-8 540 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 8 --eager-iters 5 --iters 100 --json "$OUT/flash8-ctx4096-b8.json" ;;
-    bench-flash-1) step bench-flash-1 240 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/flash8-ctx4096-b1.json" ;;
+    bench-small-8) step bench-small-8 300 tilecomp bench --preset small --context 4096 --block 8 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/small-ctx4096-b8.json" "${BENCH_FLAGS[@]}" ;;
+    bench-small-1) step bench-small-1 300 tilecomp bench --preset small --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/small-ctx4096-b1.json" "${BENCH_FLAGS[@]}" ;;
+    bench-flash-8) step bench-flash-8 540 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 8 --eager-iters 5 --iters 100 --json "$OUT/flash8-ctx4096-b8.json" "${BENCH_FLAGS[@]}" ;;
+    bench-flash-1) step bench-flash-1 240 tilecomp bench --preset mimo-v2-flash --layers 8 --context 4096 --block 1 --skip-bf16 --eager-iters 5 --iters 100 --json "$OUT/flash8-ctx4096-b1.json" "${BENCH_FLAGS[@]}" ;;
     # version-1 levers on a 2-layer flash step, each with per-task timers (docs/PERF.md)
     trace-v1) step trace-v1 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --json "$OUT/flash2-b1-v1.json" ;;
     trace-stages1) step trace-stages1 200 tilecomp bench --preset mimo-v2-flash --layers 2 --context 4096 --block 1 --skip-compile --skip-bf16 --eager-iters 1 --iters 5 --trace --tile STAGES=1 --json "$OUT/flash2-b1-stages1.json" ;;
