@@ -73,6 +73,7 @@ def main(argv=None) -> int:
                     help="NAME=N[,NAME=N] tile overrides ('' = the GPU defaults); repeatable")
     ap.add_argument("--preset", default="mimo-v2-flash")
     ap.add_argument("--rows", type=int, default=8, help="step rows (the DFlash block)")
+    ap.add_argument("--all", action="store_true", help="every op of each loop, not only memory, barrier and MMA")
     args = ap.parse_args(argv)
     from tilecomp.codegen.build import compile_kernel, ptxas_usage
     from tilecomp.codegen.kernels import constexprs_for
@@ -92,7 +93,8 @@ def main(argv=None) -> int:
         print(f"[{variant or 'GPU defaults'}] registers {usage['registers']}, spills {usage['spill_stores']} / "
               f"{usage['spill_loads']} bytes, shared memory {compiled.metadata.shared} bytes")
         for start, end, ops in mma_loops(instructions(sass)):
-            sel = ", ".join(f"{k} {c}" for k, c in sorted(ops.items()) if MEM_OPS.match(k))
+            sel = ", ".join(f"{k} {c}" for k, c in sorted(ops.items(), key=lambda kc: (-kc[1], kc[0]) if args.all else kc)
+                            if args.all or MEM_OPS.match(k))
             print(f"  loop {start:#x}..{end:#x}: {sum(ops.values())} instructions; {sel}")
     return 0
 
