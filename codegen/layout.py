@@ -124,17 +124,17 @@ KINDS: dict[str, KindABI] = _kinds(
                    "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows",
                    "split", "e0", "e1", "logits", "arrive", "n_splits"),
      ("BLOCK_T", "BLOCK_E", "BLOCK_RN", "BLOCK_K", "BLOCK_KR", "STAGES", "WALIGN", "AALIGN", "NORM_F32",
-      "ARRIVE", "ROUTE_DOT")),
+      "ARRIVE", "ROUTE_DOT", "XACT")),
     # (slot, columns n0..n1 in BLOCK_N tiles; n1 <= n0: one tile), the same for expert_down and
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     # parts > 0 (both expert kinds): part `part` of `parts` of all routed (slot, tile) units
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
      ("BLOCK_T", "BLOCK_N")),
@@ -248,9 +248,18 @@ KINDS: dict[str, KindABI] = _kinds(
 # shared memory, read back and multiplied). sm_90 build (`bench/sass_loops.py linear`): the
 # no-up loop is 265 instructions per 256-wide K step with 16 HMMA, 24 LDSM and 14 async copies,
 # against 343 with 32 / 32 / 22. Not yet measured on a GPU.
+# XACT (moe_route, expert kinds; not a --tile switch: the engine sets it from the tile program,
+# runtime/compiled.py tile_constexprs): 1 when the lowering stored the experts' inputs (moe_route's
+# normed rows xn and up_gate's act) as "operand" buffers, in the weights' dtype in arena_w
+# (LowerOptions.expert_operands), 0 when they are fp32 in arena_f32. The tensor-core paths round
+# them to bf16 before the dot either way, so the products are the same bits. With MX_DOT 9 and
+# WLEFT the K loop then loads the x tile K-major straight into the pipeline's shared-memory
+# buffers (the dot's right operand): no per-step fp32 load, conversion, shared-memory store and
+# fence, and the dots become properly asynchronous (sm_90 build: wgmma.wait_group 3 instead of 0
+# after each dot, so the next K step's dequantization overlaps the tensor cores).
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
-                   "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0}
+                   "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute

@@ -49,7 +49,10 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "int32": 4, "int64": 8, "uint8":
 # scratch: partial results inside one step (split-K partials, flash-decoding (m, l, acc), MoE plan)
 # kv_cache: persistent K/V caches (positions written this step are read this step)
 # state: persistent across steps (block tokens, positions, taps, accepted count)
-BUFFER_KINDS = ("weight", "activation", "scratch", "kv_cache", "state")
+# operand: written and read inside one step like an activation, but stored in the weights'
+#   dtype (the engine's weight arena) because a tensor-core dot reads it as an operand
+#   (LowerOptions.expert_operands: the experts' inputs)
+BUFFER_KINDS = ("weight", "activation", "scratch", "kv_cache", "state", "operand")
 
 TASK_KINDS = (
     "embed",                                            # token rows (+ mask embedding)

@@ -56,6 +56,9 @@ class LowerOptions:
     ranks: int = 1                # every task runs on rank 0 until the partition pass exists
     fold_reduce: int = 0          # 1: the fold_reduce pass merges each attention's partials in
     #                               the last partial to arrive (no attn_reduce tasks)
+    expert_operands: int = 0      # 1: the experts' inputs (moe_route's normed rows, up_gate's act)
+    #                               are "operand" buffers, stored in the weights' dtype, so the
+    #                               expert K loops load them as the dots' operand (kernel XACT)
 
 
 # A task's fixed cost (queue read, waits, signal) in weight bytes streamed by one program:

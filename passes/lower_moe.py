@@ -14,6 +14,8 @@ intermediate, S plan slots.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from tilecomp.errors import IRError
 from tilecomp.ir.graph import Op, OpKind
 
@@ -51,6 +53,11 @@ def lower_route(lw: Lowering, op: Op):
     eb = lw.options.router_block
     if eb < 0:      # the router is on every MoE layer's critical path: spread it
         eb = balance(E, lw.programs, lw.shape(x_src)[1] * 4, quantum=1)[0] if lw.programs else 32
+    if lw.options.expert_operands:
+        if xn is None:
+            raise IRError(f"lowering: expert_operands=1 stores the experts' input as an operand buffer, "
+                          f"but moe_route {op.out.name} writes no normed rows for them (xn)")
+        _operand_buffer(lw, xn)
     xn_region = [lw.region(lw.value_buffer(xn))] if xn is not None else []
     final_reads = [lw.region(x_src), lw.region(lw.weight(gate)), lw.region(lw.weight(bias))]
     final_reads += [lw.region(norm)] if norm else []
@@ -77,6 +84,19 @@ def lower_route(lw: Lowering, op: Op):
         lw.produce(r, signal)
 
 
+def _operand_buffer(lw: Lowering, value: str):
+    """Make graph value `value`'s buffer an "operand" (stored in the weights' dtype): only
+    moe_experts may read it (as its x), the kernels of every other kind read fp32 activations."""
+    others = [u for u in lw.consumers.get(value, []) if u.kind is OpKind.MOE_EXPERTS and u.args[0] != value
+              or u.kind not in (OpKind.MOE_EXPERTS, OpKind.MOE_ROUTE)]
+    if others:
+        raise IRError(f"lowering: expert_operands=1: {value} is read by {others[0].kind.value} "
+                      f"{others[0].out.name}, not only by the experts")
+    name = lw.value_buffer(value, "operand")
+    if lw.tp.buffers[name].kind != "operand":
+        lw.tp.buffers[name] = dataclasses.replace(lw.tp.buffers[name], kind="operand")
+
+
 def lower_experts(lw: Lowering, op: Op):
     x, _ids, _weights, wg, wu, wd = op.args
     plan_v = op.kwarg("plan")
@@ -88,7 +108,12 @@ def lower_experts(lw: Lowering, op: Op):
     T = lw.shape(x)[0]
     S = lw.tp.buffers[plan].shape[0] - 1
     out = lw.value_buffer(op.out.name)
-    act = lw.add_buffer(f"{out}.act", "fp32", (S, T, I), "scratch")
+    operands = lw.tp.buffers[lw.buf[x]].kind == "operand"
+    if lw.options.expert_operands and not operands:
+        raise IRError(f"lowering: expert_operands=1, but the input {x} of moe_experts {op.out.name} "
+                      f"is not moe_route's operand buffer")
+    act = (lw.add_buffer(f"{out}.act", lw.tp.buffers[lw.buf[x]].dtype, (S, T, I), "operand") if operands
+           else lw.add_buffer(f"{out}.act", "fp32", (S, T, I), "scratch"))
     eout = lw.add_buffer(f"{out}.slot_out", "fp32", (S, T, D), "scratch")
     (gb, gs), (ub, us), (db, ds) = lw.mxfp4(wg), lw.mxfp4(wu), lw.mxfp4(wd)
     res = op.kwarg("residual")

@@ -258,9 +258,11 @@ def test_tiled_scales_give_the_reference_logits_and_are_refused_where_rows_are_n
                                    rtol=1e-4, atol=1e-4)
     assert engine.generate(ids, 3, use_draft=False).tokens == ref.tokens
     # AFRAG on top (the codes in the wgmma operand's element order, WLEFT and XPIPE as on a GPU)
+    # and the experts' inputs as operand buffers (XACT: x^T loaded K-major as the dots' operand)
     engine = MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": 9, "BLOCK_KX": 128, "STILE": 1,
-                                                                     "AFRAG": 1, "WLEFT": 1, "XPIPE": 1})
-    assert engine.consts["AFRAG"] == 1
+                                                                     "AFRAG": 1, "WLEFT": 1, "XPIPE": 1},
+                              lower={"expert_operands": 1})
+    assert engine.consts["AFRAG"] == 1 and engine.step_program("prefill").kernel.constexprs["XACT"] == 1
     for name in (n for n in engine.builder.slots if n.endswith("_blocks")):
         assert torch.equal(engine.arenas.view(name), repack_words(afrag_order(buffers[name]))), name
     with torch.no_grad():
@@ -272,6 +274,32 @@ def test_tiled_scales_give_the_reference_logits_and_are_refused_where_rows_are_n
     with pytest.raises(TilecompError, match=r"STILE=1 .*_scales has 2 groups per row \(K/32\), not a multiple of 4"):
         MegakernelEngine(tiny, tiny_draft, max_len=MAX_LEN, tiles={"STILE": 1})
     assert _scale_tiles(tiny, tiny_draft, {}) == 0 and _scale_tiles(target, draft, {}) == 1
+
+
+def test_expert_operand_buffers_give_the_reference_tokens():
+    """LowerOptions.expert_operands: moe_route's normed rows and up_gate's act are "operand"
+    buffers in the weight arena (the weights' dtype: bf16 on a GPU, fp32 here), every program's
+    kernel runs with XACT 1 and reads them there; the DFlash step gives the reference's greedy
+    tokens and acceptance. XACT follows the program: a --tile XACT is refused."""
+    target, draft = models(5)
+    ids = prompt(5, 9)
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 4)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, lower={"expert_operands": 1})
+    operands = [b for b in engine.schedule.buffers.values() if b.kind == "operand"]
+    moe_layers = sum(target.config.is_moe(i) for i in range(target.config.num_hidden_layers))
+    assert moe_layers and len(operands) == 2 * moe_layers           # xn and act of each MoE layer
+    for b in operands:
+        assert engine.builder.slots[f"tile.{b.name}"].arena == "w", b.name
+    for kind in ("dflash", "plain", "prefill"):
+        assert engine.step_program(kind).kernel.constexprs["XACT"] == 1, kind
+    got = engine.generate(ids, 4)
+    assert got.tokens == ref.tokens and got.acceptance == ref.acceptance
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+    assert MegakernelEngine(target, draft, max_len=MAX_LEN).step_program("plain").kernel.constexprs["XACT"] == 0
+    with pytest.raises(TilecompError, match="XACT follow the compiled tile program"):
+        MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"XACT": 1})
 
 
 def test_dflash_step_with_the_gpu_lowering_gives_the_reference_tokens():

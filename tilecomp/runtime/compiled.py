@@ -73,7 +73,8 @@ def reserve_buffers(b: ArenaBuilder, *programs):
         for buf in tp.buffers.values():
             if buf.kind == "weight" or buf.name in STATE_OF or slot_of(buf.name):
                 continue
-            arena = "i32" if buf.dtype in ("int32", "int64") else "f32"
+            # operand buffers are stored in the weights' dtype (ir/tile.py BUFFER_KINDS)
+            arena = "i32" if buf.dtype in ("int32", "int64") else "w" if buf.kind == "operand" else "f32"
             seen = largest.get(buf.name)
             if seen is not None and seen[1] != arena:
                 raise ScheduleError(f"buffer {buf.name}: {buf.dtype} in one program, {seen[1]} arena "
@@ -168,18 +169,42 @@ def _numel(shape) -> int:
     return n
 
 
+# the buffers each kind reads or writes in the experts' operand form (kernel constexpr XACT)
+_EXPERT_OPERANDS = {"moe_route": ("xn",), "expert_up_gate": ("x", "act"), "expert_down": ("act",)}
+
+
+def expert_operands(tp) -> int:
+    """XACT of a tile program: 1 when its experts' inputs are "operand" buffers (stored in the
+    weights' dtype, LowerOptions.expert_operands), 0 when they are fp32 activations. The kernels
+    read every such buffer of every layer one way, so a program that mixes the two is refused."""
+    kinds = {}
+    for t in tp.tasks:
+        for arg in _EXPERT_OPERANDS.get(t.kind, ()):
+            name = t.attrs.get(arg)
+            if isinstance(name, str) and name in tp.buffers:
+                kinds.setdefault(tp.buffers[name].kind == "operand", (t, arg, name))
+    if len(kinds) > 1:
+        t, arg, name = kinds[True]
+        u, uarg, uname = kinds[False]
+        raise ScheduleError(f"task {t.name} ({t.kind}) {arg}={name} is an operand buffer but task {u.name} "
+                            f"({u.kind}) {uarg}={uname} is not: the experts' inputs are all stored one way "
+                            f"(LowerOptions.expert_operands)")
+    return int(True in kinds)
+
+
 def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
     """The engine's tile sizes; with `widen`, BLOCK_N (and the experts' BLOCK_NX, the LM head's BLOCK_NH) grow to the widest task of the schedule
     so every task is one tile (fewer tile operations: the interpreter's choice). Without it the
     linear / lm_head / linear_reduce / expert tasks loop over BLOCK_N sub-tiles (a GPU keeps
     small register tiles, and the cached kernel of the engine's own tile sizes fits)."""
     arrive = int(any("arrive" in t.attrs for t in tp.tasks))   # passes/fold_reduce.py's merge
+    xact = expert_operands(tp)
     if not widen:
-        return dict(base, ARRIVE=arrive)
+        return dict(base, ARRIVE=arrive, XACT=xact)
     def pow2(n):
         return 1 << max(0, int(n - 1).bit_length())
     widths = [t.attrs["n1"] - t.attrs["n0"] for t in tp.tasks if "n1" in t.attrs and "n0" in t.attrs]
-    consts = dict(base, ARRIVE=arrive)
+    consts = dict(base, ARRIVE=arrive, XACT=xact)
     if widths:
         consts["BLOCK_N"] = max(consts["BLOCK_N"], pow2(max(widths)))
         consts["BLOCK_NX"] = max(consts.get("BLOCK_NX", 0), consts["BLOCK_N"])     # the experts' rows

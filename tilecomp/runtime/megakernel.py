@@ -170,6 +170,10 @@ class MegakernelEngine:
         if unknown:
             raise TilecompError(f"tiles: unknown tile size(s) {sorted(unknown)}; expected some of "
                                 f"{sorted(self.consts)}")
+        derived = sorted(set(tiles or {}) & {"ARRIVE", "XACT"})
+        if derived:
+            raise TilecompError(f"tiles: {', '.join(derived)} follow the compiled tile program (ARRIVE: "
+                                f"--lower fold_reduce=1; XACT: --lower expert_operands=1), not --tile")
         self.tiles = dict(tiles or {})
         if not interpreting():
             self.consts.update(L.GPU_TUNING)
