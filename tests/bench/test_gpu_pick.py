@@ -1,0 +1,41 @@
+"""bench/gpu.sh's `pick` step: the bench-* steps after it take a candidate's flags only when the
+candidate timed below every named base AND its token check found no unexplained divergence.
+Runs the script's own bash (no GPU: only the pick steps, on hand-written result files)."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[2] / "bench" / "gpu.sh"
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def run_picks(tmp_path, ms: dict, unexplained: int, *steps) -> str:
+    for name, value in ms.items():
+        (tmp_path / f"var-{name}.json").write_text(json.dumps({"results": {"megakernel": {"median_ms": value}}}))
+    (tmp_path / "tokens-tiny-c.json").write_text(json.dumps({"summary": {"unexplained": unexplained}}))
+    out = subprocess.run(["bash", str(SCRIPT), *steps], env={"OUT": str(tmp_path), "PATH": os.environ["PATH"]},
+                         capture_output=True, text=True, check=True)
+    return [line for line in out.stdout.splitlines() if line.startswith("=== pick")][-1]
+
+
+def test_faster_candidate_with_clean_tokens_sets_the_bench_flags(tmp_path):
+    got = run_picks(tmp_path, {"base": 10.4, "c": 9.4}, 0, "pick base c tokens-tiny-c --tile AFRAG=1")
+    assert got.endswith("bench flags now: --tile AFRAG=1")
+
+
+def test_slower_candidate_or_divergent_tokens_keep_the_defaults(tmp_path):
+    assert run_picks(tmp_path, {"base": 10.4, "c": 10.5}, 0, "pick base c tokens-tiny-c --tile AFRAG=1").endswith("(defaults)")
+    assert run_picks(tmp_path, {"base": 10.4, "c": 9.4}, 1, "pick base c tokens-tiny-c --tile AFRAG=1").endswith("(defaults)")
+
+
+def test_a_later_pick_must_beat_every_base_named(tmp_path):
+    steps = ("pick base a tokens-tiny-c --tile AFRAG=1",
+             "pick base,a c tokens-tiny-c --tile AFRAG=1 --lower expert_operands=1")
+    ms = {"base": 10.4, "a": 9.4, "c": 9.6}        # c beats base but not a: a's flags stay
+    assert run_picks(tmp_path, ms, 0, *steps).endswith("bench flags now: --tile AFRAG=1")
+    ms["c"] = 9.0
+    assert run_picks(tmp_path, ms, 0, *steps).endswith("--tile AFRAG=1 --lower expert_operands=1")
