@@ -87,8 +87,9 @@ def lower_route(lw: Lowering, op: Op):
 def _operand_buffer(lw: Lowering, value: str):
     """Make graph value `value`'s buffer an "operand" (stored in the weights' dtype): only
     moe_experts may read it (as its x), the kernels of every other kind read fp32 activations."""
-    others = [u for u in lw.consumers.get(value, []) if u.kind is OpKind.MOE_EXPERTS and u.args[0] != value
-              or u.kind not in (OpKind.MOE_EXPERTS, OpKind.MOE_ROUTE)]
+    def allowed(u: Op) -> bool:     # the router (reads x before the norm) or an expert input
+        return u.kind is OpKind.MOE_ROUTE or (u.kind is OpKind.MOE_EXPERTS and u.args[0] == value)
+    others = [u for u in lw.consumers.get(value, []) if not allowed(u)]
     if others:
         raise IRError(f"lowering: expert_operands=1: {value} is read by {others[0].kind.value} "
                       f"{others[0].out.name}, not only by the experts")

@@ -90,14 +90,18 @@ def engine_options(max_len: int, programs: int, interpreter: bool,
     H100 (docs/PERF.md); the interpreter keeps whole groups (it pays per task). `lower`
     overrides other LowerOptions fields (e.g. {"programs": 0}: fixed tile sizes)."""
     q = (None if interpreter else 1) if qkv_q_heads == -1 else qkv_q_heads
-    base = {} if interpreter else GPU_LOWER
     return CompileOptions(max_len=max_len, programs=programs, interpreter_order=interpreter,
-                          lower=LowerOptions(**dict(base, **(lower or {}), qkv_q_heads=q)))
+                          lower=engine_lower(interpreter, lower, qkv_q_heads=q))
 
 
 # LowerOptions an engine on a GPU compiles with unless told otherwise (docs/PERF.md: each was
 # measured as a single-switch A/B); the interpreter keeps LowerOptions' own defaults
 GPU_LOWER = {"expert_operands": 0}
+
+
+def engine_lower(interpreter: bool, lower: dict | None = None, **fixed) -> LowerOptions:
+    """An engine's LowerOptions: GPU_LOWER on a GPU, then the caller's `lower`, then `fixed`."""
+    return LowerOptions(**{**({} if interpreter else GPU_LOWER), **(lower or {}), **fixed})
 
 
 @dataclass

@@ -177,19 +177,19 @@ def expert_operands(tp) -> int:
     """XACT of a tile program: 1 when its experts' inputs are "operand" buffers (stored in the
     weights' dtype, LowerOptions.expert_operands), 0 when they are fp32 activations. The kernels
     read every such buffer of every layer one way, so a program that mixes the two is refused."""
-    kinds = {}
+    forms = {}      # is an operand -> the first (task, arg, buffer) stored that way
     for t in tp.tasks:
         for arg in _EXPERT_OPERANDS.get(t.kind, ()):
             name = t.attrs.get(arg)
             if isinstance(name, str) and name in tp.buffers:
-                kinds.setdefault(tp.buffers[name].kind == "operand", (t, arg, name))
-    if len(kinds) > 1:
-        t, arg, name = kinds[True]
-        u, uarg, uname = kinds[False]
+                forms.setdefault(tp.buffers[name].kind == "operand", (t, arg, name))
+    if len(forms) > 1:
+        t, arg, name = forms[True]
+        u, uarg, uname = forms[False]
         raise ScheduleError(f"task {t.name} ({t.kind}) {arg}={name} is an operand buffer but task {u.name} "
                             f"({u.kind}) {uarg}={uname} is not: the experts' inputs are all stored one way "
                             f"(LowerOptions.expert_operands)")
-    return int(True in kinds)
+    return int(True in forms)
 
 
 def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:

@@ -229,11 +229,9 @@ class MegakernelEngine:
 
     def compile_options(self):
         """The options this engine compiles its own step programs with (its tuning switches)."""
-        from tilecomp.passes.lower import LowerOptions
-        from tilecomp.passes.pipeline import GPU_LOWER, CompileOptions
-        base = {} if interpreting() else GPU_LOWER
-        lower = LowerOptions(**dict(base, **dict(self.lower, qkv_q_heads=self.qkv_q_heads,
-                                                 kv_chunk=self.lower.get("kv_chunk", self.chunk_len or self.max_len))))
+        from tilecomp.passes.pipeline import CompileOptions, engine_lower
+        lower = engine_lower(interpreting(), self.lower, qkv_q_heads=self.qkv_q_heads,
+                             kv_chunk=self.lower.get("kv_chunk", self.chunk_len or self.max_len))
         return CompileOptions(max_len=self.max_len, programs=self.programs,
                               interpreter_order=interpreting() and self.programs == 1, lower=lower,
                               block=None if self.dcfg is not None else self.block)
