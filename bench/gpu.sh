@@ -43,6 +43,13 @@ tokensv() {
   step "tokens-$name" 110 python3 -m tilecomp.bench.tokens --preset tiny --prompts 3 --new-tokens 16 \
     --json "$OUT/tokens-tiny-$name.json" "$@"
 }
+# tokensc NAME [tokens flags...]: the same check on the shipped model (examples/model: its trained
+# target and draft, prompts from held-out stdlib files), e.g. 'tokensc v17' or 'tokensc v15 --tile AFRAG=0'
+tokensc() {
+  local name=$1; shift
+  step "tokensc-$name" 200 python3 -m tilecomp.bench.tokens --checkpoint examples/model --prompts 8 --new-tokens 32 \
+    --json "$OUT/tokens-shipped-$name.json" "$@"
+}
 # phasesv NAME BLOCK [bench flags...]: --phases of the flash 2-layer step under a variant's flags
 phasesv() {
   local name=$1 block=$2; shift 2
@@ -75,7 +82,8 @@ import json, sys
 out, bases, cand, tok = sys.argv[1:]
 ms = lambda n: json.load(open(f"{out}/var-{n}.json"))["results"]["megakernel"]["median_ms"]
 b, c = {n: ms(n) for n in bases.split(",")}, ms(cand)
-u = json.load(open(f"{out}/{tok}.json"))["summary"]["unexplained"]
+summary = json.load(open(f"{out}/{tok}.json"))["summary"]      # tilecomp.bench.tokens: one part per mode
+u = sum(part["unexplained"] for part in summary.values() if isinstance(part, dict))
 print(f"pick: bases {b} ms, candidate {cand} {c:.3f} ms, unexplained token divergences {u}")
 sys.exit(0 if c < min(b.values()) and u == 0 else 1)
 PY
@@ -88,6 +96,7 @@ for s in "$@"; do
     svar\ *) svar ${s#svar } ;;     # e.g. 'svar fold 1 --lower fold_reduce=1'
     phasesv\ *) phasesv ${s#phasesv } ;;   # e.g. 'phasesv l2pf0 8 --tile L2PF=0'
     tokensv\ *) tokensv ${s#tokensv } ;;   # e.g. 'tokensv mx6 --tile MX_DOT=6'
+    tokensc\ *) tokensc ${s#tokensc } ;;   # e.g. 'tokensc v15 --tile AFRAG=0'
     benchv\ *) benchv ${s#benchv } ;;
     tracev\ *) tracev ${s#tracev } ;;     # e.g. 'tracev small-b1 small 8 1'
     pick\ *) pick ${s#pick } ;;

@@ -331,11 +331,15 @@ def norm_arena(consts: dict) -> str:
 # 2.29, small block 1 1.59 -> 1.57; tokens-tiny 0 unexplained divergences.
 # STILE 1 (v15, session 15, H100, one call): flash 8L block 8 11.14 -> 10.73 ms, block 1 3.67 ->
 # 3.47, small block 1 1.63 -> 1.58, small block 8 2.31 -> 2.35 (+1.8%); up_gate alone 353 -> 325 us.
-# AFRAG (v16) stays 0 here until a GPU call has timed it and checked its tokens (session 15 got
-# no GPU for it): `--tile AFRAG=1` turns it on.
+# AFRAG 1 (v16, session 17, H100, one call, 30 steps each): flash 8L block 8 10.58 -> 9.11 ms
+# AFRAG with the v17 operand buffers (passes/pipeline.py GPU_LOWER expert_operands) was slower
+# inlined (9.36 ms: the whole kernel spills 828 / 1,504 bytes) and faster with NOINLINE 1 (second
+# call, same machine: AFRAG 8.95, + NOINLINE 9.03, + UPLOOP 9.24, + operands + NOINLINE 8.86 ms;
+# full bench 8.65 ms), so NOINLINE is 1 on a GPU, where the operand buffers are on.
 GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 4, "BLOCK_KR": 128, "L2PF": 0, "BLOCK_TA": 32,
               "MX_DOT": 9,
-              "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1, "STILE": 1}
+              "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1, "STILE": 1, "AFRAG": 1,
+              "NOINLINE": 1}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

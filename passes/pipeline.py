@@ -96,7 +96,7 @@ def engine_options(max_len: int, programs: int, interpreter: bool,
 
 # LowerOptions an engine on a GPU compiles with unless told otherwise (docs/PERF.md: each was
 # measured as a single-switch A/B); the interpreter keeps LowerOptions' own defaults
-GPU_LOWER = {"expert_operands": 0}
+GPU_LOWER = {"expert_operands": 1}
 
 
 def engine_lower(interpreter: bool, lower: dict | None = None, **fixed) -> LowerOptions:

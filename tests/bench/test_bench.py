@@ -127,10 +127,12 @@ def test_run_bench_report_on_cpu():
                               acceptance=6.3, programs=None, iters=1, eager_iters=2, skip_compile=False,
                               skip_megakernel=False, skip_bf16=True, json=None,
                               num_warps=4, tiles={"BLOCK_K": 32}, qkv_q_heads=-1, trace=False,
-                              lower_options={"kv_chunk": 8})
+                              lower_options={"kv_chunk": 8, "expert_operands": 1})
     report = run_bench(args)
     mk = report["results"]["megakernel"]
-    assert mk["lower"] == {"kv_chunk": 8} and mk["tiles"]["BLOCK_K"] == 32 and mk["num_warps"] == 4
+    assert mk["lower"] == {"kv_chunk": 8, "expert_operands": 1} and mk["num_warps"] == 4
+    # the constexprs the timed kernel ran with, those the program decides (XACT) included
+    assert mk["tiles"]["BLOCK_K"] == 32 and mk["tiles"]["XACT"] == 1
     assert report["floor"]["ms"] > 0 and report["copy_bandwidth_gbps"] > 0
     for name in ("eager", "torch_compile", "megakernel"):
         r = report["results"][name]

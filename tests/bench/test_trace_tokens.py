@@ -1,6 +1,8 @@
 """The GPU diagnostics' host side: trace summaries and the token check's bookkeeping."""
+import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from tilecomp.bench.tokens import first_difference
@@ -80,3 +82,26 @@ def test_divergence_reports_margin_deviation_and_the_fp32_verdict():
     far = int(torch.argmin(logits))
     assert not divergence(target, target, SimpleNamespace(prompt_logits=lambda ids: full_logits(target, ids)),
                           prefix, a, far)["explained"]
+
+
+def test_token_check_runs_on_a_checkpoint(tmp_path, capsys):
+    """`python3 -m tilecomp.bench.tokens --checkpoint DIR`: the checkpoint's target and draft, both
+    engines greedy; in fp32 on the CPU they must agree token for token."""
+    from tilecomp.bench import tokens
+    from tilecomp.errors import TilecompError
+    from tilecomp.models.checkpoint import save_pretrained
+    from tilecomp.models.dflash import DFlashDraft
+    from tilecomp.models.mimo import MiMoForCausalLM
+    from tilecomp.models.presets import preset
+    torch.manual_seed(1)
+    cfg, dcfg = preset("tiny", layers=2)
+    save_pretrained(MiMoForCausalLM(cfg), DFlashDraft(dcfg, cfg), tmp_path / "ckpt")
+    out = tmp_path / "tokens.json"
+    assert tokens.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompts", "1", "--prompt-len", "4",
+                        "--new-tokens", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["checkpoint"] == str(tmp_path / "ckpt") and report["layers"] == 2
+    for mode in ("plain", "dflash"):
+        assert report["summary"][mode]["identical"] == 1, report["rows"]
+    with pytest.raises(TilecompError, match="--layers: only with --preset"):
+        tokens.main(["--checkpoint", str(tmp_path / "ckpt"), "--layers", "1"])

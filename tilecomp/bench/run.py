@@ -88,9 +88,14 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=Non
     step.check()
     stats = time_steps(run, iters, warmup=min(10, iters))
     step.check()
-    stats.update(num_warps=engine.num_warps, tiles=dict(engine.consts),
+    from tilecomp.codegen.harness import interpreting
+    from tilecomp.passes.pipeline import GPU_LOWER
+    # what the timed kernel was launched with: its constexprs (the ones derived from the program,
+    # ARRIVE / XACT, included) and the lowering options (GPU_LOWER under the user's --lower)
+    user_lower = getattr(args, "lower_options", None) or {}
+    stats.update(num_warps=engine.num_warps, tiles=dict(step.kernel.constexprs),
                  qkv_q_heads=engine.qkv_q_heads,
-                 lower=getattr(args, "lower_options", None) or {},
+                 lower={**({} if interpreting() else GPU_LOWER), **user_lower},
                  programs=programs, compile_s=compile_s, schedule="compiled" if use_draft else "engine",
                  tasks=int(step.records.shape[0]), counters=len(step.counter_names))
     if getattr(args, "trace", False) and torch.cuda.is_available():

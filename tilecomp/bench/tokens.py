@@ -1,8 +1,11 @@
 """Token check: the megakernel engine against the reference engine, same weights, same dtype.
 
     python3 -m tilecomp.bench.tokens --preset small [--prompts 8] [--new-tokens 32] [--json OUT]
+    python3 -m tilecomp.bench.tokens --checkpoint examples/model [--prompts 8] ...
 
-Both engines decode greedily from the same random-weight model (bf16 on a GPU).
+Both engines decode greedily from the same model (bf16 on a GPU): a preset's random
+weights with random prompts, or a checkpoint's weights with prompts from held-out
+standard-library files when it has a tokenizer.json (random ids otherwise).
 bf16 rounding differs between the two (different reduction orders and fusion),
 so where the reference's top-2 logits are closer than that rounding, the
 engines may legitimately pick different tokens. For every prompt the check
@@ -22,6 +25,8 @@ import sys
 import time
 
 import torch
+
+from tilecomp.errors import TilecompError
 
 
 @torch.no_grad()
@@ -108,8 +113,10 @@ def divergence(target, truth, mk, prefix: list[int], ref_tok: int, mk_tok: int) 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--layers", type=int, default=None)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="random weights of a preset (default: small)")
+    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint's weights (and its draft, if any)")
+    p.add_argument("--layers", type=int, default=None, help="with --preset: the first N layers")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=24)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -131,21 +138,37 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    cfg, dcfg = preset(args.preset, args.layers)
-    target = random_target(cfg, device, dtype=dtype)
-    draft = None if args.no_draft else random_draft(dcfg, cfg, device, dtype=dtype)
+    if args.checkpoint:
+        if args.layers is not None:
+            raise TilecompError("--layers: only with --preset (a checkpoint has its own layer count)")
+        from tilecomp.commands.generate import load_tokenizer
+        from tilecomp.models import load_pretrained
+        from .acceptance import heldout_prompts
+        target, draft = load_pretrained(args.checkpoint, dtype=dtype, device=device)
+        if args.no_draft:
+            draft = None
+        cfg, dcfg = target.config, (draft.config if draft is not None else None)
+        tokenizer = load_tokenizer(args.checkpoint)
+    else:
+        cfg, dcfg = preset(args.preset or "small", args.layers)
+        target = random_target(cfg, device, dtype=dtype)
+        draft = None if args.no_draft else random_draft(dcfg, cfg, device, dtype=dtype)
+        tokenizer = None
     g = torch.Generator().manual_seed(args.seed)
-    lens = torch.randint(max(1, args.prompt_len // 2), args.prompt_len + 1, (args.prompts,), generator=g)
-    prompts = [torch.randint(2, cfg.vocab_size, (int(n),), generator=g).tolist() for n in lens]
+    if tokenizer is not None:
+        prompts = heldout_prompts(tokenizer, args.prompts, args.prompt_len, seed=args.seed)
+    else:
+        lens = torch.randint(max(1, args.prompt_len // 2), args.prompt_len + 1, (args.prompts,), generator=g)
+        prompts = [torch.randint(2, cfg.vocab_size, (int(n),), generator=g).tolist() for n in lens]
     programs = torch.cuda.get_device_properties(0).multi_processor_count if on_gpu else 1
     schedule = None
     if draft is not None:
-        max_len = int(lens.max()) + args.new_tokens + 2 * dcfg.block_size
+        max_len = max(map(len, prompts)) + args.new_tokens + 2 * dcfg.block_size
         schedule = compile_model(cfg, dcfg, engine_options(max_len, programs, not on_gpu, lower=lower))   # decode step + prefill
     truth = copy.deepcopy(target).float()           # the arbiter at a divergence
     report = check(target, draft, prompts, args.new_tokens, schedule=schedule, programs=programs,
                    truth=truth, tiles=tiles, lower=lower)
-    report.update(preset=args.preset, layers=cfg.num_hidden_layers, dtype=str(dtype), tiles=tiles, lower=lower,
+    report.update(preset=args.preset or (None if args.checkpoint else "small"), checkpoint=args.checkpoint, layers=cfg.num_hidden_layers, dtype=str(dtype), tiles=tiles, lower=lower,
                   device=torch.cuda.get_device_name(0) if on_gpu else "cpu", torch=torch.__version__)
     text = json.dumps(report, indent=2)
     if args.json:
