@@ -26,7 +26,7 @@ from .triton_gen import kernel_of, load_kernel_module
 # Hopper (H100 SXM): SMs, registers per SM, shared memory per SM, max resident blocks per SM.
 SM90 = dict(sms=132, regs_per_sm=65536, smem_per_sm=228 * 1024, blocks_per_sm=32)
 SIGNATURE = {
-    "records": "*i64", "queue": "*i32", "counters": "*i32", "errors": "*i64", "trace": "*i64", "epoch": "i32",
+    "records": "*i64", "queue": "*i32", "counters": "*i32", "errors": "*i64", "trace": "*i64", "epoch": "i32", "epoch_buf": "*i32",
     "arena_w": "*bf16", "arena_f32": "*fp32", "arena_u8": "*u8", "arena_i32": "*i32",
 }
 GPU_SPINS = 1 << 24

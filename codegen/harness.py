@@ -67,28 +67,34 @@ class Megakernel:
     def kernel(self):
         return kernel_of(self.module)
 
-    def _arguments(self, records, queue, counters, errors, epoch: int, arenas: Arenas, trace=None):
-        """(positional, keyword) arguments of one launch: the ABI of the generated kernel."""
+    def _arguments(self, records, queue, counters, errors, epoch: int, arenas: Arenas, trace=None,
+                   epoch_buf=None):
+        """(positional, keyword) arguments of one launch: the ABI of the generated kernel. epoch 0
+        has the kernel read the step number from `epoch_buf` (int32 [1]) instead."""
+        if epoch == 0 and epoch_buf is None:
+            raise ValueError("epoch 0 reads the step number from epoch_buf: pass one")
         args = (records, queue, counters, errors, trace if trace is not None else errors, epoch,
-                *arenas.pointers())
+                epoch_buf if epoch_buf is not None else counters, *arenas.pointers())
         kwargs = dict(SPIN_LIMIT=self.spin_limit, TRACE=trace is not None, num_warps=self.num_warps,
                       **self.constexprs)
         return args, kwargs
 
-    def launch(self, records, queue, counters, errors, epoch: int, arenas: Arenas, trace=None):
+    def launch(self, records, queue, counters, errors, epoch: int, arenas: Arenas, trace=None,
+               epoch_buf=None):
         """trace: int64 [n_tasks * 3] to receive each task's (start, wait done, signalled)
-        globaltimer stamps (GPU only); None builds the kernel without timers."""
+        globaltimer stamps (GPU only); None builds the kernel without timers. epoch 0: the step
+        number is epoch_buf[0] on the device (what a launch recorded in a CUDA graph passes)."""
         if trace is not None and interpreting():
             raise ValueError("task tracing needs a GPU (the interpreter has no %globaltimer)")
-        args, kwargs = self._arguments(records, queue, counters, errors, epoch, arenas, trace)
+        args, kwargs = self._arguments(records, queue, counters, errors, epoch, arenas, trace, epoch_buf)
         self.kernel[(queue.numel() - 1,)](*args, **kwargs)
 
-    def warmup(self, records, queue, counters, errors, arenas: Arenas):
+    def warmup(self, records, queue, counters, errors, arenas: Arenas, epoch_buf=None):
         """Build (JIT-compile) the kernel for these arguments without running it (GPU; the
         interpreter compiles nothing), so a timed generation does not pay the build."""
         if interpreting():
             return
-        args, kwargs = self._arguments(records, queue, counters, errors, 1, arenas)
+        args, kwargs = self._arguments(records, queue, counters, errors, 1, arenas, epoch_buf=epoch_buf)
         compiled = self.kernel.warmup(*args, grid=(queue.numel() - 1,), **kwargs)
         load = getattr(compiled, "_init_handles", None)    # load the module now, not at step 1
         if callable(load):

@@ -1,6 +1,7 @@
 """The compiler's scheduled step programs (passes/pipeline.compile_model: DFlash step, prefill
 chunk, plain step) run by MegakernelEngine on CPU, given or compiled by the engine itself: the
 same tokens as ReferenceEngine, and no store outside the arenas."""
+import pytest
 import torch
 
 from tilecomp.models.dflash import DFlashDraft
@@ -133,4 +134,27 @@ def test_folded_reduce_gives_reference_tokens(arena_guards):
     got, want = engine.generate(ids, 6), ref.generate(ids, 6)
     assert got.tokens == want.tokens and got.acceptance == want.acceptance
     assert engine.generate(ids, 3, use_draft=False).tokens == ref.generate(ids, 3, use_draft=False).tokens
+    arena_guards()
+
+
+def test_cuda_graph_steps_read_the_step_number_from_the_device(arena_guards):
+    """cuda_graph=True: every step launches with epoch 0 and the kernel reads the step number
+    from the program's epoch_buf, which the host (here; a recorded graph on a GPU) advances
+    before each launch. With folded reduces the last arrival of each step merges, which it can
+    only tell from the step number: a stale or missing one changes the tokens or times out."""
+    torch.manual_seed(14)
+    cfg, dcfg = preset("tiny", layers=2)
+    target, draft = MiMoForCausalLM(cfg), DFlashDraft(dcfg, cfg)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, chunk_len=16, cuda_graph=True,
+                              lower={"fold_reduce": 1, "router_block": 4})
+    ids = torch.randint(0, 500, (10,), generator=torch.Generator().manual_seed(13)).tolist()
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN)
+    got, want = engine.generate(ids, 6), ref.generate(ids, 6)
+    assert got.tokens == want.tokens and got.acceptance == want.acceptance
+    assert engine.generate(ids, 4, use_draft=False).tokens == ref.generate(ids, 4, use_draft=False).tokens
+    for kind in ("dflash", "plain", "prefill"):
+        step = engine.step_program(kind)
+        assert step.epoch >= 2 and step.epoch_buf.tolist() == [step.epoch], kind
+    with pytest.raises(ValueError, match="epoch 0 reads the step number from epoch_buf"):
+        step.kernel.launch(step.records, step.queue, step.counters, step.errors, 0, engine.arenas)
     arena_guards()

@@ -68,7 +68,8 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=Non
     engine = MegakernelEngine(target, draft if use_draft else None, max_len=max_len,
                               programs=programs, schedule=schedule, num_warps=args.num_warps,
                               tiles=args.tiles, qkv_q_heads=args.qkv_q_heads,
-                              lower=getattr(args, "lower_options", None))
+                              lower=getattr(args, "lower_options", None),
+                              cuda_graph=getattr(args, "cuda_graph", False))
     engine._set_state(pos=args.context, last=1, n_ctx=1 if use_draft else 0, ctx_pos=args.context - 1,
                       temp_bits=0, top_p_bits=L.float_bits(1.0), seed=0)
     block = engine.arenas.view("block")
@@ -93,7 +94,7 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=Non
     # what the timed kernel was launched with: its constexprs (the ones derived from the program,
     # ARRIVE / XACT, included) and the lowering options (GPU_LOWER under the user's --lower)
     user_lower = getattr(args, "lower_options", None) or {}
-    stats.update(num_warps=engine.num_warps, tiles=dict(step.kernel.constexprs),
+    stats.update(num_warps=engine.num_warps, tiles=dict(step.kernel.constexprs), cuda_graph=engine.cuda_graph,
                  qkv_q_heads=engine.qkv_q_heads,
                  lower={**({} if interpreting() else GPU_LOWER), **user_lower},
                  programs=programs, compile_s=compile_s, schedule="compiled" if use_draft else "engine",

@@ -44,7 +44,8 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def check(target, draft, prompts: list[list[int]], new_tokens: int, schedule=None,
-          programs: int | None = None, truth=None, tiles: dict | None = None, lower: dict | None = None) -> dict:
+          programs: int | None = None, truth=None, tiles: dict | None = None, lower: dict | None = None,
+          cuda_graph: bool = False) -> dict:
     """schedule: the compiled step (a Compiled: decode step + prefill chunk, or a TileProgram);
     truth: the same weights in fp32 (cache-free forward), the arbiter at a divergence; tiles /
     lower: the megakernel's tuning switches (as `tilecomp bench --tile / --lower`)."""
@@ -55,7 +56,7 @@ def check(target, draft, prompts: list[list[int]], new_tokens: int, schedule=Non
     max_len = max(len(p) for p in prompts) + new_tokens + 2 * step_rows(draft.config if draft else None)
     ref = ReferenceEngine(target, draft, max_len=max_len)
     mk = MegakernelEngine(target, draft, max_len=max_len, programs=programs, schedule=schedule,
-                          tiles=tiles, lower=lower)
+                          tiles=tiles, lower=lower, cuda_graph=cuda_graph)
     rows, deviations = [], []
     for k, prompt in enumerate(prompts):
         row = {"prompt_len": len(prompt)}
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
                    help="a megakernel tile size or code path, as `tilecomp bench --tile` (repeatable)")
     p.add_argument("--lower", action="append", default=[], metavar="NAME=N",
                    help="a lowering option, as `tilecomp bench --lower` (repeatable)")
+    p.add_argument("--cuda-graph", action="store_true", help="the megakernel's steps as CUDA-graph replays")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
     from tilecomp.commands.bench import parse_lower, parse_tiles
@@ -167,8 +169,8 @@ def main(argv=None) -> int:
         schedule = compile_model(cfg, dcfg, engine_options(max_len, programs, not on_gpu, lower=lower))   # decode step + prefill
     truth = copy.deepcopy(target).float()           # the arbiter at a divergence
     report = check(target, draft, prompts, args.new_tokens, schedule=schedule, programs=programs,
-                   truth=truth, tiles=tiles, lower=lower)
-    report.update(preset=args.preset or (None if args.checkpoint else "small"), checkpoint=args.checkpoint, layers=cfg.num_hidden_layers, dtype=str(dtype), tiles=tiles, lower=lower,
+                   truth=truth, tiles=tiles, lower=lower, cuda_graph=args.cuda_graph)
+    report.update(preset=args.preset or (None if args.checkpoint else "small"), checkpoint=args.checkpoint, layers=cfg.num_hidden_layers, dtype=str(dtype), tiles=tiles, lower=lower, cuda_graph=args.cuda_graph,
                   device=torch.cuda.get_device_name(0) if on_gpu else "cpu", torch=torch.__version__)
     text = json.dumps(report, indent=2)
     if args.json:

@@ -43,6 +43,9 @@ def add_parser(subparsers):
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="megakernel engine: run each step as the replay of a CUDA graph recorded at "
+                        "its first launch (no per-step host launch work)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -87,8 +90,9 @@ def prompt_ids(args, tokenizer) -> list[int]:
     return ids
 
 
-def make_engine(name: str, target, draft, max_len: int, device: str = "cpu"):
-    """The engine class named by --engine; both take (target, draft, max_len)."""
+def make_engine(name: str, target, draft, max_len: int, device: str = "cpu", cuda_graph: bool = False):
+    """The engine class named by --engine; both take (target, draft, max_len). cuda_graph: the
+    megakernel's steps as CUDA-graph replays."""
     if name == "reference":
         from tilecomp.runtime.reference import ReferenceEngine
         return ReferenceEngine(target, draft, max_len=max_len)
@@ -107,7 +111,8 @@ def make_engine(name: str, target, draft, max_len: int, device: str = "cpu"):
     # the compiled programs' caches hold at least two blocks
     max_len = max(max_len, 2 * step_rows(draft.config if draft is not None else None))
     return MegakernelEngine(target, draft, max_len=max_len, programs=programs,
-                            schedule=compile_step(target, draft, max_len, programs, on_cpu))
+                            schedule=compile_step(target, draft, max_len, programs, on_cpu),
+                            cuda_graph=cuda_graph)
 
 
 def compile_step(target, draft, max_len: int, programs: int, interpreter_order: bool):
@@ -164,6 +169,9 @@ def check_args(args):
         raise TilecompError(f"--temperature: expected >= 0, found {args.temperature}")
     if not 0.0 < args.top_p <= 1.0:
         raise TilecompError(f"--top-p: expected a value in (0, 1], found {args.top_p}")
+    if getattr(args, "cuda_graph", False) and args.engine != "megakernel":
+        raise TilecompError("--cuda-graph: only with --engine megakernel (the reference engine "
+                            "runs PyTorch operators one by one)")
 
 
 def run(args) -> int:
@@ -180,7 +188,7 @@ def run(args) -> int:
                             f"run with --no-draft")
     block = draft.config.block_size if use_draft else 1
     max_len = args.max_len or len(ids) + args.max_new_tokens + block
-    engine = make_engine(args.engine, target, draft, max_len, device)
+    engine = make_engine(args.engine, target, draft, max_len, device, cuda_graph=args.cuda_graph)
     stream = None if args.json else TextStream(tokenizer)
     result = engine.generate(ids, args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed, use_draft=use_draft, on_tokens=stream)

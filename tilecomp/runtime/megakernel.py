@@ -52,14 +52,52 @@ class StepProgram:
     counter_names: list[str]
     task_names: dict[int, str]
     epoch: int = 0
+    # cuda_graph: each step is one replay of a CUDA graph holding [epoch_buf += 1, the kernel
+    # launched with epoch 0], so a step pays no per-launch host work (Triton's argument binding
+    # of ~60 arguments); the kernel reads the step number from epoch_buf. The interpreter has no
+    # graphs: it runs the same two operations directly (the device-epoch path, tested on a CPU).
+    cuda_graph: bool = False
+    epoch_buf: torch.Tensor | None = None
+    graph: object = None
+    graph_arenas: object = None
 
     def launch(self, arenas, trace=None):
         self.epoch += 1
-        self.kernel.launch(self.records, self.queue, self.counters, self.errors, self.epoch, arenas,
-                           trace=trace)
+        if not self.cuda_graph or trace is not None:
+            if self.epoch_buf is not None:
+                self.epoch_buf.fill_(self.epoch)       # later replays continue from this step
+            self.kernel.launch(self.records, self.queue, self.counters, self.errors, self.epoch, arenas,
+                               trace=trace, epoch_buf=self.epoch_buf)
+            return
+        if self.epoch_buf is None:
+            self.epoch_buf = torch.full([1], self.epoch - 1, dtype=torch.int32, device=self.records.device)
+        if interpreting():
+            self._device_epoch_launch(arenas)
+            return
+        if self.graph is None:
+            self._capture(arenas)
+        elif arenas is not self.graph_arenas:
+            raise TilecompError("cuda_graph: a step program's graph was recorded with other arenas")
+        self.graph.replay()
+
+    def _device_epoch_launch(self, arenas):
+        self.epoch_buf.add_(1)
+        self.kernel.launch(self.records, self.queue, self.counters, self.errors, 0, arenas,
+                           epoch_buf=self.epoch_buf)
+
+    def _capture(self, arenas):
+        """Record [epoch_buf += 1, launch] once (the kernel is built first: a graph capture
+        cannot compile), then replay it for this step."""
+        self.warmup(arenas)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._device_epoch_launch(arenas)
+        self.graph, self.graph_arenas = graph, arenas
+        graph.replay()
 
     def warmup(self, arenas):
-        self.kernel.warmup(self.records, self.queue, self.counters, self.errors, arenas)
+        self.kernel.warmup(self.records, self.queue, self.counters, self.errors, arenas,
+                           epoch_buf=self.epoch_buf)
 
     def new_trace(self) -> torch.Tensor:
         """A buffer for `launch(trace=...)`: int64 [n_tasks, 3] globaltimer stamps."""
@@ -142,7 +180,8 @@ class MegakernelEngine:
     def __init__(self, target, draft=None, max_len: int = 4096, programs: int | None = None,
                  artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None,
                  num_warps: int | None = None, tiles: dict | None = None, qkv_q_heads: int | None = -1,
-                 prefill_schedule=None, plain_schedule=None, lower: dict | None = None):
+                 prefill_schedule=None, plain_schedule=None, lower: dict | None = None,
+                 cuda_graph: bool = False):
         """artifacts: a `tilecomp compile --out` directory (checked against the model: its kernels
         are refused when compiled for other tile sizes); cache_dir: where kernel files are cached.
         schedule: a scheduled TileProgram (or the path of a schedule.ir) from `tilecomp compile`
@@ -157,8 +196,11 @@ class MegakernelEngine:
         None in the interpreter); chunk_len KV positions per flash-decoding partial
         (LowerOptions.kv_chunk; default 256 on a GPU, the whole span in the interpreter); lower:
         other LowerOptions fields of the programs compiled here (e.g. {"programs": 0}: fixed tile
-        sizes instead of phases balanced over the engine's programs)."""
+        sizes instead of phases balanced over the engine's programs). cuda_graph: each step is
+        the replay of a CUDA graph recorded at its first launch (no per-step host launch work;
+        StepProgram.cuda_graph)."""
         self.target, self.draft, self.config = target, draft, target.config
+        self.cuda_graph = bool(cuda_graph)
         self.max_len = max_len
         self.dcfg = draft.config if draft is not None else None
         self.rows = self.block = step_rows(self.dcfg)     # prefill chunk = block rows
@@ -267,7 +309,8 @@ class MegakernelEngine:
                                       constexprs=consts)
         records, queue = L.pack_records(queues, self.device)
         return StepProgram(kernel, records, queue, new_counters(len(tp.counters), self.device),
-                           new_errors(len(queues), self.device), list(tp.counters), names)
+                           new_errors(len(queues), self.device), list(tp.counters), names,
+                           cuda_graph=self.cuda_graph)
 
     @torch.no_grad()
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:

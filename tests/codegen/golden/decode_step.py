@@ -345,7 +345,8 @@ def decode_step(
     counters,     # int32 [n_counters * 32]: the scoreboard, never reset
     errors,       # int64 [programs, 5]: (flag, task, counter, value, target)
     trace,        # int64 [n_tasks, 3]: globaltimer ns at (start, wait done, signals sent); TRACE only
-    epoch,        # int32: step number, 1, 2, ...
+    epoch,        # int32: step number, 1, 2, ...; 0: read it from epoch_buf (a CUDA-graph launch)
+    epoch_buf,    # int32 [1]: the device-side step number the host or a graph advances; epoch 0 only
     arena_w,      # weights and KV caches (fp32 or bf16)
     arena_f32,    # fp32 activations and fp32 parameters
     arena_u8,     # MXFP4 blocks and scales
@@ -365,6 +366,8 @@ def decode_step(
     WALIGN: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if epoch == 0:    # the launch was recorded once (a CUDA graph): the step number is on the device
+        epoch = tl.load(epoch_buf)
     ESIZE: tl.constexpr = arena_w.dtype.element_ty.primitive_bitwidth // 8   # bytes per arena_w element
     qi = tl.load(queue + pid).to(tl.int64)
     q_end = tl.load(queue + pid + 1).to(tl.int64)
