@@ -81,7 +81,7 @@ def byte_imbalance(bounds: list[int], sizes: dict[int, int]) -> float:
     return max(per_program) * len(per_program) / total if total else 1.0
 
 
-def replay_phases(step, arenas, iters: int = 20, kinds=None, alone: bool = False) -> dict:
+def replay_phases(step, arenas, iters: int = 20, kinds=None, alone: bool = False, graph: bool = False) -> dict:
     """step: a StepProgram that has run at least once on `arenas`. Before every launch
     (untimed) the fp32 and int32 arenas are restored to what the step left, so each phase
     sees the step's own inputs (a replayed `accept` would move the position on, an in-place
@@ -91,6 +91,9 @@ def replay_phases(step, arenas, iters: int = 20, kinds=None, alone: bool = False
     kinds: the kind names to replay (default: all in the step). alone: also time each kind
     in a kernel of its own (same tile sizes and warps): the difference to the step kernel is
     what the other kinds' code costs it (registers, spills, shared memory of the union).
+    graph (GPU): time each phase as the replay of a CUDA graph of its launch, so the times hold
+    no host launch work (Triton's argument binding, tens of us, which a plain launch's time
+    includes: compare `launch_ms` with and without).
     The arenas are left as the last replayed launch made them."""
     records = step.records
     rows = records.cpu().tolist()
@@ -122,21 +125,32 @@ def replay_phases(step, arenas, iters: int = 20, kinds=None, alone: bool = False
         queue = torch.tensor([0] + per_program, dtype=torch.int32, device=device).cumsum(0).to(torch.int32)
         counters, errors = new_counters(1, device), new_errors(programs, device)
 
+        def direct():
+            kernel.launch(recs, queue, counters, errors, 1, arenas)
+
+        run_once = direct
+
         def launch():
             if torch.cuda.is_available():       # ncu --nvtx --nvtx-include "phase_<label>/"
                 torch.cuda.nvtx.range_push(f"phase_{label}")
-            kernel.launch(recs, queue, counters, errors, 1, arenas)
+            run_once()
             if torch.cuda.is_available():
                 torch.cuda.nvtx.range_pop()
         reset()
-        launch()
+        launch()                                # builds the kernel (a graph capture cannot)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if errors[:, 0].any():
             raise RuntimeError("phase replay: a task reported a timed-out wait with no waits left")
+        if graph and torch.cuda.is_available():
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                direct()
+            run_once = g.replay
         return time_steps(launch, iters, warmup=0, before=reset)["median_ms"]
 
-    out = {"launch_ms": run([], [0] * programs), "kinds": {}}
+    out = {"launch_ms": run([], [0] * programs), "graph": bool(graph and torch.cuda.is_available()),
+           "kinds": {}}
     by_kind: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         by_kind.setdefault(row[L.F_KIND], []).append(i)
@@ -167,7 +181,8 @@ def replay_phases(step, arenas, iters: int = 20, kinds=None, alone: bool = False
 
 
 def format_phases(p: dict) -> str:
-    lines = [f"phases alone (waits removed; empty launch {p['launch_ms'] * 1e3:.1f} us; 'own us': the "
+    how = "CUDA-graph replays" if p.get("graph") else "launches, host launch work included"
+    lines = [f"phases alone (waits removed; {how}; empty launch {p['launch_ms'] * 1e3:.1f} us; 'own us': the "
              "kind in a kernel of its own):",
              f"{'kind':<22}{'tasks':>7}{'max/prog':>9}{'us':>10}{'own us':>10}{'MB':>9}{'GB/s':>8}{'max/mean B':>11}"]
     for name, k in sorted(p["kinds"].items(), key=lambda kv: -kv[1]["ms"]):

@@ -110,7 +110,7 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=Non
         stats["measured_acceptance"] = measure_acceptance(engine, tokenizer, args, dcfg.block_size, "megakernel")
     if getattr(args, "phases", False) and torch.cuda.is_available():
         from .phases import format_phases, replay_phases
-        stats["phases"] = replay_phases(step, engine.arenas, alone=True)
+        stats["phases"] = replay_phases(step, engine.arenas, alone=True, graph=engine.cuda_graph)
         print(format_phases(stats["phases"]), flush=True)
     return stats
 
