@@ -89,6 +89,8 @@ class StepProgram:
         """Record [epoch_buf += 1, launch] once (the kernel is built first: a graph capture
         cannot compile), then replay it for this step."""
         self.warmup(arenas)
+        self.epoch_buf.add_(0)          # the add's kernel loaded outside the capture, as the launch's
+        torch.cuda.synchronize(self.records.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._device_epoch_launch(arenas)
