@@ -316,3 +316,15 @@ def test_dflash_step_with_the_gpu_lowering_gives_the_reference_tokens():
         target.config.is_moe(i) for i in range(target.config.num_hidden_layers))
     got = engine.generate(ids, 5)
     assert got.tokens == ref.tokens and got.acceptance == ref.acceptance
+
+
+def test_read_back_returns_the_values_and_raises_on_a_timed_out_program():
+    """A generation step reads its committed tokens and every program's timeout flag in one copy:
+    the values come back as they were, and a set flag raises the DeadlockError naming the wait."""
+    target, draft = models(5)
+    step = MegakernelEngine(target, draft, max_len=MAX_LEN).step_program("plain")
+    a, b = torch.tensor([3], dtype=torch.int32), torch.tensor([7, -2, 5], dtype=torch.int32)
+    assert step.read_back(a, b) == [3, 7, -2, 5]
+    step.errors[0] = torch.tensor([1, 0, 0, 4, 9])        # (flag, task, counter, value, target)
+    with pytest.raises(DeadlockError, match=r"program 0: task 0 .* waited on counter 0 .*value 4, target 9"):
+        step.read_back(a, b)

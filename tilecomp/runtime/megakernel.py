@@ -108,6 +108,16 @@ class StepProgram:
     def check(self):
         raise_on_timeout(self.errors, self.epoch, self.task_names, self.counter_names)
 
+    def read_back(self, *values: torch.Tensor) -> list[int]:
+        """The int32 `values` (concatenated) read to the host in ONE copy with every program's
+        timeout flag, so a generation step pays one device-to-host round trip, not two; raises
+        DeadlockError (check) when a flag is set."""
+        flags = self.errors[:, 0] != 0
+        out = torch.cat([*values, flags.to(values[0].dtype)]).tolist()
+        if any(out[len(out) - flags.numel():]):
+            self.check()
+        return out[:len(out) - flags.numel()]
+
 
 # MXFP4 dequantizations that are exact only for some E8M0 scale codes: MX_DOT -> (lo, hi)
 EXACT_SCALES = {6: (65, 191), 8: mxfp4_ptx.SCALE_RANGE, 9: mxfp4_ptx.WORD_SCALE_RANGE}
@@ -386,8 +396,7 @@ class MegakernelEngine:
         state, tokens = self.arenas.view("state"), self.arenas.view("out_tokens")
         while not out.done:
             step.launch(self.arenas)
-            committed = torch.cat([state[L.STATE["n_out"]:L.STATE["n_out"] + 1], tokens]).tolist()
-            step.check()
+            committed = step.read_back(state[L.STATE["n_out"]:L.STATE["n_out"] + 1], tokens)
             out.emit(committed[1:1 + committed[0]])
             if use_draft:
                 acceptance.append(committed[0] - 1)
