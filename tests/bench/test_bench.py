@@ -122,17 +122,20 @@ def test_eager_step_records_unique_experts(tiny):
 
 def test_run_bench_report_on_cpu():
     """Every measured step runs (the megakernel in Triton's interpreter, on the compiler's
-    scheduled DFlash step) and the report carries floor ratios for each."""
+    scheduled DFlash step, through the --cuda-graph launch path) and the report carries floor
+    ratios for each."""
     args = argparse.Namespace(checkpoint=None, preset="tiny", layers=None, context=20, block=8,
                               acceptance=6.3, programs=None, iters=1, eager_iters=2, skip_compile=False,
                               skip_megakernel=False, skip_bf16=True, json=None,
                               num_warps=4, tiles={"BLOCK_K": 32}, qkv_q_heads=-1, trace=False,
-                              lower_options={"kv_chunk": 8, "expert_operands": 1})
+                              lower_options={"kv_chunk": 8, "expert_operands": 1}, cuda_graph=True)
     report = run_bench(args)
     mk = report["results"]["megakernel"]
     assert mk["lower"] == {"kv_chunk": 8, "expert_operands": 1} and mk["num_warps"] == 4
     # the constexprs the timed kernel ran with, those the program decides (XACT) included
     assert mk["tiles"]["BLOCK_K"] == 32 and mk["tiles"]["XACT"] == 1
+    # --cuda-graph: the interpreter runs the graph's two operations directly (device epoch)
+    assert mk["cuda_graph"] is True
     assert report["floor"]["ms"] > 0 and report["copy_bandwidth_gbps"] > 0
     for name in ("eager", "torch_compile", "megakernel"):
         r = report["results"][name]
