@@ -116,7 +116,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # kv head: merge the chunk partials, sink (-1 = none) in the denominator, normalise
     ("attn_reduce", ("part_m", "part_l", "part_acc", "sink", "out", "head", "n_chunks",
                      "n_heads_q", "n_kv_heads", "v_head_dim", "n_rows"),
-     ("BLOCK_TA", "BLOCK_HV")),
+     ("BLOCK_TA", "BLOCK_HV", "STAGES")),
     # layer: (norm +) router + sigmoid + biased top-k + weights -> plan (count, experts
     # ascending) and weights [n_slots, n_rows]; gate < 0: x holds router logits already;
     # split != 0: only the logits of experts [e0, e1) (a split router's first phase)
