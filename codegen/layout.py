@@ -92,7 +92,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # y[t, n0:n0+BN] = sum_s part[s, t, n0:n0+BN] (+ residual)
     ("linear_reduce", ("part", "n_split", "split_stride", "n_dim", "n0", "n1", "res", "y",
                        "y_stride", "n_rows", "rows"),
-     ("BLOCK_T", "BLOCK_N")),
+     ("BLOCK_T", "BLOCK_N", "STAGES")),
     # one KV head group: q/k/v rows for T tokens, partial RoPE, K/V cache write
     # one KV head: its REP query heads, k and v rows for the tokens; partial RoPE on q/k;
     # k/v written to cache row (pos + t) % ring of the head ([n_kv, ring, D]). wq < 0: k/v only (draft context)
@@ -137,7 +137,7 @@ KINDS: dict[str, KindABI] = _kinds(
      ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
-     ("BLOCK_T", "BLOCK_N")),
+     ("BLOCK_T", "BLOCK_N", "STAGES")),
     # logits tile + per-row (max key, argmax) of the tile; key = logit (greedy) or
     # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift
     ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "n1", "logits",
