@@ -102,6 +102,7 @@ def test_prompt_text_and_decoded_output_with_a_tokenizer(tmp_path, capsys):
     (["--prompt-ids", ",".join(["1"] * 20), "--max-len", "16"], "max positions 16"),
     (["--prompt-ids", "1,2", "--top-p", "0"], "--top-p"),
     (["--prompt-ids", "1,2", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--prompt-ids", "1,2", "--cuda-graph"], "--cuda-graph: only with --engine megakernel"),
 ])
 def test_generate_bad_input_exits_2_naming_the_field(tiny_dir, capsys, argv, expected):
     code, out, err = run_cli(capsys, "generate", "--checkpoint", tiny_dir, *argv)
