@@ -99,9 +99,14 @@ def engine_options(max_len: int, programs: int, interpreter: bool,
 GPU_LOWER = {"expert_operands": 1}
 
 
+def lower_overrides(interpreter: bool, lower: dict | None = None) -> dict:
+    """The LowerOptions fields an engine sets: GPU_LOWER on a GPU, under the caller's `lower`."""
+    return {**({} if interpreter else GPU_LOWER), **(lower or {})}
+
+
 def engine_lower(interpreter: bool, lower: dict | None = None, **fixed) -> LowerOptions:
-    """An engine's LowerOptions: GPU_LOWER on a GPU, then the caller's `lower`, then `fixed`."""
-    return LowerOptions(**{**({} if interpreter else GPU_LOWER), **(lower or {}), **fixed})
+    """An engine's LowerOptions: `lower_overrides`, then `fixed`."""
+    return LowerOptions(**{**lower_overrides(interpreter, lower), **fixed})
 
 
 @dataclass

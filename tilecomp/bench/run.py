@@ -90,13 +90,12 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=Non
     stats = time_steps(run, iters, warmup=min(10, iters))
     step.check()
     from tilecomp.codegen.harness import interpreting
-    from tilecomp.passes.pipeline import GPU_LOWER
+    from tilecomp.passes.pipeline import lower_overrides
     # what the timed kernel was launched with: its constexprs (the ones derived from the program,
     # ARRIVE / XACT, included) and the lowering options (GPU_LOWER under the user's --lower)
-    user_lower = getattr(args, "lower_options", None) or {}
     stats.update(num_warps=engine.num_warps, tiles=dict(step.kernel.constexprs), cuda_graph=engine.cuda_graph,
                  qkv_q_heads=engine.qkv_q_heads,
-                 lower={**({} if interpreting() else GPU_LOWER), **user_lower},
+                 lower=lower_overrides(interpreting(), getattr(args, "lower_options", None)),
                  programs=programs, compile_s=compile_s, schedule="compiled" if use_draft else "engine",
                  tasks=int(step.records.shape[0]), counters=len(step.counter_names))
     if getattr(args, "trace", False) and torch.cuda.is_available():

@@ -152,14 +152,15 @@ def main(argv=None) -> int:
         cfg, dcfg = target.config, (draft.config if draft is not None else None)
         tokenizer = load_tokenizer(args.checkpoint)
     else:
-        cfg, dcfg = preset(args.preset or "small", args.layers)
+        args.preset = args.preset or "small"
+        cfg, dcfg = preset(args.preset, args.layers)
         target = random_target(cfg, device, dtype=dtype)
         draft = None if args.no_draft else random_draft(dcfg, cfg, device, dtype=dtype)
         tokenizer = None
-    g = torch.Generator().manual_seed(args.seed)
     if tokenizer is not None:
         prompts = heldout_prompts(tokenizer, args.prompts, args.prompt_len, seed=args.seed)
     else:
+        g = torch.Generator().manual_seed(args.seed)
         lens = torch.randint(max(1, args.prompt_len // 2), args.prompt_len + 1, (args.prompts,), generator=g)
         prompts = [torch.randint(2, cfg.vocab_size, (int(n),), generator=g).tolist() for n in lens]
     programs = torch.cuda.get_device_properties(0).multi_processor_count if on_gpu else 1
@@ -170,8 +171,8 @@ def main(argv=None) -> int:
     truth = copy.deepcopy(target).float()           # the arbiter at a divergence
     report = check(target, draft, prompts, args.new_tokens, schedule=schedule, programs=programs,
                    truth=truth, tiles=tiles, lower=lower, cuda_graph=args.cuda_graph)
-    report.update(preset=args.preset or (None if args.checkpoint else "small"), checkpoint=args.checkpoint, layers=cfg.num_hidden_layers, dtype=str(dtype), tiles=tiles, lower=lower, cuda_graph=args.cuda_graph,
-                  device=torch.cuda.get_device_name(0) if on_gpu else "cpu", torch=torch.__version__)
+    report.update(preset=args.preset, checkpoint=args.checkpoint, layers=cfg.num_hidden_layers, dtype=str(dtype),
+                  tiles=tiles, lower=lower, cuda_graph=args.cuda_graph, device=torch.cuda.get_device_name(0) if on_gpu else "cpu", torch=torch.__version__)
     text = json.dumps(report, indent=2)
     if args.json:
         with open(args.json, "w") as f:
