@@ -158,3 +158,59 @@ def test_cuda_graph_steps_read_the_step_number_from_the_device(arena_guards):
     with pytest.raises(ValueError, match="epoch 0 reads the step number from epoch_buf"):
         step.kernel.launch(step.records, step.queue, step.counters, step.errors, 0, engine.arenas)
     arena_guards()
+
+
+def test_cuda_graph_first_launch_records_without_running_and_runs_the_step_once(monkeypatch):
+    """The GPU path of StepProgram.launch(cuda_graph=True) with stand-ins for the CUDA-graph API:
+    recording a graph runs nothing, so N launches run the kernel exactly N times, with step
+    numbers 1..N read from epoch_buf. (A second replay at the first launch ran step 1 twice:
+    generation skipped its first decoded token on a GPU.)"""
+    import contextlib
+    import tilecomp.runtime.megakernel as mk
+    from tilecomp.runtime.megakernel import StepProgram
+
+    class Kernel:
+        def __init__(self):
+            self.capturing, self.ran, self.recorded = False, [], []
+
+        def warmup(self, *args, **kwargs):
+            pass
+
+        def launch(self, records, queue, counters, errors, epoch, arenas, trace=None, epoch_buf=None):
+            assert epoch == 0 and epoch_buf is not None
+            if self.capturing:
+                self.recorded.append(epoch_buf)
+            else:
+                self.ran.append(int(epoch_buf.item()))
+
+    kernel = Kernel()
+    step = StepProgram(kernel, torch.zeros(4, 2), torch.zeros(3, dtype=torch.int32), torch.zeros(4),
+                       torch.zeros(2, 2), [], {}, cuda_graph=True)
+    graphs = []
+
+    class Graph:
+        def __init__(self):
+            graphs.append(self)
+
+        def replay(self):
+            step._device_epoch_launch(arenas)
+
+    @contextlib.contextmanager
+    def record(graph):      # a capture runs nothing: the add on epoch_buf is undone, launches recorded
+        before = step.epoch_buf.clone()
+        kernel.capturing = True
+        yield
+        kernel.capturing = False
+        step.epoch_buf.copy_(before)
+
+    arenas = object()
+    monkeypatch.setattr(mk, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", record)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    for _ in range(3):
+        step.launch(arenas)
+    assert len(graphs) == 1 and len(kernel.recorded) == 1
+    assert kernel.ran == [1, 2, 3] and step.epoch == 3 and step.epoch_buf.tolist() == [3]
+    with pytest.raises(mk.TilecompError, match="recorded with other arenas"):
+        step.launch(object())

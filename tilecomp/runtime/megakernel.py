@@ -87,7 +87,7 @@ class StepProgram:
 
     def _capture(self, arenas):
         """Record [epoch_buf += 1, launch] once (the kernel is built first: a graph capture
-        cannot compile), then replay it for this step."""
+        cannot compile). Recording runs nothing: the caller's replay runs this step."""
         self.warmup(arenas)
         self.epoch_buf.add_(0)          # the add's kernel loaded outside the capture, as the launch's
         torch.cuda.synchronize(self.records.device)
@@ -95,7 +95,6 @@ class StepProgram:
         with torch.cuda.graph(graph):
             self._device_epoch_launch(arenas)
         self.graph, self.graph_arenas = graph, arenas
-        graph.replay()
 
     def warmup(self, arenas):
         self.kernel.warmup(self.records, self.queue, self.counters, self.errors, arenas,
