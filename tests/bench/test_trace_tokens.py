@@ -105,3 +105,18 @@ def test_token_check_runs_on_a_checkpoint(tmp_path, capsys):
         assert report["summary"][mode]["identical"] == 1, report["rows"]
     with pytest.raises(TilecompError, match="--layers: only with --preset"):
         tokens.main(["--checkpoint", str(tmp_path / "ckpt"), "--layers", "1"])
+
+
+def test_summary_reads_the_programs_entry_and_exit_stamps():
+    # two programs; rows after the tasks: (entry, 0, exit) per program
+    step = fake_step([["linear"], ["lm_head"]])
+    ns = 1000
+    trace = torch.tensor([[10 * ns, 11 * ns, 20 * ns], [14 * ns, 14 * ns, 30 * ns],
+                          [2 * ns, 0, 21 * ns], [4 * ns, 0, 33 * ns]])
+    s = summarize(step, trace)
+    assert s["span_us"] == 20.0                           # tasks only: 10 .. 30
+    assert s["kernel_span_us"] == 31.0 and s["entry_spread_us"] == 2.0
+    assert s["entry_to_first_task_us"] == 8.0 and s["last_task_to_exit_us"] == 3.0
+    assert s["mean_entry_to_own_first_task_us"] == 9.0    # (10 - 2 + 14 - 4) / 2
+    assert "kernel span 31.0 us" in format_summary(s)
+    assert "kernel_span_us" not in summarize(step, trace[:2])   # a trace without the rows

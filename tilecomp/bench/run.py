@@ -69,7 +69,7 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=Non
                               programs=programs, schedule=schedule, num_warps=args.num_warps,
                               tiles=args.tiles, qkv_q_heads=args.qkv_q_heads,
                               lower=getattr(args, "lower_options", None),
-                              cuda_graph=getattr(args, "cuda_graph", False))
+                              cuda_graph=getattr(args, "cuda_graph", None))
     engine._set_state(pos=args.context, last=1, n_ctx=1 if use_draft else 0, ctx_pos=args.context - 1,
                       temp_bits=0, top_p_bits=L.float_bits(1.0), seed=0)
     block = engine.arenas.view("block")
@@ -102,8 +102,15 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=Non
         from .trace import format_summary, summarize
         buf = step.new_trace()
         run(trace=buf)                     # a separate build with timers; not in the timings
+        buf.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run(trace=buf)                     # built: this launch's stamps, timed like a step
+        b.record()
+        b.synchronize()
         step.check()
         stats["trace"] = summarize(step, buf)
+        stats["trace"]["traced_step_ms"] = a.elapsed_time(b)
         print(format_summary(stats["trace"]), flush=True)
     if tokenizer is not None and use_draft:
         stats["measured_acceptance"] = measure_acceptance(engine, tokenizer, args, dcfg.block_size, "megakernel")

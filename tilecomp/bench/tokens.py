@@ -45,7 +45,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 def check(target, draft, prompts: list[list[int]], new_tokens: int, schedule=None,
           programs: int | None = None, truth=None, tiles: dict | None = None, lower: dict | None = None,
-          cuda_graph: bool = False) -> dict:
+          cuda_graph: bool | None = None) -> dict:
     """schedule: the compiled step (a Compiled: decode step + prefill chunk, or a TileProgram);
     truth: the same weights in fp32 (cache-free forward), the arbiter at a divergence; tiles /
     lower: the megakernel's tuning switches (as `tilecomp bench --tile / --lower`)."""
@@ -92,7 +92,7 @@ def check(target, draft, prompts: list[list[int]], new_tokens: int, schedule=Non
                          "explained_by_fp32": len(flips), "unexplained": len(diffs) - len(flips),
                          "tokens_before_first_diff": [r[f"{name}_first_diff"] for r in diffs],
                          "ref_margins": [r.get(f"{name}_ref_margin") for r in diffs]}
-    return {"summary": summary, "rows": rows}
+    return {"summary": summary, "rows": rows, "cuda_graph": mk.cuda_graph}
 
 
 def divergence(target, truth, mk, prefix: list[int], ref_tok: int, mk_tok: int) -> dict:
@@ -127,7 +127,8 @@ def main(argv=None) -> int:
                    help="a megakernel tile size or code path, as `tilecomp bench --tile` (repeatable)")
     p.add_argument("--lower", action="append", default=[], metavar="NAME=N",
                    help="a lowering option, as `tilecomp bench --lower` (repeatable)")
-    p.add_argument("--cuda-graph", action="store_true", help="the megakernel's steps as CUDA-graph replays")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="the megakernel's steps as CUDA-graph replays (default: on a GPU)")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
     from tilecomp.commands.bench import parse_lower, parse_tiles
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
     report = check(target, draft, prompts, args.new_tokens, schedule=schedule, programs=programs,
                    truth=truth, tiles=tiles, lower=lower, cuda_graph=args.cuda_graph)
     report.update(preset=args.preset, checkpoint=args.checkpoint, layers=cfg.num_hidden_layers, dtype=str(dtype),
-                  tiles=tiles, lower=lower, cuda_graph=args.cuda_graph, device=torch.cuda.get_device_name(0) if on_gpu else "cpu", torch=torch.__version__)
+                  tiles=tiles, lower=lower, device=torch.cuda.get_device_name(0) if on_gpu else "cpu", torch=torch.__version__)
     text = json.dumps(report, indent=2)
     if args.json:
         with open(args.json, "w") as f:

@@ -23,10 +23,12 @@ KIND_NAMES = {k.id: name for name, k in L.KINDS.items()}
 
 
 def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
-    """step: a StepProgram launched once with `trace`; trace: int64 [n_tasks, 3]."""
-    stamps = trace.cpu().tolist()
+    """step: a StepProgram launched once with `trace`; trace: int64 [n_tasks (+ programs), 3]:
+    the tasks' stamps, then (where the kernel wrote them) each program's entry and exit."""
     records = step.records[:, :2].cpu().tolist()                # (kind, task)
     bounds = step.queue.cpu().tolist()
+    stamps = trace.cpu().tolist()
+    stamps, entries = stamps[:len(records)], stamps[len(records):]
     t_min = min(s[0] for s in stamps if s[0] > 0)
     span_ns = max(s[2] for s in stamps) - t_min
     kinds = collections.defaultdict(lambda: {"tasks": 0, "wait_us": 0.0, "work_us": 0.0,
@@ -59,7 +61,19 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
         for side in ("switch", "repeat"):
             n = k[f"{side}_tasks"]
             k[f"{side}_us_per_task"] = k[f"{side}_work_us"] / n if n else None
-    return {"span_us": span_ns / 1e3, "programs": len(programs),
+    kernel = {}
+    if len(entries) == len(bounds) - 1 and all(e[0] > 0 and e[2] > 0 for e in entries):
+        # the kernel's own life around the tasks: programs starting, finding their first task,
+        # and leaving after the last one (time no task stamp covers)
+        first_start = [stamps[bounds[p]][0] if bounds[p + 1] > bounds[p] else e[2]
+                       for p, e in enumerate(entries)]
+        kernel = {"kernel_span_us": (max(e[2] for e in entries) - min(e[0] for e in entries)) / 1e3,
+                  "entry_spread_us": (max(e[0] for e in entries) - min(e[0] for e in entries)) / 1e3,
+                  "entry_to_first_task_us": (t_min - min(e[0] for e in entries)) / 1e3,
+                  "mean_entry_to_own_first_task_us": sum(f - e[0] for f, e in zip(first_start, entries))
+                  / 1e3 / len(entries),
+                  "last_task_to_exit_us": (max(e[2] for e in entries) - max(s[2] for s in stamps)) / 1e3}
+    return {"span_us": span_ns / 1e3, "programs": len(programs), **kernel,
             "mean_program_busy": sum(programs) / max(len(programs), 1),
             "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["work_us"])),
             "longest_tasks": [{"work_us": w, "start_us": s, "program": p, "task": n}
@@ -68,9 +82,16 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
 
 def format_summary(s: dict) -> str:
     lines = [f"step span {s['span_us']:.1f} us on {s['programs']} programs, mean busy "
-             f"{100 * s['mean_program_busy']:.1f}%",
-             f"{'kind':<22}{'tasks':>7}{'work us':>12}{'share':>8}{'us/task':>10}{'wait us':>12}"
-             f"{'switch us/task':>16}{'repeat us/task':>16}"]
+             f"{100 * s['mean_program_busy']:.1f}%"]
+    if "kernel_span_us" in s:
+        lines.append(f"kernel span {s['kernel_span_us']:.1f} us: programs entered over "
+                     f"{s['entry_spread_us']:.1f} us, first task {s['entry_to_first_task_us']:.1f} us after the "
+                     f"first entry (mean per program {s['mean_entry_to_own_first_task_us']:.1f} us), last exit "
+                     f"{s['last_task_to_exit_us']:.1f} us after the last task")
+    if "traced_step_ms" in s:
+        lines.append(f"the traced step took {s['traced_step_ms']:.3f} ms (CUDA events around the launch)")
+    lines.append(f"{'kind':<22}{'tasks':>7}{'work us':>12}{'share':>8}{'us/task':>10}{'wait us':>12}"
+                 f"{'switch us/task':>16}{'repeat us/task':>16}")
 
     def per(k, side):
         v = k.get(f"{side}_us_per_task")

@@ -1,4 +1,6 @@
 """tilecomp bench: time the decode step (megakernel, eager, torch.compile) against the floor."""
+import argparse
+
 from tilecomp.errors import TilecompError
 
 
@@ -41,9 +43,9 @@ def add_parser(subparsers):
     p.add_argument("--phases", action="store_true",
                    help="also time each task kind alone, waits removed, with GB/s where its bytes are "
                         "modelled: is a step slow in its phases or in the chain between them (GPU)")
-    p.add_argument("--cuda-graph", action="store_true",
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="run each megakernel step as the replay of a CUDA graph (no per-step host "
-                        "launch work; the measured acceptance's generation too)")
+                        "launch work; the measured acceptance's generation too). Default: on a GPU")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT")
     return p
 

@@ -11,6 +11,7 @@ acceptance, mean_acceptance, tokens_per_s.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -43,9 +44,9 @@ def add_parser(subparsers):
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    p.add_argument("--cuda-graph", action="store_true",
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="megakernel engine: run each step as the replay of a CUDA graph recorded at "
-                        "its first launch (no per-step host launch work)")
+                        "its first launch (no per-step host launch work). Default: on a GPU")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -90,9 +91,9 @@ def prompt_ids(args, tokenizer) -> list[int]:
     return ids
 
 
-def make_engine(name: str, target, draft, max_len: int, device: str = "cpu", cuda_graph: bool = False):
+def make_engine(name: str, target, draft, max_len: int, device: str = "cpu", cuda_graph: bool | None = None):
     """The engine class named by --engine; both take (target, draft, max_len). cuda_graph: the
-    megakernel's steps as CUDA-graph replays."""
+    megakernel's steps as CUDA-graph replays (None: on a GPU)."""
     if name == "reference":
         from tilecomp.runtime.reference import ReferenceEngine
         return ReferenceEngine(target, draft, max_len=max_len)
@@ -169,7 +170,7 @@ def check_args(args):
         raise TilecompError(f"--temperature: expected >= 0, found {args.temperature}")
     if not 0.0 < args.top_p <= 1.0:
         raise TilecompError(f"--top-p: expected a value in (0, 1], found {args.top_p}")
-    if getattr(args, "cuda_graph", False) and args.engine != "megakernel":
+    if getattr(args, "cuda_graph", None) and args.engine != "megakernel":
         raise TilecompError("--cuda-graph: only with --engine megakernel (the reference engine "
                             "runs PyTorch operators one by one)")
 

@@ -101,8 +101,10 @@ class StepProgram:
                            epoch_buf=self.epoch_buf)
 
     def new_trace(self) -> torch.Tensor:
-        """A buffer for `launch(trace=...)`: int64 [n_tasks, 3] globaltimer stamps."""
-        return torch.zeros(self.records.shape[0], 3, dtype=torch.int64, device=self.records.device)
+        """A buffer for `launch(trace=...)`: int64 [n_tasks + programs, 3] globaltimer stamps
+        (per task: start, wait done, signalled; then per program: entry, 0, exit)."""
+        rows = self.records.shape[0] + self.queue.numel() - 1
+        return torch.zeros(rows, 3, dtype=torch.int64, device=self.records.device)
 
     def check(self):
         raise_on_timeout(self.errors, self.epoch, self.task_names, self.counter_names)
@@ -192,7 +194,7 @@ class MegakernelEngine:
                  artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None,
                  num_warps: int | None = None, tiles: dict | None = None, qkv_q_heads: int | None = -1,
                  prefill_schedule=None, plain_schedule=None, lower: dict | None = None,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool | None = None):
         """artifacts: a `tilecomp compile --out` directory (checked against the model: its kernels
         are refused when compiled for other tile sizes); cache_dir: where kernel files are cached.
         schedule: a scheduled TileProgram (or the path of a schedule.ir) from `tilecomp compile`
@@ -209,9 +211,10 @@ class MegakernelEngine:
         other LowerOptions fields of the programs compiled here (e.g. {"programs": 0}: fixed tile
         sizes instead of phases balanced over the engine's programs). cuda_graph: each step is
         the replay of a CUDA graph recorded at its first launch (no per-step host launch work;
-        StepProgram.cuda_graph)."""
+        StepProgram.cuda_graph); None: on a GPU (measured faster, docs/PERF.md version 18), off in
+        the interpreter."""
         self.target, self.draft, self.config = target, draft, target.config
-        self.cuda_graph = bool(cuda_graph)
+        self.cuda_graph = (not interpreting()) if cuda_graph is None else bool(cuda_graph)
         self.max_len = max_len
         self.dcfg = draft.config if draft is not None else None
         self.rows = self.block = step_rows(self.dcfg)     # prefill chunk = block rows

@@ -344,7 +344,8 @@ def decode_step(
     queue,        # int32 [programs + 1]: program p runs records[queue[p]:queue[p + 1]]
     counters,     # int32 [n_counters * 32]: the scoreboard, never reset
     errors,       # int64 [programs, 5]: (flag, task, counter, value, target)
-    trace,        # int64 [n_tasks, 3]: globaltimer ns at (start, wait done, signals sent); TRACE only
+    trace,        # int64 [n_tasks + programs, 3]: globaltimer ns per task (start, wait done, signals
+                  # sent), then per program (entry, -, exit); TRACE only
     epoch,        # int32: step number, 1, 2, ...; 0: read it from epoch_buf (a CUDA-graph launch)
     epoch_buf,    # int32 [1]: the device-side step number the host or a graph advances; epoch 0 only
     arena_w,      # weights and KV caches (fp32 or bf16)
@@ -371,6 +372,9 @@ def decode_step(
     ESIZE: tl.constexpr = arena_w.dtype.element_ty.primitive_bitwidth // 8   # bytes per arena_w element
     qi = tl.load(queue + pid).to(tl.int64)
     q_end = tl.load(queue + pid + 1).to(tl.int64)
+    if TRACE:   # the program's entry, in row n_tasks + pid (its exit: same row, third stamp)
+        t_row = trace + (tl.load(queue + tl.num_programs(0)).to(tl.int64) + pid) * 3
+        tl.store(t_row, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
     while qi < q_end:
         rec = records + qi * RECORD_WORDS
         kind = tl.load(rec + 0)
@@ -525,3 +529,5 @@ def decode_step(
             tl.store(errors + pid * 5 + 3, err_value)
             tl.store(errors + pid * 5 + 4, err_need)
             qi = q_end
+    if TRACE:
+        tl.store(t_row + 2, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
