@@ -120,3 +120,16 @@ def test_summary_reads_the_programs_entry_and_exit_stamps():
     assert s["mean_entry_to_own_first_task_us"] == 9.0    # (10 - 2 + 14 - 4) / 2
     assert "kernel span 31.0 us" in format_summary(s)
     assert "kernel_span_us" not in summarize(step, trace[:2])   # a trace without the rows
+
+
+def test_summary_times_each_op_from_first_ready_to_last_done():
+    step = fake_step([["linear", "lm_head"], ["linear"]])
+    step.task_names = {0: "linear [t5 L0.o_proj]", 1: "lm_head [t9 logits]", 2: "linear [t6 L0.o_proj]"}
+    ns = 1000
+    trace = torch.tensor([[1 * ns, 2 * ns, 5 * ns], [5 * ns, 6 * ns, 9 * ns], [1 * ns, 4 * ns, 7 * ns]])
+    s = summarize(step, trace)
+    assert [o["op"] for o in s["ops"]] == ["L0.o_proj", "logits"]        # in the order they became ready
+    o = s["ops"][0]
+    assert (o["kind"], o["tasks"], o["first_ready_us"], o["last_done_us"], o["work_us"], o["wait_us"]) == \
+        ("linear", 2, 1.0, 6.0, 6.0, 4.0)
+    assert "L0.o_proj" in format_summary(s)

@@ -22,6 +22,14 @@ from tilecomp.codegen import layout as L
 KIND_NAMES = {k.id: name for name, k in L.KINDS.items()}
 
 
+def op_of(task_name: str) -> str:
+    """The graph op of an engine task name, "kind [t12 L3.attn]" -> "L3.attn" (the task name
+    itself when it carries no op)."""
+    inner = task_name[task_name.find("[") + 1:task_name.rfind("]")] if "[" in task_name else task_name
+    parts = inner.split()
+    return parts[-1] if parts else task_name
+
+
 def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
     """step: a StepProgram launched once with `trace`; trace: int64 [n_tasks (+ programs), 3]:
     the tasks' stamps, then (where the kernel wrote them) each program's entry and exit."""
@@ -35,6 +43,9 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
                                              "switch_tasks": 0, "switch_work_us": 0.0,
                                              "repeat_tasks": 0, "repeat_work_us": 0.0})
     programs, longest = [], []
+    ops = collections.defaultdict(lambda: {"tasks": 0, "first_start_us": float("inf"),
+                                           "first_ready_us": float("inf"), "last_done_us": 0.0,
+                                           "work_us": 0.0, "wait_us": 0.0})
     for p in range(len(bounds) - 1):
         busy = 0
         prev = None
@@ -50,8 +61,16 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
             k[f"{side}_work_us"] += (done - ready) / 1e3
             prev = kind
             busy += done - ready
-            longest.append(((done - ready) / 1e3, (ready - t_min) / 1e3, p,
-                            step.task_names.get(task, f"t{task}")))
+            name = step.task_names.get(task, f"t{task}")
+            longest.append(((done - ready) / 1e3, (ready - t_min) / 1e3, p, name))
+            o = ops[op_of(name)]
+            o["kind"] = KIND_NAMES.get(kind, str(kind))
+            o["tasks"] += 1
+            o["first_start_us"] = min(o["first_start_us"], (start - t_min) / 1e3)
+            o["first_ready_us"] = min(o["first_ready_us"], (ready - t_min) / 1e3)
+            o["last_done_us"] = max(o["last_done_us"], (done - t_min) / 1e3)
+            o["work_us"] += (done - ready) / 1e3
+            o["wait_us"] += (ready - start) / 1e3
         programs.append(busy / span_ns if span_ns else 0.0)
     longest.sort(reverse=True)
     total_work = sum(k["work_us"] for k in kinds.values()) or 1.0
@@ -76,6 +95,9 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
     return {"span_us": span_ns / 1e3, "programs": len(programs), **kernel,
             "mean_program_busy": sum(programs) / max(len(programs), 1),
             "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["work_us"])),
+            # the step's timeline: each op's tasks from the first one ready to the last one done,
+            # in the order they became ready (which ops overlap; where the chain is)
+            "ops": [{"op": name, **o} for name, o in sorted(ops.items(), key=lambda kv: kv[1]["first_ready_us"])],
             "longest_tasks": [{"work_us": w, "start_us": s, "program": p, "task": n}
                               for w, s, p, n in longest[:top]]}
 
@@ -99,6 +121,12 @@ def format_summary(s: dict) -> str:
     for name, k in s["kinds"].items():
         lines.append(f"{name:<22}{k['tasks']:>7}{k['work_us']:>12.1f}{100 * k['work_share']:>7.1f}%"
                      f"{k['work_us_per_task']:>10.2f}{k['wait_us']:>12.1f}{per(k, 'switch')}{per(k, 'repeat')}")
+    ops = s.get("ops", [])
+    if ops:
+        lines.append("the longest ops (first task ready -> last task done):")
+        for o in sorted(ops, key=lambda o: o["first_ready_us"] - o["last_done_us"])[:8]:
+            lines.append(f"  {o['op']:<24}{o['kind']:<16}{o['tasks']:>5} tasks  {o['first_ready_us']:9.1f} -> "
+                         f"{o['last_done_us']:9.1f} us  work {o['work_us'] / max(o['tasks'], 1):7.1f} us/task")
     lines.append("longest tasks:")
     for t in s["longest_tasks"][:8]:
         lines.append(f"  {t['work_us']:9.1f} us  from {t['start_us']:9.1f} us  program {t['program']:>3}  "
