@@ -14,6 +14,8 @@ Word map (W = RECORD_WORDS):
   4 .. 4+A     args        kind-specific ints, named per kind in KINDS
   then         waits       MAX_WAITS x (counter, target, per_step)
   then         signals     MAX_SIGNALS x (counter, increment)
+  then         prefetch    MAX_PF x (arena, element offset, bytes): the task's contiguous weight
+                           ranges, which WPF > 0 moves into L2 before the task's wait
 
 A wait on counter c with (target, per_step) is satisfied at step `epoch`
 (1, 2, ...) when counters[c] >= (epoch - 1) * per_step + target: counters
@@ -47,7 +49,13 @@ F_WAIT0 = F_ARG0 + MAX_ARGS
 WAIT_WORDS = 3
 F_SIGNAL0 = F_WAIT0 + MAX_WAITS * WAIT_WORDS
 SIGNAL_WORDS = 2
-RECORD_WORDS = F_SIGNAL0 + MAX_SIGNALS * SIGNAL_WORDS
+MAX_PF = 2
+PF_WORDS = 3
+F_PF0 = F_SIGNAL0 + MAX_SIGNALS * SIGNAL_WORDS
+RECORD_WORDS = F_PF0 + MAX_PF * PF_WORDS
+# the arenas a prefetch range can name (record word: the index into this; runtime/buffers.py names)
+PF_ARENAS = ("w", "f32")
+PF_MIN_BYTES = 4096         # smaller weight ranges (norm gains, biases) are not worth a record slot
 
 
 @dataclass(frozen=True)
@@ -259,14 +267,21 @@ KINDS: dict[str, KindABI] = _kinds(
 # after each dot, so the next K step's dequantization overlaps the tensor cores).
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
-                   "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0}
+                   "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0, "WPF": 0, "WPFL": 0}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute
 # function as a separate device function (triton.jit(noinline=True): the register allocator
 # sees one kind at a time; a kind in the whole megakernel spilled 28x more than in a kernel of
 # its own, ncu on expert_up_gate, H200, session 10); 0 inlines it (the code of version 8).
-FRAME_CONSTEXPRS = ("NOINLINE",)
+# WPF (KB; 0 = off): cross-task prefetch. Before its bounded wait, a task has one thread issue
+# Hopper's bulk L2 prefetch (cp.async.bulk.prefetch.L2, 32 KB per instruction) for the first WPF KB
+# of each of its contiguous weight ranges (record words F_PF0..: runtime/compiled.py
+# RecordBuilder.prefetch_ranges), so the bytes move while the programs wait on the chain (the
+# flash 8L trace, docs/PERF.md v18: 28% of program time is waiting) instead of after the wait.
+# WPFL 1 marks the prefetched lines evict_last, so streams that pass between the prefetch and the
+# task's own loads do not push them out. GPU only (inline PTX; the interpreter refuses WPF > 0).
+FRAME_CONSTEXPRS = ("NOINLINE", "WPF", "WPFL")
 
 
 def tile_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -375,6 +390,7 @@ class TaskRecord:
     args: dict[str, int] = field(default_factory=dict)
     waits: list[tuple[int, int, int]] = field(default_factory=list)  # (counter, target, per_step)
     signals: list[int | tuple[int, int]] = field(default_factory=list)  # counter or (counter, add)
+    prefetch: list[tuple[int, int, int]] = field(default_factory=list)  # (arena, offset, bytes)
 
 
 def encode_record(rec: TaskRecord) -> list[int]:
@@ -405,6 +421,12 @@ def encode_record(rec: TaskRecord) -> list[int]:
         signal = rec.signals[i] if i < len(rec.signals) else (-1, 0)
         counter, add = (signal, 1) if isinstance(signal, int) else signal
         words[F_SIGNAL0 + i * SIGNAL_WORDS:F_SIGNAL0 + (i + 1) * SIGNAL_WORDS] = [counter, add]
+    for i, (arena, offset, nbytes) in enumerate(rec.prefetch[:MAX_PF]):
+        if not 0 <= arena < len(PF_ARENAS) or offset < 0 or nbytes % 16:
+            raise ScheduleError(f"task {rec.task} ({rec.kind}): prefetch range {(arena, offset, nbytes)} "
+                                f"needs an arena index below {len(PF_ARENAS)}, an offset >= 0 and "
+                                f"whole 16-byte units")
+        words[F_PF0 + i * PF_WORDS:F_PF0 + (i + 1) * PF_WORDS] = [arena, offset, nbytes]
     return words
 
 

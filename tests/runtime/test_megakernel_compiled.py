@@ -4,6 +4,7 @@ same tokens as ReferenceEngine, and no store outside the arenas."""
 import pytest
 import torch
 
+from tilecomp.errors import TilecompError
 from tilecomp.models.dflash import DFlashDraft
 from tilecomp.models.mimo import MiMoForCausalLM
 from tilecomp.models.presets import preset
@@ -214,3 +215,41 @@ def test_cuda_graph_first_launch_records_without_running_and_runs_the_step_once(
     assert kernel.ran == [1, 2, 3] and step.epoch == 3 and step.epoch_buf.tolist() == [3]
     with pytest.raises(mk.TilecompError, match="recorded with other arenas"):
         step.launch(object())
+
+
+def test_prefetch_ranges_are_contiguous_runs_of_the_tasks_own_weights():
+    """WPF's records: every (arena, offset, bytes) range a task carries lies inside one weight
+    region the task reads (checked element by element against the region's indices in its
+    slot), is 16-byte aligned, and the big streams (LM head, projections, router) carry one."""
+    from tilecomp.codegen import layout as L
+    from tilecomp.runtime.compiled import RecordBuilder
+    torch.manual_seed(3)
+    cfg, dcfg = preset("tiny", layers=2)
+    engine = MegakernelEngine(MiMoForCausalLM(cfg), DFlashDraft(dcfg, cfg), max_len=MAX_LEN)
+    tp = engine.schedule
+    rb = RecordBuilder(engine.builder, tp)
+    with_ranges = set()
+    for task in tp.tasks:
+        ranges = rb.prefetch_ranges(task)
+        words = L.encode_record(L.TaskRecord(task.kind, task.id, prefetch=ranges))
+        assert words[L.F_PF0:L.F_PF0 + L.PF_WORDS * len(ranges)] == [w for r in ranges for w in r]
+        for arena, offset, nbytes in ranges:
+            esize = torch.tensor([], dtype=engine.builder.dtype(L.PF_ARENAS[arena])).element_size()
+            assert nbytes >= L.PF_MIN_BYTES and nbytes % 16 == 0 and (offset * esize) % 16 == 0
+            want = set(range(offset, offset + nbytes // esize))
+            inside = False
+            for region in task.reads:
+                buf = tp.buffers[region.buffer]
+                if buf.kind != "weight":
+                    continue
+                slot = engine.builder.slots[rb.slot_name(region.buffer)]
+                if L.PF_ARENAS[arena] != slot.arena:
+                    continue
+                idx = (slot.offset + torch.arange(slot.numel)).reshape(buf.shape)
+                got = idx[tuple(slice(d.lo, d.hi) for d in region.dims)]
+                inside |= want <= set(got.flatten().tolist())
+            assert inside, (task.name, task.kind, (arena, offset, nbytes))
+            with_ranges.add(task.kind)
+    assert {"lm_head", "linear", "qkv_rope_kv", "moe_route"} <= with_ranges
+    with pytest.raises(TilecompError, match="WPF=64 prefetches weights into L2 with inline PTX"):
+        MegakernelEngine(MiMoForCausalLM(cfg), None, max_len=MAX_LEN, tiles={"WPF": 64})

@@ -9,6 +9,8 @@ slots, so the compiled prefill chunk and the compiled step share them.
 """
 from __future__ import annotations
 
+import torch
+
 from tilecomp.codegen import layout as L
 from tilecomp.errors import ScheduleError
 from tilecomp.models.cache import ring_slots
@@ -143,7 +145,36 @@ class RecordBuilder:
         waits = [(self.counter_index[c], target, self.tp.counters[c].expected)
                  for c, target in task.waits]
         signals = [(self.counter_index[c], inc) for c, inc in task.signals]
-        return L.TaskRecord(task.kind, task.id, args, waits, signals)
+        return L.TaskRecord(task.kind, task.id, args, waits, signals, self.prefetch_ranges(task))
+
+    def prefetch_ranges(self, task) -> list[tuple[int, int, int]]:
+        """The task's weight reads that are one contiguous run of an arena the kernel can prefetch
+        (layout.PF_ARENAS) as (arena index, element offset, bytes), 16-byte aligned inwards, the
+        largest layout.MAX_PF of them (WPF moves them into L2 before the task's wait). A region with
+        a runtime index (embedding rows), a partial inner dimension (a split-K slice) or a slot whose
+        shape is not the buffer's (a repacked tensor) gives none."""
+        ranges = []
+        for region in task.reads:
+            buf = self.tp.buffers.get(region.buffer)
+            if buf is None or buf.kind != "weight" or any(d.index is not None for d in region.dims):
+                continue
+            slot = self.b.slots.get(self.slot_name(region.buffer))
+            if slot is None or slot.arena not in L.PF_ARENAS or tuple(slot.shape) != tuple(buf.shape):
+                continue
+            dims, shape = region.dims, buf.shape
+            outer = next((i for i, d in enumerate(dims) if d.extent > 1), len(dims))
+            if any((d.lo, d.hi) != (0, s) for d, s in zip(dims[outer + 1:], shape[outer + 1:])):
+                continue                        # not one contiguous run
+            start, stride = 0, 1
+            for d, s in zip(reversed(dims), reversed(shape)):
+                start += d.lo * stride
+                stride *= s
+            esize = torch.tensor([], dtype=self.b.dtype(slot.arena)).element_size()
+            lo = -(-((slot.offset + start) * esize) // 16) * 16
+            hi = ((slot.offset + start + region.elements()) * esize) // 16 * 16
+            if hi - lo >= L.PF_MIN_BYTES:
+                ranges.append((L.PF_ARENAS.index(slot.arena), lo // esize, hi - lo))
+        return sorted(ranges, key=lambda r: -r[2])[:L.MAX_PF]
 
     def _check_norm(self, name: str, task):
         if self.norm_arena is None:
