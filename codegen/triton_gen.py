@@ -72,13 +72,15 @@ _L2_ASM = ("{ .reg .pred p; setp.gt.s32 p, $2, 0; "
            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }")
 
 
-# WPF's prefetch: thread 0 of the program only (a scalar operand is held by every thread), sizes
-# <= 0 skipped; WPFL 1: the lines marked evict_last (a createpolicy per prefetch: once per 32 KB).
-_WPF_ASM = ("{ .reg .pred p, q; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 q, t, 0; "
-            "setp.gt.and.s32 p, $2, 0, q; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }")
-_WPFL_ASM = ("{ .reg .pred p, q; .reg .b32 t; .reg .b64 pol; mov.u32 t, %tid.x; setp.eq.u32 q, t, 0; "
-             "setp.gt.and.s32 p, $2, 0, q; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
-             "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }")
+def _wpf_asm(evict_last: bool) -> str:
+    """WPF's prefetch: thread 0 of the program only (a scalar operand is held by every thread),
+    sizes <= 0 skipped; evict_last (WPFL 1): the lines marked evict_last (a createpolicy per
+    prefetch: once per 32 KB)."""
+    policy = (".reg .b64 pol; ", "createpolicy.fractional.L2::evict_last.b64 pol, 1.0; ",
+              ".L2::cache_hint", ", pol") if evict_last else ("", "", "", "")
+    return ("{ .reg .pred p, q; .reg .b32 t; %smov.u32 t, %%tid.x; setp.eq.u32 q, t, 0; "
+            "setp.gt.and.s32 p, $2, 0, q; %s@p cp.async.bulk.prefetch.L2.global%s [$1], $2%s; "
+            "mov.u32 $0, 0; }") % policy
 
 
 def _l2_rows(ptr: str, rows: str, row_ok: str, row_len: str, col0: str, ncols: str, esize: str) -> str:
@@ -237,7 +239,7 @@ def generate_kernel(kinds, name: str = "decode_step", constexprs: dict | None = 
     functions = {a.name: _functions(a, bodies[a.name], imports) for a in abis}
     return env.get_template("megakernel.py.j2").render(
         version=tilecomp.__version__, kernel_name=name, kinds=abis, bodies=bodies, functions=functions,
-        wait_block=wait_block, wpf_asm=repr(_WPF_ASM), wpfl_asm=repr(_WPFL_ASM), imports=imports, constexpr_names=names, constexpr_values=repr(recorded),
+        wait_block=wait_block, wpf_asm=repr(_wpf_asm(False)), wpfl_asm=repr(_wpf_asm(True)), imports=imports, constexpr_names=names, constexpr_values=repr(recorded),
     )
 
 

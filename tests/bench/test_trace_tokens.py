@@ -133,3 +133,11 @@ def test_summary_times_each_op_from_first_ready_to_last_done():
     assert (o["kind"], o["tasks"], o["first_ready_us"], o["last_done_us"], o["work_us"], o["wait_us"]) == \
         ("linear", 2, 1.0, 6.0, 6.0, 4.0)
     assert "L0.o_proj" in format_summary(s)
+
+
+def test_an_op_lowered_to_several_kinds_names_them_all():
+    step = fake_step([["expert_up_gate", "expert_down"]])
+    step.task_names = {0: "expert_up_gate [t1 L3.out]", 1: "expert_down [t2 L3.out]"}
+    ns = 1000
+    s = summarize(step, torch.tensor([[0, 1 * ns, 3 * ns], [3 * ns, 4 * ns, 6 * ns]]))
+    assert [(o["op"], o["kind"], o["tasks"]) for o in s["ops"]] == [("L3.out", "expert_up_gate+expert_down", 2)]

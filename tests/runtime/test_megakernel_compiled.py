@@ -234,7 +234,7 @@ def test_prefetch_ranges_are_contiguous_runs_of_the_tasks_own_weights():
         words = L.encode_record(L.TaskRecord(task.kind, task.id, prefetch=ranges))
         assert words[L.F_PF0:L.F_PF0 + L.PF_WORDS * len(ranges)] == [w for r in ranges for w in r]
         for arena, offset, nbytes in ranges:
-            esize = torch.tensor([], dtype=engine.builder.dtype(L.PF_ARENAS[arena])).element_size()
+            esize = engine.builder.dtype(L.PF_ARENAS[arena]).itemsize
             assert nbytes >= L.PF_MIN_BYTES and nbytes % 16 == 0 and (offset * esize) % 16 == 0
             want = set(range(offset, offset + nbytes // esize))
             inside = False

@@ -84,7 +84,7 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=Non
         engine.arenas.view("state").copy_(saved[0])
         engine.arenas.view("block").copy_(saved[1])
         step.launch(engine.arenas, trace=trace)
-        torch.cat([state[n_out:n_out + 1], tokens]).tolist()     # the host read-back
+        step.read_back(state[n_out:n_out + 1], tokens)    # the host read-back, as generation does it
     run()
     step.check()
     stats = time_steps(run, iters, warmup=min(10, iters))

@@ -43,7 +43,7 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
                                              "switch_tasks": 0, "switch_work_us": 0.0,
                                              "repeat_tasks": 0, "repeat_work_us": 0.0})
     programs, longest = [], []
-    ops = collections.defaultdict(lambda: {"tasks": 0, "first_start_us": float("inf"),
+    ops = collections.defaultdict(lambda: {"kinds": [], "tasks": 0, "first_start_us": float("inf"),
                                            "first_ready_us": float("inf"), "last_done_us": 0.0,
                                            "work_us": 0.0, "wait_us": 0.0})
     for p in range(len(bounds) - 1):
@@ -52,25 +52,28 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
         for qi in range(bounds[p], bounds[p + 1]):
             start, ready, done = stamps[qi]
             kind, task = records[qi]
-            k = kinds[KIND_NAMES.get(kind, str(kind))]
+            kind_name = KIND_NAMES.get(kind, str(kind))
+            wait_us, work_us = (ready - start) / 1e3, (done - ready) / 1e3
+            k = kinds[kind_name]
             k["tasks"] += 1
-            k["wait_us"] += (ready - start) / 1e3
-            k["work_us"] += (done - ready) / 1e3
+            k["wait_us"] += wait_us
+            k["work_us"] += work_us
             side = "repeat" if kind == prev else "switch"
             k[f"{side}_tasks"] += 1
-            k[f"{side}_work_us"] += (done - ready) / 1e3
+            k[f"{side}_work_us"] += work_us
             prev = kind
             busy += done - ready
             name = step.task_names.get(task, f"t{task}")
-            longest.append(((done - ready) / 1e3, (ready - t_min) / 1e3, p, name))
+            longest.append((work_us, (ready - t_min) / 1e3, p, name))
             o = ops[op_of(name)]
-            o["kind"] = KIND_NAMES.get(kind, str(kind))
+            if kind_name not in o["kinds"]:     # an op lowered to several kinds (e.g. the experts)
+                o["kinds"].append(kind_name)
             o["tasks"] += 1
             o["first_start_us"] = min(o["first_start_us"], (start - t_min) / 1e3)
             o["first_ready_us"] = min(o["first_ready_us"], (ready - t_min) / 1e3)
             o["last_done_us"] = max(o["last_done_us"], (done - t_min) / 1e3)
-            o["work_us"] += (done - ready) / 1e3
-            o["wait_us"] += (ready - start) / 1e3
+            o["work_us"] += work_us
+            o["wait_us"] += wait_us
         programs.append(busy / span_ns if span_ns else 0.0)
     longest.sort(reverse=True)
     total_work = sum(k["work_us"] for k in kinds.values()) or 1.0
@@ -97,7 +100,8 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
             "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["work_us"])),
             # the step's timeline: each op's tasks from the first one ready to the last one done,
             # in the order they became ready (which ops overlap; where the chain is)
-            "ops": [{"op": name, **o} for name, o in sorted(ops.items(), key=lambda kv: kv[1]["first_ready_us"])],
+            "ops": [{"op": name, "kind": "+".join(o.pop("kinds")), **o}
+                    for name, o in sorted(ops.items(), key=lambda kv: kv[1]["first_ready_us"])],
             "longest_tasks": [{"work_us": w, "start_us": s, "program": p, "task": n}
                               for w, s, p, n in longest[:top]]}
 

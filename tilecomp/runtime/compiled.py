@@ -9,8 +9,6 @@ slots, so the compiled prefill chunk and the compiled step share them.
 """
 from __future__ import annotations
 
-import torch
-
 from tilecomp.codegen import layout as L
 from tilecomp.errors import ScheduleError
 from tilecomp.models.cache import ring_slots
@@ -169,7 +167,7 @@ class RecordBuilder:
             for d, s in zip(reversed(dims), reversed(shape)):
                 start += d.lo * stride
                 stride *= s
-            esize = torch.tensor([], dtype=self.b.dtype(slot.arena)).element_size()
+            esize = self.b.dtype(slot.arena).itemsize
             lo = -(-((slot.offset + start) * esize) // 16) * 16
             hi = ((slot.offset + start + region.elements()) * esize) // 16 * 16
             if hi - lo >= L.PF_MIN_BYTES:

@@ -257,12 +257,13 @@ class MegakernelEngine:
             raise TilecompError(f"tiles: MX_DOT={self.consts['MX_DOT']}{how} dequantizes with inline PTX, "
                                 "which the Triton interpreter cannot run (use MX_DOT=3, or MX_DOT=9 "
                                 "with PTX_ASM=0, on CPU)")
-        if self.consts.get("WPF", 0) and interpreting():
-            raise TilecompError(f"tiles: WPF={self.consts['WPF']} prefetches weights into L2 with inline "
-                                "PTX, which the Triton interpreter cannot run (WPF=0 on CPU)")
-        if self.consts.get("WPF", 0) < 0 or self.consts.get("WPF", 0) % 32:
-            raise TilecompError(f"tiles: WPF={self.consts['WPF']}: expected KB per weight range, a "
-                                "multiple of 32 (one bulk prefetch each), or 0 (off)")
+        wpf = self.consts.get("WPF", 0)
+        if wpf and interpreting():
+            raise TilecompError(f"tiles: WPF={wpf} prefetches weights into L2 with inline PTX, which the "
+                                "Triton interpreter cannot run (WPF=0 on CPU)")
+        if wpf < 0 or wpf % 32:
+            raise TilecompError(f"tiles: WPF={wpf}: expected KB per weight range, a multiple of 32 (one "
+                                "bulk prefetch each), or 0 (off)")
         if self.consts.get("MX_DOT") in EXACT_SCALES:
             self.consts["MX_DOT"] = _exact_mx_dot(target, draft, self.tiles, self.consts["MX_DOT"])
         if self.consts.get("AFRAG"):
