@@ -267,13 +267,22 @@ KINDS: dict[str, KindABI] = _kinds(
 # after each dot, so the next K step's dequantization overlaps the tensor cores).
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
-                   "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0, "WPF": 0, "WPFL": 0}
+                   "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0, "WPF": 0, "WPFL": 0,
+                   "INLINE": 0}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute
 # function as a separate device function (triton.jit(noinline=True): the register allocator
 # sees one kind at a time; a kind in the whole megakernel spilled 28x more than in a kernel of
 # its own, ncu on expert_up_gate, H200, session 10); 0 inlines it (the code of version 8).
+# INLINE (with NOINLINE 1): a mask of kind ids (bit KINDS[name].id; `inline_mask`) whose bodies
+# stay inlined. ptxas serializes every wgmma of a kernel that calls a device function (C7510,
+# "wgmma pipeline crossing function boundary"): with NOINLINE 1 each HGMMA of the expert K loops
+# is followed by a full WARPGROUP.DEPBAR (wait for 0 in flight), so the dequantization of the
+# next K step cannot overlap the tensor cores. An inlined kind keeps Triton's asynchronous waits.
+# Measured (v19, session 19, H100): INLINE=expert_up_gate+expert_down takes the expert phases
+# alone 229 -> 217 us (up_gate) and 148 -> 139 us (down), but the whole flash 8L block-8 step is
+# slower (8.79 / 8.89 ms against 8.63 / 8.63; the frame then spills 112 / 136 bytes), so it is 0.
 # WPF (KB; 0 = off): cross-task prefetch. Before its bounded wait, a task has one thread issue
 # Hopper's bulk L2 prefetch (cp.async.bulk.prefetch.L2, 32 KB per instruction) for the first WPF KB
 # of each of its contiguous weight ranges (record words F_PF0..: runtime/compiled.py
@@ -281,7 +290,7 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN
 # flash 8L trace, docs/PERF.md v18: 28% of program time is waiting) instead of after the wait.
 # WPFL 1 marks the prefetched lines evict_last, so streams that pass between the prefetch and the
 # task's own loads do not push them out. GPU only (inline PTX; the interpreter refuses WPF > 0).
-FRAME_CONSTEXPRS = ("NOINLINE", "WPF", "WPFL")
+FRAME_CONSTEXPRS = ("NOINLINE", "INLINE", "WPF", "WPFL")
 
 
 def tile_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -358,6 +367,14 @@ GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 4, "
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}
+
+
+def inline_mask(*names: str) -> int:
+    """INLINE's value that keeps the named kinds inlined under NOINLINE 1."""
+    mask = 0
+    for name in names:
+        mask |= 1 << kind_abi(name).id
+    return mask
 
 # The step state: int32 words in arena_i32 (at the engine's `state` slot). The host
 # writes them once per request; the accept task updates them at the end of each step.

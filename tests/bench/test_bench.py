@@ -153,6 +153,10 @@ def test_bench_switches_parse_and_name_bad_values():
     assert parse_tiles(["MX_DOT=3", "L2PF=0"]) == {"MX_DOT": 3, "L2PF": 0}
     assert parse_tiles(["MX_DOT=7", "NORM_F32=0"]) == {"MX_DOT": 7, "NORM_F32": 0}
     assert parse_tiles(["MX_DOT=9"]) == {"MX_DOT": 9}
+    assert parse_tiles(["INLINE=expert_up_gate+expert_down"]) == {"INLINE": 768}
+    assert parse_tiles(["INLINE=768", "WPF=96"]) == {"INLINE": 768, "WPF": 96}
+    with pytest.raises(TilecompError, match="'INLINE=expert_upgate'"):
+        parse_tiles(["INLINE=expert_upgate"])
     with pytest.raises(TilecompError, match="'MX_DOT=10'"):
         parse_tiles(["MX_DOT=10"])
     with pytest.raises(TilecompError, match="'NORM_F32=2'"):

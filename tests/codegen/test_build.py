@@ -44,3 +44,43 @@ def test_cli_compile_target_sm90_report_builds_the_engine_megakernels(tmp_path, 
     lines = [line for line in capsys.readouterr().out.splitlines() if ": sm_90 " in line]
     assert len(lines) == 2 and all(line.endswith(" ok") for line in lines), lines
     assert (tmp_path / "kernels" / "report.json").is_file()
+
+
+def test_inline_mask_keeps_the_expert_wgmma_asynchronous_under_noinline(tmp_path):
+    # ptxas serializes every wgmma of a kernel that has one inside a called device function
+    # (C7510): NOINLINE 1 alone does that to the expert K loops; INLINE's mask keeps them inlined.
+    # Built in a subprocess: under TRITON_INTERPRET=1 a noinline function cannot be compiled
+    import json
+    import os
+    import subprocess
+    import sys
+    script = """
+import json, sys, tempfile
+from tilecomp.codegen import layout as L
+from tilecomp.codegen.build import compile_kernel
+from tilecomp.codegen.kernels import constexprs_for
+from tilecomp.codegen.triton_gen import generate_kernel, load_kernel_module
+from tilecomp.models.presets import preset
+cfg, dcfg = preset("mimo-v2-flash", layers=2)
+module = load_kernel_module(generate_kernel(["accept", "expert_down"], constexprs=constexprs_for(cfg, dcfg, 8)),
+                            tempfile.mkdtemp())
+logs = [compile_kernel(module, 90, tiles=dict(XACT=1, NOINLINE=1, INLINE=mask))[1]
+        for mask in (0, L.inline_mask("expert_down"))]
+print(json.dumps(logs))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    serial, inlined = json.loads(out.stdout.strip().splitlines()[-1])
+    if "ptxas info" not in serial:
+        pytest.skip("this Triton does not expose the ptxas log")
+    assert "C7510" in serial and "wgmma" in serial
+    assert "C7510" not in inlined and "ptxas info" in inlined
+
+
+def test_inline_mask_of_kind_names():
+    from tilecomp.codegen import layout as L
+    assert L.inline_mask() == 0
+    assert L.inline_mask("expert_up_gate", "expert_down") == (1 << L.KIND_IDS["expert_up_gate"]) | (1 << L.KIND_IDS["expert_down"])
+    with pytest.raises(Exception, match="'nope'"):
+        L.inline_mask("nope")

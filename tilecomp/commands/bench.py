@@ -93,15 +93,31 @@ def _name_values(items: list[str], flag: str, ok, expected: str) -> dict:
 
 
 SWITCHES = {"MX_DOT": (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), "NORM_F32": (0, 1), "NOINLINE": (0, 1), "PTX_ASM": (0, 1),
-            "ROUTE_DOT": (0, 1, 2), "XPIPE": (0, 1), "WLEFT": (0, 1), "STILE": (0, 1), "AFRAG": (0, 1), "UPLOOP": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
+            "ROUTE_DOT": (0, 1, 2), "XPIPE": (0, 1), "WLEFT": (0, 1), "STILE": (0, 1), "AFRAG": (0, 1), "UPLOOP": (0, 1),
+            "WPFL": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
 COUNTS = ("STAGES", "STAGES_X")   # pipeline depths: any N >= 1
 OPTIONAL_COUNTS = ("L2PF",)        # depths where 0 turns the feature off: any N >= 0
+KB32 = ("WPF",)                    # KB in 32 KB bulk operations: any multiple of 32, 0 = off
+MASKS = ("INLINE",)                # kind masks: N >= 0, or kind names joined by '+' (layout.inline_mask)
 
 
 def parse_tiles(items: list[str]) -> dict:
     """--tile NAME=N ... -> {NAME: N}; N a power of two (tile sizes), a listed value for SWITCHES,
-    >= 1 for COUNTS."""
+    >= 1 for COUNTS, a kind mask for MASKS (INLINE=expert_up_gate+expert_down or its integer)."""
+    from tilecomp.codegen import layout as L
+    items = list(items)
+    for i, item in enumerate(items):
+        name, _, value = item.partition("=")
+        if name in MASKS and value and not value.lstrip("-").isdigit():
+            try:
+                items[i] = f"{name}={L.inline_mask(*value.split('+'))}"
+            except Exception as e:
+                raise TilecompError(f"--tile {item!r}: {e}") from None
     def ok(name, n):
+        if name in MASKS:
+            return n >= 0
+        if name in KB32:
+            return n >= 0 and n % 32 == 0
         if name in SWITCHES:
             return n in SWITCHES[name]
         if name in COUNTS:
@@ -110,7 +126,8 @@ def parse_tiles(items: list[str]) -> dict:
             return n >= 0
         return bool(name) and n > 0 and not n & (n - 1)
     return _name_values(items, "--tile", ok, f"N a power of two (e.g. BLOCK_K=256), {SWITCHES}, "
-                        f">= 1 for {COUNTS}, >= 0 for {OPTIONAL_COUNTS}")
+                        f">= 1 for {COUNTS}, >= 0 for {OPTIONAL_COUNTS}, "
+                        f"a kind mask (N >= 0 or kind+kind) for {MASKS}, a multiple of 32 for {KB32}")
 
 
 def parse_qkv_q_heads(n: int) -> int | None:

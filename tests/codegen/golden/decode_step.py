@@ -6,7 +6,7 @@ import triton.language as tl
 
 KERNEL_NAME = "decode_step"
 RECORD_WORDS = tl.constexpr(54)
-CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'L2PF': 0, 'NOINLINE': 0, 'NORM_F32': 0, 'STAGES': 3, 'UPLOOP': 0, 'WALIGN': 1, 'WPF': 0, 'WPFL': 0}
+CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'INLINE': 0, 'L2PF': 0, 'NOINLINE': 0, 'NORM_F32': 0, 'STAGES': 3, 'UPLOOP': 0, 'WALIGN': 1, 'WPF': 0, 'WPFL': 0}
 
 
 # -- embed: the task's work after its wait (record args r_*, constexprs) --
@@ -359,6 +359,7 @@ def decode_step(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    INLINE: tl.constexpr,
     L2PF: tl.constexpr,
     NOINLINE: tl.constexpr,
     NORM_F32: tl.constexpr,
@@ -431,10 +432,10 @@ def decode_step(
             if TRACE:
                 tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
-                if NOINLINE:
-                    _embed_noinline(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, BLOCK_T, BLOCK_D)
-                else:
+                if (NOINLINE == 0) | ((INLINE >> 1) % 2 == 1):
                     _embed(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, BLOCK_T, BLOCK_D)
+                else:
+                    _embed_noinline(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, BLOCK_T, BLOCK_D)
         elif kind == 2:  # linear
             r_x = tl.multiple_of(tl.load(rec + 4), AALIGN)
             r_x_stride = tl.multiple_of(tl.load(rec + 5), AALIGN)
@@ -455,7 +456,7 @@ def decode_step(
             r_y_stride = tl.multiple_of(tl.load(rec + 20), AALIGN)
             r_n_rows = tl.load(rec + 21)
             r_rows = tl.load(rec + 22)
-            if NOINLINE == 0:
+            if (NOINLINE == 0) | ((INLINE >> 2) % 2 == 1):
                 # -- linear: loads that do not depend on other tasks (weights) --
                 ln_n = r_n0 + tl.arange(0, BLOCK_N)
                 ln_k = tl.arange(0, BLOCK_K)
@@ -494,10 +495,10 @@ def decode_step(
             if TRACE:
                 tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
-                if NOINLINE:
-                    _linear_noinline(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ESIZE, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, WALIGN, L2PF, NORM_F32, UPLOOP)
-                else:
+                if (NOINLINE == 0) | ((INLINE >> 2) % 2 == 1):
                     _linear(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ln_k, ln_n, ln_nmask, ln_w, ln_wu, ESIZE, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, WALIGN, L2PF, NORM_F32, UPLOOP)
+                else:
+                    _linear_noinline(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ESIZE, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, WALIGN, L2PF, NORM_F32, UPLOOP)
         elif kind == 13:  # accept
             r_state = tl.load(rec + 4)
             r_draft_tok = tl.load(rec + 5)
@@ -526,10 +527,10 @@ def decode_step(
             if TRACE:
                 tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
-                if NOINLINE:
-                    _accept_noinline(arena_i32, r_state, r_draft_tok, r_post_tok, r_n_block, r_out_tokens, r_block, r_draft_block, r_mask_id, BLOCK_T)
-                else:
+                if (NOINLINE == 0) | ((INLINE >> 13) % 2 == 1):
                     _accept(arena_i32, r_state, r_draft_tok, r_post_tok, r_n_block, r_out_tokens, r_block, r_draft_block, r_mask_id, BLOCK_T)
+                else:
+                    _accept_noinline(arena_i32, r_state, r_draft_tok, r_post_tok, r_n_block, r_out_tokens, r_block, r_draft_block, r_mask_id, BLOCK_T)
         if wait_ok:
             # release: every store of this task is done before the counters move
             tl.debug_barrier()
