@@ -106,11 +106,12 @@ KINDS: dict[str, KindABI] = _kinds(
     # k/v written to cache row (pos + t) % ring of the head ([n_kv, ring, D]). wq < 0: k/v only (draft context)
     # q_head0 / q_heads: the group's query heads this task projects (q_heads 0: all of them);
     # wk < 0: no k/v (a query-only part of a split group); rope_part 1 / 2: only the rotary rows
-    # (the first rope_dim of each q / k head) / only the others (0: all)
+    # (the first rope_dim of each q / k head) / only the others (0: all); row1 > row0: the
+    # others only from row row0 to row1 of the head (q / k; v: its rows), the rotary rows not at all
     ("qkv_rope_kv", ("x", "x_stride", "norm", "eps_bits", "wq", "wk", "wv", "q_out", "k_cache",
                      "v_cache", "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
                      "rope_dim", "theta_bits", "v_scale_bits", "dim", "pos", "ring", "n_rows",
-                     "rows", "q_head0", "q_heads", "rope_part"),
+                     "rows", "q_head0", "q_heads", "rope_part", "row0", "row1"),
      ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES", "WALIGN", "L2PF", "AALIGN", "NORM_F32")),
     # (kv head, chunk): partial (m, l, acc) of the head group's queries; key j at cache row
     # j % ring; pos = arena_i32 offset of the block start; causal 0 = the draft's form

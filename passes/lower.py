@@ -46,6 +46,9 @@ class LowerOptions:
     #                               a KV head as two tasks (1) or one (0)
     qkv_split_rope: int = 0       # with qkv_q_heads == 1: each q head's and k head's rotary rows
     #                               (the first rope_dim) and its other rows as two tasks
+    qkv_rows: int = 0             # with qkv_q_heads == 1 and qkv_split_kv: the rotary rows of each
+    #                               q / k head as one task, its other rows and each v head's rows in
+    #                               tasks of at most this many rows (tasks of about one size)
     router_block: int = -1       # experts per split-router moe_route task (0: one router task;
     #                              -1: balanced over the programs, 32 with fixed tile sizes)
     min_n_tiles: int = 32         # split K when a linear has fewer N tiles than this ...

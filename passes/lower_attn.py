@@ -65,17 +65,18 @@ def _kv_part(lw: Lowering, which: str, g: int, wk: str, wv: str, kc: str, vc: st
              k_rows: tuple[int, int] | None = None):
     """(reads, writes, record args) of the k and / or v projection ("k" / "v" in `which`) of KV
     head g: weight rows and cache rows of the block's T positions; k_rows limits k to those rows
-    of the head (its rotary rows or the others)."""
+    of the head (its rotary rows or the others), or, for a v-only part, v to those rows."""
     hd, vd = lw.tp.buffers[kc].shape[2], lw.tp.buffers[vc].shape[2]
     r0, r1 = k_rows or (0, hd)
+    v0, v1 = (r0, r1) if which == "v" and k_rows else (0, vd)     # a v-only part's rows
     reads, writes, args = [], [], dict(wk=None, wv=None, k_cache=None, v_cache=None)
     if "k" in which:
         reads.append(lw.region(wk, (g * hd + r0, g * hd + r1)))
         writes.append(lw.region(kc, (g, g + 1), (0, T, "pos"), (r0, r1)))
         args.update(wk=wk, k_cache=kc)
     if "v" in which:
-        reads.append(lw.region(wv, (g * vd, (g + 1) * vd)))
-        writes.append(lw.region(vc, (g, g + 1), (0, T, "pos")))
+        reads.append(lw.region(wv, (g * vd + v0, g * vd + v1)))
+        writes.append(lw.region(vc, (g, g + 1), (0, T, "pos"), (v0, v1)))
         args.update(wv=wv, v_cache=vc)
     return reads, writes, args
 
@@ -121,6 +122,31 @@ def _qkv_parts(G: int, per_task: int | None, split_kv: bool = False) -> list[tup
         ([(0, 0, "k"), (0, 0, "v")] if split_kv else [(0, 0, "kv")])
 
 
+def _qkv_row_parts(G: int, hd: int, vd: int, rope: int, options) -> list[tuple]:
+    """(first query head, query heads, "k" / "v" / "kv" / "", rope_part, (row0, row1), ranged) of
+    each task of one KV head. qkv_split_rope: the rotary rows of each q / k head (rope_part 1)
+    apart from the others (2). qkv_rows (with one query head per task and k / v split): besides,
+    the other rows of each q / k head and the rows of v in chunks of at most qkv_rows rows
+    (`ranged`: the task's row0 / row1 name them), so the phase is tasks of about one size that the
+    scheduler can spread evenly over the programs."""
+    base = _qkv_parts(G, options.qkv_q_heads, bool(options.qkv_split_kv))
+    step = options.qkv_rows
+    if step > 0 and options.qkv_q_heads == 1 and options.qkv_split_kv:
+        out = []
+        for h0, nq, kv in base:
+            n = vd if kv == "v" else hd
+            lo = 0 if kv == "v" else rope
+            if kv != "v" and 0 < rope:
+                out.append((h0, nq, kv, 1, (0, rope), False))
+            out += [(h0, nq, kv, 2, (c, min(n, c + step)), True) for c in range(lo, n, step)]
+        return out
+    if options.qkv_split_rope and options.qkv_q_heads == 1 and 0 < rope < hd:
+        # the rotary rows and the others of each q head and k head as tasks of their own
+        return [(h0, nq, kv, rp, (0, rope) if rp == 1 else (rope, hd), False)
+                for h0, nq, kv in base for rp in ((1, 2) if nq or "k" in kv else (0,))]
+    return [(h0, nq, kv, 0, (0, hd), False) for h0, nq, kv in base]
+
+
 def lower_qkv(lw: Lowering, op: Op):
     """Per KV head: its G query heads, k and v rows, partial RoPE, cache write. With
     `qkv_q_heads` set, the query heads go in groups of that many per task and one more
@@ -134,19 +160,14 @@ def lower_qkv(lw: Lowering, op: Op):
     kc, vc = lw.buf[k_in], lw.buf[v_in]
     norm = op.kwarg("norm") and lw.weight(op.kwarg("norm"))
     pos, pos_regions = lw.scalar_reads(pos_v)
-    parts = _qkv_parts(G, lw.options.qkv_q_heads, bool(lw.options.qkv_split_kv))
     rope = a["rope_dim"]
-    if lw.options.qkv_split_rope and lw.options.qkv_q_heads == 1 and 0 < rope < hd:
-        # the rotary rows and the others of each q head and k head as tasks of their own
-        parts = [(h0, nq, kv, rp) for h0, nq, kv in parts for rp in ((1, 2) if nq or "k" in kv else (0,))]
-    else:
-        parts = [(h0, nq, kv, 0) for h0, nq, kv in parts]
+    parts = _qkv_row_parts(G, hd, vd, rope, lw.options)
     for g in range(hkv):
         signal = f"c.{q}.h{g}"
-        for part, (h0, nq, kv, rp) in enumerate(parts):
-            r0, r1 = (0, rope) if rp == 1 else (rope, hd) if rp == 2 else (0, hd)    # rows of a q / k head
+        for part, (h0, nq, kv, rp, (r0, r1), ranged) in enumerate(parts):
             cols = ((g * G + h0) * hd + r0, (g * G + h0 + nq - 1) * hd + r1) if nq else None
-            kv_reads, kv_writes, kv_args = _kv_part(lw, kv, g, lw.weight(wk), lw.weight(wv), kc, vc, T, (r0, r1))
+            kv_rows = (r0, r1) if kv != "v" or ranged else None      # v: only a ranged part's rows
+            kv_reads, kv_writes, kv_args = _kv_part(lw, kv, g, lw.weight(wk), lw.weight(wv), kc, vc, T, kv_rows)
             reads = [lw.region(x)] + ([lw.region(lw.weight(wq), cols)] if nq else []) + kv_reads
             reads += ([lw.region(norm)] if norm else []) + pos_regions
             writes = ([lw.region(q, None, cols)] if nq else []) + kv_writes
@@ -156,6 +177,7 @@ def lower_qkv(lw: Lowering, op: Op):
                          wq=lw.weight(wq) if nq else None, q_out=q if nq else None, **kv_args, head=g, q_head0=h0,
                          q_heads=nq, n_heads_q=hq, n_kv_heads=hkv, head_dim=hd, v_head_dim=vd,
                          rope_dim=rope, theta=float(a["theta"]), rope_part=rp,
+                         **(dict(row0=r0, row1=r1) if ranged else {}),
                          v_scale=float(a.get("value_scale", 1.0)), dim=lw.shape(x)[1], pos=pos,
                          ring=lw.tp.buffers[kc].shape[1], n_rows=T))
         for r in (lw.region(q, None, (g * G * hd, (g + 1) * G * hd)), lw.region(kc, (g, g + 1), (0, T, "pos")),

@@ -252,3 +252,42 @@ def test_kv_chunk_zero_sizes_the_attention_chunks_to_fill_the_programs():
         if span >= 4096:                                   # the full-attention layer
             assert 0.9 * P <= len(parts) <= P + parts[0].attrs["n_kv_heads"], (op, len(parts), chunk)
     verify_schedule(tp)
+
+
+def test_qkv_rows_cuts_each_head_into_tasks_of_about_one_size(tiny):
+    """qkv_rows: the rotary rows of each q / k head as one task, the head's other rows and each v
+    head's rows in chunks of at most qkv_rows rows, each chunk reading exactly its weight rows and
+    writing exactly its q columns / cache dims; together they cover every row once."""
+    cfg, _, c = tiny
+    step = 8
+    tp = lower(c.fused, LowerOptions(qkv_q_heads=1, qkv_rows=step))
+    verify_tile(tp)
+    spec = cfg.attn(1)
+    G, hd, vd, rope = spec.n_heads // spec.n_kv_heads, spec.head_dim, spec.v_head_dim, spec.rope_dim
+    assert 0 < rope < hd and (hd - rope) > step      # the tiny model has chunks to cut
+    h0 = [t for t in tp.tasks if t.kind == "qkv_rope_kv" and t.attrs["op"] == "L1.q_rot" and t.coords["kv_head"] == 0]
+    chunks = [(c0, min(hd - rope, c0 + step)) for c0 in range(0, hd - rope, step)]
+    per_head = 1 + len(chunks)
+    v_chunks = [(c0, min(vd, c0 + step)) for c0 in range(0, vd, step)]
+    assert len(h0) == (G + 1) * per_head + len(v_chunks)
+    q_rows, k_dims, v_dims = [], [], []
+    for t in h0:
+        a = t.attrs
+        ranged = a.get("row1", 0) > a.get("row0", 0)
+        assert a["rope_part"] == (2 if ranged else 1)
+        for r in t.reads:
+            if r.buffer.endswith("q_proj.weight") and a["q_head0"] == 0:
+                q_rows.append((r.dims[0].lo, r.dims[0].hi))
+            if r.buffer.endswith("v_proj.weight"):
+                assert (r.dims[0].lo, r.dims[0].hi) == (a["row0"], a["row1"])
+        for r in t.writes:
+            if "v_cache" in a and r.buffer == a["v_cache"]:
+                v_dims.append(r.dims[2][:2])
+            elif "k_cache" in a and r.buffer == a["k_cache"]:
+                k_dims.append(r.dims[2][:2])
+        rows = max(r.dims[0].hi - r.dims[0].lo for r in t.reads if r.buffer.endswith("_proj.weight"))
+        assert rows <= max(step, rope)
+    assert q_rows == [(0, rope)] + [(rope + a, rope + b) for a, b in chunks]
+    assert k_dims == [(0, rope)] + [(rope + a, rope + b) for a, b in chunks]
+    assert v_dims == v_chunks
+    assert tp.counters["c.L1.q_rot.h0"].expected == len(h0)

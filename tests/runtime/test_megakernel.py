@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tilecomp.codegen.harness import Megakernel
+from tilecomp.codegen import layout as L
 from tilecomp.codegen.layout import KIND_IDS, tile_scales
 from tilecomp.codegen.mxfp4_ptx import afrag_order, repack_words
 from tilecomp.errors import DeadlockError, TilecompError
@@ -93,6 +94,21 @@ def test_split_qkv_tasks_and_tuning_switches_give_the_same_tokens():
     # q heads and k heads as rotary-rows and other-rows tasks, v heads whole
     per_layer = [2 * cfg.attn(i).n_heads + 3 * cfg.attn(i).n_kv_heads for i in range(cfg.num_hidden_layers)]
     assert len(qkv) == sum(per_layer)
+
+
+def test_qkv_rows_chunks_give_the_reference_logits():
+    """qkv_rows: the q / k heads' other rows and the v heads' rows as chunks of 8 rows (each
+    chunk a task, its rows named in the record) give the reference's logits."""
+    target, draft = models(4)
+    ids = prompt(4, 7)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, qkv_q_heads=1, lower={"qkv_rows": 8})
+    records = engine.step_program("plain").records.tolist()
+    row0, row1 = (L.kind_abi("qkv_rope_kv").arg_word(n) for n in ("row0", "row1"))
+    ranged = [r for r in records if r[0] == KIND_IDS["qkv_rope_kv"] and r[row1] > r[row0]]
+    assert ranged and all(r[row1] - r[row0] <= 8 for r in ranged)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_tile_override_is_named():

@@ -64,7 +64,11 @@ def task_bytes(kind: str, row: list[int], consts: dict, wbytes: int, plan_count)
         rep = a("n_heads_q") // a("n_kv_heads")
         n_q = (a("q_heads") if a("q_heads") > 0 else rep - a("q_head0")) if a("wq") >= 0 else 0
         part = {1: a("rope_dim"), 2: a("head_dim") - a("rope_dim")}.get(a("rope_part"), a("head_dim"))
-        rows = (n_q + (a("wk") >= 0)) * part + (a("v_head_dim") if a("wv") >= 0 else 0)
+        if a("row1") > a("row0"):       # a qkv_rows chunk: those rows of its one q / k / v head
+            part = a("row1") - a("row0")
+            rows = (n_q + (a("wk") >= 0) + (a("wv") >= 0)) * part
+        else:
+            rows = (n_q + (a("wk") >= 0)) * part + (a("v_head_dim") if a("wv") >= 0 else 0)
         return rows * a("dim") * wbytes
     if kind == "moe_route" and a("split") != 0:
         return _span(row, kind, "e0", "e1", consts["BLOCK_RN"], a("n_experts")) * a("dim") * 4
