@@ -77,6 +77,7 @@ def test_plain_decoding_runs_the_compiled_plain_schedule(arena_guards):
     assert plain.records.shape[0] == len(compiled.plain_schedule.tasks)
     assert plain.counter_names == list(compiled.plain_schedule.counters)
     assert all(plain.task_names[t.id].startswith(f"{t.kind} [{t.name} ") for t in compiled.plain_schedule.tasks)
+    assert all(plain.task_ops[t.id] == (t.attrs.get("op") or t.name) for t in compiled.plain_schedule.tasks)
     assert plain.epoch == 4
     # sampled: the same shared rule as the reference; a second request continues the epochs
     kw = dict(use_draft=False, temperature=0.9, top_p=0.9, seed=1234)

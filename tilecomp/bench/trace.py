@@ -22,14 +22,6 @@ from tilecomp.codegen import layout as L
 KIND_NAMES = {k.id: name for name, k in L.KINDS.items()}
 
 
-def op_of(task_name: str) -> str:
-    """The graph op of an engine task name, "kind [t12 L3.attn]" -> "L3.attn" (the task name
-    itself when it carries no op)."""
-    inner = task_name[task_name.find("[") + 1:task_name.rfind("]")] if "[" in task_name else task_name
-    parts = inner.split()
-    return parts[-1] if parts else task_name
-
-
 def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
     """step: a StepProgram launched once with `trace`; trace: int64 [n_tasks (+ programs), 3]:
     the tasks' stamps, then (where the kernel wrote them) each program's entry and exit."""
@@ -65,7 +57,7 @@ def summarize(step, trace: torch.Tensor, top: int = 15) -> dict:
             busy += done - ready
             name = step.task_names.get(task, f"t{task}")
             longest.append((work_us, (ready - t_min) / 1e3, p, name))
-            o = ops[op_of(name)]
+            o = ops[step.task_ops.get(task, name)]
             if kind_name not in o["kinds"]:     # an op lowered to several kinds (e.g. the experts)
                 o["kinds"].append(kind_name)
             o["tasks"] += 1

@@ -23,7 +23,7 @@ Same interface as ReferenceEngine (docs/INTERFACES.md).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -51,6 +51,9 @@ class StepProgram:
     errors: torch.Tensor
     counter_names: list[str]
     task_names: dict[int, str]
+    # the graph op each task computes a part of (task id -> op, e.g. "L3.attn"; the task's name
+    # where it has none): what the trace's per-op timeline groups by
+    task_ops: dict[int, str] = field(default_factory=dict)
     epoch: int = 0
     # cuda_graph: each step is one replay of a CUDA graph holding [epoch_buf += 1, the kernel
     # launched with epoch 0], so a step pays no per-launch host work (Triton's argument binding
@@ -322,6 +325,7 @@ class MegakernelEngine:
         queues = RecordBuilder(self.builder, tp, norm_arena=L.norm_arena(self.consts)).queues()
         consts = tile_constexprs(tp, self.consts, widen=interpreting())
         names = {t.id: f"{t.kind} [{t.name} {t.attrs.get('op', '')}]" for t in tp.tasks}
+        ops = {t.id: str(t.attrs.get("op") or t.name) for t in tp.tasks}
         L.check_alignment(queues, consts.get("WALIGN", 1), names)
         consts = L.fit_act_alignment(consts, queues)   # the activation hint as far as the records allow
         # the artifacts' / cached kernel, launched with this program's tile sizes (on a GPU the
@@ -331,7 +335,7 @@ class MegakernelEngine:
         records, queue = L.pack_records(queues, self.device)
         return StepProgram(kernel, records, queue, new_counters(len(tp.counters), self.device),
                            new_errors(len(queues), self.device), list(tp.counters), names,
-                           cuda_graph=self.cuda_graph)
+                           task_ops=ops, cuda_graph=self.cuda_graph)
 
     @torch.no_grad()
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
