@@ -61,7 +61,7 @@ def constexprs_for(cfg, dcfg, rows: int) -> dict:
         v_dims.append(dcfg.head_dim)
         rope_dims.append(dcfg.head_dim)
     return dict(BLOCK_T=max(16, _pow2(rows)), BLOCK_D=min(128, _pow2(cfg.hidden_size)),
-                BLOCK_N=64, BLOCK_NX=64, BLOCK_NH=64, BLOCK_K=64, BLOCK_KX=64, BLOCK_RN=32, BLOCK_KR=64,
+                BLOCK_N=64, BLOCK_NC=64, BLOCK_NX=64, BLOCK_NH=64, BLOCK_K=64, BLOCK_KX=64, BLOCK_RN=32, BLOCK_KR=64,
                 BLOCK_HD=max(16, _pow2(max(head_dims))), BLOCK_HV=max(16, _pow2(max(v_dims))),
                 BLOCK_TA=max(16, _pow2(rows)), BLOCK_S=32,
                 BLOCK_E=max(16, _pow2(cfg.n_routed_experts)), BLOCK_V=16,

@@ -146,7 +146,7 @@ KINDS: dict[str, KindABI] = _kinds(
      ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
-     ("BLOCK_T", "BLOCK_N", "STAGES")),
+     ("BLOCK_T", "BLOCK_NC", "STAGES_C")),
     # logits tile + per-row (max key, argmax) of the tile; key = logit (greedy) or
     # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift
     ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "n1", "logits",
@@ -273,10 +273,20 @@ KINDS: dict[str, KindABI] = _kinds(
 # per unit: ~7 units of 32 K steps per up_gate task and ~14 of 16 per down task at flash block 8).
 # sm_90 build: one loop with the unit's setup and epilogue behind branches; its common path is
 # ~495 instructions per up_gate K step (452 nested) and ~330 per down step (287).
+# STAGES_C / BLOCK_NC (moe_combine): the slot loop's pipeline depth and column tile. The combine
+# sums ~57 slot partials (flash block 8) one after another; each is a small load from L2, so the
+# task is a chain of load latencies with STAGES_C - 1 of them in flight (the v18 trace: 64 us per
+# combine task, on every MoE layer's chain). BLOCK_NC as wide as the lowering's column range (128)
+# walks the slots once per task instead of once per BLOCK_NC tile. The CPU values: 3 and BLOCK_N.
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
                    "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0, "WPF": 0, "WPFL": 0,
-                   "INLINE": 0, "XFLAT": 0}
+                   "INLINE": 0, "XFLAT": 0, "STAGES_C": 3}
+
+
+# tile sizes that default to another one when a kernel's constexprs leave them out
+# (moe_combine's column tile is the linear tile unless a GPU tuning widens it)
+DERIVED_TILES = {"BLOCK_NC": "BLOCK_N"}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute

@@ -227,6 +227,9 @@ def generate_kernel(kinds, name: str = "decode_step", constexprs: dict | None = 
     values = dict(constexprs or {})
     if constexprs is not None:
         values = {**L.TUNING_DEFAULTS, **values}   # tuning knobs have defaults, tile sizes do not
+        for derived, source in L.DERIVED_TILES.items():
+            if derived not in values and source in values:
+                values[derived] = values[source]
         values = {k: v for k, v in values.items() if k in names or k in constexprs}
     missing = [n for n in names if n not in values]
     if constexprs is not None and missing:

@@ -103,7 +103,7 @@ def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None, parts=0)
 
 
 def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=None, mx_dot=3, parts=0,
-            block_kx=None):
+            block_kx=None, tiles=None):
     T, D = x.shape
     b = moe_arenas(moe, x, norm_w, n_slots, logits_in=logits_in)
     arenas = b.build()
@@ -112,7 +112,8 @@ def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=Non
         recs = [r for r in recs if r.kind in stages]
     E = moe.experts.gate_proj_blocks.shape[0]
     const = dict(BLOCK_T=16, BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_K=BLOCK_K,
-                 BLOCK_KX=block_kx or BLOCK_K, BLOCK_KR=BLOCK_K, BLOCK_RN=BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NX=BLOCK_N, MX_DOT=mx_dot)
+                 BLOCK_KX=block_kx or BLOCK_K, BLOCK_KR=BLOCK_K, BLOCK_RN=BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NX=BLOCK_N, MX_DOT=mx_dot,
+                 **(tiles or {}))
     run_tasks([recs], arenas, const, n_counters=4)
     return arenas
 
@@ -152,6 +153,18 @@ def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk
     stays NaN garbage, so a body that reads it poisons y). parts > 0: the experts as `parts`
     tasks per kind that split the routed (slot, tile) units at run time; the parts' boundaries
     fall inside slots, and with more parts than units some parts are empty."""
+    check_moe_chain(T, dim, inter, E, top_k, scaling, norm_topk, task_n, mx_dot, parts)
+
+
+@pytest.mark.parametrize("tiles", [dict(BLOCK_NC=32, STAGES_C=5), dict(XFLAT=1, STAGES_C=1)],
+                         ids=["combine-narrow-tiles-deep-pipeline", "flat-units-combine-unpipelined"])
+def test_moe_chain_under_combine_and_unit_loop_switches(tiles):
+    """moe_combine's own column tile (BLOCK_NC, several partial tiles per 64-column task here)
+    and slot pipeline depth (STAGES_C), and the experts' flattened unit loop (XFLAT): the same y."""
+    check_moe_chain(*CASES[2].values, mx_dot=3, parts=5, tiles=tiles)
+
+
+def check_moe_chain(T, dim, inter, E, top_k, scaling, norm_topk, task_n, mx_dot, parts, tiles=None):
     gen = torch.Generator().manual_seed(100 * T + dim + E)
     moe = make_moe(gen, dim=dim, inter=inter, n_experts=E, top_k=top_k, scaling=scaling,
                    norm_topk=norm_topk)
@@ -164,7 +177,7 @@ def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk
     experts, weights = reference_plan(moe, xn)
     n_slots = min(E, len(experts) + 2)               # more slots than chosen experts: some empty
     arenas = run_moe(moe, x, norm.weight.detach(), n_slots, task_n=task_n, mx_dot=mx_dot, parts=parts,
-                     block_kx=128 if mx_dot == 6 else None)     # 6: the GPU's K step, word tails masked
+                     block_kx=128 if mx_dot == 6 else None, tiles=tiles)   # 6: the GPU's K step, word tails masked
     plan = arenas.view("plan")
     count = int(plan[0])
     assert count == len(experts) and plan[1:1 + count].tolist() == experts

@@ -238,4 +238,5 @@ def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
         consts["BLOCK_N"] = max(consts["BLOCK_N"], pow2(max(widths)))
         consts["BLOCK_NX"] = max(consts.get("BLOCK_NX", 0), consts["BLOCK_N"])     # the experts' rows
         consts["BLOCK_NH"] = max(consts.get("BLOCK_NH", 0), consts["BLOCK_N"])     # the LM head's rows
+        consts["BLOCK_NC"] = max(consts.get("BLOCK_NC", 0), consts["BLOCK_N"])     # moe_combine's columns
     return consts
