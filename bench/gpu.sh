@@ -10,8 +10,37 @@
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-# BUDGET_S (default 580): seconds the whole call may take; each step's limit is cut to what is left
+# BUDGET_S (default 580): seconds the whole call may take; each step's limit is cut to what is left.
+# Keep it under the device tool's limit for the call (the session's device time left can be less
+# than 600 s): a call killed at that limit runs finalize from its TERM trap, if it gets the chance.
 END=$(( $(date +%s) + ${BUDGET_S:-580} ))
+# finalize: at the end of every call (also on TERM / INT), the var-*.json files merge into
+# sweep.json (keys: the variant names; an existing sweep.json keeps its other keys) and the logs go
+# into logs.tgz, so a call returns a few files (the device tool caps their count) whatever step it
+# stopped at. The 'sweep-json' and 'logs' steps are kept for old command lines; they do nothing more.
+FINALIZED=
+finalize() {
+  [[ -n $FINALIZED ]] && return; FINALIZED=1
+  python3 - "$OUT" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+files = sorted(glob.glob(out + "/var-*.json"))
+if files:
+    path = out + "/sweep.json"
+    sweep = json.load(open(path)) if os.path.exists(path) else {}
+    for f in files:
+        try:
+            sweep[os.path.basename(f)[4:-5]] = json.load(open(f))
+        except ValueError:
+            continue            # a variant killed while writing its JSON: its log says so
+    json.dump(sweep, open(path, "w"), indent=1)
+    for f in files:
+        os.remove(f)
+PY
+  (cd "$OUT" && if compgen -G "*.log" >/dev/null; then tar czf logs.tgz *.log && rm -f *.log; fi)
+}
+trap finalize EXIT
+trap 'exit 143' TERM INT
 step() {   # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
   local left=$(( END - $(date +%s) ))
@@ -100,9 +129,7 @@ for s in "$@"; do
     benchv\ *) benchv ${s#benchv } ;;
     tracev\ *) tracev ${s#tracev } ;;     # e.g. 'tracev small-b1 small 8 1'
     pick\ *) pick ${s#pick } ;;
-    sweep-json) python3 -c "import glob, json, os, sys; json.dump({os.path.basename(f)[4:-5]: json.load(open(f)) for f in sorted(glob.glob(sys.argv[1] + '/var-*.json'))}, open(sys.argv[1] + '/sweep.json', 'w'), indent=1)" "$OUT"
-                rm -f "$OUT"/var-*.json ;;
-    logs) (cd "$OUT" && tar czf logs.tgz *.log && rm -f *.log) ;;
+    sweep-json|logs) ;;     # finalize does both at the end of the call
     install) step install 120 python3 -m pip install --no-deps --no-build-isolation -e . ;;
     env) step env 60 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))" ;;
     tokens-tiny) step tokens-tiny 110 python3 -m tilecomp.bench.tokens --preset tiny --prompts 3 --new-tokens 16 --json "$OUT/tokens-tiny.json" ;;
