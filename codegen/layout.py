@@ -294,10 +294,12 @@ DERIVED_TILES = {"BLOCK_NC": "BLOCK_N"}
 # sees one kind at a time; a kind in the whole megakernel spilled 28x more than in a kernel of
 # its own, ncu on expert_up_gate, H200, session 10); 0 inlines it (the code of version 8).
 # INLINE (with NOINLINE 1): a mask of kind ids (bit KINDS[name].id; `inline_mask`) whose bodies
-# stay inlined. ptxas serializes every wgmma of a kernel that calls a device function (C7510,
-# "wgmma pipeline crossing function boundary"): with NOINLINE 1 each HGMMA of the expert K loops
-# is followed by a full WARPGROUP.DEPBAR (wait for 0 in flight), so the dequantization of the
-# next K step cannot overlap the tensor cores. An inlined kind keeps Triton's asynchronous waits.
+# stay inlined. When a wgmma sits in a called device function, ptxas serializes every wgmma of
+# the kernel (C7510, "wgmma pipeline crossing function boundary"): with NOINLINE 1 each HGMMA of
+# the expert K loops is followed by a full WARPGROUP.DEPBAR (wait for 0 in flight), so the
+# dequantization of the next K step cannot overlap the tensor cores. With both expert kinds (the
+# only wgmma users) inlined the message is gone and the waits are asynchronous again, whatever
+# the other kinds do.
 # Measured (v19, session 19, H100): INLINE=expert_up_gate+expert_down takes the expert phases
 # alone 229 -> 217 us (up_gate) and 148 -> 139 us (down), but the whole flash 8L block-8 step is
 # slower (8.79 / 8.89 ms against 8.63 / 8.63; the frame then spills 112 / 136 bytes), so it is 0.
@@ -393,6 +395,7 @@ def inline_mask(*names: str) -> int:
     for name in names:
         mask |= 1 << kind_abi(name).id
     return mask
+
 
 # The step state: int32 words in arena_i32 (at the engine's `state` slot). The host
 # writes them once per request; the accept task updates them at the end of each step.

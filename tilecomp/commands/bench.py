@@ -111,7 +111,7 @@ def parse_tiles(items: list[str]) -> dict:
         if name in MASKS and value and not value.lstrip("-").isdigit():
             try:
                 items[i] = f"{name}={L.inline_mask(*value.split('+'))}"
-            except Exception as e:
+            except TilecompError as e:       # an unknown kind name (layout.kind_abi)
                 raise TilecompError(f"--tile {item!r}: {e}") from None
     def ok(name, n):
         if name in MASKS:
