@@ -59,6 +59,14 @@ variant() {
   step "var-$name" 150 tilecomp bench --preset mimo-v2-flash --layers "$layers" --context 4096 --block "$block" \
     --skip-compile --skip-bf16 --eager-iters 1 --iters 30 --json "$OUT/var-$name.json" "$@"
 }
+# ab NAME LAYERS BLOCK FLAGS...: an interleaved A/B on a flash-shaped step (tilecomp bench
+# --ab-tile / --ab-lower: the defaults against the defaults plus FLAGS, alternating steps, the
+# per-pair difference with a 95% interval), e.g. 'ab flat 8 8 --ab-tile XFLAT=1'; 60 pairs
+ab() {
+  local name=$1 layers=$2 block=$3; shift 3
+  step "ab-$name" 200 tilecomp bench --preset mimo-v2-flash --layers "$layers" --context 4096 --block "$block" \
+    --skip-compile --skip-bf16 --skip-megakernel --eager-iters 1 --iters 60 --json "$OUT/var-ab-$name.json" "$@"
+}
 # svar NAME BLOCK [bench flags...]: the megakernel alone on the small preset's step (context 4096)
 svar() {
   local name=$1 block=$2; shift 2
@@ -128,6 +136,7 @@ PY
 for s in "$@"; do
   case $s in
     var\ *) variant ${s#var } ;;    # e.g. 'var b8-p264 2 8 --programs 264'
+    ab\ *) ab ${s#ab } ;;          # e.g. 'ab flat 8 8 --ab-tile XFLAT=1'
     svar\ *) svar ${s#svar } ;;     # e.g. 'svar fold 1 --lower fold_reduce=1'
     phasesv\ *) phasesv ${s#phasesv } ;;   # e.g. 'phasesv l2pf0 8 --tile L2PF=0'
     tokensv\ *) tokensv ${s#tokensv } ;;   # e.g. 'tokensv mx6 --tile MX_DOT=6'

@@ -145,6 +145,39 @@ def test_run_bench_report_on_cpu():
     assert "floor" in format_table(report)
 
 
+def test_interleaved_ab_times_two_engines_and_names_its_verdict(monkeypatch):
+    """--ab-tile / --ab-lower: the step as given (A) and with the overrides on top (B), built on
+    the same weights and timed alternately; the per-pair differences give the median, a 95%
+    interval and a verdict. The B engine really gets the overrides (its kernel's constexprs);
+    --skip-megakernel leaves out the plain timing, not the A/B."""
+    import tilecomp.bench.run as run_mod
+    built = []
+    real = run_mod._megakernel_step
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        built.append(dict(out[1].kernel.constexprs))
+        return out
+    monkeypatch.setattr(run_mod, "_megakernel_step", spy)
+    args = argparse.Namespace(checkpoint=None, preset="tiny", layers=None, context=20, block=1,
+                              acceptance=6.3, programs=None, iters=3, eager_iters=1, skip_compile=True,
+                              skip_megakernel=True, skip_bf16=True, json=None,
+                              num_warps=4, tiles={"BLOCK_K": 32}, qkv_q_heads=-1, trace=False,
+                              lower_options={}, cuda_graph=None,
+                              ab_tiles={"STAGES_C": 2}, ab_lower={"kv_chunk": 8})
+    report = run_bench(args)
+    ab = report["ab"]
+    assert [c["BLOCK_K"] for c in built[:2]] == [32, 32]
+    assert built[0]["STAGES_C"] == 3 and built[1]["STAGES_C"] == 2
+    assert ab["pairs"] == 3 and ab["a"]["n"] == 3 and ab["b"]["n"] == 3
+    lo, hi = ab["diff_ci95_ms"]
+    assert lo <= ab["diff_median_ms"] <= hi
+    assert ab["verdict"] in ("B faster", "B slower", "inside the noise")
+    assert ab["b_tiles"] == {"STAGES_C": 2} and ab["b_lower"] == {"kv_chunk": 8}
+    assert "A/B (3 interleaved pairs)" in format_table(report) and "--tile STAGES_C=2" in format_table(report)
+    assert "megakernel" not in report["results"]       # --skip-megakernel: the A/B alone
+
+
 def test_bench_switches_parse_and_name_bad_values():
     from tilecomp.commands.bench import parse_lower, parse_tiles
     from tilecomp.errors import TilecompError

@@ -6,6 +6,7 @@ block, and each time comes with its ratio to the floor and achieved GB/s.
 import gc
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -17,7 +18,7 @@ from .acceptance import checkpoint_tokenizer, measure_acceptance
 from .eager_step import EagerStep
 from .floor import step_bytes
 from .static_step import StaticStep
-from .timing import copy_bandwidth_gbps, sync, time_steps
+from .timing import copy_bandwidth_gbps, summarize, sync, time_steps
 
 
 def describe_device() -> str:
@@ -45,15 +46,15 @@ def load_models(args, device):
     return cfg, dcfg, target, draft
 
 
-def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=None) -> dict:
-    """The generated megakernel's step as generation runs it: one launch, then the read-back of
-    the committed tokens. The DFlash step runs the compiler's schedule (`compile_model`); every
-    timed step starts from the same saved step state, so each sees `args.context` positions.
-    With a tokenizer (a checkpoint with a trained draft), the same engine then generates from
-    held-out prompts: stats["measured_acceptance"]."""
+def _megakernel_step(cfg, dcfg, target, draft, args, tiles=None, lower=None):
+    """(engine, step, run, compile_s): a megakernel engine on the bench's weights with `tiles` /
+    `lower` (default: the command line's), its step program, and `run(trace=None)`, one step as
+    generation runs it from the same saved step state (so each sees `args.context` positions)."""
     from tilecomp.codegen import layout as L
     from tilecomp.passes.pipeline import compile_model, engine_options
     from tilecomp.runtime.megakernel import MegakernelEngine
+    tiles = args.tiles if tiles is None else tiles
+    lower = getattr(args, "lower_options", None) if lower is None else lower
     use_draft = draft is not None and args.block > 1
     max_len = args.context + 4 * args.block
     programs = args.programs or (torch.cuda.get_device_properties(0).multi_processor_count
@@ -61,14 +62,12 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=Non
     schedule, compile_s = None, 0.0
     if use_draft:
         t0 = time.time()
-        options = engine_options(max_len, programs, not torch.cuda.is_available(), args.qkv_q_heads,
-                                 getattr(args, "lower_options", None))
+        options = engine_options(max_len, programs, not torch.cuda.is_available(), args.qkv_q_heads, lower)
         schedule = compile_model(cfg, dcfg, options)        # all three programs: no second compile
         compile_s = time.time() - t0
     engine = MegakernelEngine(target, draft if use_draft else None, max_len=max_len,
                               programs=programs, schedule=schedule, num_warps=args.num_warps,
-                              tiles=args.tiles, qkv_q_heads=args.qkv_q_heads,
-                              lower=getattr(args, "lower_options", None),
+                              tiles=tiles, qkv_q_heads=args.qkv_q_heads, lower=lower,
                               cuda_graph=getattr(args, "cuda_graph", None))
     engine._set_state(pos=args.context, last=1, n_ctx=1 if use_draft else 0, ctx_pos=args.context - 1,
                       temp_bits=0, top_p_bits=L.float_bits(1.0), seed=0)
@@ -85,6 +84,18 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=Non
         engine.arenas.view("block").copy_(saved[1])
         step.launch(engine.arenas, trace=trace)
         step.read_back(state[n_out:n_out + 1], tokens)    # the host read-back, as generation does it
+    return engine, step, run, compile_s
+
+
+def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=None) -> dict:
+    """The generated megakernel's step as generation runs it: one launch, then the read-back of
+    the committed tokens. The DFlash step runs the compiler's schedule (`compile_model`); every
+    timed step starts from the same saved step state, so each sees `args.context` positions.
+    With a tokenizer (a checkpoint with a trained draft), the same engine then generates from
+    held-out prompts: stats["measured_acceptance"]."""
+    use_draft = draft is not None and args.block > 1
+    engine, step, run, compile_s = _megakernel_step(cfg, dcfg, target, draft, args)
+    programs = engine.programs
     run()
     step.check()
     stats = time_steps(run, iters, warmup=min(10, iters))
@@ -119,6 +130,41 @@ def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=Non
         stats["phases"] = replay_phases(step, engine.arenas, alone=True, graph=engine.cuda_graph)
         print(format_phases(stats["phases"]), flush=True)
     return stats
+
+
+def measure_ab(cfg, dcfg, target, draft, args, iters: int) -> dict:
+    """An interleaved A/B of the megakernel step: the command line's engine (A) and one with the
+    --ab-tile / --ab-lower overrides on top (B), on the same weights, timed alternately A, B, A,
+    B, ... so both see the same clocks, temperature and neighbours. Per-pair differences B - A
+    give the verdict: their median with a 95% bootstrap interval (a lever of 1% of a step, below
+    the spread of separate runs, shows here). Both engines' outputs are checked."""
+    import random
+    tiles_b = dict(args.tiles, **args.ab_tiles)
+    lower_b = dict(getattr(args, "lower_options", None) or {}, **args.ab_lower)
+    _, step_a, run_a, _ = _megakernel_step(cfg, dcfg, target, draft, args)
+    _, step_b, run_b, _ = _megakernel_step(cfg, dcfg, target, draft, args, tiles=tiles_b, lower=lower_b)
+    for run in (run_a, run_b):
+        run()
+    step_a.check()
+    step_b.check()
+    times = {"a": [], "b": []}
+    for i in range(iters + min(10, iters)):
+        for name, run in (("a", run_a), ("b", run_b)) if i % 2 == 0 else (("b", run_b), ("a", run_a)):
+            one = time_steps(run, 1, warmup=0)["median_ms"]
+            if i >= min(10, iters):                   # the first pairs warm up
+                times[name].append(one)
+    step_a.check()
+    step_b.check()
+    diffs = sorted(b - a for a, b in zip(times["a"], times["b"]))
+    rng = random.Random(0)
+    boot = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(1000))
+    lo, hi = boot[25], boot[974]
+    base = statistics.median(times["a"])
+    verdict = "B faster" if hi < 0 else "B slower" if lo > 0 else "inside the noise"
+    return {"a": summarize(times["a"]), "b": summarize(times["b"]),
+            "b_tiles": args.ab_tiles, "b_lower": args.ab_lower, "pairs": len(diffs),
+            "diff_median_ms": statistics.median(diffs), "diff_ci95_ms": [lo, hi],
+            "diff_percent": 100 * statistics.median(diffs) / base if base else None, "verdict": verdict}
 
 
 def run_bench(args) -> dict:
@@ -165,6 +211,9 @@ def run_bench(args) -> dict:
         report["floor"] = {"bytes": nbytes.total, "ms": floor_ms, "bytes_by_part": nbytes.parts,
                            "bandwidth_gbps": bw}
         record("eager", eager_stats)
+        if getattr(args, "ab_tiles", None) or getattr(args, "ab_lower", None):
+            report["ab"] = measure_ab(cfg, dcfg, target, draft, args, args.iters)
+            print(format_ab(report["ab"]), flush=True)
         if not args.skip_megakernel:
             mk = measure_megakernel(cfg, dcfg, target, draft, args, args.iters, tokenizer)
             measured = mk.pop("measured_acceptance", None)
@@ -303,11 +352,22 @@ def format_table(report: dict) -> str:
                      f"{m['prompts']} held-out stdlib prompts x {m['new_tokens']} greedy tokens): tokens/s {at}")
     for name, s in report.get("speedup_of_megakernel", {}).items():
         lines.append(f"megakernel speedup over {name}: {s:.2f}x")
+    if report.get("ab"):
+        lines.append(format_ab(report["ab"]))
     b = report.get("bf16_experts")
     if b and "median_ms" in b:
         lines.append(f"bf16 experts (torch.compile, {b['layers']} layers): {b['median_ms']:.3f} ms, "
                      f"{b['ms_per_layer']:.3f} ms/layer")
     return "\n".join(lines)
+
+
+def format_ab(ab: dict) -> str:
+    flags = " ".join([f"--tile {k}={v}" for k, v in ab["b_tiles"].items()] +
+                     [f"--lower {k}={v}" for k, v in ab["b_lower"].items()])
+    lo, hi = ab["diff_ci95_ms"]
+    return (f"A/B ({ab['pairs']} interleaved pairs): A {ab['a']['median_ms']:.3f} ms, B ({flags}) "
+            f"{ab['b']['median_ms']:.3f} ms; B - A median {ab['diff_median_ms']:+.3f} ms "
+            f"({ab['diff_percent']:+.2f}%), 95% interval [{lo:+.3f}, {hi:+.3f}]: {ab['verdict']}")
 
 
 def write_json(report: dict, path: str):

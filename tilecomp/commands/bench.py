@@ -36,6 +36,12 @@ def add_parser(subparsers):
     p.add_argument("--lower", action="append", default=[], metavar="NAME=N",
                    help="override a lowering option (passes/lower.py LowerOptions), e.g. --lower programs=0 "
                         "(fixed tile sizes, no balancing over the programs) or --lower kv_chunk=512")
+    p.add_argument("--ab-tile", action="append", default=[], metavar="NAME=N",
+                   help="also time an interleaved A/B: the megakernel as given (A) against the same with these "
+                        "--tile overrides on top (B), alternating steps, per-pair differences with a 95%% "
+                        "interval (repeatable; --iters pairs; --skip-megakernel leaves out the plain timing)")
+    p.add_argument("--ab-lower", action="append", default=[], metavar="NAME=N",
+                   help="the A/B's --lower overrides for B (repeatable)")
     p.add_argument("--qkv-q-heads", type=int, default=-1, metavar="N",
                    help="query heads per qkv task (0: a whole KV group; default: 1 on a GPU)")
     p.add_argument("--trace", action="store_true",
@@ -61,6 +67,7 @@ def run(args) -> int:
         raise TilecompError("--layers: only with --preset (a checkpoint has its own layer count)")
     args.tiles = parse_tiles(args.tile)
     args.lower_options = parse_lower(args.lower)
+    args.ab_tiles, args.ab_lower = parse_tiles(args.ab_tile), parse_lower(args.ab_lower)
     if args.num_warps is not None and args.num_warps not in (1, 2, 4, 8, 16):
         raise TilecompError(f"--num-warps: expected 1, 2, 4, 8 or 16, found {args.num_warps}")
     args.qkv_q_heads = parse_qkv_q_heads(args.qkv_q_heads)
