@@ -1,5 +1,6 @@
-"""bench/gpu.sh's `pick` step: the bench-* steps after it take a candidate's flags only when the
-candidate timed below every named base AND its token check found no unexplained divergence.
+"""bench/gpu.sh's `pick` step: the bench-* steps after it take a candidate's flags only when every
+run of the candidate timed below every named base by 0.5% AND its token check found no
+unexplained divergence.
 Runs the script's own bash (no GPU: only the pick steps, on hand-written result files)."""
 import json
 import os
@@ -34,6 +35,11 @@ def test_faster_candidate_with_clean_tokens_sets_the_bench_flags(tmp_path):
 
 def test_slower_candidate_or_divergent_tokens_keep_the_defaults(tmp_path):
     assert run_picks(tmp_path, {"base": 10.4, "c": 10.5}, 0, "pick base c tokens-tiny-c --tile AFRAG=1").endswith("(defaults)")
+    # faster by less than the 0.5% margin: inside the noise of separate runs
+    assert run_picks(tmp_path, {"base": 10.4, "c": 10.36}, 0, "pick base c tokens-tiny-c --tile AFRAG=1").endswith("(defaults)")
+    # every run of a repeated candidate must win
+    assert run_picks(tmp_path, {"base": 10.4, "c": 9.4, "c2": 10.5}, 0,
+                     "pick base c,c2 tokens-tiny-c --tile AFRAG=1").endswith("(defaults)")
     assert run_picks(tmp_path, {"base": 10.4, "c": 9.4}, 1, "pick base c tokens-tiny-c --tile AFRAG=1").endswith("(defaults)")
 
 
