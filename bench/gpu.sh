@@ -18,9 +18,19 @@ END=$(( $(date +%s) + ${BUDGET_S:-580} ))
 # sweep.json (keys: the variant names; an existing sweep.json keeps its other keys) and the logs go
 # into logs.tgz, so a call returns a few files (the device tool caps their count) whatever step it
 # stopped at. The 'sweep-json' and 'logs' steps are kept for old command lines; they do nothing more.
+# clocks.log: the GPU's SM / memory clocks, power, temperature and throttle reasons every 200 ms
+# of the call (is a step slower in the whole kernel than its phases alone because the clocks drop
+# under the sustained load?); it goes into logs.tgz with the rest
+CLOCKS_PID=
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 200 > "$OUT/clocks.log" 2>&1 &
+  CLOCKS_PID=$!
+fi
 FINALIZED=
 finalize() {
   [[ -n $FINALIZED ]] && return; FINALIZED=1
+  [[ -n $CLOCKS_PID ]] && kill "$CLOCKS_PID" 2>/dev/null && wait "$CLOCKS_PID" 2>/dev/null
   python3 - "$OUT" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
@@ -46,7 +56,7 @@ step() {   # step NAME SECONDS CMD...
   local left=$(( END - $(date +%s) ))
   if (( left < 20 )); then echo "=== $name skipped: ${left}s left" | tee -a "$OUT/steps.log"; return; fi
   (( limit > left )) && limit=$left
-  echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/steps.log"
+  echo "=== $name (limit ${limit}s, $(date +%T)): $*" | tee -a "$OUT/steps.log"
   local t0=$(date +%s)
   timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
