@@ -81,8 +81,9 @@ class Megakernel:
 
     def launch(self, records, queue, counters, errors, epoch: int, arenas: Arenas, trace=None,
                epoch_buf=None):
-        """trace: int64 [n_tasks + programs, 3] to receive each task's (start, wait done,
-        signalled) globaltimer stamps, then each program's (entry, 0, exit) (GPU only); None
+        """trace: int64 [n_tasks + programs, layout.TRACE_WORDS] to receive each task's (start,
+        wait done, work done, signalled) globaltimer stamps, then each program's (entry, 0, 0,
+        exit) (GPU only); None
         builds the kernel without timers. epoch 0: the step number is epoch_buf[0] on the device
         (what a launch recorded in a CUDA graph passes)."""
         if trace is not None and interpreting():

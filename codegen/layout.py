@@ -311,6 +311,10 @@ DERIVED_TILES = {"BLOCK_NC": "BLOCK_N"}
 # WPFL 1 marks the prefetched lines evict_last, so streams that pass between the prefetch and the
 # task's own loads do not push them out. GPU only (inline PTX; the interpreter refuses WPF > 0).
 FRAME_CONSTEXPRS = ("NOINLINE", "INLINE", "WPF", "WPFL")
+# TRACE's stamps per row of the trace buffer (%globaltimer ns): a task's (start, wait done, work
+# done: after the task's barrier, before its release, signalled), then a program's (entry, 0, 0,
+# exit). Work done -> signalled is the release: the fences and atomic adds that publish the task.
+TRACE_WORDS = 4
 
 
 def tile_scales(scales: torch.Tensor) -> torch.Tensor:

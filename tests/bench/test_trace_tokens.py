@@ -123,6 +123,28 @@ def test_summary_reads_the_programs_entry_and_exit_stamps():
     assert "kernel_span_us" not in summarize(step, trace[:2])   # a trace without the rows
 
 
+def test_four_stamps_give_each_kinds_release():
+    """layout.TRACE_WORDS stamps per task (start, wait done, work done, signalled): the release
+    (work done -> signalled: fences and atomics) per kind and per op, inside the work time; the
+    programs' rows keep their exit in the last column."""
+    from tilecomp.codegen import layout as L
+    assert L.TRACE_WORDS == 4
+    step = fake_step([["linear", "lm_head"], ["linear"]])
+    step.task_ops = {0: "L0.o_proj", 1: "logits", 2: "L0.o_proj"}
+    ns = 1000
+    trace = torch.tensor([[1 * ns, 2 * ns, 4 * ns, 5 * ns],        # linear: release 1 us
+                          [5 * ns, 5 * ns, 8 * ns, 9 * ns],        # lm_head: release 1 us
+                          [1 * ns, 4 * ns, 5 * ns, 7 * ns],        # linear: release 2 us
+                          [1 * ns, 0, 0, 10 * ns], [1 * ns, 0, 0, 8 * ns]])   # programs: entry, exit
+    s = summarize(step, trace)
+    lin = s["kinds"]["linear"]
+    assert (lin["work_us"], lin["release_us"], lin["release_us_per_task"]) == (6.0, 3.0, 1.5)
+    assert s["kinds"]["lm_head"]["release_us_per_task"] == 1.0
+    assert s["ops"][0]["op"] == "L0.o_proj" and s["ops"][0]["release_us"] == 3.0
+    assert s["span_us"] == 8.0 and s["kernel_span_us"] == 9.0 and s["last_task_to_exit_us"] == 1.0
+    assert s["release_stamped"] and "release us/task" in format_summary(s)
+
+
 def test_summary_times_each_op_from_first_ready_to_last_done():
     step = fake_step([["linear", "lm_head"], ["linear"]])
     step.task_ops = {0: "L0.o_proj", 1: "logits", 2: "L0.o_proj"}

@@ -104,10 +104,11 @@ class StepProgram:
                            epoch_buf=self.epoch_buf)
 
     def new_trace(self) -> torch.Tensor:
-        """A buffer for `launch(trace=...)`: int64 [n_tasks + programs, 3] globaltimer stamps
-        (per task: start, wait done, signalled; then per program: entry, 0, exit)."""
+        """A buffer for `launch(trace=...)`: int64 [n_tasks + programs, layout.TRACE_WORDS]
+        globaltimer stamps (per task: start, wait done, work done, signalled; then per program:
+        entry, 0, 0, exit)."""
         rows = self.records.shape[0] + self.queue.numel() - 1
-        return torch.zeros(rows, 3, dtype=torch.int64, device=self.records.device)
+        return torch.zeros(rows, L.TRACE_WORDS, dtype=torch.int64, device=self.records.device)
 
     def check(self):
         raise_on_timeout(self.errors, self.epoch, self.task_names, self.counter_names)

@@ -344,8 +344,8 @@ def decode_step(
     queue,        # int32 [programs + 1]: program p runs records[queue[p]:queue[p + 1]]
     counters,     # int32 [n_counters * 32]: the scoreboard, never reset
     errors,       # int64 [programs, 5]: (flag, task, counter, value, target)
-    trace,        # int64 [n_tasks + programs, 3]: globaltimer ns per task (start, wait done, signals
-                  # sent), then per program (entry, -, exit); TRACE only
+    trace,        # int64 [n_tasks + programs, 4]: globaltimer ns per task (start, wait done,
+                  # work done, signals sent), then per program (entry, -, -, exit); TRACE only
     epoch,        # int32: step number, 1, 2, ...; 0: read it from epoch_buf (a CUDA-graph launch)
     epoch_buf,    # int32 [1]: the device-side step number the host or a graph advances; epoch 0 only
     arena_w,      # weights and KV caches (fp32 or bf16)
@@ -375,14 +375,14 @@ def decode_step(
     ESIZE: tl.constexpr = arena_w.dtype.element_ty.primitive_bitwidth // 8   # bytes per arena_w element
     qi = tl.load(queue + pid).to(tl.int64)
     q_end = tl.load(queue + pid + 1).to(tl.int64)
-    if TRACE:   # the program's entry, in row n_tasks + pid (its exit: same row, third stamp)
-        t_row = trace + (tl.load(queue + tl.num_programs(0)).to(tl.int64) + pid) * 3
+    if TRACE:   # the program's entry, in row n_tasks + pid (its exit: same row, last stamp)
+        t_row = trace + (tl.load(queue + tl.num_programs(0)).to(tl.int64) + pid) * 4
         tl.store(t_row, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
     while qi < q_end:
         rec = records + qi * RECORD_WORDS
         kind = tl.load(rec + 0)
         if TRACE:
-            tl.store(trace + qi * 3, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
+            tl.store(trace + qi * 4, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
         if WPF > 0:
             # cross-task prefetch: the first WPF KB of each of the task's weight ranges into L2
             # before its wait, one bulk prefetch per 32 KB, issued by the program's thread 0
@@ -430,7 +430,7 @@ def decode_step(
                     err_need = wait_need
             tl.debug_barrier()
             if TRACE:
-                tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
+                tl.store(trace + qi * 4 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
                 if (NOINLINE == 0) | ((INLINE >> 1) % 2 == 1):
                     _embed(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, BLOCK_T, BLOCK_D)
@@ -493,7 +493,7 @@ def decode_step(
                     err_need = wait_need
             tl.debug_barrier()
             if TRACE:
-                tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
+                tl.store(trace + qi * 4 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
                 if (NOINLINE == 0) | ((INLINE >> 2) % 2 == 1):
                     _linear(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_k_dim, r_n_dim, r_n0, r_n1, r_k0, r_k1, r_norm, r_eps_bits, r_bias, r_res, r_res_stride, r_y, r_y_stride, r_n_rows, r_rows, ln_k, ln_n, ln_nmask, ln_w, ln_wu, ESIZE, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, WALIGN, L2PF, NORM_F32, UPLOOP)
@@ -525,7 +525,7 @@ def decode_step(
                     err_need = wait_need
             tl.debug_barrier()
             if TRACE:
-                tl.store(trace + qi * 3 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
+                tl.store(trace + qi * 4 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
                 if (NOINLINE == 0) | ((INLINE >> 13) % 2 == 1):
                     _accept(arena_i32, r_state, r_draft_tok, r_post_tok, r_n_block, r_out_tokens, r_block, r_draft_block, r_mask_id, BLOCK_T)
@@ -534,12 +534,14 @@ def decode_step(
         if wait_ok:
             # release: every store of this task is done before the counters move
             tl.debug_barrier()
+            if TRACE:
+                tl.store(trace + qi * 4 + 2, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             for si in range(0, tl.load(rec + 3)):
                 sig_counter = tl.load(rec + 44 + si * 2)
                 sig_add = tl.load(rec + 45 + si * 2).to(tl.int32)
                 tl.atomic_add(counters + sig_counter * 32, sig_add, sem="release", scope="gpu")
             if TRACE:
-                tl.store(trace + qi * 3 + 2, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
+                tl.store(trace + qi * 4 + 3, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             qi += 1
         else:
             # timed out: record (task, counter, value, target) and leave the queue
@@ -550,4 +552,4 @@ def decode_step(
             tl.store(errors + pid * 5 + 4, err_need)
             qi = q_end
     if TRACE:
-        tl.store(t_row + 2, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
+        tl.store(t_row + 3, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
