@@ -14,6 +14,11 @@ export PYTHONUNBUFFERED=1
 # Keep it under the device tool's limit for the call (the session's device time left can be less
 # than 600 s): a call killed at that limit runs finalize from its TERM trap, if it gets the chance.
 END=$(( $(date +%s) + ${BUDGET_S:-580} ))
+# DRY=1: check a planned call on a CPU before spending device time: every tilecomp bench / tokens
+# step parses its arguments (tile and switch names and values, lowering options) and stops
+# (TILECOMP_DRY_RUN); steps that need the GPU or its tools are listed, not run
+DRY=${DRY:-0}
+[[ $DRY == 1 ]] && export TILECOMP_DRY_RUN=1
 # finalize: at the end of every call (also on TERM / INT), the var-*.json files merge into
 # sweep.json (keys: the variant names; an existing sweep.json keeps its other keys) and the logs go
 # into logs.tgz, so a call returns a few files (the device tool caps their count) whatever step it
@@ -57,6 +62,9 @@ step() {   # step NAME SECONDS CMD...
   if (( left < 20 )); then echo "=== $name skipped: ${left}s left" | tee -a "$OUT/steps.log"; return; fi
   (( limit > left )) && limit=$left
   echo "=== $name (limit ${limit}s, $(date +%T)): $*" | tee -a "$OUT/steps.log"
+  if [[ $DRY == 1 && $1 != tilecomp && ! ( $1 == python3 && ${2:-} == -m && ${3:-} == tilecomp.bench.tokens ) ]]; then
+    echo "=== $name skipped (DRY=1: needs the GPU machine)" | tee -a "$OUT/steps.log"; return
+  fi
   local t0=$(date +%s)
   timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?

@@ -50,3 +50,22 @@ def test_a_later_pick_must_beat_every_base_named(tmp_path):
     assert run_picks(tmp_path, ms, 0, *steps).endswith("bench flags now: --tile AFRAG=1")
     ms["c"] = 9.0
     assert run_picks(tmp_path, ms, 0, *steps).endswith("--tile AFRAG=1 --lower expert_operands=1")
+
+
+def test_dry_run_checks_a_planned_call_without_a_gpu(tmp_path):
+    """DRY=1: every tilecomp bench / tokens step parses its flags and stops (a misspelled tile
+    fails here, not after a GPU machine started); steps that need the GPU machine are skipped;
+    the call still packs its logs."""
+    env = {"OUT": str(tmp_path), "DRY": "1", "BUDGET_S": "200", "PATH": os.environ["PATH"],
+           "HOME": os.environ.get("HOME", str(tmp_path))}
+    subprocess.run(["bash", str(SCRIPT), "install", "var good 8 8 --tile XFLAT=1 --lower qkv_rows=64",
+                    "ab ab1 8 8 --ab-tile STAGES_C=8", "var bad 8 8 --tile BLOCK_DD=4",
+                    "tokensv tk --tile BLOCK_NC=128"],
+                   env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    import tarfile
+    with tarfile.open(tmp_path / "logs.tgz") as tar:       # finalize packed the logs at exit
+        steps = tar.extractfile("steps.log").read().decode()
+    assert "install skipped (DRY=1" in steps
+    assert "=== var-good rc=0" in steps and "=== ab-ab1 rc=0" in steps and "=== tokens-tk rc=0" in steps
+    assert "=== var-bad rc=2" in steps
+    assert (tmp_path / "logs.tgz").exists() and not list(tmp_path.glob("*.json"))

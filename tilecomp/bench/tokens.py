@@ -131,8 +131,10 @@ def main(argv=None) -> int:
                    help="the megakernel's steps as CUDA-graph replays (default: on a GPU)")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
-    from tilecomp.commands.bench import parse_lower, parse_tiles
+    from tilecomp.commands.bench import dry_run, parse_lower, parse_tiles
     tiles, lower = parse_tiles(args.tile), parse_lower(args.lower)
+    if dry_run():
+        return 0
     from tilecomp.models import preset
     from tilecomp.passes.pipeline import compile_model, engine_options
     from .random_model import random_draft, random_target

@@ -76,6 +76,8 @@ def run(args) -> int:
                                ("--acceptance-tokens", args.acceptance_tokens, 1)):
         if value < least:
             raise TilecompError(f"{flag}: expected an integer >= {least}, found {value}")
+    if dry_run():
+        return 0
     report = run_bench(args)
     print(format_table(report))
     if args.json:
@@ -120,6 +122,16 @@ def parse_tiles(items: list[str]) -> dict:
                 items[i] = f"{name}={L.inline_mask(*value.split('+'))}"
             except TilecompError as e:       # an unknown kind name (layout.kind_abi)
                 raise TilecompError(f"--tile {item!r}: {e}") from None
+    known = tile_names()
+    for item in items:
+        name = item.partition("=")[0]
+        if name in ("ARRIVE", "XACT"):
+            raise TilecompError(f"--tile {item!r}: {name} follows the compiled tile program (ARRIVE: "
+                                f"--lower fold_reduce=1; XACT: --lower expert_operands=1), not --tile")
+        if name and name not in known:
+            raise TilecompError(f"--tile {item!r}: unknown tile size or switch {name!r}; expected one of "
+                                f"{sorted(known - {'ARRIVE', 'XACT'})}")
+
     def ok(name, n):
         if name in MASKS:
             return n >= 0
@@ -135,6 +147,25 @@ def parse_tiles(items: list[str]) -> dict:
     return _name_values(items, "--tile", ok, f"N a power of two (e.g. BLOCK_K=256), {SWITCHES}, "
                         f">= 1 for {COUNTS}, >= 0 for {OPTIONAL_COUNTS}, "
                         f"a kind mask (N >= 0 or kind+kind) for {MASKS}, a multiple of 32 for {KB32}")
+
+
+def tile_names() -> set:
+    """Every name --tile can set: the kernels' tile sizes and switches (codegen/kernels.py
+    constexprs_for; the same names for every model)."""
+    from tilecomp.codegen.kernels import constexprs_for
+    from tilecomp.models.presets import preset
+    cfg, dcfg = preset("tiny")
+    return set(constexprs_for(cfg, dcfg, 8))
+
+
+def dry_run() -> bool:
+    """TILECOMP_DRY_RUN=1: check a command line's arguments and stop before any work (bench/gpu.sh
+    DRY=1 runs a planned GPU call this way on a CPU, so a bad flag costs no device time)."""
+    import os
+    if os.environ.get("TILECOMP_DRY_RUN") == "1":
+        print("dry run: arguments OK", flush=True)
+        return True
+    return False
 
 
 def parse_qkv_q_heads(n: int) -> int | None:
