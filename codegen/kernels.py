@@ -69,6 +69,23 @@ def constexprs_for(cfg, dcfg, rows: int) -> dict:
                 **dict(L.TUNING_DEFAULTS, WALIGN=weight_alignment(cfg, dcfg), SALIGN=scale_alignment(cfg)))
 
 
+# constexprs the compiled tile program sets (runtime/compiled.py tile_constexprs), never a tile override
+PROGRAM_CONSTEXPRS = ("ARRIVE", "XACT")
+
+
+def check_tile_names(names, known) -> None:
+    """Refuse tile overrides `names` that are not among the kernels' constexprs `known`
+    (constexprs_for's keys), or that the compiled tile program sets itself."""
+    unknown = set(names) - set(known)
+    if unknown:
+        raise TilecompError(f"tiles: unknown tile size(s) {sorted(unknown)}; expected some of "
+                            f"{sorted(set(known) - set(PROGRAM_CONSTEXPRS))}")
+    derived = sorted(set(names) & set(PROGRAM_CONSTEXPRS))
+    if derived:
+        raise TilecompError(f"tiles: {', '.join(derived)} follow the compiled tile program (ARRIVE: "
+                            f"--lower fold_reduce=1; XACT: --lower expert_operands=1), not --tile")
+
+
 def step_rows(dcfg) -> int:
     """Rows of a step: the DFlash block (prefill chunks use the same)."""
     return dcfg.block_size if dcfg is not None else 8

@@ -310,6 +310,8 @@ DERIVED_TILES = {"BLOCK_NC": "BLOCK_N"}
 # flash 8L trace, docs/PERF.md v18: 28% of program time is waiting) instead of after the wait.
 # WPFL 1 marks the prefetched lines evict_last, so streams that pass between the prefetch and the
 # task's own loads do not push them out. GPU only (inline PTX; the interpreter refuses WPF > 0).
+# WPF's step: KB per bulk prefetch instruction; WPF is a multiple of it
+WPF_CHUNK_KB = 32
 FRAME_CONSTEXPRS = ("NOINLINE", "INLINE", "WPF", "WPFL")
 # TRACE's stamps per row of the trace buffer (%globaltimer ns): a task's (start, wait done, work
 # done: after the task's barrier, before its release, signalled), then a program's (entry, 0, 0,

@@ -106,7 +106,7 @@ SWITCHES = {"MX_DOT": (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), "NORM_F32": (0, 1), "NOINL
             "WPFL": (0, 1), "XFLAT": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
 COUNTS = ("STAGES", "STAGES_X", "STAGES_C")   # pipeline depths: any N >= 1
 OPTIONAL_COUNTS = ("L2PF",)        # depths where 0 turns the feature off: any N >= 0
-KB32 = ("WPF",)                    # KB in 32 KB bulk operations: any multiple of 32, 0 = off
+KB32 = ("WPF",)                    # KB in bulk operations of layout.WPF_CHUNK_KB: a multiple of it, 0 = off
 MASKS = ("INLINE",)                # kind masks: N >= 0, or kind names joined by '+' (layout.inline_mask)
 
 
@@ -122,21 +122,17 @@ def parse_tiles(items: list[str]) -> dict:
                 items[i] = f"{name}={L.inline_mask(*value.split('+'))}"
             except TilecompError as e:       # an unknown kind name (layout.kind_abi)
                 raise TilecompError(f"--tile {item!r}: {e}") from None
-    known = tile_names()
-    for item in items:
-        name = item.partition("=")[0]
-        if name in ("ARRIVE", "XACT"):
-            raise TilecompError(f"--tile {item!r}: {name} follows the compiled tile program (ARRIVE: "
-                                f"--lower fold_reduce=1; XACT: --lower expert_operands=1), not --tile")
-        if name and name not in known:
-            raise TilecompError(f"--tile {item!r}: unknown tile size or switch {name!r}; expected one of "
-                                f"{sorted(known - {'ARRIVE', 'XACT'})}")
+    from tilecomp.codegen.kernels import check_tile_names
+    try:        # the engine's own check, before any work (a DRY=1 gpu.sh call relies on it)
+        check_tile_names([item.partition("=")[0] for item in items if item.partition("=")[0]], tile_names())
+    except TilecompError as e:
+        raise TilecompError(f"--tile {' '.join(items)}: {e}") from None
 
     def ok(name, n):
         if name in MASKS:
             return n >= 0
         if name in KB32:
-            return n >= 0 and n % 32 == 0
+            return n >= 0 and n % L.WPF_CHUNK_KB == 0
         if name in SWITCHES:
             return n in SWITCHES[name]
         if name in COUNTS:
@@ -146,7 +142,7 @@ def parse_tiles(items: list[str]) -> dict:
         return bool(name) and n > 0 and not n & (n - 1)
     return _name_values(items, "--tile", ok, f"N a power of two (e.g. BLOCK_K=256), {SWITCHES}, "
                         f">= 1 for {COUNTS}, >= 0 for {OPTIONAL_COUNTS}, "
-                        f"a kind mask (N >= 0 or kind+kind) for {MASKS}, a multiple of 32 for {KB32}")
+                        f"a kind mask (N >= 0 or kind+kind) for {MASKS}, a multiple of {L.WPF_CHUNK_KB} for {KB32}")
 
 
 def tile_names() -> set:

@@ -30,7 +30,7 @@ import torch
 
 from tilecomp.codegen import layout as L
 from tilecomp.codegen import mxfp4_ptx
-from tilecomp.codegen.kernels import constexprs_for, kernel_files, step_rows
+from tilecomp.codegen.kernels import check_tile_names, constexprs_for, kernel_files, step_rows
 from tilecomp.codegen.harness import (Megakernel, interpreting, new_counters, new_errors,
                                       raise_on_timeout)
 from tilecomp.errors import TilecompError
@@ -226,14 +226,7 @@ class MegakernelEngine:
         self.programs = programs or (1 if interpreting() else
                                      torch.cuda.get_device_properties(self.device).multi_processor_count)
         self.consts = constexprs_for(self.config, self.dcfg, self.rows)
-        unknown = set(tiles or {}) - set(self.consts)
-        if unknown:
-            raise TilecompError(f"tiles: unknown tile size(s) {sorted(unknown)}; expected some of "
-                                f"{sorted(self.consts)}")
-        derived = sorted(set(tiles or {}) & {"ARRIVE", "XACT"})
-        if derived:
-            raise TilecompError(f"tiles: {', '.join(derived)} follow the compiled tile program (ARRIVE: "
-                                f"--lower fold_reduce=1; XACT: --lower expert_operands=1), not --tile")
+        check_tile_names(tiles or {}, self.consts)
         self.tiles = dict(tiles or {})
         if not interpreting():
             self.consts.update(L.GPU_TUNING)
@@ -265,9 +258,9 @@ class MegakernelEngine:
         if wpf and interpreting():
             raise TilecompError(f"tiles: WPF={wpf} prefetches weights into L2 with inline PTX, which the "
                                 "Triton interpreter cannot run (WPF=0 on CPU)")
-        if wpf < 0 or wpf % 32:
-            raise TilecompError(f"tiles: WPF={wpf}: expected KB per weight range, a multiple of 32 (one "
-                                "bulk prefetch each), or 0 (off)")
+        if wpf < 0 or wpf % L.WPF_CHUNK_KB:
+            raise TilecompError(f"tiles: WPF={wpf}: expected KB per weight range, a multiple of "
+                                f"{L.WPF_CHUNK_KB} (one bulk prefetch each), or 0 (off)")
         if self.consts.get("MX_DOT") in EXACT_SCALES:
             self.consts["MX_DOT"] = _exact_mx_dot(target, draft, self.tiles, self.consts["MX_DOT"])
         if self.consts.get("AFRAG"):
