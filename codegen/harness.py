@@ -83,9 +83,8 @@ class Megakernel:
                epoch_buf=None):
         """trace: int64 [n_tasks + programs, layout.TRACE_WORDS] to receive each task's (start,
         wait done, work done, signalled) globaltimer stamps, then each program's (entry, 0, 0,
-        exit) (GPU only); None
-        builds the kernel without timers. epoch 0: the step number is epoch_buf[0] on the device
-        (what a launch recorded in a CUDA graph passes)."""
+        exit) (GPU only); None builds the kernel without timers. epoch 0: the step number is
+        epoch_buf[0] on the device (what a launch recorded in a CUDA graph passes)."""
         if trace is not None and interpreting():
             raise ValueError("task tracing needs a GPU (the interpreter has no %globaltimer)")
         args, kwargs = self._arguments(records, queue, counters, errors, epoch, arenas, trace, epoch_buf)
