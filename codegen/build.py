@@ -8,6 +8,7 @@ programs are not co-resident deadlocks).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,6 +31,25 @@ SIGNATURE = {
     "arena_w": "*bf16", "arena_f32": "*fp32", "arena_u8": "*u8", "arena_i32": "*i32",
 }
 GPU_SPINS = 1 << 24
+
+
+@contextlib.contextmanager
+def mma_v2_build(constexprs: dict):
+    """Builds inside run with Triton's wgmma off when constexprs["MMAV2"] is 1 (layout.py MMAV2:
+    Triton reads DISABLE_MMA_V3 when it compiles, and keys its disk cache on it); the process's
+    environment is restored after. A launch that finds its kernel built compiles nothing."""
+    if not constexprs.get("MMAV2"):
+        yield
+        return
+    old = os.environ.get("DISABLE_MMA_V3")
+    os.environ["DISABLE_MMA_V3"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DISABLE_MMA_V3"]
+        else:
+            os.environ["DISABLE_MMA_V3"] = old
 
 
 @dataclass
@@ -125,6 +145,7 @@ def compile_kernel(module, arch: int, num_warps: int = L.GPU_NUM_WARPS, trace: b
             knobs.nvidia.dump_ptxas_log = True           # Triton prints ptxas -v: capture it
             knobs.compilation.always_compile = True      # (a cache hit would run no ptxas)
         stack.enter_context(contextlib.redirect_stdout(log))
+        stack.enter_context(mma_v2_build(constexprs))
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": num_warps})
     return compiled, log.getvalue()

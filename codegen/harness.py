@@ -22,12 +22,12 @@ from tilecomp.errors import DeadlockError
 from tilecomp.runtime.buffers import Arenas
 
 from . import layout as L
+from .build import GPU_SPINS, mma_v2_build
 from .triton_gen import generate_kernel, kernel_of, load_kernel_file, load_kernel_module
 
 # Under the interpreter programs run one after another, so a wait that is not
 # met at once never will be; on a GPU a wait spins up to ~seconds.
 INTERPRETER_SPINS = 2
-GPU_SPINS = 1 << 24
 
 
 def interpreting() -> bool:
@@ -88,7 +88,8 @@ class Megakernel:
         if trace is not None and interpreting():
             raise ValueError("task tracing needs a GPU (the interpreter has no %globaltimer)")
         args, kwargs = self._arguments(records, queue, counters, errors, epoch, arenas, trace, epoch_buf)
-        self.kernel[(queue.numel() - 1,)](*args, **kwargs)
+        with mma_v2_build(self.constexprs):      # a first launch (e.g. a traced one) builds
+            self.kernel[(queue.numel() - 1,)](*args, **kwargs)
 
     def warmup(self, records, queue, counters, errors, arenas: Arenas, epoch_buf=None):
         """Build (JIT-compile) the kernel for these arguments without running it (GPU; the
@@ -96,7 +97,8 @@ class Megakernel:
         if interpreting():
             return
         args, kwargs = self._arguments(records, queue, counters, errors, 1, arenas, epoch_buf=epoch_buf)
-        compiled = self.kernel.warmup(*args, grid=(queue.numel() - 1,), **kwargs)
+        with mma_v2_build(self.constexprs):
+            compiled = self.kernel.warmup(*args, grid=(queue.numel() - 1,), **kwargs)
         load = getattr(compiled, "_init_handles", None)    # load the module now, not at step 1
         if callable(load):
             load()

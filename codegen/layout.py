@@ -281,7 +281,7 @@ KINDS: dict[str, KindABI] = _kinds(
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
                    "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0, "WPF": 0, "WPFL": 0,
-                   "INLINE": 0, "XFLAT": 0, "STAGES_C": 3}
+                   "INLINE": 0, "XFLAT": 0, "STAGES_C": 3, "MMAV2": 0}
 
 
 # tile sizes that default to another one when a kernel's constexprs leave them out
@@ -312,7 +312,20 @@ DERIVED_TILES = {"BLOCK_NC": "BLOCK_N"}
 # task's own loads do not push them out. GPU only (inline PTX; the interpreter refuses WPF > 0).
 # WPF's step: KB per bulk prefetch instruction; WPF is a multiple of it
 WPF_CHUNK_KB = 32
-FRAME_CONSTEXPRS = ("NOINLINE", "INLINE", "WPF", "WPFL")
+# MMAV2 1: the kernel is built with Triton's MMA v3 (wgmma) off (the DISABLE_MMA_V3 build switch,
+# set around the build by codegen/harness.py mma_v2_build), so every tl.dot is an mma.sync
+# (HMMA.16816) instead. Only the expert kinds use wgmma (the weights as the dot's left operand,
+# rows = M; the other kinds' dots already are mma.sync: their sm_90 loops are the same
+# instruction for instruction either way). An HGMMA with a register operand needs a
+# WARPGROUP.ARRIVE before and a WARPGROUP.DEPBAR after it: 16 of each per up_gate K step, each a
+# meeting point of the warpgroup's 4 warps, and under NOINLINE 1 every DEPBAR waits for 0 in
+# flight (C7510, INLINE above). ncu on up_gate alone (v19): ~23% of the warp samples on those
+# DEPBARs, 29% on the block barrier. An HMMA is a plain register instruction: no warpgroup
+# meeting, the scoreboard waits only for its accumulator. sm_90 build (bench/sass_loops.py): the
+# up_gate K step 459 -> 418 instructions (32 HMMA + 8 LDSM instead of 16 HGMMA + 16 ARRIVE + 16
+# DEPBAR), down 288 -> 256; the whole kernel's registers and spills unchanged (255, 64 / 108 bytes).
+# The constexpr is in the kernel's signature only so that the two builds are two JIT cache entries.
+FRAME_CONSTEXPRS = ("NOINLINE", "INLINE", "WPF", "WPFL", "MMAV2")
 # TRACE's stamps per row of the trace buffer (%globaltimer ns): a task's (start, wait done, work
 # done: after the task's barrier, before its release, signalled), then a program's (entry, 0, 0,
 # exit). Work done -> signalled is the release: the fences and atomic adds that publish the task.

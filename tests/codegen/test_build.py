@@ -84,3 +84,39 @@ def test_inline_mask_of_kind_names():
     assert L.inline_mask("expert_up_gate", "expert_down") == (1 << L.KIND_IDS["expert_up_gate"]) | (1 << L.KIND_IDS["expert_down"])
     with pytest.raises(Exception, match="'nope'"):
         L.inline_mask("nope")
+
+
+def test_mmav2_builds_the_expert_dots_as_mma_sync(tmp_path):
+    # MMAV2 1 builds the kernel with Triton's wgmma off: the expert K loops' dots become mma.sync
+    # (no warpgroup arrive / wait, so no C7510 serialization under NOINLINE 1); the build leaves
+    # the process environment as it found it. In a subprocess, as above (NOINLINE needs a build).
+    import json
+    import os
+    import subprocess
+    import sys
+    script = """
+import json, os, tempfile
+from tilecomp.codegen.build import compile_kernel
+from tilecomp.codegen.kernels import constexprs_for
+from tilecomp.codegen.triton_gen import generate_kernel, load_kernel_module
+from tilecomp.models.presets import preset
+cfg, dcfg = preset("mimo-v2-flash", layers=2)
+module = load_kernel_module(generate_kernel(["accept", "expert_up_gate"], constexprs=constexprs_for(cfg, dcfg, 8)),
+                            tempfile.mkdtemp())
+out = []
+for mma in (0, 1):
+    compiled, log = compile_kernel(module, 90, tiles=dict(XACT=1, NOINLINE=1, MMAV2=mma))
+    ptx = compiled.asm["ptx"]
+    out.append(dict(wgmma=ptx.count("wgmma.mma_async"), mma=ptx.count("mma.sync.aligned"), log=log,
+                    env=os.environ.get("DISABLE_MMA_V3")))
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DISABLE_MMA_V3")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    v3, v2 = json.loads(out.stdout.strip().splitlines()[-1])
+    assert v3["wgmma"] > 0 and v2["wgmma"] == 0
+    assert v2["mma"] > 0
+    assert v3["env"] is None and v2["env"] is None       # restored after each build
+    if "ptxas info" in v3["log"]:
+        assert "C7510" in v3["log"] and "C7510" not in v2["log"]

@@ -32,7 +32,7 @@ def add_parser(subparsers):
                    help="override a megakernel tile size or code-path switch (repeatable), e.g. "
                         "--tile BLOCK_K=256, --tile MX_DOT=9 (expert dequantization: 0-9), "
                         "--tile NORM_F32=1 (fp32 RMSNorm gains), --tile NOINLINE=1 (each task kind a "
-                        "device function), --tile PTX_ASM=0 (MX_DOT 9 without inline PTX), --tile ROUTE_DOT=0 (the router's fp32 FMA dot), --tile XPIPE=1 (the expert K loops software-pipelined, STAGES_X deep), --tile WLEFT=1 (MX_DOT 9: the dequantized weights as the dots' left operand), --tile STILE=1 (the expert scales tiled by K words), --tile AFRAG=1 (MX_DOT 9's codes in the wgmma register operand's order), --tile UPLOOP=1 (linear tasks without a SwiGLU up matrix run a loop without it), --tile WPF=128 [--tile WPFL=1] (cross-task weight prefetch into L2, KB per range), --tile INLINE=expert_up_gate+expert_down (kinds kept inlined under NOINLINE 1), --tile XFLAT=1 (each expert task's units as one pipelined loop), --tile STAGES_C=8 --tile BLOCK_NC=128 (moe_combine's slot pipeline and column tile); codegen/layout.py TUNING_DEFAULTS says what each does")
+                        "device function), --tile PTX_ASM=0 (MX_DOT 9 without inline PTX), --tile ROUTE_DOT=0 (the router's fp32 FMA dot), --tile XPIPE=1 (the expert K loops software-pipelined, STAGES_X deep), --tile WLEFT=1 (MX_DOT 9: the dequantized weights as the dots' left operand), --tile STILE=1 (the expert scales tiled by K words), --tile AFRAG=1 (MX_DOT 9's codes in the wgmma register operand's order), --tile UPLOOP=1 (linear tasks without a SwiGLU up matrix run a loop without it), --tile WPF=128 [--tile WPFL=1] (cross-task weight prefetch into L2, KB per range), --tile INLINE=expert_up_gate+expert_down (kinds kept inlined under NOINLINE 1), --tile XFLAT=1 (each expert task's units as one pipelined loop), --tile STAGES_C=8 --tile BLOCK_NC=128 (moe_combine's slot pipeline and column tile), --tile MMAV2=1 (the expert dots as mma.sync, no wgmma); codegen/layout.py TUNING_DEFAULTS says what each does")
     p.add_argument("--lower", action="append", default=[], metavar="NAME=N",
                    help="override a lowering option (passes/lower.py LowerOptions), e.g. --lower programs=0 "
                         "(fixed tile sizes, no balancing over the programs) or --lower kv_chunk=512")
@@ -103,7 +103,7 @@ def _name_values(items: list[str], flag: str, ok, expected: str) -> dict:
 
 SWITCHES = {"MX_DOT": (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), "NORM_F32": (0, 1), "NOINLINE": (0, 1), "PTX_ASM": (0, 1),
             "ROUTE_DOT": (0, 1, 2), "XPIPE": (0, 1), "WLEFT": (0, 1), "STILE": (0, 1), "AFRAG": (0, 1), "UPLOOP": (0, 1),
-            "WPFL": (0, 1), "XFLAT": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
+            "WPFL": (0, 1), "XFLAT": (0, 1), "MMAV2": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
 COUNTS = ("STAGES", "STAGES_X", "STAGES_C")   # pipeline depths: any N >= 1
 OPTIONAL_COUNTS = ("L2PF",)        # depths where 0 turns the feature off: any N >= 0
 KB32 = ("WPF",)                    # KB in bulk operations of layout.WPF_CHUNK_KB: a multiple of it, 0 = off

@@ -6,7 +6,7 @@ import triton.language as tl
 
 KERNEL_NAME = "decode_step"
 RECORD_WORDS = tl.constexpr(54)
-CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'INLINE': 0, 'L2PF': 0, 'NOINLINE': 0, 'NORM_F32': 0, 'STAGES': 3, 'UPLOOP': 0, 'WALIGN': 1, 'WPF': 0, 'WPFL': 0}
+CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T': 16, 'INLINE': 0, 'L2PF': 0, 'MMAV2': 0, 'NOINLINE': 0, 'NORM_F32': 0, 'STAGES': 3, 'UPLOOP': 0, 'WALIGN': 1, 'WPF': 0, 'WPFL': 0}
 
 
 # -- embed: the task's work after its wait (record args r_*, constexprs) --
@@ -361,6 +361,7 @@ def decode_step(
     BLOCK_T: tl.constexpr,
     INLINE: tl.constexpr,
     L2PF: tl.constexpr,
+    MMAV2: tl.constexpr,
     NOINLINE: tl.constexpr,
     NORM_F32: tl.constexpr,
     STAGES: tl.constexpr,
