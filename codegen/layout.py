@@ -284,6 +284,13 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN
                    "INLINE": 0, "XFLAT": 0, "STAGES_C": 3, "MMAV2": 0}
 
 
+# switches that change how the engine writes the weights into its arena (MX_DOT 9's repacked words,
+# AFRAG's element order, STILE's scale tiles, NORM_F32's norm gains): a kernel built with another
+# value needs another arena, so `MegakernelEngine.variant_program` (the bench's A/B on one engine)
+# refuses them
+ARENA_TILES = ("MX_DOT", "AFRAG", "STILE", "NORM_F32")
+
+
 # tile sizes that default to another one when a kernel's constexprs leave them out
 # (moe_combine's column tile is the linear tile unless a GPU tuning widens it)
 DERIVED_TILES = {"BLOCK_NC": "BLOCK_N"}

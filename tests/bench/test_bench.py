@@ -154,9 +154,12 @@ def test_interleaved_ab_times_two_engines_and_names_its_verdict(monkeypatch):
     built = []
     real = run_mod._megakernel_step
 
+    engines = []
+
     def spy(*a, **k):
         out = real(*a, **k)
         built.append(dict(out[1].kernel.constexprs))
+        engines.append(out[0])
         return out
     monkeypatch.setattr(run_mod, "_megakernel_step", spy)
     args = argparse.Namespace(checkpoint=None, preset="tiny", layers=None, context=20, block=1,
@@ -176,6 +179,51 @@ def test_interleaved_ab_times_two_engines_and_names_its_verdict(monkeypatch):
     assert ab["b_tiles"] == {"STAGES_C": 2} and ab["b_lower"] == {"kv_chunk": 8}
     assert "A/B (3 interleaved pairs)" in format_table(report) and "--tile STAGES_C=2" in format_table(report)
     assert "megakernel" not in report["results"]       # --skip-megakernel: the A/B alone
+    # another lowering: a second engine, which reuses the first one's MXFP4 arena (no second copy
+    # of the experts) and writes its own of everything else
+    a_eng, b_eng = engines
+    assert b_eng.arenas.data["u8"] is a_eng.arenas.data["u8"]
+    assert b_eng.arenas.data["w"].data_ptr() != a_eng.arenas.data["w"].data_ptr()
+
+
+def test_ab_of_tile_sizes_only_is_a_second_program_on_one_engine(monkeypatch):
+    """--ab-tile alone: B is engine.variant_program on A's engine (one copy of the weights), its
+    kernel launched with the override; both programs' steps give the same tokens as the reference
+    (the A/B checks both). Switches that change the arena's weights are refused there."""
+    import tilecomp.bench.run as run_mod
+    from tilecomp.errors import TilecompError
+    engines, variants = [], []
+    real_step, real_variant = run_mod._megakernel_step, None
+
+    def spy(*a, **k):
+        out = real_step(*a, **k)
+        engines.append(out[0])
+        return out
+    monkeypatch.setattr(run_mod, "_megakernel_step", spy)
+    from tilecomp.runtime.megakernel import MegakernelEngine
+    real_variant = MegakernelEngine.variant_program
+
+    def spy_variant(self, kind, tiles):
+        prog = real_variant(self, kind, tiles)
+        variants.append((kind, dict(prog.kernel.constexprs)))
+        return prog
+    monkeypatch.setattr(MegakernelEngine, "variant_program", spy_variant)
+    args = argparse.Namespace(checkpoint=None, preset="tiny", layers=None, context=20, block=1,
+                              acceptance=6.3, programs=None, iters=2, eager_iters=1, skip_compile=True,
+                              skip_megakernel=True, skip_bf16=True, json=None,
+                              num_warps=4, tiles={}, qkv_q_heads=-1, trace=False,
+                              lower_options={}, cuda_graph=None,
+                              ab_tiles={"STAGES_C": 2}, ab_lower={})
+    report = run_bench(args)
+    assert len(engines) == 1 and len(variants) == 1
+    kind, consts = variants[0]
+    assert kind == "plain" and consts["STAGES_C"] == 2
+    assert engines[0].step_program("plain").kernel.constexprs["STAGES_C"] == 3
+    assert report["ab"]["pairs"] == 2
+    with pytest.raises(TilecompError, match="MX_DOT.*arena"):
+        engines[0].variant_program("plain", {"MX_DOT": 0})
+    with pytest.raises(TilecompError, match="BLOCK_DD"):
+        engines[0].variant_program("plain", {"BLOCK_DD": 4})
 
 
 def test_bench_switches_parse_and_name_bad_values():

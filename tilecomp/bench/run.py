@@ -46,7 +46,7 @@ def load_models(args, device):
     return cfg, dcfg, target, draft
 
 
-def _megakernel_step(cfg, dcfg, target, draft, args, tiles=None, lower=None):
+def _megakernel_step(cfg, dcfg, target, draft, args, tiles=None, lower=None, share_experts=None):
     """(engine, step, run, compile_s): a megakernel engine on the bench's weights with `tiles` /
     `lower` (default: the command line's), its step program, and `run(trace=None)`, one step as
     generation runs it from the same saved step state (so each sees `args.context` positions)."""
@@ -68,23 +68,34 @@ def _megakernel_step(cfg, dcfg, target, draft, args, tiles=None, lower=None):
     engine = MegakernelEngine(target, draft if use_draft else None, max_len=max_len,
                               programs=programs, schedule=schedule, num_warps=args.num_warps,
                               tiles=tiles, qkv_q_heads=args.qkv_q_heads, lower=lower,
-                              cuda_graph=getattr(args, "cuda_graph", None))
+                              cuda_graph=getattr(args, "cuda_graph", None), share_experts=share_experts)
     engine._set_state(pos=args.context, last=1, n_ctx=1 if use_draft else 0, ctx_pos=args.context - 1,
                       temp_bits=0, top_p_bits=L.float_bits(1.0), seed=0)
     block = engine.arenas.view("block")
     block.fill_(dcfg.mask_token_id if use_draft else 0)
     block[0] = 1
+    engine.bench_saved = [engine.arenas.view(n).clone() for n in ("state", "block")]
+    step = engine.step_program(_step_kind(engine))
+    return engine, step, _runner(engine, step), compile_s
+
+
+def _step_kind(engine) -> str:
+    return "dflash" if engine.draft is not None else "plain"
+
+
+def _runner(engine, step):
+    """run(trace=None): one step of `step` on `engine`'s arenas as generation runs it, from the
+    step state _megakernel_step saved (so every step sees the same positions)."""
+    from tilecomp.codegen import layout as L
     state, tokens = engine.arenas.view("state"), engine.arenas.view("out_tokens")
-    saved = [engine.arenas.view(n).clone() for n in ("state", "block")]
-    step = engine.step_program("dflash" if use_draft else "plain")
     n_out = L.STATE["n_out"]
 
     def run(trace=None):
-        engine.arenas.view("state").copy_(saved[0])
-        engine.arenas.view("block").copy_(saved[1])
+        engine.arenas.view("state").copy_(engine.bench_saved[0])
+        engine.arenas.view("block").copy_(engine.bench_saved[1])
         step.launch(engine.arenas, trace=trace)
         step.read_back(state[n_out:n_out + 1], tokens)    # the host read-back, as generation does it
-    return engine, step, run, compile_s
+    return run
 
 
 def measure_megakernel(cfg, dcfg, target, draft, args, iters: int, tokenizer=None) -> dict:
@@ -139,10 +150,20 @@ def measure_ab(cfg, dcfg, target, draft, args, iters: int) -> dict:
     give the verdict: their median with a 95% bootstrap interval (a lever of 1% of a step, below
     the spread of separate runs, shows here). Both engines' outputs are checked."""
     import random
+    from tilecomp.codegen import layout as L
     tiles_b = dict(args.tiles, **args.ab_tiles)
     lower_b = dict(getattr(args, "lower_options", None) or {}, **args.ab_lower)
-    _, step_a, run_a, _ = _megakernel_step(cfg, dcfg, target, draft, args)
-    _, step_b, run_b, _ = _megakernel_step(cfg, dcfg, target, draft, args, tiles=tiles_b, lower=lower_b)
+    engine_a, step_a, run_a, _ = _megakernel_step(cfg, dcfg, target, draft, args)
+    if not args.ab_lower and not set(args.ab_tiles) & set(L.ARENA_TILES):
+        # kernel-only overrides: B is a second step program on A's engine (one copy of the weights)
+        step_b = engine_a.variant_program(_step_kind(engine_a), args.ab_tiles)
+        run_b = _runner(engine_a, step_b)
+    else:
+        # another lowering: an engine of its own, holding no second copy of the experts (two
+        # flash 8L engines do not fit in 80 GB beside the bench's weights otherwise)
+        share = engine_a if not set(args.ab_tiles) & set(L.ARENA_TILES) else None
+        _, step_b, run_b, _ = _megakernel_step(cfg, dcfg, target, draft, args, tiles=tiles_b, lower=lower_b,
+                                               share_experts=share)
     for run in (run_a, run_b):
         run()
     step_a.check()

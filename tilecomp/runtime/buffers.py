@@ -70,11 +70,27 @@ class ArenaBuilder:
         at once (a flash-sized model's experts are tens of GB)."""
         self._transforms.append(fn)
 
-    def build(self, device="cpu") -> "Arenas":
-        data = {a: torch.zeros(max(self._sizes[a], ALIGN), dtype=self.dtype(a), device=device)
-                for a in ARENAS}
+    def build(self, device="cpu", share: "Arenas | None" = None, share_names=()) -> "Arenas":
+        """The arenas, filled. share / share_names: arenas of `share` reused as they are (not
+        allocated, not written) for the named arenas whose slots here are exactly share's (same
+        names, offsets and shapes, all of them initialised tensors: weights written the same
+        way); the caller vouches for the same tensors and transforms. Two engines of one model
+        then hold one copy of e.g. the MXFP4 experts."""
+        reused = {}
+        for a in share_names:
+            mine = {n: s for n, s in self.slots.items() if s.arena == a}
+            theirs = {n: s for n, s in share.slots.items() if s.arena == a} if share is not None else None
+            if (theirs is None or mine != theirs or any(n not in self._init for n in mine)
+                    or share.data[a].numel() != max(self._sizes[a], ALIGN)):
+                raise CheckpointError(f"arena {a!r}: cannot be shared (its slots differ from the "
+                                      f"other engine's, or hold more than weights)")
+            reused[a] = share.data[a]
+        data = {a: reused.get(a) if a in reused else
+                torch.zeros(max(self._sizes[a], ALIGN), dtype=self.dtype(a), device=device) for a in ARENAS}
         arenas = Arenas(data, dict(self.slots))
         for name, tensor in self._init.items():
+            if self.slots[name].arena in reused:
+                continue
             for fn in self._transforms:
                 out = fn(name, tensor)
                 if out.shape != tensor.shape or out.dtype != tensor.dtype:

@@ -198,7 +198,7 @@ class MegakernelEngine:
                  artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None,
                  num_warps: int | None = None, tiles: dict | None = None, qkv_q_heads: int | None = -1,
                  prefill_schedule=None, plain_schedule=None, lower: dict | None = None,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, share_experts: "MegakernelEngine | None" = None):
         """artifacts: a `tilecomp compile --out` directory (checked against the model: its kernels
         are refused when compiled for other tile sizes); cache_dir: where kernel files are cached.
         schedule: a scheduled TileProgram (or the path of a schedule.ir) from `tilecomp compile`
@@ -216,7 +216,10 @@ class MegakernelEngine:
         sizes instead of phases balanced over the engine's programs). cuda_graph: each step is
         the replay of a CUDA graph recorded at its first launch (no per-step host launch work;
         StepProgram.cuda_graph); None: on a GPU (measured faster, docs/PERF.md version 18), off in
-        the interpreter."""
+        the interpreter. share_experts: an engine of the same model and weights whose MXFP4 arena
+        (the experts, most of a flash-sized model) this one reuses instead of a copy of its own,
+        e.g. the bench's A/B of two lowerings; it must write them the same way (the same
+        layout.ARENA_TILES values)."""
         self.target, self.draft, self.config = target, draft, target.config
         self.cuda_graph = (not interpreting()) if cuda_graph is None else bool(cuda_graph)
         self.max_len = max_len
@@ -281,7 +284,13 @@ class MegakernelEngine:
         reserve_buffers(builder, *(tp for tp in (self.schedule, self.prefill_schedule, self.plain_schedule)
                                    if tp is not None))
         self.builder = builder
-        self.arenas = builder.build(self.device)
+        if share_experts is not None:
+            differ = [t for t in L.ARENA_TILES if share_experts.consts.get(t) != self.consts.get(t)]
+            if differ:
+                raise TilecompError(f"share_experts: the engines write the weights differently "
+                                    f"({', '.join(differ)} differ)")
+        self.arenas = builder.build(self.device, share=share_experts and share_experts.arenas,
+                                    share_names=("u8",) if share_experts is not None else ())
         self.num_warps = num_warps or L.GPU_NUM_WARPS
         # the step kernels' sources (each step program launches them with its own tile sizes)
         self.kernel_paths = kernel_files(self.config, self.dcfg, artifacts, cache_dir)
@@ -308,16 +317,35 @@ class MegakernelEngine:
     def step_program(self, kind: str) -> StepProgram:
         """The step program of `kind` ("dflash", "plain" or "prefill"), built on first use."""
         if kind not in self._steps:
-            tp, kernel_name = {"dflash": (self.schedule, "decode_step"),
-                               "plain": (self.plain_schedule, "decode_step"),
-                               "prefill": (self.prefill_schedule, "prefill_chunk")}[kind]
-            self._steps[kind] = self._compiled(tp, kernel_name)
+            self._steps[kind] = self._compiled(*self._program_of(kind))
         return self._steps[kind]
 
-    def _compiled(self, tp, kernel_name: str) -> StepProgram:
-        """A compiler-scheduled tile program (its queues, counters and tile sizes)."""
+    def variant_program(self, kind: str, tiles: dict) -> StepProgram:
+        """A second step program of `kind` on this engine's arenas and weights, its kernel launched
+        with `tiles` on top of the engine's tile sizes (its own scoreboard, epoch and graph). What
+        `tilecomp bench --ab-tile` times against the engine's own program: one copy of the
+        weights instead of two (two flash 8L engines do not fit in 80 GB beside the bench's
+        weights). Switches that change the arena's weight layout (layout.ARENA_TILES) need an
+        engine of their own and are refused."""
+        check_tile_names(tiles, self.consts)
+        bad = sorted(set(tiles) & set(L.ARENA_TILES))
+        if bad:
+            raise TilecompError(f"tiles: {', '.join(bad)} change(s) how the weights sit in the arena; "
+                                f"a variant program shares this engine's arena (build another engine)")
+        tp, kernel_name = self._program_of(kind)
+        return self._compiled(tp, kernel_name, dict(self.consts, **tiles))
+
+    def _program_of(self, kind: str):
+        if kind not in ("dflash", "plain", "prefill"):
+            raise TilecompError(f"step program: expected dflash, plain or prefill, found {kind!r}")
+        return {"dflash": (self.schedule, "decode_step"), "plain": (self.plain_schedule, "decode_step"),
+                "prefill": (self.prefill_schedule, "prefill_chunk")}[kind]
+
+    def _compiled(self, tp, kernel_name: str, engine_consts: dict | None = None) -> StepProgram:
+        """A compiler-scheduled tile program (its queues, counters and tile sizes); engine_consts:
+        the engine's tile sizes with a variant's on top (default: the engine's)."""
         queues = RecordBuilder(self.builder, tp, norm_arena=L.norm_arena(self.consts)).queues()
-        consts = tile_constexprs(tp, self.consts, widen=interpreting())
+        consts = tile_constexprs(tp, engine_consts or self.consts, widen=interpreting())
         names = {t.id: f"{t.kind} [{t.name} {t.attrs.get('op', '')}]" for t in tp.tasks}
         ops = {t.id: str(t.attrs.get("op") or t.name) for t in tp.tasks}
         L.check_alignment(queues, consts.get("WALIGN", 1), names)
