@@ -49,8 +49,9 @@ def instructions(sass: str) -> list[tuple[int, str]]:
     return out
 
 
-def mma_loops(ins: list[tuple[int, str]]) -> list[tuple[int, int, collections.Counter]]:
-    """(start, end, op counts) of each backward-branch region with an HGMMA / HMMA in it."""
+def mma_loops(ins: list[tuple[int, str]], any_loop: bool = False) -> list[tuple[int, int, collections.Counter]]:
+    """(start, end, op counts) of each backward-branch region with an HGMMA / HMMA in it (every
+    backward-branch region with any_loop)."""
     index = {a: i for i, (a, _) in enumerate(ins)}
     loops = []
     for i, (addr, text) in enumerate(ins):
@@ -61,7 +62,7 @@ def mma_loops(ins: list[tuple[int, str]]) -> list[tuple[int, int, collections.Co
         if target < addr and target in index:
             body = ins[index[target]:i + 1]
             ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for _, t in body)
-            if any(k.startswith(("HGMMA", "HMMA")) for k in ops):
+            if any_loop or any(k.startswith(("HGMMA", "HMMA")) for k in ops):
                 loops.append((target, addr, ops))
     return loops
 
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="mimo-v2-flash")
     ap.add_argument("--rows", type=int, default=8, help="step rows (the DFlash block)")
     ap.add_argument("--all", action="store_true", help="every op of each loop, not only memory, barrier and MMA")
+    ap.add_argument("--any-loop", action="store_true",
+                    help="every loop (backward branch), not only those with a tensor-core instruction "
+                         "(e.g. moe_combine's slot loop)")
     args = ap.parse_args(argv)
     from tilecomp.codegen.build import compile_kernel, ptxas_usage
     from tilecomp.codegen.kernels import constexprs_for
@@ -92,7 +96,7 @@ def main(argv=None) -> int:
         sass = subprocess.run([cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
         print(f"[{variant or 'GPU defaults'}] registers {usage['registers']}, spills {usage['spill_stores']} / "
               f"{usage['spill_loads']} bytes, shared memory {compiled.metadata.shared} bytes")
-        for start, end, ops in mma_loops(instructions(sass)):
+        for start, end, ops in mma_loops(instructions(sass), args.any_loop):
             sel = ", ".join(f"{k} {c}" for k, c in sorted(ops.items(), key=lambda kc: (-kc[1], kc[0]) if args.all else kc)
                             if args.all or MEM_OPS.match(k))
             print(f"  loop {start:#x}..{end:#x}: {sum(ops.values())} instructions; {sel}")
