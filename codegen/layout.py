@@ -406,10 +406,16 @@ def norm_arena(consts: dict) -> str:
 # inlined (9.36 ms: the whole kernel spills 828 / 1,504 bytes) and faster with NOINLINE 1 (second
 # call, same machine: AFRAG 8.95, + NOINLINE 9.03, + UPLOOP 9.24, + operands + NOINLINE 8.86 ms;
 # full bench 8.65 ms), so NOINLINE is 1 on a GPU, where the operand buffers are on.
+# MMAV2 1 (v24, session 20, H100, interleaved A/B of 60 pairs on one engine, Triton 3.6 with the
+# kWidth fix in _mxfp4.j2): flash 8L block 8 8.685 -> 8.579 ms, -0.105 ms, 95% interval [-0.117,
+# -0.098]; expert phases alone 215 / 144 us (up_gate / down; 229 / 148 with wgmma in v19); full
+# benches 8.57 / 3.02 / 2.09 / 1.39 ms; tokens-tiny 0 unexplained divergences. Measured and left
+# off in the same call: XFLAT 1 (+0.44 ms), STAGES_C 8 + BLOCK_NC 128 (+0.006, noise), BLOCK_KR 256
+# (+0.03), BLOCK_D 1024 (+0.02).
 GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 4, "BLOCK_KR": 128, "L2PF": 0, "BLOCK_TA": 32,
               "MX_DOT": 9,
               "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1, "STILE": 1, "AFRAG": 1,
-              "NOINLINE": 1}
+              "NOINLINE": 1, "MMAV2": 1}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

@@ -64,7 +64,7 @@ from tilecomp.models.presets import preset
 cfg, dcfg = preset("mimo-v2-flash", layers=2)
 module = load_kernel_module(generate_kernel(["accept", "expert_down"], constexprs=constexprs_for(cfg, dcfg, 8)),
                             tempfile.mkdtemp())
-logs = [compile_kernel(module, 90, tiles=dict(XACT=1, NOINLINE=1, INLINE=mask))[1]
+logs = [compile_kernel(module, 90, tiles=dict(XACT=1, NOINLINE=1, INLINE=mask, MMAV2=0))[1]
         for mask in (0, L.inline_mask("expert_down"))]
 print(json.dumps(logs))
 """
