@@ -148,7 +148,9 @@ def measure_ab(cfg, dcfg, target, draft, args, iters: int) -> dict:
     --ab-tile / --ab-lower overrides on top (B), on the same weights, timed alternately A, B, A,
     B, ... so both see the same clocks, temperature and neighbours. Per-pair differences B - A
     give the verdict: their median with a 95% bootstrap interval (a lever of 1% of a step, below
-    the spread of separate runs, shows here). Both engines' outputs are checked."""
+    the spread of separate runs, shows here). Tile overrides alone run B as a second step
+    program on A's engine (one copy of the weights); lowering overrides build B's engine on A's
+    MXFP4 arena. Both programs' scoreboards are checked for timeouts."""
     import random
     from tilecomp.codegen import layout as L
     tiles_b = dict(args.tiles, **args.ab_tiles)
