@@ -67,6 +67,14 @@ def mma_loops(ins: list[tuple[int, str]], any_loop: bool = False) -> list[tuple[
     return loops
 
 
+INSTRUCTION_BYTES = 16     # sm_90 encodes every instruction in 128 bits
+
+
+def code_bytes(ins: list[tuple[int, str]]) -> int:
+    """Bytes of code of a SASS listing's instructions (what the instruction caches hold)."""
+    return len(ins) * INSTRUCTION_BYTES
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("kinds", help="comma-separated task kinds, e.g. expert_up_gate,expert_down")
@@ -78,29 +86,52 @@ def main(argv=None) -> int:
     ap.add_argument("--any-loop", action="store_true",
                     help="every loop (backward branch), not only those with a tensor-core instruction "
                          "(e.g. moe_combine's slot loop)")
+    ap.add_argument("--code-size", action="store_true",
+                    help="also the code size: the kernel's, and each kind's (a kernel of accept + the "
+                         "kind, less one of accept alone)")
     args = ap.parse_args(argv)
-    from tilecomp.codegen.build import compile_kernel, ptxas_usage
+    from tilecomp.codegen.build import ptxas_usage
     from tilecomp.codegen.kernels import constexprs_for
-    from tilecomp.codegen.triton_gen import generate_kernel, load_kernel_module
     from tilecomp.models.presets import preset
     cfg, dcfg = preset(args.preset, layers=2)
     consts = constexprs_for(cfg, dcfg, args.rows)
-    tmp = tempfile.mkdtemp(prefix="tilecomp-sass-")
-    module = load_kernel_module(generate_kernel(args.kinds.split(","), constexprs=consts), tmp)
+    kinds = args.kinds.split(",")
     for variant in args.variant if args.variant is not None else [""]:
-        compiled, log = compile_kernel(module, 90, tiles=parse_tiles(variant))
+        tiles = parse_tiles(variant)
+        compiled, log, sass = build_sass(kinds, consts, tiles)
         usage = ptxas_usage(compiled.asm["ptx"], 90, log)
-        cubin = os.path.join(tmp, "kernel.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        sass = subprocess.run([cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
         print(f"[{variant or 'GPU defaults'}] registers {usage['registers']}, spills {usage['spill_stores']} / "
               f"{usage['spill_loads']} bytes, shared memory {compiled.metadata.shared} bytes")
+        if args.code_size:
+            ins = instructions(sass)
+            print(f"  code: {len(ins)} instructions, {code_bytes(ins) / 1024:.1f} KB")
+            if len(kinds) > 1:
+                base = code_bytes(instructions(build_sass(["accept"], consts, tiles)[2]))
+                for kind in kinds:
+                    if kind != "accept":
+                        own = code_bytes(instructions(build_sass(["accept", kind], consts, tiles)[2])) - base
+                        print(f"  code of {kind}: {own / 1024:.1f} KB")
         for start, end, ops in mma_loops(instructions(sass), args.any_loop):
             sel = ", ".join(f"{k} {c}" for k, c in sorted(ops.items(), key=lambda kc: (-kc[1], kc[0]) if args.all else kc)
                             if args.all or MEM_OPS.match(k))
             print(f"  loop {start:#x}..{end:#x}: {sum(ops.values())} instructions; {sel}")
     return 0
+
+
+def build_sass(kinds: list[str], consts: dict, tiles: dict):
+    """(compiled, ptxas log, SASS listing) of a kernel of `kinds` built for sm_90 with the GPU tile
+    sizes plus `tiles` (the program-set XACT / ARRIVE are passed where the kernel has them)."""
+    from tilecomp.codegen.build import compile_kernel
+    from tilecomp.codegen.triton_gen import generate_kernel, load_kernel_module
+    tmp = tempfile.mkdtemp(prefix="tilecomp-sass-")
+    module = load_kernel_module(generate_kernel(kinds, constexprs=consts), tmp)
+    tiles = {k: v for k, v in tiles.items() if k in module.CONSTEXPRS or k not in ("XACT", "ARRIVE")}
+    compiled, log = compile_kernel(module, 90, tiles=tiles)
+    cubin = os.path.join(tmp, "kernel.cubin")
+    with open(cubin, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    sass = subprocess.run([cuobjdump(), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    return compiled, log, sass
 
 
 if __name__ == "__main__":
