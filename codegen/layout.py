@@ -90,7 +90,7 @@ def _kinds(*specs) -> dict[str, KindABI]:
 KINDS: dict[str, KindABI] = _kinds(
     # token rows -> x rows; ids < 0 or == mask_id take the mask embedding
     ("embed", ("ids", "table", "mask_row", "mask_id", "out", "n_rows", "dim", "row0"),
-     ("BLOCK_T", "BLOCK_D")),
+     ("BLOCK_T", "BLOCK_D", "WALIGN", "AALIGN")),
     # y[t, n0:n0+BN] (+)= norm?(x[t, :]) @ W[n0:n0+BN, k0:k1]^T (+ bias) (+ residual);
     # w_up >= 0: SwiGLU, y = silu(norm?(x) @ W^T) * (norm?(x) @ W_up^T)
     ("linear", ("x", "x_stride", "w", "w_up", "k_dim", "n_dim", "n0", "n1", "k0", "k1",
@@ -502,6 +502,7 @@ def encode_record(rec: TaskRecord) -> list[int]:
 
 # record args the WALIGN hint covers (element offsets / lengths of weight rows)
 ALIGNED_ARGS = {"linear": ("w", "w_up", "k_dim", "k0", "k1"), "lm_head": ("w", "dim"),
+                "embed": ("table", "mask_row", "dim"),
                 "qkv_rope_kv": ("wq", "wk", "wv", "dim"), "moe_route": ("gate",)}
 
 
@@ -524,7 +525,7 @@ def arg_hint(kind: str, arg: str):
 
 # record args the AALIGN hint covers (element offsets / row lengths of fp32 activations): the
 # frame loads them as tl.multiple_of(arg, AALIGN)
-ACT_ALIGNED_ARGS = {"linear": ("x", "x_stride", "res", "res_stride", "y", "y_stride"),
+ACT_ALIGNED_ARGS = {"linear": ("x", "x_stride", "res", "res_stride", "y", "y_stride"), "embed": ("out",),
                     "lm_head": ("x", "x_stride"), "qkv_rope_kv": ("x", "x_stride"),
                     "moe_route": ("x", "dim"), "expert_up_gate": ("x", "dim", "act", "inter"),
                     "expert_down": ("act", "inter", "out", "dim")}

@@ -407,12 +407,12 @@ def decode_step(
         err_need = qi * 0
         if kind == 1:  # embed
             r_ids = tl.load(rec + 4)
-            r_table = tl.load(rec + 5)
-            r_mask_row = tl.load(rec + 6)
+            r_table = tl.multiple_of(tl.load(rec + 5), WALIGN)
+            r_mask_row = tl.multiple_of(tl.load(rec + 6), WALIGN)
             r_mask_id = tl.load(rec + 7)
-            r_out = tl.load(rec + 8)
+            r_out = tl.multiple_of(tl.load(rec + 8), AALIGN)
             r_n_rows = tl.load(rec + 9)
-            r_dim = tl.load(rec + 10)
+            r_dim = tl.multiple_of(tl.load(rec + 10), WALIGN)
             r_row0 = tl.load(rec + 11)
             # -- embed: bounded acquire wait --
             for wi in range(0, tl.load(rec + 2)):
