@@ -100,7 +100,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # y[t, n0:n0+BN] = sum_s part[s, t, n0:n0+BN] (+ residual)
     ("linear_reduce", ("part", "n_split", "split_stride", "n_dim", "n0", "n1", "res", "y",
                        "y_stride", "n_rows", "rows"),
-     ("BLOCK_T", "BLOCK_N", "STAGES")),
+     ("BLOCK_T", "BLOCK_N", "STAGES", "AALIGN")),
     # one KV head group: q/k/v rows for T tokens, partial RoPE, K/V cache write
     # one KV head: its REP query heads, k and v rows for the tokens; partial RoPE on q/k;
     # k/v written to cache row (pos + t) % ring of the head ([n_kv, ring, D]). wq < 0: k/v only (draft context)
@@ -146,7 +146,7 @@ KINDS: dict[str, KindABI] = _kinds(
      ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
-     ("BLOCK_T", "BLOCK_NC", "STAGES_C")),
+     ("BLOCK_T", "BLOCK_NC", "STAGES_C", "AALIGN")),
     # logits tile + per-row (max key, argmax) of the tile; key = logit (greedy) or
     # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift
     ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "n1", "logits",
@@ -526,6 +526,8 @@ def arg_hint(kind: str, arg: str):
 # record args the AALIGN hint covers (element offsets / row lengths of fp32 activations): the
 # frame loads them as tl.multiple_of(arg, AALIGN)
 ACT_ALIGNED_ARGS = {"linear": ("x", "x_stride", "res", "res_stride", "y", "y_stride"), "embed": ("out",),
+                    "moe_combine": ("part", "res", "y", "dim", "n0", "n1"),
+                    "linear_reduce": ("part", "split_stride", "n_dim", "n0", "n1", "res", "y", "y_stride"),
                     "lm_head": ("x", "x_stride"), "qkv_rope_kv": ("x", "x_stride"),
                     "moe_route": ("x", "dim"), "expert_up_gate": ("x", "dim", "act", "inter"),
                     "expert_down": ("act", "inter", "out", "dim")}

@@ -73,6 +73,21 @@ def test_activation_alignment_is_lowered_to_what_the_records_allow():
     assert L.act_alignment([[lin], [odd]], 4) == 2
     assert L.act_alignment([[lin, L.TaskRecord("expert_down", 3, dict(act=64, inter=37, out=0, dim=64))]], 4) == 1
     assert L.act_alignment([[L.TaskRecord("attn_partial", 4, dict(q=3))]], 4) == 4
+    # the reductions' and embed's rows (their 16-byte loads and stores, version 25)
+    comb = dict(part=0, res=-1, y=64, dim=4096, n0=0, n1=128)
+    assert L.act_alignment([[L.TaskRecord("moe_combine", 5, comb)]], 4) == 4
+    assert L.act_alignment([[L.TaskRecord("moe_combine", 5, dict(comb, n1=66))]], 4) == 2
+    red = dict(part=0, split_stride=32768, n_dim=4096, n0=0, n1=64, res=128, y=256, y_stride=4096)
+    assert L.act_alignment([[L.TaskRecord("linear_reduce", 6, red)]], 4) == 4
+    assert L.act_alignment([[L.TaskRecord("linear_reduce", 6, dict(red, split_stride=32769))]], 4) == 1
+    assert L.act_alignment([[L.TaskRecord("embed", 7, dict(out=6, table=0, dim=64))]], 4) == 2
+
+
+def test_embed_table_rows_must_be_weight_aligned():
+    ok = L.TaskRecord("embed", 1, dict(table=64, mask_row=-1, dim=64, out=0))
+    L.check_alignment([[ok]], 8)
+    with pytest.raises(ScheduleError, match="embed .*arg table=68 is not a multiple of WALIGN=8"):
+        L.check_alignment([[L.TaskRecord("embed", 1, dict(ok.args, table=68))]], 8)
 
 
 def test_the_frame_loads_hinted_activation_args_with_multiple_of():
