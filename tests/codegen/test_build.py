@@ -120,3 +120,42 @@ print(json.dumps(out))
     assert v3["env"] is None and v2["env"] is None       # restored after each build
     if "ptxas info" in v3["log"]:
         assert "C7510" in v3["log"] and "C7510" not in v2["log"]
+
+
+def test_mmav2_expert_operand_needs_no_warp_shuffles_on_the_gpus_triton(tmp_path):
+    # The GPU machines run Triton 3.6, whose mma.sync operand sizing (kWidth) read MX_DOT 9's joins
+    # and converted the dequantized weight tile with warp shuffles every K step (64 SHFL.IDX per
+    # up_gate step); the identity move in _mxfp4.j2 ends that chain. Built with the 3.6 wheel when
+    # this machine has it (unpacked into tmp_path, first on the path of a subprocess).
+    import glob
+    import json
+    import os
+    import subprocess
+    import sys
+    import zipfile
+    wheels = sorted(glob.glob("/opt/pypi/files/triton-3.6.0-cp311-*.whl"))
+    if not wheels or sys.version_info[:2] != (3, 11):
+        pytest.skip("no Triton 3.6 wheel for this Python on this machine")
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extractall(tmp_path, [n for n in z.namelist() if n.startswith("triton/")])
+    for tool in (tmp_path / "triton" / "backends" / "nvidia" / "bin").iterdir():
+        tool.chmod(0o755)                # zipfile drops the executable bits (ptxas, cuobjdump)
+    script = """
+import json, tempfile, triton
+from tilecomp.codegen.build import compile_kernel
+from tilecomp.codegen.kernels import constexprs_for
+from tilecomp.codegen.triton_gen import generate_kernel, load_kernel_module
+from tilecomp.models.presets import preset
+cfg, dcfg = preset("mimo-v2-flash", layers=2)
+module = load_kernel_module(generate_kernel(["accept", "expert_up_gate"], constexprs=constexprs_for(cfg, dcfg, 8)),
+                            tempfile.mkdtemp())
+ptx = compile_kernel(module, 90, tiles=dict(XACT=1, MMAV2=1))[0].asm["ptx"]
+print(json.dumps(dict(version=triton.__version__, idx=ptx.count("shfl.sync.idx"), mma=ptx.count("mma.sync.aligned"))))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DISABLE_MMA_V3")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path)] + [p for p in sys.path if p])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["version"].startswith("3.6")
+    assert got["mma"] > 0 and got["idx"] == 0, got
