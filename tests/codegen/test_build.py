@@ -46,32 +46,47 @@ def test_cli_compile_target_sm90_report_builds_the_engine_megakernels(tmp_path, 
     assert (tmp_path / "kernels" / "report.json").is_file()
 
 
-def test_inline_mask_keeps_the_expert_wgmma_asynchronous_under_noinline(tmp_path):
-    # ptxas serializes every wgmma of a kernel that has one inside a called device function
-    # (C7510): NOINLINE 1 alone does that to the expert K loops; INLINE's mask keeps them inlined.
-    # Built in a subprocess: under TRITON_INTERPRET=1 a noinline function cannot be compiled
-    import json
-    import os
-    import subprocess
-    import sys
-    script = """
-import json, sys, tempfile
+# The sm_90 builds below run in a subprocess: under TRITON_INTERPRET=1 (tests/conftest.py) a
+# noinline function cannot be compiled. BUILD_PRELUDE builds a flash-shaped kernel of accept and
+# one kind (KIND) as `module`; a script's last line prints its result as JSON.
+BUILD_PRELUDE = """
+import json, os, tempfile
+import triton
 from tilecomp.codegen import layout as L
 from tilecomp.codegen.build import compile_kernel
 from tilecomp.codegen.kernels import constexprs_for
 from tilecomp.codegen.triton_gen import generate_kernel, load_kernel_module
 from tilecomp.models.presets import preset
 cfg, dcfg = preset("mimo-v2-flash", layers=2)
-module = load_kernel_module(generate_kernel(["accept", "expert_down"], constexprs=constexprs_for(cfg, dcfg, 8)),
+module = load_kernel_module(generate_kernel(["accept", KIND], constexprs=constexprs_for(cfg, dcfg, 8)),
                             tempfile.mkdtemp())
+"""
+
+
+def build_in_subprocess(kind: str, script: str, first_on_path=None):
+    """The JSON a build script printed, run after BUILD_PRELUDE for `kind` in a fresh interpreter
+    (without TRITON_INTERPRET and DISABLE_MMA_V3; `first_on_path` ahead of this one's path)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DISABLE_MMA_V3")}
+    if first_on_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(first_on_path)] + [p for p in sys.path if p])
+    code = f"KIND = {kind!r}\n" + BUILD_PRELUDE + script
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_inline_mask_keeps_the_expert_wgmma_asynchronous_under_noinline():
+    # ptxas serializes every wgmma of a kernel that has one inside a called device function
+    # (C7510): NOINLINE 1 alone does that to the expert K loops; INLINE's mask keeps them inlined.
+    serial, inlined = build_in_subprocess("expert_down", """
 logs = [compile_kernel(module, 90, tiles=dict(XACT=1, NOINLINE=1, INLINE=mask, MMAV2=0))[1]
         for mask in (0, L.inline_mask("expert_down"))]
 print(json.dumps(logs))
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    serial, inlined = json.loads(out.stdout.strip().splitlines()[-1])
+""")
     if "ptxas info" not in serial:
         pytest.skip("this Triton does not expose the ptxas log")
     assert "C7510" in serial and "wgmma" in serial
@@ -86,23 +101,11 @@ def test_inline_mask_of_kind_names():
         L.inline_mask("nope")
 
 
-def test_mmav2_builds_the_expert_dots_as_mma_sync(tmp_path):
+def test_mmav2_builds_the_expert_dots_as_mma_sync():
     # MMAV2 1 builds the kernel with Triton's wgmma off: the expert K loops' dots become mma.sync
     # (no warpgroup arrive / wait, so no C7510 serialization under NOINLINE 1); the build leaves
-    # the process environment as it found it. In a subprocess, as above (NOINLINE needs a build).
-    import json
-    import os
-    import subprocess
-    import sys
-    script = """
-import json, os, tempfile
-from tilecomp.codegen.build import compile_kernel
-from tilecomp.codegen.kernels import constexprs_for
-from tilecomp.codegen.triton_gen import generate_kernel, load_kernel_module
-from tilecomp.models.presets import preset
-cfg, dcfg = preset("mimo-v2-flash", layers=2)
-module = load_kernel_module(generate_kernel(["accept", "expert_up_gate"], constexprs=constexprs_for(cfg, dcfg, 8)),
-                            tempfile.mkdtemp())
+    # the process environment as it found it.
+    v3, v2 = build_in_subprocess("expert_up_gate", """
 out = []
 for mma in (0, 1):
     compiled, log = compile_kernel(module, 90, tiles=dict(XACT=1, NOINLINE=1, MMAV2=mma))
@@ -110,11 +113,7 @@ for mma in (0, 1):
     out.append(dict(wgmma=ptx.count("wgmma.mma_async"), mma=ptx.count("mma.sync.aligned"), log=log,
                     env=os.environ.get("DISABLE_MMA_V3")))
 print(json.dumps(out))
-"""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DISABLE_MMA_V3")}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    v3, v2 = json.loads(out.stdout.strip().splitlines()[-1])
+""")
     assert v3["wgmma"] > 0 and v2["wgmma"] == 0
     assert v2["mma"] > 0
     assert v3["env"] is None and v2["env"] is None       # restored after each build
@@ -126,11 +125,8 @@ def test_mmav2_expert_operand_needs_no_warp_shuffles_on_the_gpus_triton(tmp_path
     # The GPU machines run Triton 3.6, whose mma.sync operand sizing (kWidth) read MX_DOT 9's joins
     # and converted the dequantized weight tile with warp shuffles every K step (64 SHFL.IDX per
     # up_gate step); the identity move in _mxfp4.j2 ends that chain. Built with the 3.6 wheel when
-    # this machine has it (unpacked into tmp_path, first on the path of a subprocess).
+    # this machine has it (unpacked into tmp_path, first on the path of the subprocess).
     import glob
-    import json
-    import os
-    import subprocess
     import sys
     import zipfile
     wheels = sorted(glob.glob("/opt/pypi/files/triton-3.6.0-cp311-*.whl"))
@@ -140,22 +136,9 @@ def test_mmav2_expert_operand_needs_no_warp_shuffles_on_the_gpus_triton(tmp_path
         z.extractall(tmp_path, [n for n in z.namelist() if n.startswith("triton/")])
     for tool in (tmp_path / "triton" / "backends" / "nvidia" / "bin").iterdir():
         tool.chmod(0o755)                # zipfile drops the executable bits (ptxas, cuobjdump)
-    script = """
-import json, tempfile, triton
-from tilecomp.codegen.build import compile_kernel
-from tilecomp.codegen.kernels import constexprs_for
-from tilecomp.codegen.triton_gen import generate_kernel, load_kernel_module
-from tilecomp.models.presets import preset
-cfg, dcfg = preset("mimo-v2-flash", layers=2)
-module = load_kernel_module(generate_kernel(["accept", "expert_up_gate"], constexprs=constexprs_for(cfg, dcfg, 8)),
-                            tempfile.mkdtemp())
+    got = build_in_subprocess("expert_up_gate", """
 ptx = compile_kernel(module, 90, tiles=dict(XACT=1, MMAV2=1))[0].asm["ptx"]
 print(json.dumps(dict(version=triton.__version__, idx=ptx.count("shfl.sync.idx"), mma=ptx.count("mma.sync.aligned"))))
-"""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DISABLE_MMA_V3")}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path)] + [p for p in sys.path if p])
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+""", first_on_path=tmp_path)
     assert got["version"].startswith("3.6")
     assert got["mma"] > 0 and got["idx"] == 0, got
