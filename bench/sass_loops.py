@@ -122,10 +122,11 @@ def build_sass(kinds: list[str], consts: dict, tiles: dict):
     """(compiled, ptxas log, SASS listing) of a kernel of `kinds` built for sm_90 with the GPU tile
     sizes plus `tiles` (the program-set XACT / ARRIVE are passed where the kernel has them)."""
     from tilecomp.codegen.build import compile_kernel
+    from tilecomp.codegen.kernels import PROGRAM_CONSTEXPRS
     from tilecomp.codegen.triton_gen import generate_kernel, load_kernel_module
     tmp = tempfile.mkdtemp(prefix="tilecomp-sass-")
     module = load_kernel_module(generate_kernel(kinds, constexprs=consts), tmp)
-    tiles = {k: v for k, v in tiles.items() if k in module.CONSTEXPRS or k not in ("XACT", "ARRIVE")}
+    tiles = {k: v for k, v in tiles.items() if k in module.CONSTEXPRS or k not in PROGRAM_CONSTEXPRS}
     compiled, log = compile_kernel(module, 90, tiles=tiles)
     cubin = os.path.join(tmp, "kernel.cubin")
     with open(cubin, "wb") as f:

@@ -156,16 +156,16 @@ def measure_ab(cfg, dcfg, target, draft, args, iters: int) -> dict:
     tiles_b = dict(args.tiles, **args.ab_tiles)
     lower_b = dict(getattr(args, "lower_options", None) or {}, **args.ab_lower)
     engine_a, step_a, run_a, _ = _megakernel_step(cfg, dcfg, target, draft, args)
-    if not args.ab_lower and not set(args.ab_tiles) & set(L.ARENA_TILES):
+    same_arena = not set(args.ab_tiles) & set(L.ARENA_TILES)     # B writes the weights as A does
+    if same_arena and not args.ab_lower:
         # kernel-only overrides: B is a second step program on A's engine (one copy of the weights)
         step_b = engine_a.variant_program(_step_kind(engine_a), args.ab_tiles)
         run_b = _runner(engine_a, step_b)
     else:
         # another lowering: an engine of its own, holding no second copy of the experts (two
         # flash 8L engines do not fit in 80 GB beside the bench's weights otherwise)
-        share = engine_a if not set(args.ab_tiles) & set(L.ARENA_TILES) else None
         _, step_b, run_b, _ = _megakernel_step(cfg, dcfg, target, draft, args, tiles=tiles_b, lower=lower_b,
-                                               share_experts=share)
+                                               share_experts=engine_a if same_arena else None)
     for run in (run_a, run_b):
         run()
     step_a.check()
