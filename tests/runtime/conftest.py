@@ -14,7 +14,8 @@ def arena_guards(monkeypatch):
     to assert that no task stored outside any arena."""
     guards = {}
 
-    def build(self, device="cpu"):
+    def build(self, device="cpu", share=None, share_names=()):
+        assert not share_names, "guarded arenas are the engine's own (no shared arena)"
         data = {}
         for arena in buffers.ARENAS:
             n = max(self._sizes[arena], buffers.ALIGN)

@@ -289,8 +289,8 @@ class MegakernelEngine:
             if differ:
                 raise TilecompError(f"share_experts: the engines write the weights differently "
                                     f"({', '.join(differ)} differ)")
-        self.arenas = (builder.build(self.device) if share_experts is None else
-                       builder.build(self.device, share=share_experts.arenas, share_names=("u8",)))
+        self.arenas = builder.build(self.device, share=share_experts and share_experts.arenas,
+                                    share_names=("u8",) if share_experts is not None else ())
         self.num_warps = num_warps or L.GPU_NUM_WARPS
         # the step kernels' sources (each step program launches them with its own tile sizes)
         self.kernel_paths = kernel_files(self.config, self.dcfg, artifacts, cache_dir)
