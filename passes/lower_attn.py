@@ -11,6 +11,10 @@ from tilecomp.ir.graph import Op, OpKind
 
 from .lower import Lowering, _cdiv
 
+# kv_chunk 0: chunk lengths are multiples of this many keys (a run-time split's record carries
+# chunk_len = -KV_CHUNK_MIN: attn_partial rounds its run-time length up to a multiple of it)
+KV_CHUNK_MIN = 32
+
 
 def _producer(lw: Lowering, value: str) -> Op | None:
     return lw.defs.get(value)
@@ -198,9 +202,14 @@ def lower_attention(lw: Lowering, op: Op):
     ring_window = 0 < window and window + T < C       # keys live at a runtime offset in a big ring
     span = window + T if ring_window else C
     ck = lw.options.kv_chunk
+    dynamic = False         # chunk length chosen at run time from the keys in view (chunk_len < 0)
     if ck <= 0:     # sized so the KV heads' chunks fill the programs (32-key multiples, at least 32)
         per_head = max(1, (lw.programs or 1) // hkv)
-        ck = max(32, _cdiv(_cdiv(span, per_head), 32) * 32)
+        ck = max(KV_CHUNK_MIN, _cdiv(_cdiv(span, per_head), KV_CHUNK_MIN) * KV_CHUNK_MIN)
+        # the span is the most keys a query may see (a full layer's: the cache's capacity,
+        # max_len, not the context), so the step splits the keys in view (lo .. pos + rows) over
+        # these chunks at run time: as many tasks, each at most ck keys, balanced at any context
+        dynamic = ck < span
     ck = min(ck, span)
     n_chunks = -(-span // ck)
     out = lw.value_buffer(op.out.name)
@@ -209,13 +218,16 @@ def lower_attention(lw: Lowering, op: Op):
     acc = lw.add_buffer(f"{out}.part_acc", "fp32", (n_chunks, hq, T, vd), "scratch")
     pos, pos_regions = lw.scalar_reads(pos_v)
     common = dict(op=out, q=lw.buf[q], k_cache=kc, v_cache=vc, part_m=m, part_l=l_, part_acc=acc,
-                  chunk_len=ck, n_chunks=n_chunks, n_heads_q=hq, n_kv_heads=hkv, head_dim=hd,
+                  chunk_len=-KV_CHUNK_MIN if dynamic else ck, n_chunks=n_chunks, n_heads_q=hq, n_kv_heads=hkv, head_dim=hd,
                   v_head_dim=vd, window=window, causal=bool(a.get("causal", True)),
                   scale=float(a["scale"]), pos=pos, ring=C, n_rows=T)
     for g in range(hkv):
         heads = (g * G, (g + 1) * G)
         for c in range(n_chunks):
-            keys = (c * ck, min(span, (c + 1) * ck)) + (("window_start",) if ring_window else ())
+            if dynamic:     # where the chunk lies is known at run time only: ck keys at most
+                keys = (0, ck, "kv_split")
+            else:
+                keys = (c * ck, min(span, (c + 1) * ck)) + (("window_start",) if ring_window else ())
             reads = [lw.region(q, None, (g * G * hd, (g + 1) * G * hd)),
                      lw.region(kc, (g, g + 1), keys), lw.region(vc, (g, g + 1), keys)] + pos_regions
             writes = [lw.region(m, (c, c + 1), heads), lw.region(l_, (c, c + 1), heads),

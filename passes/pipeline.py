@@ -96,7 +96,7 @@ def engine_options(max_len: int, programs: int, interpreter: bool,
 
 # LowerOptions an engine on a GPU compiles with unless told otherwise (docs/PERF.md: each was
 # measured as a single-switch A/B); the interpreter keeps LowerOptions' own defaults
-GPU_LOWER = {"expert_operands": 1}
+GPU_LOWER = {"expert_operands": 1, "kv_chunk": 0}
 
 
 def lower_overrides(interpreter: bool, lower: dict | None = None) -> dict:

@@ -236,21 +236,29 @@ def test_balance_fills_the_programs_in_as_few_waves_as_it_can():
 
 def test_kv_chunk_zero_sizes_the_attention_chunks_to_fill_the_programs():
     """kv_chunk 0: a full-attention layer's (KV head, chunk) tasks about fill the programs (at
-    the default 256 keys, its 4 KV heads give 68 tasks on 132 programs), in 32-key multiples."""
+    the default 256 keys, its 4 KV heads give 68 tasks on 132 programs) and split the keys in
+    view at run time (chunk_len -32: multiples of 32 keys; each task's key region is at most the
+    span over the chunks, runtime-indexed); a sliding window's span is the window and its rows."""
     from tilecomp.passes.pipeline import CompileOptions, compile_model
     from tilecomp.settings import Settings
     cfg, dcfg = preset("mimo-v2-flash", 2)
-    P = 132
-    c = compile_model(cfg, None, CompileOptions(programs=P, block=1, lower=LowerOptions(kv_chunk=0)),
-                      settings=Settings())
+    P, max_len = 132, 1 << 15
+    c = compile_model(cfg, None, CompileOptions(programs=P, block=1, max_len=max_len,
+                                                lower=LowerOptions(kv_chunk=0)), settings=Settings())
     tp = c.plain_schedule
+    kinds = set()
     for op in {t.attrs["op"] for t in tp.tasks if t.kind == "attn_partial"}:
         parts = [t for t in tp.tasks if t.kind == "attn_partial" and t.attrs["op"] == op]
-        chunk = parts[0].attrs["chunk_len"]
-        assert chunk % 32 == 0 and chunk >= 32
-        span = parts[0].attrs["n_chunks"] * chunk
-        if span >= 4096:                                   # the full-attention layer
-            assert 0.9 * P <= len(parts) <= P + parts[0].attrs["n_kv_heads"], (op, len(parts), chunk)
+        chunk, n = parts[0].attrs["chunk_len"], parts[0].attrs["n_chunks"]
+        keys = {r.dims[1] for t in parts for r in t.reads if r.buffer == parts[0].attrs["k_cache"]}
+        (k,) = keys
+        span = min(parts[0].attrs["ring"], parts[0].attrs["window"] + 1 if parts[0].attrs["window"] else max_len)
+        assert chunk == -32 and k.index == "kv_split" and k.extent % 32 == 0, (op, chunk, k)
+        assert k.extent * n >= span and (k.extent - 32) * n < span and len(parts) == n * parts[0].attrs["n_kv_heads"]
+        kinds.add("full" if span == max_len else "window")
+        if span == max_len:                                # the full-attention layer fills the programs
+            assert 0.9 * P <= len(parts) <= P + parts[0].attrs["n_kv_heads"], (op, len(parts))
+    assert kinds == {"window", "full"}
     verify_schedule(tp)
 
 

@@ -335,6 +335,30 @@ def test_dflash_step_with_the_gpu_lowering_gives_the_reference_tokens():
     assert got.tokens == ref.tokens and got.acceptance == ref.acceptance
 
 
+def test_attention_split_at_run_time_gives_the_reference_tokens():
+    """kv_chunk 0: each attention's keys in view are split over its (KV head, chunk) tasks at run
+    time (chunk_len < 0 in the records), not its cache's capacity: with a 128-position cache
+    lowered for 2 programs (run in one, in the interpreter's order), the full layer's two chunks
+    of at most 64 keys split the 70..86 keys in view (64 each, where 32-key chunks would miss
+    some); plain and DFlash greedy tokens and acceptance and the prompt's logits are the
+    reference's."""
+    target, draft = models(8)
+    ids = prompt(8, 70)
+    max_len = 2 * MAX_LEN
+    engine = MegakernelEngine(target, draft, max_len=max_len, lower={"kv_chunk": 0, "programs": 2})
+    ref = ReferenceEngine(target, draft, max_len=max_len)
+    abi = L.kind_abi("attn_partial")
+    for name, kw in (("plain", {"use_draft": False}), ("dflash", {})):
+        parts = [r for r in engine.step_program(name).records.tolist() if r[0] == abi.id]
+        dyn = [r for r in parts if r[abi.arg_word("chunk_len")] < 0]
+        assert dyn and max(r[abi.arg_word("n_chunks")] for r in dyn) >= 2, name
+        want, got = ref.generate(ids, 6, **kw), engine.generate(ids, 6, **kw)
+        assert got.tokens == want.tokens and got.acceptance == want.acceptance, name
+    with torch.no_grad():                       # the prefill chunks' split: the prompt's logits
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_read_back_returns_the_values_and_raises_on_a_timed_out_program():
     """A generation step reads its committed tokens and every program's timeout flag in one copy:
     the values come back as they were, and a set flag raises the DeadlockError naming the wait."""

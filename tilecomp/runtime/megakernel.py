@@ -211,7 +211,9 @@ class MegakernelEngine:
         layout.GPU_TUNING); qkv_q_heads query heads per qkv task of the programs
         compiled here (LowerOptions.qkv_q_heads; None: a whole KV group per task; -1: 1 on a GPU,
         None in the interpreter); chunk_len KV positions per flash-decoding partial
-        (LowerOptions.kv_chunk; default 256 on a GPU, the whole span in the interpreter); lower:
+        (LowerOptions.kv_chunk; default: on a GPU passes/pipeline.GPU_LOWER's 0, the keys in view
+        split over chunks that fill the programs at run time; the whole span in the
+        interpreter); lower:
         other LowerOptions fields of the programs compiled here (e.g. {"programs": 0}: fixed tile
         sizes instead of phases balanced over the engine's programs). cuda_graph: each step is
         the replay of a CUDA graph recorded at its first launch (no per-step host launch work;
@@ -240,8 +242,8 @@ class MegakernelEngine:
         builder = ArenaBuilder(wdtype)
         add_weights(builder, target, draft, norm_arena=L.norm_arena(self.consts))
         # KV positions per flash-decoding partial: the interpreter runs one chunk per head
-        # (fewer tasks); a GPU splits the context so the partials fill the SMs
-        self.chunk_len = chunk_len or (None if interpreting() else 256)
+        # (fewer tasks); a GPU splits the keys in view so the partials fill the SMs
+        self.chunk_len = chunk_len
         self.qkv_q_heads = (None if interpreting() else 1) if qkv_q_heads == -1 else qkv_q_heads
         self.lower = dict(lower or {})
         reserve_engine_slots(builder, self.config, self.dcfg, max_len, self.block)
@@ -299,8 +301,10 @@ class MegakernelEngine:
     def compile_options(self):
         """The options this engine compiles its own step programs with (its tuning switches)."""
         from tilecomp.passes.pipeline import CompileOptions, engine_lower
-        lower = engine_lower(interpreting(), self.lower, qkv_q_heads=self.qkv_q_heads,
-                             kv_chunk=self.lower.get("kv_chunk", self.chunk_len or self.max_len))
+        fixed = {"qkv_q_heads": self.qkv_q_heads}
+        if "kv_chunk" not in self.lower and (self.chunk_len or interpreting()):
+            fixed["kv_chunk"] = self.chunk_len or self.max_len
+        lower = engine_lower(interpreting(), self.lower, **fixed)
         return CompileOptions(max_len=self.max_len, programs=self.programs,
                               interpreter_order=interpreting() and self.programs == 1, lower=lower,
                               block=None if self.dcfg is not None else self.block)
