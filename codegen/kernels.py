@@ -66,7 +66,16 @@ def constexprs_for(cfg, dcfg, rows: int) -> dict:
                 BLOCK_TA=max(16, _pow2(rows)), BLOCK_S=32,
                 BLOCK_E=max(16, _pow2(cfg.n_routed_experts)), BLOCK_V=16,
                 BLOCK_R=max(16, _pow2(max(rope_dims))),
-                **dict(L.TUNING_DEFAULTS, WALIGN=weight_alignment(cfg, dcfg), SALIGN=scale_alignment(cfg)))
+                **dict(L.TUNING_DEFAULTS, WALIGN=weight_alignment(cfg, dcfg), SALIGN=scale_alignment(cfg),
+                       **_routing_tiles(cfg, rows)))
+
+
+def _routing_tiles(cfg, rows: int) -> dict:
+    """moe_combine's gather tiles: the experts per token (BLOCK_KS) and the plan's slots,
+    min(E, rows * k) (BLOCK_SL), as powers of two."""
+    k = max(1, getattr(cfg, "num_experts_per_tok", 1) or 1)
+    slots = min(getattr(cfg, "n_routed_experts", 1) or 1, max(1, rows) * k)
+    return dict(BLOCK_KS=max(2, _pow2(k)), BLOCK_SL=max(16, _pow2(slots)))
 
 
 # constexprs the compiled tile program sets (runtime/compiled.py tile_constexprs), never a tile override

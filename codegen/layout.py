@@ -112,7 +112,7 @@ KINDS: dict[str, KindABI] = _kinds(
                      "v_cache", "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
                      "rope_dim", "theta_bits", "v_scale_bits", "dim", "pos", "ring", "n_rows",
                      "rows", "q_head0", "q_heads", "rope_part", "row0", "row1"),
-     ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES", "WALIGN", "L2PF", "AALIGN", "NORM_F32")),
+     ("BLOCK_T", "BLOCK_K", "BLOCK_N", "BLOCK_R", "STAGES", "WALIGN", "L2PF", "AALIGN", "NORM_F32", "QKV_LOOP")),
     # (kv head, chunk): partial (m, l, acc) of the head group's queries; key j at cache row
     # j % ring; pos = arena_i32 offset of the block start; causal 0 = the draft's form
     # arrive >= 0 (passes/fold_reduce.py): the counter the head's partials arrive at; the last
@@ -144,9 +144,11 @@ KINDS: dict[str, KindABI] = _kinds(
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows", "part", "parts"),
      ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT")),
-    # n tile: y = res + sum of the slot partials (slot order, slots < plan count)
-    ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows"),
-     ("BLOCK_T", "BLOCK_NC", "STAGES_C", "AALIGN")),
+    # n tile: y = res + sum of the slot partials (slot order, slots < plan count); weights:
+    # moe_route's per-(slot, token) weights (COMB_GATHER: which slots each row chose)
+    ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows", "weights",
+                     "top_k"),
+     ("BLOCK_T", "BLOCK_NC", "STAGES_C", "AALIGN", "COMB_GATHER", "BLOCK_KS", "BLOCK_SL")),
     # logits tile + per-row (max key, argmax) of the tile; key = logit (greedy) or
     # logit / T + Gumbel(seed, position, token) (sampling), position = state.pos + row + pos_shift
     ("lm_head", ("x", "x_stride", "norm", "eps_bits", "w", "dim", "vocab", "n0", "n1", "logits",
@@ -278,10 +280,33 @@ KINDS: dict[str, KindABI] = _kinds(
 # task is a chain of load latencies with STAGES_C - 1 of them in flight (the v18 trace: 64 us per
 # combine task, on every MoE layer's chain). BLOCK_NC as wide as the lowering's column range (128)
 # walks the slots once per task instead of once per BLOCK_NC tile. The CPU values: 3 and BLOCK_N.
+# COMB_GATHER (moe_combine): 1 adds, for each row, only the partials of the top_k slots it chose
+# (the nonzero entries of moe_route's weights, ascending): top_k independent gathered loads per
+# column tile instead of the chain over all count slots (version 23 found the chain's depth
+# did not move the step: the all-slot chain reads count / top_k times the bytes it needs and waits
+# count / (STAGES_C - 1) load latencies). The same sum in the same order less the skipped zeros.
+# BLOCK_KS / BLOCK_SL: powers of two at least the experts per token and the plan's slots
+# (constexprs_for sets them from the model; a task whose top_k or n_slots exceeds them sums the
+# chain instead).
+# QKV_LOOP (qkv_rope_kv): 1 runs every chunk of a task through ONE projection loop over (matrix,
+# chunk): k, v, then the query heads, each chunk max(BLOCK_R, BLOCK_N) rows wide, a k / q head's
+# rotary chunk first (its rotated accumulator picked by tl.where), with int32 in-row offsets and
+# the sin / cos tables built BLOCK_T // 4 rows at a time; 0 gives each matrix's rotary chunk and
+# each BLOCK_N chunk of the rest a K loop of its own (one copy of the K loop's code per chunk kind
+# and matrix). With BLOCK_R 128 > BLOCK_N 64 (the flash presets) a 192-row q head is 2 passes over
+# x instead of 3. sm_90 build (Triton 3.6, flash, GPU tiles, `bench/sass_loops.py qkv_rope_kv
+# --variant XACT=1[,QKV_LOOP=1] --code-size --any-loop`): the kind's code 89.0 -> 40.4 KB (accept +
+# the kind, less accept); the kernel of the kind alone 93.9 -> 45.1 KB, spills 80 / 40 -> 68 / 56
+# bytes (the sin / cos loop and the matrix loop touch local memory, the K step does not); one
+# 324-instruction K step (32 HMMA) for every chunk instead of 5 copies (k's and q's 128-row rotary
+# ones, 335 / 327, and k's, v's and q's 64-row ones, 270 with 16 HMMA); the whole engine kernel 332
+# -> 287 KB, spills 192 / 108 -> 136 / 108 bytes, shared memory 188,416 bytes either way. Not yet
+# measured on a GPU.
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
                    "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0, "WPF": 0, "WPFL": 0,
-                   "INLINE": 0, "XFLAT": 0, "STAGES_C": 3, "MMAV2": 0}
+                   "INLINE": 0, "XFLAT": 0, "STAGES_C": 3, "MMAV2": 0, "QKV_LOOP": 0,
+                   "COMB_GATHER": 0, "BLOCK_KS": 8, "BLOCK_SL": 64}
 
 
 # switches that change how the engine writes the weights into its arena (MX_DOT 9's repacked words,

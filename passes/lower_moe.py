@@ -137,10 +137,11 @@ def lower_experts(lw: Lowering, op: Op):
         _lower_expert_slots(lw, bn_up, bn_down, common, x, plan, slot_w, act, eout, mats)
     for n in range(_cdiv(D, bn)):
         n0, n1 = n * bn, min(D, (n + 1) * bn)
-        reads = [lw.region(eout, None, None, (n0, n1)), lw.region(plan)]
+        reads = [lw.region(eout, None, None, (n0, n1)), lw.region(plan), lw.region(slot_w)]
         reads += [lw.region(res, None, (n0, n1))] if res else []
         lw.task("moe_combine", {"n": n}, reads, [lw.region(out, None, (n0, n1))], f"c.{out}",
-                dict(common, part=eout, res=res and lw.buf[res], y=out, n0=n0, n1=n1))
+                dict(common, part=eout, res=res and lw.buf[res], y=out, n0=n0, n1=n1, weights=slot_w,
+                     top_k=lw.shape(_ids)[1]))
     lw.produce(lw.region(out), f"c.{out}")
 
 

@@ -97,7 +97,8 @@ def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None, parts=0)
         for i, (s, (n0, n1), j) in enumerate(down_units)]
     combine = [TaskRecord("moe_combine", 2000 + i, dict(
         part=b.offset("part"), plan=b.offset("plan"), n_slots=n_slots, res=b.offset("x"),
-        y=b.offset("y"), n0=n0, n1=n1, dim=D, n_rows=T), waits=[(2, n_down, n_down)], signals=[3])
+        y=b.offset("y"), n0=n0, n1=n1, dim=D, n_rows=T, weights=b.offset("weights"), top_k=moe.gate.top_k),
+        waits=[(2, n_down, n_down)], signals=[3])
         for i, (n0, n1) in enumerate(down_cols)]
     return [route] + up + down + combine
 
@@ -111,7 +112,9 @@ def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=Non
     if stages is not None:
         recs = [r for r in recs if r.kind in stages]
     E = moe.experts.gate_proj_blocks.shape[0]
+    k = moe.gate.top_k
     const = dict(BLOCK_T=16, BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_K=BLOCK_K,
+                 BLOCK_KS=max(2, triton.next_power_of_2(k)), BLOCK_SL=max(16, triton.next_power_of_2(n_slots)),
                  BLOCK_KX=block_kx or BLOCK_K, BLOCK_KR=BLOCK_K, BLOCK_RN=BLOCK_N, BLOCK_N=BLOCK_N, BLOCK_NX=BLOCK_N, MX_DOT=mx_dot,
                  **(tiles or {}))
     run_tasks([recs], arenas, const, n_counters=4)
@@ -156,11 +159,14 @@ def test_moe_chain_matches_reference(T, dim, inter, E, top_k, scaling, norm_topk
     check_moe_chain(T, dim, inter, E, top_k, scaling, norm_topk, task_n, mx_dot, parts)
 
 
-@pytest.mark.parametrize("tiles", [dict(BLOCK_NC=32, STAGES_C=5), dict(XFLAT=1, STAGES_C=1)],
-                         ids=["combine-narrow-tiles-deep-pipeline", "flat-units-combine-unpipelined"])
+@pytest.mark.parametrize("tiles", [dict(BLOCK_NC=32, STAGES_C=5), dict(XFLAT=1, STAGES_C=1),
+                                   dict(COMB_GATHER=1, BLOCK_NC=32)],
+                         ids=["combine-narrow-tiles-deep-pipeline", "flat-units-combine-unpipelined",
+                              "combine-gathers-the-chosen-slots"])
 def test_moe_chain_under_combine_and_unit_loop_switches(tiles):
     """moe_combine's own column tile (BLOCK_NC, several partial tiles per 64-column task here)
-    and slot pipeline depth (STAGES_C), and the experts' flattened unit loop (XFLAT): the same y."""
+    and slot pipeline depth (STAGES_C), the experts' flattened unit loop (XFLAT), and the
+    combine's gather of each row's chosen slots (COMB_GATHER): the same y."""
     check_moe_chain(*CASES[2].values, mx_dot=3, parts=5, tiles=tiles)
 
 
@@ -185,6 +191,17 @@ def check_moe_chain(T, dim, inter, E, top_k, scaling, norm_topk, task_n, mx_dot,
     torch.testing.assert_close(arenas.view("xn"), xn, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(arenas.view("weights")[:count], weights, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(arenas.view("y"), want_y, rtol=1e-5, atol=1e-5)
+    return arenas
+
+
+def test_combine_gather_is_the_all_slot_sum_bit_for_bit():
+    """COMB_GATHER 1 adds each row's chosen slots only, in slot order: the same fp32 bits as the
+    sum over every slot below the count (the skipped partials are exact zeros), with some rows
+    choosing slots the others did not and empty slots (NaN garbage) past the count."""
+    case = CASES[2].values
+    got = check_moe_chain(*case, mx_dot=3, parts=0, tiles=dict(COMB_GATHER=1)).view("y").clone()
+    want = check_moe_chain(*case, mx_dot=3, parts=0, tiles=dict(COMB_GATHER=0)).view("y")
+    assert torch.equal(got, want)
 
 
 def test_route_from_precomputed_logits():

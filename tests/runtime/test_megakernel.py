@@ -112,6 +112,39 @@ def test_qkv_rows_chunks_give_the_reference_logits():
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_qkv_single_chunk_loop_gives_the_reference_tokens():
+    """QKV_LOOP 1 (qkv_rope_kv's one loop over (matrix, chunk); tiny has BLOCK_R 16 < BLOCK_N 64,
+    so its chunks are 64 rows wide) with a task per query head and k / v tasks (the GPU's split),
+    and the draft's context K/V: the reference's DFlash tokens and prompt logits."""
+    target, draft = models(5)
+    ids = prompt(5, 9)
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 4)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, qkv_q_heads=1, tiles={"QKV_LOOP": 1})
+    assert engine.consts["QKV_LOOP"] == 1 and engine.consts["BLOCK_R"] < engine.consts["BLOCK_N"]
+    got = engine.generate(ids, 4)
+    assert got.tokens == ref.tokens
+    assert got.acceptance == ref.acceptance
+    with torch.no_grad():       # tokens alone hardly see a wrong rotary half of a tiny random model
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_combine_gather_gives_the_reference_tokens():
+    """COMB_GATHER 1 (moe_combine adds each row's chosen slots only, found from the router's
+    weights) in the whole engine, plain and DFlash: the reference's tokens and acceptance and the
+    prompt's logits (prefill chunks of several rows: rows choosing different experts)."""
+    target, draft = models(9)
+    ids = prompt(9, 11)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"COMB_GATHER": 1})
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN)
+    for kw in ({"use_draft": False}, {}):
+        want, got = ref.generate(ids, 4, **kw), engine.generate(ids, 4, **kw)
+        assert got.tokens == want.tokens and got.acceptance == want.acceptance, kw
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_unknown_tile_override_is_named():
     target, draft = models(0)
     with pytest.raises(Exception, match="BLOCK_Q"):
