@@ -171,7 +171,10 @@ def lower_qkv(lw: Lowering, op: Op):
         for part, (h0, nq, kv, rp, (r0, r1), ranged) in enumerate(parts):
             cols = ((g * G + h0) * hd + r0, (g * G + h0 + nq - 1) * hd + r1) if nq else None
             kv_rows = (r0, r1) if kv != "v" or ranged else None      # v: only a ranged part's rows
-            kv_reads, kv_writes, kv_args = _kv_part(lw, kv, g, lw.weight(wk), lw.weight(wv), kc, vc, T, kv_rows)
+            # a combined k / v task split at the rotary rows (qkv_split_rope): v goes with the
+            # other rows only, so it is projected and written once
+            which = "k" if kv == "kv" and rp == 1 else kv
+            kv_reads, kv_writes, kv_args = _kv_part(lw, which, g, lw.weight(wk), lw.weight(wv), kc, vc, T, kv_rows)
             reads = [lw.region(x)] + ([lw.region(lw.weight(wq), cols)] if nq else []) + kv_reads
             reads += ([lw.region(norm)] if norm else []) + pos_regions
             writes = ([lw.region(q, None, cols)] if nq else []) + kv_writes

@@ -222,6 +222,20 @@ def test_rotary_rows_apart_from_the_other_rows_of_each_head(tiny):
     assert tp.counters["c.L1.q_rot.h0"].expected == 2 * G + 3
 
 
+def test_split_rope_with_a_combined_kv_task_writes_v_once(tiny):
+    """qkv_split_rope with k and v in one task (qkv_split_kv 0): that task's rotary part projects
+    k's rotary rows only; its other part k's other rows and the whole of v (v written once)."""
+    _, _, c = tiny
+    tp = lower(c.fused, LowerOptions(qkv_q_heads=1, qkv_split_rope=1, qkv_split_kv=0))
+    verify_tile(tp)
+    kv = [t for t in tp.tasks if t.kind == "qkv_rope_kv" and t.attrs["op"] == "L1.q_rot"
+          and t.coords["kv_head"] == 0 and t.attrs["q_heads"] == 0]
+    assert [t.attrs["rope_part"] for t in kv] == [1, 2]
+    v_cache = kv[1].attrs["v_cache"]
+    v_writes = [[r for r in t.writes if r.buffer == v_cache] for t in kv]
+    assert kv[0].attrs.get("wv") is None and v_writes[0] == [] and len(v_writes[1]) == 1
+
+
 def test_balance_fills_the_programs_in_as_few_waves_as_it_can():
     from tilecomp.passes.lower import balance, expected_unique
     assert balance(152064, 132, 4096 * 2) == (1152, 1)            # 132 LM-head tasks: one full wave

@@ -145,6 +145,20 @@ def test_combine_gather_gives_the_reference_tokens():
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("qkv_loop", [0, 1])
+def test_rotary_split_with_combined_kv_tasks_gives_the_reference_logits(qkv_loop):
+    """qkv_split_rope with k and v in one task per KV head (qkv_split_kv 0): the rotary part
+    projects k's rotary rows only, the other part k's other rows and v; under either q/k/v loop
+    the prompt's logits are the reference's."""
+    target, draft = models(10)
+    ids = prompt(10, 9)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, qkv_q_heads=1, tiles={"QKV_LOOP": qkv_loop},
+                              lower={"qkv_split_rope": 1, "qkv_split_kv": 0})
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_unknown_tile_override_is_named():
     target, draft = models(0)
     with pytest.raises(Exception, match="BLOCK_Q"):
