@@ -85,6 +85,13 @@ ab() {
   step "ab-$name" 200 tilecomp bench --preset mimo-v2-flash --layers "$layers" --context 4096 --block "$block" \
     --skip-compile --skip-bf16 --skip-megakernel --eager-iters 1 --iters 60 --json "$OUT/var-ab-$name.json" "$@"
 }
+# sab NAME BLOCK FLAGS...: the same interleaved A/B on the small preset's step (context 4096), e.g.
+# 'sab q0 1 --ab-tile QKV_LOOP=0'
+sab() {
+  local name=$1 block=$2; shift 2
+  step "sab-$name" 200 tilecomp bench --preset small --context 4096 --block "$block" \
+    --skip-compile --skip-bf16 --skip-megakernel --eager-iters 1 --iters 60 --json "$OUT/var-sab-$name.json" "$@"
+}
 # svar NAME BLOCK [bench flags...]: the megakernel alone on the small preset's step (context 4096)
 svar() {
   local name=$1 block=$2; shift 2
@@ -161,6 +168,7 @@ for s in "$@"; do
     tokensv\ *) tokensv ${s#tokensv } ;;   # e.g. 'tokensv mx6 --tile MX_DOT=6'
     tokensc\ *) tokensc ${s#tokensc } ;;   # e.g. 'tokensc v15 --tile AFRAG=0'
     benchv\ *) benchv ${s#benchv } ;;
+    sab\ *) sab ${s#sab } ;;             # e.g. 'sab q0 1 --ab-tile QKV_LOOP=0'
     tracev\ *) tracev ${s#tracev } ;;     # e.g. 'tracev small-b1 small 8 1'
     pick\ *) pick ${s#pick } ;;
     sweep-json|logs) ;;     # finalize does both at the end of the call

@@ -227,6 +227,18 @@ def test_ab_of_tile_sizes_only_is_a_second_program_on_one_engine(monkeypatch):
         engines[0].variant_program("plain", {"BLOCK_DD": 4})
 
 
+def test_every_gpu_default_switch_can_be_turned_back_by_tile():
+    """Each GPU_TUNING switch that has a CPU default (TUNING_DEFAULTS) parses at both values, so
+    `--tile NAME=<CPU value>` (e.g. QKV_LOOP=0, COMB_GATHER=0) can A/B a GPU default off."""
+    from tilecomp.codegen import layout as L
+    from tilecomp.commands.bench import parse_tiles
+    shared = sorted(set(L.GPU_TUNING) & set(L.TUNING_DEFAULTS))
+    assert {"QKV_LOOP", "COMB_GATHER", "MMAV2"} <= set(shared)
+    for name in shared:
+        for value in (L.GPU_TUNING[name], L.TUNING_DEFAULTS[name]):
+            assert parse_tiles([f"{name}={value}"]) == {name: value}
+
+
 def test_bench_switches_parse_and_name_bad_values():
     from tilecomp.commands.bench import parse_lower, parse_tiles
     from tilecomp.errors import TilecompError

@@ -103,7 +103,8 @@ def _name_values(items: list[str], flag: str, ok, expected: str) -> dict:
 
 SWITCHES = {"MX_DOT": (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), "NORM_F32": (0, 1), "NOINLINE": (0, 1), "PTX_ASM": (0, 1),
             "ROUTE_DOT": (0, 1, 2), "XPIPE": (0, 1), "WLEFT": (0, 1), "STILE": (0, 1), "AFRAG": (0, 1), "UPLOOP": (0, 1),
-            "WPFL": (0, 1), "XFLAT": (0, 1), "MMAV2": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
+            "WPFL": (0, 1), "XFLAT": (0, 1), "MMAV2": (0, 1), "COMB_GATHER": (0, 1),
+            "QKV_LOOP": (0, 1)}   # code paths (codegen/layout.py TUNING_DEFAULTS)
 COUNTS = ("STAGES", "STAGES_X", "STAGES_C")   # pipeline depths: any N >= 1
 OPTIONAL_COUNTS = ("L2PF",)        # depths where 0 turns the feature off: any N >= 0
 KB32 = ("WPF",)                    # KB in bulk operations of layout.WPF_CHUNK_KB: a multiple of it, 0 = off
