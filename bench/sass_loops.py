@@ -120,13 +120,14 @@ def main(argv=None) -> int:
 
 def build_sass(kinds: list[str], consts: dict, tiles: dict):
     """(compiled, ptxas log, SASS listing) of a kernel of `kinds` built for sm_90 with the GPU tile
-    sizes plus `tiles` (the program-set XACT / ARRIVE are passed where the kernel has them)."""
+    sizes plus those of `tiles` the kernel has (parse_tiles checked the names against every kind's:
+    a kind-only switch such as QKV_LOOP is not passed to a kernel without that kind, e.g. the
+    accept-only kernel of --code-size; nor are the program-set XACT / ARRIVE)."""
     from tilecomp.codegen.build import compile_kernel
-    from tilecomp.codegen.kernels import PROGRAM_CONSTEXPRS
     from tilecomp.codegen.triton_gen import generate_kernel, load_kernel_module
     tmp = tempfile.mkdtemp(prefix="tilecomp-sass-")
     module = load_kernel_module(generate_kernel(kinds, constexprs=consts), tmp)
-    tiles = {k: v for k, v in tiles.items() if k in module.CONSTEXPRS or k not in PROGRAM_CONSTEXPRS}
+    tiles = {k: v for k, v in tiles.items() if k in module.CONSTEXPRS}
     compiled, log = compile_kernel(module, 90, tiles=tiles)
     cubin = os.path.join(tmp, "kernel.cubin")
     with open(cubin, "wb") as f:

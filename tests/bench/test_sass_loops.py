@@ -36,3 +36,4 @@ def test_variants_parse_and_name_a_bad_item():
 
 def test_code_bytes_counts_sixteen_bytes_an_instruction():
     assert sass_loops.code_bytes(sass_loops.instructions(SASS)) == 7 * 16
+
