@@ -39,8 +39,9 @@ class LowerOptions:
     #                               phases are balanced over when the block has > 1 row (0 at
     #                               one row, where every slot is used, and with fixed tile sizes)
     vocab_block: int = 1024       # vocabulary rows per lm_head tile
-    kv_chunk: int = 256           # cache positions per attn_partial (flash-decoding chunk); 0: sized
-    #                               so each attention's (KV head, chunk) tasks fill the programs
+    kv_chunk: int = 256           # cache positions per attn_partial (flash-decoding chunk); 0: as
+    #                               many (KV head, chunk) tasks as fill the programs, the keys in
+    #                               view split over them at run time (the GPU default, GPU_LOWER)
     qkv_q_heads: int | None = None  # query heads per qkv_rope_kv task (None: the whole KV group)
     qkv_split_kv: int = 1         # with qkv_q_heads (and for the draft's context K/V): k and v of
     #                               a KV head as two tasks (1) or one (0)
