@@ -73,8 +73,8 @@ def constexprs_for(cfg, dcfg, rows: int) -> dict:
 def _routing_tiles(cfg, rows: int) -> dict:
     """moe_combine's gather tiles: the experts per token (BLOCK_KS) and the plan's slots,
     min(E, rows * k) (BLOCK_SL), as powers of two."""
-    k = max(1, getattr(cfg, "num_experts_per_tok", 1) or 1)
-    slots = min(getattr(cfg, "n_routed_experts", 1) or 1, max(1, rows) * k)
+    k = cfg.num_experts_per_tok
+    slots = min(cfg.n_routed_experts, max(1, rows) * k)
     return dict(BLOCK_KS=max(2, _pow2(k)), BLOCK_SL=max(16, _pow2(slots)))
 
 

@@ -145,8 +145,9 @@ def _qkv_row_parts(G: int, hd: int, vd: int, rope: int, options) -> list[tuple]:
             out += [(h0, nq, kv, 2, (c, min(n, c + step)), True) for c in range(lo, n, step)]
         return out
     if options.qkv_split_rope and options.qkv_q_heads == 1 and 0 < rope < hd:
-        # the rotary rows and the others of each q head and k head as tasks of their own
-        return [(h0, nq, kv, rp, (0, rope) if rp == 1 else (rope, hd), False)
+        # the rotary rows and the others of each q head and k head as tasks of their own; a
+        # combined k / v task's v goes with k's other rows (projected and written once)
+        return [(h0, nq, "k" if kv == "kv" and rp == 1 else kv, rp, (0, rope) if rp == 1 else (rope, hd), False)
                 for h0, nq, kv in base for rp in ((1, 2) if nq or "k" in kv else (0,))]
     return [(h0, nq, kv, 0, (0, hd), False) for h0, nq, kv in base]
 
@@ -171,10 +172,7 @@ def lower_qkv(lw: Lowering, op: Op):
         for part, (h0, nq, kv, rp, (r0, r1), ranged) in enumerate(parts):
             cols = ((g * G + h0) * hd + r0, (g * G + h0 + nq - 1) * hd + r1) if nq else None
             kv_rows = (r0, r1) if kv != "v" or ranged else None      # v: only a ranged part's rows
-            # a combined k / v task split at the rotary rows (qkv_split_rope): v goes with the
-            # other rows only, so it is projected and written once
-            which = "k" if kv == "kv" and rp == 1 else kv
-            kv_reads, kv_writes, kv_args = _kv_part(lw, which, g, lw.weight(wk), lw.weight(wv), kc, vc, T, kv_rows)
+            kv_reads, kv_writes, kv_args = _kv_part(lw, kv, g, lw.weight(wk), lw.weight(wv), kc, vc, T, kv_rows)
             reads = [lw.region(x)] + ([lw.region(lw.weight(wq), cols)] if nq else []) + kv_reads
             reads += ([lw.region(norm)] if norm else []) + pos_regions
             writes = ([lw.region(q, None, cols)] if nq else []) + kv_writes
@@ -221,8 +219,8 @@ def lower_attention(lw: Lowering, op: Op):
     acc = lw.add_buffer(f"{out}.part_acc", "fp32", (n_chunks, hq, T, vd), "scratch")
     pos, pos_regions = lw.scalar_reads(pos_v)
     common = dict(op=out, q=lw.buf[q], k_cache=kc, v_cache=vc, part_m=m, part_l=l_, part_acc=acc,
-                  chunk_len=-KV_CHUNK_MIN if dynamic else ck, n_chunks=n_chunks, n_heads_q=hq, n_kv_heads=hkv, head_dim=hd,
-                  v_head_dim=vd, window=window, causal=bool(a.get("causal", True)),
+                  chunk_len=-KV_CHUNK_MIN if dynamic else ck, n_chunks=n_chunks, n_heads_q=hq,
+                  n_kv_heads=hkv, head_dim=hd, v_head_dim=vd, window=window, causal=bool(a.get("causal", True)),
                   scale=float(a["scale"]), pos=pos, ring=C, n_rows=T)
     for g in range(hkv):
         heads = (g * G, (g + 1) * G)

@@ -340,10 +340,11 @@ class MegakernelEngine:
         return self._compiled(tp, kernel_name, dict(self.consts, **tiles))
 
     def _program_of(self, kind: str):
-        if kind not in ("dflash", "plain", "prefill"):
-            raise TilecompError(f"step program: expected dflash, plain or prefill, found {kind!r}")
-        return {"dflash": (self.schedule, "decode_step"), "plain": (self.plain_schedule, "decode_step"),
-                "prefill": (self.prefill_schedule, "prefill_chunk")}[kind]
+        programs = {"dflash": (self.schedule, "decode_step"), "plain": (self.plain_schedule, "decode_step"),
+                    "prefill": (self.prefill_schedule, "prefill_chunk")}
+        if kind not in programs:
+            raise TilecompError(f"step program: expected one of {', '.join(programs)}, found {kind!r}")
+        return programs[kind]
 
     def _compiled(self, tp, kernel_name: str, engine_consts: dict | None = None) -> StepProgram:
         """A compiler-scheduled tile program (its queues, counters and tile sizes); engine_consts:
