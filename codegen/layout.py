@@ -88,8 +88,8 @@ def _kinds(*specs) -> dict[str, KindABI]:
 # the others are sizes, indices or flags. Kinds keep the INTERFACES.md order.
 # A tile [n0, n1) covers columns n0 .. min(n1, n0 + BLOCK_N); n1 <= n0 means one BLOCK_N tile.
 KINDS: dict[str, KindABI] = _kinds(
-    # token rows -> x rows; ids < 0 or == mask_id take the mask embedding
-    ("embed", ("ids", "table", "mask_row", "mask_id", "out", "n_rows", "dim", "row0"),
+    # token rows -> x rows (columns d0:d1; d1 <= d0: all); ids < 0 or == mask_id take the mask embedding
+    ("embed", ("ids", "table", "mask_row", "mask_id", "out", "n_rows", "dim", "row0", "d0", "d1"),
      ("BLOCK_T", "BLOCK_D", "WALIGN", "AALIGN")),
     # y[t, n0:n0+BN] (+)= norm?(x[t, :]) @ W[n0:n0+BN, k0:k1]^T (+ bias) (+ residual);
     # w_up >= 0: SwiGLU, y = silu(norm?(x) @ W^T) * (norm?(x) @ W_up^T)
@@ -122,9 +122,10 @@ KINDS: dict[str, KindABI] = _kinds(
                       "v_head_dim", "window", "causal", "pos", "ring", "scale_bits", "n_rows",
                       "arrive", "n_chunks", "sink", "out"),
      ("BLOCK_TA", "BLOCK_S", "BLOCK_HD", "BLOCK_HV", "STAGES", "ARRIVE")),
-    # kv head: merge the chunk partials, sink (-1 = none) in the denominator, normalise
+    # kv head (its query heads h0..h1 of the group; h1 <= h0: all): merge the chunk partials,
+    # sink (-1 = none) in the denominator, normalise
     ("attn_reduce", ("part_m", "part_l", "part_acc", "sink", "out", "head", "n_chunks",
-                     "n_heads_q", "n_kv_heads", "v_head_dim", "n_rows"),
+                     "n_heads_q", "n_kv_heads", "v_head_dim", "n_rows", "h0", "h1"),
      ("BLOCK_TA", "BLOCK_HV", "STAGES")),
     # layer: (norm +) router + sigmoid + biased top-k + weights -> plan (count, experts
     # ascending) and weights [n_slots, n_rows]; gate < 0: x holds router logits already;
@@ -533,7 +534,7 @@ def encode_record(rec: TaskRecord) -> list[int]:
 
 # record args the WALIGN hint covers (element offsets / lengths of weight rows)
 ALIGNED_ARGS = {"linear": ("w", "w_up", "k_dim", "k0", "k1"), "lm_head": ("w", "dim"),
-                "embed": ("table", "mask_row", "dim"),
+                "embed": ("table", "mask_row", "dim", "d0", "d1"),
                 "qkv_rope_kv": ("wq", "wk", "wv", "dim"), "moe_route": ("gate",)}
 
 

@@ -42,8 +42,10 @@ FOLDS = {
 
 
 def _is_tail(t: Task) -> bool:
-    return t.kind == "attn_reduce" or (t.kind == "moe_route" and t.attrs.get("split") == 0
-                                       and "gate" not in t.attrs)
+    if t.kind == "attn_reduce":     # a merge of the whole KV group only (not LowerOptions.reduce_heads')
+        a = t.attrs
+        return a.get("h0", 0) == 0 and a.get("h1", 0) in (0, a["n_heads_q"] // a["n_kv_heads"])
+    return t.kind == "moe_route" and t.attrs.get("split") == 0 and "gate" not in t.attrs
 
 
 def _foldable(tail: Task, signalers: dict[str, list[Task]]) -> list[Task] | None:

@@ -60,6 +60,10 @@ class LowerOptions:
     ranks: int = 1                # every task runs on rank 0 until the partition pass exists
     fold_reduce: int = 0          # 1: the fold_reduce pass merges each attention's partials in
     #                               the last partial to arrive (no attn_reduce tasks)
+    reduce_heads: int = 0         # > 0: each attention's merge (attn_reduce) as one task per this
+    #                               many query heads of a KV group (0: one task per KV group)
+    embed_cols: int = 0           # > 0: the embedding as one task per this many columns of the
+    #                               rows (0: one task, its program's loop over the whole row)
     expert_operands: int = 0      # 1: the experts' inputs (moe_route's normed rows, up_gate's act)
     #                               are "operand" buffers, stored in the weights' dtype, so the
     #                               expert K loops load them as the dots' operand (kernel XACT)

@@ -238,10 +238,17 @@ def lower_attention(lw: Lowering, op: Op):
         for r in (lw.region(m, None, heads), lw.region(l_, None, heads), lw.region(acc, None, heads)):
             lw.produce(r, f"c.{out}.part.h{g}")
     sink = op.kwarg("sink") and lw.weight(op.kwarg("sink"))
+    # query heads per reduce task: a group's merge reads n_chunks partials of every head, so one
+    # task per group is a long loop on the step's chain (LowerOptions.reduce_heads)
+    # (with fold_reduce the merge goes into the last partial to arrive: one per group)
+    per = lw.options.reduce_heads if 0 < lw.options.reduce_heads < G and not lw.options.fold_reduce else G
     for g in range(hkv):
-        heads = (g * G, (g + 1) * G)
-        reads = [lw.region(m, None, heads), lw.region(l_, None, heads), lw.region(acc, None, heads)]
-        reads += [lw.region(sink, heads)] if sink else []
-        lw.task("attn_reduce", {"kv_head": g}, reads, [lw.region(out, None, (g * G * vd, (g + 1) * G * vd))],
-                f"c.{out}", dict(common, sink=sink, out=out, head=g))
+        for h0 in range(0, G, per):
+            h1 = min(G, h0 + per)
+            heads = (g * G + h0, g * G + h1)
+            reads = [lw.region(m, None, heads), lw.region(l_, None, heads), lw.region(acc, None, heads)]
+            reads += [lw.region(sink, heads)] if sink else []
+            key = {"kv_head": g} if per == G else {"kv_head": g, "heads": h0}
+            lw.task("attn_reduce", key, reads, [lw.region(out, None, (heads[0] * vd, heads[1] * vd))],
+                    f"c.{out}", dict(common, sink=sink, out=out, head=g, h0=h0, h1=h1))
     lw.produce(lw.region(out), f"c.{out}")

@@ -93,15 +93,22 @@ def lower_swiglu(lw: Lowering, op: Op):
 
 
 def lower_embed(lw: Lowering, op: Op):
+    """The token rows' embedding: one task, or (LowerOptions.embed_cols > 0) one task per
+    embed_cols columns of the rows, so that no program walks a whole row on the step's chain."""
     ids, table = op.args
     T, D = op.out.type.shape
-    reads = [lw.region(ids), lw.region(lw.weight(table), (0, T, "ids"))]
+    cols = lw.options.embed_cols
+    cols = D if cols <= 0 else cols
     mask = op.kwarg("mask")
-    reads += [lw.region(lw.weight(mask))] if mask else []
     out = lw.value_buffer(op.out.name)
-    lw.task("embed", {"row": 0}, reads, [lw.region(out)], f"c.{out}",
-            dict(op=out, ids=lw.buf[ids], table=lw.weight(table), mask_row=mask and lw.weight(mask),
-                 mask_id=op.attrs.get("mask_token_id"), out=out, n_rows=T, dim=D, row0=0))
+    for j, d0 in enumerate(range(0, D, cols)):
+        d1 = min(D, d0 + cols)
+        reads = [lw.region(ids), lw.region(lw.weight(table), (0, T, "ids"), (d0, d1))]
+        reads += [lw.region(lw.weight(mask), (d0, d1))] if mask else []
+        lw.task("embed", {"row": 0} if cols >= D else {"row": 0, "d": j}, reads,
+                [lw.region(out, None, (d0, d1))], f"c.{out}",
+                dict(op=out, ids=lw.buf[ids], table=lw.weight(table), mask_row=mask and lw.weight(mask),
+                     mask_id=op.attrs.get("mask_token_id"), out=out, n_rows=T, dim=D, row0=0, d0=d0, d1=d1))
     lw.produce(lw.region(out), f"c.{out}")
 
 

@@ -78,6 +78,35 @@ def test_embed_gathers_rows_and_mask_embedding():
     torch.testing.assert_close(arenas.view("out"), want)
 
 
+@pytest.mark.parametrize("cols", [24, 40, 16])
+def test_embed_column_tasks(cols):
+    """LowerOptions.embed_cols: the rows' columns as tasks of d0 .. d1 (24: a tile of BLOCK_D 16
+    cut mid-way); each writes its columns only (one task alone leaves the others as they were)."""
+    g = torch.Generator().manual_seed(6)
+    V, D, T = 11, 56, 5
+    table, mask_row = torch.randn(V, D, generator=g), torch.randn(D, generator=g)
+    ids = torch.tensor([3, 99, 7, 0, 99], dtype=torch.int32)
+    want = torch.stack([table[3], mask_row, table[7], table[0], mask_row])
+    spans = [(d0, min(D, d0 + cols)) for d0 in range(0, D, cols)]
+    for only in (None, 1):
+        b = ArenaBuilder(torch.float32)
+        b.add("table", table, "w"), b.add("mask", mask_row, "w"), b.add("ids", ids, "i32")
+        b.add("out", torch.full((T, D), float("nan")), "f32")
+        arenas = b.build()
+        recs = [TaskRecord("embed", i, dict(ids=b.offset("ids"), table=b.offset("table"),
+                                            mask_row=b.offset("mask"), mask_id=99, out=b.offset("out"),
+                                            n_rows=T, dim=D, row0=0, d0=d0, d1=d1))
+                for i, (d0, d1) in enumerate(spans) if only is None or i == only]
+        run_tasks([recs], arenas, dict(BLOCK_T=8, BLOCK_D=16))
+        out = arenas.view("out")
+        if only is None:
+            torch.testing.assert_close(out, want)
+        else:
+            d0, d1 = spans[only]
+            torch.testing.assert_close(out[:, d0:d1], want[:, d0:d1])
+            assert out[:, :d0].isnan().all() and out[:, d1:].isnan().all()
+
+
 @pytest.mark.parametrize("stages,uploop", [(3, 0), (1, 0), (3, 1)])
 def test_linear_swiglu_epilogue(stages, uploop):
     g = torch.Generator().manual_seed(8)

@@ -30,8 +30,13 @@ def draft_reference(q, k, v, start, window, sink, scale):
     return (s.softmax(-1)[..., :S] @ v.double().repeat_interleave(rep, 0)).float()
 
 
-def attention_records(b, *, T, H, G, Dk, Dv, chunk, n_chunks, window, causal, ring, sink, scale):
+def attention_records(b, *, T, H, G, Dk, Dv, chunk, n_chunks, window, causal, ring, sink, scale,
+                      reduce_heads=0):
+    """reduce_heads > 0: each kv head's merge as tasks of that many query heads (h0 .. h1), as
+    LowerOptions.reduce_heads lowers it; 0: one reduce per kv head without h0 / h1 (all heads)."""
     parts, reduces = [], []
+    rep = H // G
+    per = reduce_heads or rep
     common = dict(part_m=b.offset("m"), part_l=b.offset("l"), part_acc=b.offset("acc"),
                   n_heads_q=H, n_kv_heads=G, v_head_dim=Dv, n_rows=T)
     for g in range(G):
@@ -41,14 +46,18 @@ def attention_records(b, *, T, H, G, Dk, Dv, chunk, n_chunks, window, causal, ri
                 chunk=c, chunk_len=chunk, head_dim=Dk, window=window, causal=int(causal),
                 pos=b.offset("pos"), ring=ring,
                 scale_bits=float_bits(scale)), signals=[g]))
-        reduces.append(TaskRecord("attn_reduce", 1000 + g, dict(
-            common, sink=b.offset("sink") if sink else -1, out=b.offset("out"), head=g,
-            n_chunks=n_chunks), waits=[(g, n_chunks, n_chunks)]))
+        for h0 in range(0, rep, per):
+            heads = dict(h0=h0, h1=min(rep, h0 + per)) if reduce_heads else {}
+            reduces.append(TaskRecord("attn_reduce", 1000 + len(reduces), dict(
+                common, sink=b.offset("sink") if sink else -1, out=b.offset("out"), head=g,
+                n_chunks=n_chunks, **heads), waits=[(g, n_chunks, n_chunks)]))
     return parts + reduces
 
 
-def run_attention(q, k_pos, v_pos, start, *, window, causal, sink, chunk, ring, block_ta=16):
-    """q [H, T, Dk]; k_pos/v_pos [G, start+T, D] by absolute position -> o [H, T, Dv]."""
+def run_attention(q, k_pos, v_pos, start, *, window, causal, sink, chunk, ring, block_ta=16,
+                  reduce_heads=0, keep=None):
+    """q [H, T, Dk]; k_pos/v_pos [G, start+T, D] by absolute position -> o [H, T, Dv] (NaN where
+    no task wrote). keep(record) -> bool: run only the reduce tasks it keeps."""
     H, T, Dk = q.shape
     G, L, Dv = v_pos.shape
     cache_len = window + T if ring else L + 5
@@ -65,12 +74,13 @@ def run_attention(q, k_pos, v_pos, start, *, window, causal, sink, chunk, ring, 
     b.add("m", torch.full((n_chunks, H, T), 7.0), "f32")       # garbage: every partial is written
     b.add("l", torch.full((n_chunks, H, T), 7.0), "f32")
     b.add("acc", torch.full((n_chunks, H, T, Dv), 7.0), "f32")
-    b.reserve("out", (T, H * Dv), "f32")
+    b.add("out", torch.full((T, H * Dv), float("nan")), "f32")
     arenas = b.build()
     scale = Dk ** -0.5
     recs = attention_records(b, T=T, H=H, G=G, Dk=Dk, Dv=Dv, chunk=chunk, n_chunks=n_chunks,
                              window=window, causal=causal, ring=cache_len,
-                             sink=sink is not None, scale=scale)
+                             sink=sink is not None, scale=scale, reduce_heads=reduce_heads)
+    recs = [r for r in recs if r.kind != "attn_reduce" or keep is None or keep(r)]
     consts = dict(BLOCK_TA=block_ta, BLOCK_S=16, BLOCK_HD=triton.next_power_of_2(Dk),
                   BLOCK_HV=max(16, triton.next_power_of_2(Dv)), STAGES=2)
     counters = run_tasks([recs], arenas, consts)
@@ -131,3 +141,32 @@ def test_window_changes_the_result():
     assert (windowed - full).abs().max() > 1e-2
     torch.testing.assert_close(windowed, reference(q, k_pos, v_pos, start, 6, True, None),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduce_heads,block_ta", [(1, 16), (4, 16), (4, 32), (5, 32)])
+def test_reduce_split_over_query_heads(reduce_heads, block_ta):
+    """LowerOptions.reduce_heads: a group's merge as several attn_reduce tasks of h0 .. h1; with 6
+    heads per group, 4 and 5 cut a tile's packed heads (BLOCK_TA // T of them) in two."""
+    gen = torch.Generator().manual_seed(77 + reduce_heads)
+    T, H, G, Dk, Dv, start = 8, 12, 2, 24, 16, 21
+    q = torch.randn(H, T, Dk, generator=gen)
+    k_pos, v_pos = torch.randn(G, start + T, Dk, generator=gen), torch.randn(G, start + T, Dv, generator=gen)
+    sinks = torch.randn(H, generator=gen)
+    got = run_attention(q, k_pos, v_pos, start, window=0, causal=True, sink=sinks, chunk=16, ring=False,
+                        block_ta=block_ta, reduce_heads=reduce_heads)
+    torch.testing.assert_close(got, reference(q, k_pos, v_pos, start, 0, True, sinks), rtol=1e-5, atol=1e-5)
+
+
+def test_reduce_task_writes_only_its_heads():
+    """One h0 .. h1 task alone: its query heads are merged, every other head stays unwritten."""
+    gen = torch.Generator().manual_seed(5)
+    T, H, G, Dk, Dv, start = 8, 12, 2, 24, 16, 21
+    q = torch.randn(H, T, Dk, generator=gen)
+    k_pos, v_pos = torch.randn(G, start + T, Dk, generator=gen), torch.randn(G, start + T, Dv, generator=gen)
+    got = run_attention(q, k_pos, v_pos, start, window=0, causal=True, sink=None, chunk=16, ring=False,
+                        block_ta=32, reduce_heads=4, keep=lambda r: r.args["head"] == 1 and r.args["h0"] == 4)
+    mine = [6 + 4, 6 + 5]                   # group 1's heads 4 and 5
+    want = reference(q, k_pos, v_pos, start, 0, True, None)
+    torch.testing.assert_close(got[mine], want[mine], rtol=1e-5, atol=1e-5)
+    others = [h for h in range(H) if h not in mine]
+    assert got[others].isnan().all(), "a reduce task wrote heads outside its h0 .. h1"

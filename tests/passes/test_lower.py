@@ -236,6 +236,37 @@ def test_split_rope_with_a_combined_kv_task_writes_v_once(tiny):
     assert kv[0].attrs.get("wv") is None and v_writes[0] == [] and len(v_writes[1]) == 1
 
 
+def test_embed_columns_and_reduce_heads_as_tasks(tiny):
+    """embed_cols: the embedding as tasks of that many columns, each writing its columns;
+    reduce_heads: each attention's merge as tasks of that many query heads of a group, each
+    reading and writing its heads only; both signal the one counter the consumers wait on. With
+    fold_reduce the merge stays one per group (it goes into the last partial)."""
+    cfg, _, c = tiny
+    D = cfg.hidden_size
+    tp = lower(c.fused, LowerOptions(embed_cols=24, reduce_heads=1))
+    verify_tile(tp)
+    first = next(t for t in tp.tasks if t.kind == "embed")
+    emb = [t for t in tp.tasks if t.kind == "embed" and t.attrs["op"] == first.attrs["op"]]
+    assert [(t.attrs["d0"], t.attrs["d1"]) for t in emb] == [(d, min(D, d + 24)) for d in range(0, D, 24)]
+    assert [w.dims[1][:2] for t in emb for w in t.writes] == [(t.attrs["d0"], t.attrs["d1"]) for t in emb]
+    assert tp.counters[emb[0].signals[0][0]].expected == len(emb)
+    spec = cfg.attn(1)
+    G, vd = spec.n_heads // spec.n_kv_heads, spec.v_head_dim
+    red = [t for t in tp.tasks if t.kind == "attn_reduce" and t.attrs["op"] == "L1.attn"]
+    assert [(t.attrs["head"], t.attrs["h0"], t.attrs["h1"]) for t in red] == \
+        [(g, h, h + 1) for g in range(spec.n_kv_heads) for h in range(G)]
+    for t in red:
+        qh = t.attrs["head"] * G + t.attrs["h0"]
+        assert [w.dims[1][:2] for w in t.writes] == [(qh * vd, (qh + 1) * vd)]
+        assert all(r.dims[1][:2] == (qh, qh + 1) for r in t.reads if r.buffer.endswith(".part_acc"))
+    assert tp.counters["c.L1.attn"].expected == len(red)
+    whole = lower(c.fused, LowerOptions())
+    assert sum(t.kind == "embed" for t in whole.tasks) * len(emb) == sum(t.kind == "embed" for t in tp.tasks)
+    assert all(t.attrs["h1"] - t.attrs["h0"] == 1 for t in tp.tasks if t.kind == "attn_reduce")
+    folded = lower(c.fused, LowerOptions(reduce_heads=1, fold_reduce=1))    # (the pass runs after)
+    assert sum(t.kind == "attn_reduce" for t in folded.tasks) == sum(t.kind == "attn_reduce" for t in whole.tasks)
+
+
 def test_balance_fills_the_programs_in_as_few_waves_as_it_can():
     from tilecomp.passes.lower import balance, expected_unique
     assert balance(152064, 132, 4096 * 2) == (1152, 1)            # 132 LM-head tasks: one full wave

@@ -112,6 +112,22 @@ def test_qkv_rows_chunks_give_the_reference_logits():
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_embed_columns_and_reduce_heads_give_the_reference():
+    """embed_cols / reduce_heads (the embedding and each attention's merge spread over more
+    tasks): the reference's prompt logits and DFlash tokens."""
+    target, draft = models(4)
+    ids = prompt(4, 7)
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 6)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, lower={"embed_cols": 24, "reduce_heads": 1})
+    records = engine.step_program("dflash").records.tolist()
+    assert sum(r[0] == KIND_IDS["embed"] for r in records) > 2
+    got = engine.generate(ids, 6)
+    assert got.tokens == ref.tokens
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_qkv_single_chunk_loop_gives_the_reference_tokens():
     """QKV_LOOP 1 (qkv_rope_kv's one loop over (matrix, chunk); tiny has BLOCK_R 16 < BLOCK_N 64,
     so its chunks are 64 rows wide) with a task per query head and k / v tasks (the GPU's split),

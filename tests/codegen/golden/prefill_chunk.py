@@ -10,18 +10,19 @@ CONSTEXPRS = {'AALIGN': 4, 'BLOCK_D': 64, 'BLOCK_K': 64, 'BLOCK_N': 64, 'BLOCK_T
 
 
 # -- embed: the task's work after its wait (record args r_*, constexprs) --
-def _embed_body(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _embed_body(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, r_d0, r_d1, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     em_t = r_row0 + tl.arange(0, BLOCK_T)
     em_tmask = em_t < r_n_rows
     em_id = tl.load(arena_i32 + r_ids + em_t, mask=em_tmask, other=0, cache_modifier=".cg").to(tl.int64)
     em_is_mask = ((em_id == r_mask_id) | (em_id < 0)) & (r_mask_row >= 0)
     em_row = tl.where(em_is_mask, 0, em_id)
-    for em_d0 in range(0, r_dim, BLOCK_D):
+    em_d1 = tl.where(r_d1 > r_d0, tl.minimum(r_d1, r_dim), r_dim)
+    for em_d0 in range(tl.where(r_d1 > r_d0, r_d0, 0), em_d1, BLOCK_D):
         em_d = em_d0 + tl.arange(0, BLOCK_D)
-        em_m = em_tmask[:, None] & (em_d < r_dim)[None, :]
+        em_m = em_tmask[:, None] & (em_d < em_d1)[None, :]
         em_tok = tl.load(arena_w + r_table + em_row[:, None] * r_dim + em_d[None, :],
                          mask=em_m & ~em_is_mask[:, None], other=0.0).to(tl.float32)
-        em_msk = tl.load(arena_w + r_mask_row + em_d, mask=(em_d < r_dim) & (r_mask_row >= 0),
+        em_msk = tl.load(arena_w + r_mask_row + em_d, mask=(em_d < em_d1) & (r_mask_row >= 0),
                          other=0.0).to(tl.float32)
         em_val = tl.where(em_is_mask[:, None], em_msk[None, :], em_tok)
         tl.store(arena_f32 + r_out + em_t[:, None] * r_dim + em_d[None, :], em_val, mask=em_m)
@@ -414,6 +415,8 @@ def prefill_chunk(
             r_n_rows = tl.load(rec + 9)
             r_dim = tl.multiple_of(tl.load(rec + 10), WALIGN)
             r_row0 = tl.load(rec + 11)
+            r_d0 = tl.multiple_of(tl.load(rec + 12), WALIGN)
+            r_d1 = tl.multiple_of(tl.load(rec + 13), WALIGN)
             # -- embed: bounded acquire wait --
             for wi in range(0, tl.load(rec + 2)):
                 wait_counter = tl.load(rec + 32 + wi * 3)
@@ -434,9 +437,9 @@ def prefill_chunk(
                 tl.store(trace + qi * 4 + 1, tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
             if wait_ok:
                 if (NOINLINE == 0) | ((INLINE >> 1) % 2 == 1):
-                    _embed(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, BLOCK_T, BLOCK_D)
+                    _embed(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, r_d0, r_d1, BLOCK_T, BLOCK_D)
                 else:
-                    _embed_noinline(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, BLOCK_T, BLOCK_D)
+                    _embed_noinline(arena_w, arena_f32, arena_i32, r_ids, r_table, r_mask_row, r_mask_id, r_out, r_n_rows, r_dim, r_row0, r_d0, r_d1, BLOCK_T, BLOCK_D)
         elif kind == 2:  # linear
             r_x = tl.multiple_of(tl.load(rec + 4), AALIGN)
             r_x_stride = tl.multiple_of(tl.load(rec + 5), AALIGN)
