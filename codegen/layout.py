@@ -132,7 +132,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # split != 0: only the logits of experts [e0, e1) (a split router's first phase)
     ("moe_route", ("x", "norm", "eps_bits", "gate", "bias", "xn", "plan", "weights",
                    "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows",
-                   "split", "e0", "e1", "logits", "arrive", "n_splits"),
+                   "split", "e0", "e1", "logits", "arrive", "n_splits", "xn0", "xn1"),
      ("BLOCK_T", "BLOCK_E", "BLOCK_RN", "BLOCK_K", "BLOCK_KR", "STAGES", "WALIGN", "AALIGN", "NORM_F32",
       "ARRIVE", "ROUTE_DOT", "XACT")),
     # (slot, columns n0..n1 in BLOCK_N tiles; n1 <= n0: one tile), the same for expert_down and

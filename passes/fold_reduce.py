@@ -42,7 +42,7 @@ FOLDS = {
 
 
 def _is_tail(t: Task) -> bool:
-    if t.kind == "attn_reduce":     # a merge of the whole KV group only (not LowerOptions.reduce_heads')
+    if t.kind == "attn_reduce":     # a merge of the whole KV group only (not LowerOptions.reduce_rows')
         a = t.attrs
         return a.get("h0", 0) == 0 and a.get("h1", 0) in (0, a["n_heads_q"] // a["n_kv_heads"])
     return t.kind == "moe_route" and t.attrs.get("split") == 0 and "gate" not in t.attrs

@@ -60,8 +60,13 @@ class LowerOptions:
     ranks: int = 1                # every task runs on rank 0 until the partition pass exists
     fold_reduce: int = 0          # 1: the fold_reduce pass merges each attention's partials in
     #                               the last partial to arrive (no attn_reduce tasks)
-    reduce_heads: int = 0         # > 0: each attention's merge (attn_reduce) as one task per this
-    #                               many query heads of a KV group (0: one task per KV group)
+    xn_split: int = 0             # 1: every split-router task writes its share of the experts'
+    #                               normed rows (columns in proportion to its experts), instead
+    #                               of the task holding expert 0 writing them all after its logits
+    reduce_rows: int = 0          # > 0: each attention's merge (attn_reduce) as one task per
+    #                               max(1, reduce_rows // block rows) query heads of a KV group, i.e.
+    #                               about this many query rows (0: one task per KV group). 32, the
+    #                               GPU default, is one attention row tile (BLOCK_TA) per task
     embed_cols: int = 0           # > 0: the embedding as one task per this many columns of the
     #                               rows (0: one task, its program's loop over the whole row)
     expert_operands: int = 0      # 1: the experts' inputs (moe_route's normed rows, up_gate's act)

@@ -238,10 +238,12 @@ def lower_attention(lw: Lowering, op: Op):
         for r in (lw.region(m, None, heads), lw.region(l_, None, heads), lw.region(acc, None, heads)):
             lw.produce(r, f"c.{out}.part.h{g}")
     sink = op.kwarg("sink") and lw.weight(op.kwarg("sink"))
-    # query heads per reduce task: a group's merge reads n_chunks partials of every head, so one
-    # task per group is a long loop on the step's chain (LowerOptions.reduce_heads)
-    # (with fold_reduce the merge goes into the last partial to arrive: one per group)
-    per = lw.options.reduce_heads if 0 < lw.options.reduce_heads < G and not lw.options.fold_reduce else G
+    # query heads per reduce task: a group's merge reads n_chunks partials of every head, one row
+    # tile of heads after another, so one task per group is a long loop on the step's chain
+    # (LowerOptions.reduce_rows; with fold_reduce the merge goes into the last partial to arrive,
+    # one per group)
+    rows = lw.options.reduce_rows
+    per = min(G, max(1, rows // T)) if rows > 0 and not lw.options.fold_reduce else G
     for g in range(hkv):
         for h0 in range(0, G, per):
             h1 = min(G, h0 + per)

@@ -65,13 +65,24 @@ def lower_route(lw: Lowering, op: Op):
     if eb and E > eb:
         # split router: logits of experts [e0, e1) per task (task 0 also writes the normed rows)
         logits = lw.add_buffer(f"{plan}.logits", "fp32", (T, E), "scratch")
+        D = lw.shape(x_src)[1]
+
+        def col(e):     # xn_split: the xn columns of experts below e (16-byte multiples)
+            return D if e >= E else e * D // E // 8 * 8
         for j, e0 in enumerate(range(0, E, eb)):
             e1 = min(E, e0 + eb)
             reads = [lw.region(x_src), lw.region(lw.weight(gate), (e0, e1))] + ([lw.region(norm)] if norm else [])
-            writes = [lw.region(logits, None, (e0, e1))] + (xn_region if j == 0 else [])
+            if xn is not None and lw.options.xn_split:
+                c0, c1 = col(e0), col(e1)
+                xn_part = dict(xn=lw.buf[xn], xn0=c0, xn1=c1) if c1 > c0 else {}
+                xn_writes = [lw.region(lw.value_buffer(xn), None, (c0, c1))] if c1 > c0 else []
+            else:
+                xn_part = dict(xn=lw.buf[xn]) if xn and j == 0 else {}
+                xn_writes = xn_region if j == 0 else []
+            writes = [lw.region(logits, None, (e0, e1))] + xn_writes
             lw.task("moe_route", {"layer": 0, "split": j}, reads, writes, f"c.{logits}",
-                    dict(common, x=lw.buf[x_src], gate=lw.weight(gate), xn=lw.buf[xn] if xn and j == 0 else None,
-                         logits=logits, split=1, e0=e0, e1=e1))
+                    dict(common, x=lw.buf[x_src], gate=lw.weight(gate), logits=logits, split=1, e0=e0, e1=e1,
+                         **({"xn": None} | xn_part)))
         for r in [lw.region(logits)] + xn_region:
             lw.produce(r, f"c.{logits}")
         final_reads = [lw.region(logits), lw.region(lw.weight(bias))]

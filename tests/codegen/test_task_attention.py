@@ -33,7 +33,7 @@ def draft_reference(q, k, v, start, window, sink, scale):
 def attention_records(b, *, T, H, G, Dk, Dv, chunk, n_chunks, window, causal, ring, sink, scale,
                       reduce_heads=0):
     """reduce_heads > 0: each kv head's merge as tasks of that many query heads (h0 .. h1), as
-    LowerOptions.reduce_heads lowers it; 0: one reduce per kv head without h0 / h1 (all heads)."""
+    LowerOptions.reduce_rows lowers it (reduce_rows // n_rows heads); 0: one reduce per kv head without h0 / h1 (all heads)."""
     parts, reduces = [], []
     rep = H // G
     per = reduce_heads or rep
@@ -145,7 +145,7 @@ def test_window_changes_the_result():
 
 @pytest.mark.parametrize("reduce_heads,block_ta", [(1, 16), (4, 16), (4, 32), (5, 32)])
 def test_reduce_split_over_query_heads(reduce_heads, block_ta):
-    """LowerOptions.reduce_heads: a group's merge as several attn_reduce tasks of h0 .. h1; with 6
+    """LowerOptions.reduce_rows: a group's merge as several attn_reduce tasks of h0 .. h1; with 6
     heads per group, 4 and 5 cut a tile's packed heads (BLOCK_TA // T of them) in two."""
     gen = torch.Generator().manual_seed(77 + reduce_heads)
     T, H, G, Dk, Dv, start = 8, 12, 2, 24, 16, 21

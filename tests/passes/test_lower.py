@@ -180,6 +180,21 @@ def test_split_router_then_plan(tiny):
     assert {c for c, _ in up.waits} == {"c.L1.mlp.plan", "c.L1.mlp.plan.logits"}
 
 
+def test_xn_split_spreads_the_normed_rows_over_the_split_router(tiny):
+    """xn_split: every split-router task writes the experts' normed rows at columns in proportion
+    to its experts (16-byte multiples); together they cover every column once."""
+    cfg, _, c = tiny
+    tp = lower(c.fused, LowerOptions(router_block=6, xn_split=1))
+    verify_tile(tp)
+    splits = [t for t in tp.tasks if t.kind == "moe_route" and t.attrs["op"] == "L1.mlp.plan"][:-1]
+    D, E = cfg.hidden_size, cfg.n_routed_experts
+    cols = [(t.attrs["xn0"], t.attrs["xn1"]) for t in splits]
+    assert cols == [(0, 6 * D // E // 8 * 8), (6 * D // E // 8 * 8, 12 * D // E // 8 * 8), (12 * D // E // 8 * 8, D)]
+    xn = splits[0].attrs["xn"]
+    assert all(t.attrs["xn"] == xn for t in splits)
+    assert [[w.dims[1][:2] for w in t.writes if w.buffer == xn] for t in splits] == [[c] for c in cols]
+
+
 @pytest.mark.parametrize("split_kv", [0, 1])
 def test_finer_qkv_tasks_share_one_counter(tiny, split_kv):
     """One task per query head plus one k/v task per KV head, or (split_kv, the default) a k task
@@ -236,14 +251,15 @@ def test_split_rope_with_a_combined_kv_task_writes_v_once(tiny):
     assert kv[0].attrs.get("wv") is None and v_writes[0] == [] and len(v_writes[1]) == 1
 
 
-def test_embed_columns_and_reduce_heads_as_tasks(tiny):
+def test_embed_columns_and_reduce_rows_as_tasks(tiny):
     """embed_cols: the embedding as tasks of that many columns, each writing its columns;
-    reduce_heads: each attention's merge as tasks of that many query heads of a group, each
-    reading and writing its heads only; both signal the one counter the consumers wait on. With
-    fold_reduce the merge stays one per group (it goes into the last partial)."""
+    reduce_rows: each attention's merge as tasks of reduce_rows // block rows query heads of a
+    group (at least one), each reading and writing its heads only; both signal the one counter
+    the consumers wait on. With fold_reduce the merge stays one per group (it goes into the last
+    partial)."""
     cfg, _, c = tiny
     D = cfg.hidden_size
-    tp = lower(c.fused, LowerOptions(embed_cols=24, reduce_heads=1))
+    tp = lower(c.fused, LowerOptions(embed_cols=24, reduce_rows=1))      # 1 row: one head per task
     verify_tile(tp)
     first = next(t for t in tp.tasks if t.kind == "embed")
     emb = [t for t in tp.tasks if t.kind == "embed" and t.attrs["op"] == first.attrs["op"]]
@@ -263,7 +279,11 @@ def test_embed_columns_and_reduce_heads_as_tasks(tiny):
     whole = lower(c.fused, LowerOptions())
     assert sum(t.kind == "embed" for t in whole.tasks) * len(emb) == sum(t.kind == "embed" for t in tp.tasks)
     assert all(t.attrs["h1"] - t.attrs["h0"] == 1 for t in tp.tasks if t.kind == "attn_reduce")
-    folded = lower(c.fused, LowerOptions(reduce_heads=1, fold_reduce=1))    # (the pass runs after)
+    T = red[0].attrs["n_rows"]
+    pairs = lower(c.fused, LowerOptions(reduce_rows=2 * T))          # two heads per task
+    spans = [t.attrs["h1"] - t.attrs["h0"] for t in pairs.tasks if t.kind == "attn_reduce" and t.attrs["op"] == "L1.attn"]
+    assert spans == [min(2, G - h) for _ in range(spec.n_kv_heads) for h in range(0, G, 2)]
+    folded = lower(c.fused, LowerOptions(reduce_rows=1, fold_reduce=1))    # (the pass runs after)
     assert sum(t.kind == "attn_reduce" for t in folded.tasks) == sum(t.kind == "attn_reduce" for t in whole.tasks)
 
 

@@ -112,13 +112,14 @@ def test_qkv_rows_chunks_give_the_reference_logits():
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_embed_columns_and_reduce_heads_give_the_reference():
-    """embed_cols / reduce_heads (the embedding and each attention's merge spread over more
-    tasks): the reference's prompt logits and DFlash tokens."""
+def test_embed_columns_and_reduce_rows_give_the_reference():
+    """embed_cols / reduce_rows (the embedding and each attention's merge spread over more
+    tasks; at the DFlash block of 8 rows, reduce_rows 8 is one query head per merge task): the
+    reference's prompt logits and DFlash tokens."""
     target, draft = models(4)
     ids = prompt(4, 7)
     ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 6)
-    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, lower={"embed_cols": 24, "reduce_heads": 1})
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, lower={"embed_cols": 24, "reduce_rows": 8})
     records = engine.step_program("dflash").records.tolist()
     assert sum(r[0] == KIND_IDS["embed"] for r in records) > 2
     got = engine.generate(ids, 6)
@@ -374,6 +375,16 @@ def test_expert_operand_buffers_give_the_reference_tokens():
         assert engine.step_program(kind).kernel.constexprs["XACT"] == 1, kind
     got = engine.generate(ids, 4)
     assert got.tokens == ref.tokens and got.acceptance == ref.acceptance
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+    # a split router whose tasks each write a share of the normed rows (xn_split), as on a GPU
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN,
+                              lower={"expert_operands": 1, "router_block": 4, "xn_split": 1})
+    records = engine.step_program("dflash").records.tolist()
+    xn0, xn1 = (L.kind_abi("moe_route").arg_word(n) for n in ("xn0", "xn1"))
+    assert sum(r[0] == KIND_IDS["moe_route"] and r[xn1] > r[xn0] for r in records) >= 4 * moe_layers
+    assert engine.generate(ids, 4).tokens == ref.tokens
     with torch.no_grad():
         torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
                                    rtol=1e-4, atol=1e-4)
