@@ -98,7 +98,9 @@ def engine_options(max_len: int, programs: int, interpreter: bool,
 # measured as a single-switch A/B); the interpreter keeps LowerOptions' own defaults
 # reduce_rows 32 (v30, session 22, H100, interleaved A/B of 60 pairs, flash 8L block 8):
 # reduce_heads 4 = reduce_rows 32 at block 8: 7.851 -> 7.597 ms, -0.256 ms [-0.271, -0.246]
-GPU_LOWER = {"expert_operands": 1, "kv_chunk": 0, "reduce_rows": 32}
+# xn_split 1 (v31, the same call's kind of A/B): 7.852 -> 7.727 ms, -0.117 ms [-0.133, -0.112];
+# small block 8 -0.031 ms [-0.041, -0.019]
+GPU_LOWER = {"expert_operands": 1, "kv_chunk": 0, "reduce_rows": 32, "xn_split": 1}
 
 
 def lower_overrides(interpreter: bool, lower: dict | None = None) -> dict:
