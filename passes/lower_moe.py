@@ -80,9 +80,10 @@ def lower_route(lw: Lowering, op: Op):
                 xn_part = dict(xn=lw.buf[xn]) if xn and j == 0 else {}
                 xn_writes = xn_region if j == 0 else []
             writes = [lw.region(logits, None, (e0, e1))] + xn_writes
-            lw.task("moe_route", {"layer": 0, "split": j}, reads, writes, f"c.{logits}",
-                    dict(common, x=lw.buf[x_src], gate=lw.weight(gate), logits=logits, split=1, e0=e0, e1=e1,
-                         **({"xn": None} | xn_part)))
+            attrs = dict(common, x=lw.buf[x_src], gate=lw.weight(gate), xn=None, logits=logits, split=1,
+                         e0=e0, e1=e1)
+            attrs.update(xn_part)
+            lw.task("moe_route", {"layer": 0, "split": j}, reads, writes, f"c.{logits}", attrs)
         for r in [lw.region(logits)] + xn_region:
             lw.produce(r, f"c.{logits}")
         final_reads = [lw.region(logits), lw.region(lw.weight(bias))]
