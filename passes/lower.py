@@ -38,7 +38,10 @@ class LowerOptions:
     #                               routing); 0: one task per (slot, tile); -1: the programs the
     #                               phases are balanced over when the block has > 1 row (0 at
     #                               one row, where every slot is used, and with fixed tile sizes)
-    vocab_block: int = 1024       # vocabulary rows per lm_head tile
+    vocab_block: int = 1024       # vocabulary rows per lm_head tile (phases not balanced)
+    vocab_quantum: int = 64       # balanced phases: lm_head tiles are a multiple of this many rows
+    #                               (64 cuts a 152576-row head into 126 tasks on 132 programs, 16
+    #                               into 131: every program but one streams a share of the head)
     kv_chunk: int = 256           # cache positions per attn_partial (flash-decoding chunk); 0: as
     #                               many (KV head, chunk) tasks as fill the programs, the keys in
     #                               view split over them at run time (the GPU default, GPU_LOWER)
@@ -72,6 +75,11 @@ class LowerOptions:
     expert_operands: int = 0      # 1: the experts' inputs (moe_route's normed rows, up_gate's act)
     #                               are "operand" buffers, stored in the weights' dtype, so the
     #                               expert K loops load them as the dots' operand (kernel XACT)
+
+
+# LowerOptions fields that are sizes (at least 1)
+POSITIVE_OPTIONS = ("block_n", "expert_block_n", "expert_down_block_n", "vocab_block", "vocab_quantum",
+                    "split_k_min", "max_split_k")
 
 
 # A task's fixed cost (queue read, waits, signal) in weight bytes streamed by one program:
@@ -287,6 +295,9 @@ def _assign_counter_slots(tp: TileProgram):
 
 def lower(graph: Graph, options: LowerOptions = LowerOptions()) -> TileProgram:
     """Lower a fused graph (one step) to a verified, unscheduled tile program."""
+    for name in POSITIVE_OPTIONS:
+        if getattr(options, name) < 1:
+            raise IRError(f"lowering: LowerOptions.{name} = {getattr(options, name)}, expected at least 1")
     verify_graph(graph)
     lw = Lowering(graph, options)
     lw.types = graph.types()

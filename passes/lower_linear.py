@@ -182,7 +182,8 @@ def lower_sample(lw: Lowering, op: Op):
     norm = head.kwarg("norm") and lw.weight(head.kwarg("norm"))
     T, V = lw.shape(logits)
     dst, r0, r1 = lw.redirect.get(op.out.name, (None, 0, T))
-    vb = balance(V, lw.programs, D * 2)[0] if lw.programs else lw.options.vocab_block
+    vb = (balance(V, lw.programs, D * 2, quantum=lw.options.vocab_quantum)[0] if lw.programs
+          else lw.options.vocab_block)
     n_tiles = _cdiv(V, vb)
     lb = lw.value_buffer(logits)
     key = lw.add_buffer(f"{lb}.tile_key", "fp32", (T, n_tiles), "scratch")

@@ -80,14 +80,15 @@ def test_linear_reduce_sums_splits_in_order_plus_residual():
     torch.testing.assert_close(arenas.view("y2"), part[0] + part[1] + part[2] + res)
 
 
-def _head(temp, seed, vocab=200, T=6, D=32, pos=17, shift=1, ties=False, top_p=1.0, sub=False):
-    """sub: tasks of 128 vocabulary rows run as sub-tiles of BLOCK_N = 32 rows."""
+def _head(temp, seed, vocab=200, T=6, D=32, pos=17, shift=1, ties=False, top_p=1.0, sub=0):
+    """sub: tasks of that many vocabulary rows run as sub-tiles of BLOCK_NH = 32 rows (80: a task
+    ends in a half sub-tile, as LowerOptions.vocab_quantum 16 cuts a head)."""
     g = torch.Generator().manual_seed(7)
     x, w = torch.randn(T, D, generator=g), torch.randn(vocab, D, generator=g)
     if ties:  # equal best logits in different tiles (and sub-tiles): the lowest token must win
         w[150] = w[7]
         w[40] = w[7]
-    BN = 128 if sub else 64                       # vocabulary rows per task
+    BN = sub or 64                                # vocabulary rows per task
     n_tiles = -(-vocab // BN)
     b = ArenaBuilder(torch.float32)
     b.add("x", x, "f32"), b.add("w", w, "w"), b.add("st", state_words(pos, 0, temp, seed, top_p), "i32")
@@ -113,7 +114,8 @@ def _head(temp, seed, vocab=200, T=6, D=32, pos=17, shift=1, ties=False, top_p=1
 @pytest.mark.parametrize("temp,seed,ties,top_p,sub", [
     (0.0, 0, False, 1.0, False), (0.0, 0, True, 1.0, False), (0.8, 1, False, 1.0, False),
     (1.5, 12345, False, 1.0, False), (0.7, 5, False, 0.6, False), (2.0, 77, False, 0.95, False),
-    (0.0, 3, False, 0.5, False), (0.0, 0, True, 1.0, True), (0.8, 1, False, 1.0, True)])
+    (0.0, 3, False, 0.5, False), (0.0, 0, True, 1.0, 128), (0.8, 1, False, 1.0, 128), (0.0, 0, True, 1.0, 80),
+    (0.7, 5, False, 0.6, 80)])
 def test_lm_head_and_sample_reduce_follow_the_shared_sampling_rule(temp, seed, ties, top_p, sub):
     arenas, logits, want = _head(temp, seed, ties=ties, top_p=top_p, sub=sub)
     torch.testing.assert_close(arenas.view("logits"), logits, rtol=1e-5, atol=1e-4)

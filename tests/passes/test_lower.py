@@ -3,6 +3,7 @@ from collections import Counter
 
 import pytest
 
+from tilecomp.errors import IRError
 from tilecomp.ir.tile import parse_tile, print_tile, verify_schedule, verify_tile
 from tilecomp.models.presets import preset
 from tilecomp.passes.lower import LowerOptions, lower
@@ -364,3 +365,26 @@ def test_qkv_rows_cuts_each_head_into_tasks_of_about_one_size(tiny):
     assert k_dims == [(0, rope)] + [(rope + a, rope + b) for a, b in chunks]
     assert v_dims == v_chunks
     assert tp.counters["c.L1.q_rot.h0"].expected == len(h0)
+
+
+def test_vocab_quantum_sizes_the_lm_head_tiles(tiny):
+    """vocab_quantum: balanced lm_head tiles are multiples of it (the flash head's 152576 rows: 126
+    tasks of 1216 at 64, 131 of 1168 at 16 on 132 programs); the tiles cover the vocabulary once.
+    A size below 1 is refused by name."""
+    from tilecomp.passes.lower import balance
+    cfg, _, c = tiny
+    V = cfg.vocab_size
+    assert balance(152576, 132, 4096 * 2) == (1216, 1)
+    assert balance(152576, 132, 4096 * 2, quantum=16) == (1168, 1)
+    for q in (64, 16):
+        tp = lower(c.fused, LowerOptions(programs=132, vocab_quantum=q))
+        verify_tile(tp)
+        op = next(t.attrs["op"] for t in tp.tasks if t.kind == "lm_head")
+        heads = [t for t in tp.tasks if t.kind == "lm_head" and t.attrs["op"] == op]
+        spans = [(t.attrs["n0"], t.attrs["n1"]) for t in heads]
+        width = spans[0][1] - spans[0][0]
+        assert width % q == 0 and spans == [(n, min(V, n + width)) for n in range(0, V, width)]
+        assert len(heads) <= 132 and heads[0].attrs["n_tiles"] == len(heads)
+    assert len(heads) == V // 16                  # 16-row tiles fill more of the 132 programs
+    with pytest.raises(IRError, match=r"LowerOptions.vocab_quantum = 0, expected at least 1"):
+        lower(c.fused, LowerOptions(vocab_quantum=0))
