@@ -107,7 +107,8 @@ KINDS: dict[str, KindABI] = _kinds(
     # q_head0 / q_heads: the group's query heads this task projects (q_heads 0: all of them);
     # wk < 0: no k/v (a query-only part of a split group); rope_part 1 / 2: only the rotary rows
     # (the first rope_dim of each q / k head) / only the others (0: all); row1 > row0: the
-    # others only from row row0 to row1 of the head (q / k; v: its rows), the rotary rows not at all
+    # others only from row row0 to row1 of the head (q / k; v: its rows), the rotary rows not at all;
+    # rope_part 3: rows row0 .. row1 of the one matrix given, its heads' rows end to end (qkv_span)
     ("qkv_rope_kv", ("x", "x_stride", "norm", "eps_bits", "wq", "wk", "wv", "q_out", "k_cache",
                      "v_cache", "head", "n_heads_q", "n_kv_heads", "head_dim", "v_head_dim",
                      "rope_dim", "theta_bits", "v_scale_bits", "dim", "pos", "ring", "n_rows",

@@ -53,6 +53,11 @@ class LowerOptions:
     qkv_rows: int = 0             # with qkv_q_heads == 1 and qkv_split_kv: the rotary rows of each
     #                               q / k head as one task, its other rows and each v head's rows in
     #                               tasks of at most this many rows (tasks of about one size)
+    qkv_span: int = 0             # > 0: each q, k and v matrix of a KV group as tasks of at most
+    #                               this many rows, its heads' rows end to end (a task may end in
+    #                               one head and go on in the next), never cutting a head's rotary
+    #                               rows: a flash layer's 192-row q heads as 128-row tasks, one
+    #                               K-loop pass each (0: the head-by-head tasks above)
     router_block: int = -1       # experts per split-router moe_route task (0: one router task;
     #                              -1: balanced over the programs, 32 with fixed tile sizes)
     min_n_tiles: int = 32         # split K when a linear has fewer N tiles than this ...

@@ -152,10 +152,55 @@ def _qkv_row_parts(G: int, hd: int, vd: int, rope: int, options) -> list[tuple]:
     return [(h0, nq, kv, 0, (0, hd), False) for h0, nq, kv in base]
 
 
+def span_cuts(lo: int, hi: int, span: int, hd: int, rd: int) -> list[tuple[int, int]]:
+    """Rows [lo, hi) of a matrix whose heads of hd rows lie end to end, each head led by rd rotary
+    rows, as ranges of at most `span` rows that never cut a head's rotary rows (a range that
+    would ends before them; one that starts at them and is shorter takes them whole)."""
+    out, start = [], lo
+    while start < hi:
+        end = min(hi, start + span)
+        i = end % hd
+        if end < hi and 0 < i < rd:
+            end = end - i if end - i > start else end - i + rd
+        out.append((start, end))
+        start = end
+    return out
+
+
+def _lower_qkv_spans(lw: Lowering, op: Op, common: dict, G: int, q: str, kc: str, vc: str, reads0: list):
+    """LowerOptions.qkv_span: per KV group g, its k rows, v rows and G query heads' rows, each
+    cut by `span_cuts` into tasks of one matrix (rope_part 3, rows row0 .. row1 of the matrix):
+    a flash q head of 192 rows is 1.5 tasks of 128 instead of two K-loop passes (a 64-row
+    rotary chunk and a 128-row one). All of a group's tasks signal the group's counter."""
+    x, wq, wk, wv = (lw.weight(v) if i else v for i, v in enumerate(op.args[:4]))
+    hd, vd, rope, T = common["head_dim"], common["v_head_dim"], common["rope_dim"], lw.shape(x)[0]
+    span = lw.options.qkv_span
+    for g in range(common["n_kv_heads"]):
+        signal = f"c.{q}.h{g}"
+        mats = [("k", wk, g * hd, (g + 1) * hd, hd, rope), ("v", wv, g * vd, (g + 1) * vd, vd, 0),
+                ("q", wq, g * G * hd, (g + 1) * G * hd, hd, rope)]
+        part = 0
+        for which, w, lo, hi, n, rd in mats:
+            for r0, r1 in span_cuts(lo, hi, span, n, rd):
+                if which == "q":
+                    writes, args = [lw.region(q, None, (r0, r1))], dict(wq=w, q_out=q)
+                elif which == "k":
+                    writes, args = [lw.region(kc, (g, g + 1), (0, T, "pos"), (r0 - lo, r1 - lo))], dict(wk=w, k_cache=kc)
+                else:
+                    writes, args = [lw.region(vc, (g, g + 1), (0, T, "pos"), (r0 - lo, r1 - lo))], dict(wv=w, v_cache=vc)
+                lw.task("qkv_rope_kv", {"kv_head": g, "part": part}, [lw.region(x), lw.region(w, (r0, r1))] + reads0,
+                        writes, signal, dict(common, **args, head=g, rope_part=3, row0=r0, row1=r1))
+                part += 1
+        for r in (lw.region(q, None, (g * G * hd, (g + 1) * G * hd)), lw.region(kc, (g, g + 1), (0, T, "pos")),
+                  lw.region(vc, (g, g + 1), (0, T, "pos"))):
+            lw.produce(r, signal)
+
+
 def lower_qkv(lw: Lowering, op: Op):
     """Per KV head: its G query heads, k and v rows, partial RoPE, cache write. With
     `qkv_q_heads` set, the query heads go in groups of that many per task and one more
-    task does k/v + the cache write (finer tasks for big heads; all signal one counter)."""
+    task does k/v + the cache write (finer tasks for big heads; all signal one counter);
+    with `qkv_span`, tasks of one matrix's rows across heads (`_lower_qkv_spans`)."""
     x, wq, wk, wv, k_in, v_in, pos_v = op.args
     a = op.attrs
     hq, hkv, hd, vd = a["n_heads"], a["n_kv_heads"], a["head_dim"], a["v_head_dim"]
@@ -166,6 +211,12 @@ def lower_qkv(lw: Lowering, op: Op):
     norm = op.kwarg("norm") and lw.weight(op.kwarg("norm"))
     pos, pos_regions = lw.scalar_reads(pos_v)
     rope = a["rope_dim"]
+    if lw.options.qkv_span > 0:
+        common = dict(op=q, x=lw.buf[x], x_stride=lw.shape(x)[1], norm=norm, eps=a.get("eps"), n_heads_q=hq,
+                      n_kv_heads=hkv, head_dim=hd, v_head_dim=vd, rope_dim=rope, theta=float(a["theta"]),
+                      v_scale=float(a.get("value_scale", 1.0)), dim=lw.shape(x)[1], pos=pos,
+                      ring=lw.tp.buffers[kc].shape[1], n_rows=T)
+        return _lower_qkv_spans(lw, op, common, G, q, kc, vc, ([lw.region(norm)] if norm else []) + pos_regions)
     parts = _qkv_row_parts(G, hd, vd, rope, lw.options)
     for g in range(hkv):
         signal = f"c.{q}.h{g}"

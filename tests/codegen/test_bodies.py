@@ -60,6 +60,48 @@ def test_qkv_rope_kv_matches_reference_projection_and_rope(rope_dim, n_rows, spl
     torch.testing.assert_close(arenas.view("vc")[:, p % ring], v.transpose(0, 1), **tol)
 
 
+
+@pytest.mark.parametrize("span,block_n", [(20, 16), (20, 64), (7, 16)])
+def test_qkv_spans_match_the_reference_projection_and_rope(span, block_n):
+    """rope_part 3 (LowerOptions.qkv_span): each matrix's rows as tasks of the lowering's
+    span_cuts across 24-row heads. With 16-row chunks (BLOCK_N = BLOCK_R = 16) the task [60, 80)
+    has a chunk that would end inside head 3's rotary rows [72, 80): the kernel ends it at 72.
+    Span 7 < rope_dim: a task takes a rotary block whole."""
+    from tilecomp.passes.lower_attn import span_cuts
+    g = torch.Generator().manual_seed(6)
+    D, H, G, hd, vd, rd, ring, pos, theta, n_rows = 48, 4, 1, 24, 12, 8, 11, 9, 10000.0, 5
+    x = torch.randn(n_rows, D, generator=g)
+    wq, wk, wv = (torch.randn(n, D, generator=g) for n in (H * hd, G * hd, G * vd))
+    b = ArenaBuilder(torch.float32)
+    for name, t in dict(wq=wq, wk=wk, wv=wv).items():
+        b.add(name, t, "w")
+    b.add("x", x, "f32"), b.add("st", state_words(pos=pos), "i32")
+    b.add("kc", torch.zeros(G, ring, hd), "w"), b.add("vc", torch.zeros(G, ring, vd), "w")
+    b.reserve("q", (n_rows, H * hd), "f32")
+    arenas = b.build()
+    common = dict(x=b.offset("x"), x_stride=D, norm=-1, eps_bits=0, wq=-1, wk=-1, wv=-1, q_out=b.offset("q"),
+                  k_cache=b.offset("kc"), v_cache=b.offset("vc"), head=0, n_heads_q=H, n_kv_heads=G,
+                  head_dim=hd, v_head_dim=vd, rope_dim=rd, theta_bits=float_bits(theta),
+                  v_scale_bits=float_bits(0.5), dim=D, pos=b.offset("st") + L.STATE["pos"], ring=ring,
+                  n_rows=n_rows, rows=-1, rope_part=3)
+    cuts = {m: span_cuts(0, n, span, h, r) for m, n, h, r in (("wq", H * hd, hd, rd), ("wk", G * hd, hd, rd),
+                                                              ("wv", G * vd, vd, 0))}
+    if span == 20:
+        assert (60, 80) in cuts["wq"]
+    if span == 7:
+        assert (0, 8) in cuts["wq"] and (72, 80) in cuts["wq"]
+    recs = [TaskRecord("qkv_rope_kv", i, dict(common, **{m: b.offset(m)}, row0=r0, row1=r1))
+            for i, (m, (r0, r1)) in enumerate((m, c) for m in cuts for c in cuts[m])]
+    run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_K=32, BLOCK_N=block_n, BLOCK_R=16))
+    p = torch.arange(pos, pos + n_rows)
+    q = apply_rope((x @ wq.T).view(n_rows, H, hd).transpose(0, 1)[None], p, rd, theta)[0]
+    k = apply_rope((x @ wk.T).view(n_rows, G, hd).transpose(0, 1)[None], p, rd, theta)[0]
+    v = (x @ wv.T).view(n_rows, G, vd) * 0.5
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(arenas.view("q").view(n_rows, H, hd), q.transpose(0, 1), **tol)
+    torch.testing.assert_close(arenas.view("kc")[:, p % ring], k, **tol)
+    torch.testing.assert_close(arenas.view("vc")[:, p % ring], v.transpose(0, 1), **tol)
+
 def test_linear_reduce_sums_splits_in_order_plus_residual():
     g = torch.Generator().manual_seed(6)
     S, T, N = 3, 4, 40

@@ -388,3 +388,35 @@ def test_vocab_quantum_sizes_the_lm_head_tiles(tiny):
     assert len(heads) == V // 16                  # 16-row tiles fill more of the 132 programs
     with pytest.raises(IRError, match=r"LowerOptions.vocab_quantum = 0, expected at least 1"):
         lower(c.fused, LowerOptions(vocab_quantum=0))
+
+
+def test_qkv_span_tasks_cover_each_matrix_once_and_never_cut_a_rotary_block(tiny):
+    """qkv_span: per KV group, its k, v and q rows as tasks of one matrix (rope_part 3, row0 ..
+    row1 of the matrix) of at most the span, across head boundaries but never through a head's
+    rotary rows; the writes are the rows' q columns / cache dims, and every task signals its
+    group's counter. span_cuts: the flash q heads (192 rows, 64 rotary) at 128 are 1.5 tasks."""
+    from tilecomp.passes.lower_attn import span_cuts
+    assert span_cuts(0, 384, 128, 192, 64) == [(0, 128), (128, 256), (256, 384)]
+    assert span_cuts(0, 96, 20, 24, 8) == [(0, 20), (20, 40), (40, 60), (60, 80), (80, 96)]
+    assert span_cuts(0, 96, 30, 24, 8) == [(0, 24), (24, 48), (48, 72), (72, 96)]    # ends before a block
+    assert span_cuts(0, 48, 5, 24, 8)[:3] == [(0, 8), (8, 13), (13, 18)]              # a block whole
+    cfg, _, c = tiny
+    tp = lower(c.fused, LowerOptions(qkv_span=20))
+    verify_tile(tp)
+    spec = cfg.attn(1)
+    hd, vd, rd, G = spec.head_dim, spec.v_head_dim, spec.rope_dim, spec.n_heads // spec.n_kv_heads
+    tasks = [t for t in tp.tasks if t.kind == "qkv_rope_kv" and t.attrs["op"] == "L1.q_rot"]
+    assert tasks and all(t.attrs["rope_part"] == 3 for t in tasks)
+    for g in range(spec.n_kv_heads):
+        mine = [t for t in tasks if t.attrs["head"] == g]
+        assert {t.signals[0][0] for t in mine} == {f"c.L1.q_rot.h{g}"}
+        for m, lo, n, h, r in (("wq", g * G * hd, G * hd, hd, rd), ("wk", g * hd, hd, hd, rd), ("wv", g * vd, vd, vd, 0)):
+            spans = [(t.attrs["row0"], t.attrs["row1"]) for t in mine if t.attrs.get(m)]
+            assert spans == span_cuts(lo, lo + n, 20, h, r)
+            assert all(not (0 < b % h < r) for _, b in spans[:-1])         # no rotary block cut
+            for t in (t for t in mine if t.attrs.get(m)):
+                (w,) = [x for x in t.writes]
+                if m == "wq":
+                    assert w.dims[1][:2] == (t.attrs["row0"], t.attrs["row1"])
+                else:
+                    assert w.dims[0][:2] == (g, g + 1) and w.dims[2][:2] == (t.attrs["row0"] - lo, t.attrs["row1"] - lo)

@@ -112,6 +112,26 @@ def test_qkv_rows_chunks_give_the_reference_logits():
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_qkv_spans_give_the_reference_logits_and_tokens():
+    """qkv_span: each matrix's rows as tasks across head boundaries (rope_part 3), 20 rows
+    (tiny's 24-row heads: tasks end inside heads and run into the next one): the reference's
+    prompt logits and DFlash tokens (the chunks inside a task: test_bodies)."""
+    target, draft = models(4)
+    ids = prompt(4, 7)
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 6)
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, lower={"qkv_span": 20})
+    abi = L.kind_abi("qkv_rope_kv")
+    rp, row0, row1 = (abi.arg_word(n) for n in ("rope_part", "row0", "row1"))
+    spans = [(r[row0], r[row1]) for r in engine.step_program("dflash").records.tolist()
+             if r[0] == KIND_IDS["qkv_rope_kv"] and r[rp] == 3]
+    assert (60, 80) in spans and all(b - a <= 20 for a, b in spans)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+    got = engine.generate(ids, 6)
+    assert got.tokens == ref.tokens
+
+
 def test_embed_columns_and_reduce_rows_give_the_reference():
     """embed_cols / reduce_rows (the embedding and each attention's merge spread over more
     tasks; at the DFlash block of 8 rows, reduce_rows 8 is one query head per merge task): the
