@@ -159,7 +159,32 @@ PY
   then BENCH_FLAGS=("$@"); fi
   echo "=== pick $base/$cand: bench flags now: ${BENCH_FLAGS[*]:-(defaults)}" | tee -a "$OUT/steps.log"
 }
+# abpick AB TOKENS_JSON FLAGS...: as pick, from an interleaved A/B ('ab AB ...' earlier in the call):
+# when its 95% interval of B - A lies below 0 and the tokens check TOKENS_JSON (a tokensv run under
+# the same flags) found no unexplained divergence, the bench-* steps after it run with FLAGS (else
+# they are skipped: the call's time goes to its other steps); e.g.
+#   'ab span 8 8 --ab-lower qkv_span=128' 'tokensv span --lower qkv_span=128'
+#   'abpick span tokens-tiny-span --lower qkv_span=128' bench-flash-8
+abpick() {
+  local ab=$1 tok=$2; shift 2
+  if python3 - "$OUT" "$ab" "$tok" <<'PY'
+import json, sys
+out, ab, tok = sys.argv[1:]
+r = json.load(open(f"{out}/var-ab-{ab}.json"))["ab"]
+summary = json.load(open(f"{out}/{tok}.json"))["summary"]
+u = sum(part["unexplained"] for part in summary.values() if isinstance(part, dict))
+lo, hi = r["diff_ci95_ms"]
+won = hi < 0
+print(f"abpick: {ab}: B - A {r['diff_median_ms']:+.3f} ms, 95% interval [{lo:+.3f}, {hi:+.3f}], "
+      f"unexplained token divergences {u}: {'picked' if won and u == 0 else 'not picked'}")
+sys.exit(0 if won and u == 0 else 1)
+PY
+  then BENCH_FLAGS=("$@"); else BENCH_SKIP=1; fi
+  echo "=== abpick $ab: bench flags now: ${BENCH_FLAGS[*]:-(defaults)}${BENCH_SKIP:+; not picked: the bench-* steps after it are skipped}" | tee -a "$OUT/steps.log"
+}
+BENCH_SKIP=
 for s in "$@"; do
+  if [[ $s == bench-* && -n $BENCH_SKIP ]]; then echo "=== $s skipped (abpick: not picked)" | tee -a "$OUT/steps.log"; continue; fi
   case $s in
     var\ *) variant ${s#var } ;;    # e.g. 'var b8-p264 2 8 --programs 264'
     ab\ *) ab ${s#ab } ;;          # e.g. 'ab flat 8 8 --ab-tile XFLAT=1'
@@ -171,6 +196,7 @@ for s in "$@"; do
     sab\ *) sab ${s#sab } ;;             # e.g. 'sab q0 1 --ab-tile QKV_LOOP=0'
     tracev\ *) tracev ${s#tracev } ;;     # e.g. 'tracev small-b1 small 8 1'
     pick\ *) pick ${s#pick } ;;
+    abpick\ *) abpick ${s#abpick } ;;   # e.g. 'abpick span tokens-tiny-span --lower qkv_span=128'
     sweep-json|logs) ;;     # finalize does both at the end of the call
     install) step install 120 python3 -m pip install --no-deps --no-build-isolation -e . ;;
     env) step env 60 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))" ;;
