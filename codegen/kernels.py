@@ -63,7 +63,7 @@ def constexprs_for(cfg, dcfg, rows: int) -> dict:
     return dict(BLOCK_T=max(16, _pow2(rows)), BLOCK_D=min(128, _pow2(cfg.hidden_size)),
                 BLOCK_N=64, BLOCK_NC=64, BLOCK_NX=64, BLOCK_NH=64, BLOCK_K=64, BLOCK_KX=64, BLOCK_RN=32, BLOCK_KR=64,
                 BLOCK_HD=max(16, _pow2(max(head_dims))), BLOCK_HV=max(16, _pow2(max(v_dims))),
-                BLOCK_TA=max(16, _pow2(rows)), BLOCK_S=32,
+                BLOCK_TA=max(16, _pow2(rows)), BLOCK_TR=max(16, _pow2(rows)), BLOCK_S=32,
                 BLOCK_E=max(16, _pow2(cfg.n_routed_experts)), BLOCK_V=16,
                 BLOCK_R=max(16, _pow2(max(rope_dims))),
                 **dict(L.TUNING_DEFAULTS, WALIGN=weight_alignment(cfg, dcfg), SALIGN=scale_alignment(cfg),

@@ -127,7 +127,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # sink (-1 = none) in the denominator, normalise
     ("attn_reduce", ("part_m", "part_l", "part_acc", "sink", "out", "head", "n_chunks",
                      "n_heads_q", "n_kv_heads", "v_head_dim", "n_rows", "h0", "h1"),
-     ("BLOCK_TA", "BLOCK_HV", "STAGES")),
+     ("BLOCK_TR", "BLOCK_HV", "STAGES")),
     # layer: (norm +) router + sigmoid + biased top-k + weights -> plan (count, experts
     # ascending) and weights [n_slots, n_rows]; gate < 0: x holds router logits already;
     # split != 0: only the logits of experts [e0, e1) (a split router's first phase)
@@ -320,7 +320,9 @@ ARENA_TILES = ("MX_DOT", "AFRAG", "STILE", "NORM_F32")
 
 # tile sizes that default to another one when a kernel's constexprs leave them out
 # (moe_combine's column tile is the linear tile unless a GPU tuning widens it)
-DERIVED_TILES = {"BLOCK_NC": "BLOCK_N"}
+# (attn_reduce's row tile is attn_partial's unless set: the GPU sets both, so a BLOCK_TA variant
+# leaves the merge's tile alone)
+DERIVED_TILES = {"BLOCK_NC": "BLOCK_N", "BLOCK_TR": "BLOCK_TA"}
 
 
 # constexprs of the frame itself (every kernel has them): NOINLINE = 1 calls each kind's compute
@@ -446,6 +448,7 @@ def norm_arena(consts: dict) -> str:
 # and left off in the same call: BLOCK_N 128 + BLOCK_K 128 (+0.164), STAGES_X 4 (-0.015, [-0.031,
 # -0.010]: below 0.2%).
 GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 4, "BLOCK_KR": 128, "L2PF": 0, "BLOCK_TA": 32,
+              "BLOCK_TR": 32,
               "MX_DOT": 9,
               "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1, "STILE": 1, "AFRAG": 1,
               "NOINLINE": 1, "MMAV2": 1, "COMB_GATHER": 1, "BLOCK_NC": 128, "QKV_LOOP": 1}
