@@ -50,6 +50,13 @@ def test_qkv_rope_kv_matches_reference_projection_and_rope(rope_dim, n_rows, spl
         recs = parts
     run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_K=32, BLOCK_N=16, BLOCK_R=16))
     h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain
+    _check_qkv(arenas, h, (wq, wk, wv), pos, rope_dim, theta, (H, G, hd, vd), ring)
+
+
+def _check_qkv(arenas, h, weights, pos, rope_dim, theta, shape, ring):
+    """The arenas' q, k cache and v cache (v scaled by 0.5) against torch's projection of the
+    normed rows h and its RoPE at positions pos, pos + 1, ..."""
+    (wq, wk, wv), (H, G, hd, vd), n_rows = weights, shape, h.shape[0]
     p = torch.arange(pos, pos + n_rows)
     q = apply_rope((h @ wq.T).view(n_rows, H, hd).transpose(0, 1)[None], p, rope_dim, theta)[0]
     k = apply_rope((h @ wk.T).view(n_rows, G, hd).transpose(0, 1)[None], p, rope_dim, theta)[0]
@@ -93,14 +100,7 @@ def test_qkv_spans_match_the_reference_projection_and_rope(span, block_n):
     recs = [TaskRecord("qkv_rope_kv", i, dict(common, **{m: b.offset(m)}, row0=r0, row1=r1))
             for i, (m, (r0, r1)) in enumerate((m, c) for m in cuts for c in cuts[m])]
     run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_K=32, BLOCK_N=block_n, BLOCK_R=16))
-    p = torch.arange(pos, pos + n_rows)
-    q = apply_rope((x @ wq.T).view(n_rows, H, hd).transpose(0, 1)[None], p, rd, theta)[0]
-    k = apply_rope((x @ wk.T).view(n_rows, G, hd).transpose(0, 1)[None], p, rd, theta)[0]
-    v = (x @ wv.T).view(n_rows, G, vd) * 0.5
-    tol = dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(arenas.view("q").view(n_rows, H, hd), q.transpose(0, 1), **tol)
-    torch.testing.assert_close(arenas.view("kc")[:, p % ring], k, **tol)
-    torch.testing.assert_close(arenas.view("vc")[:, p % ring], v.transpose(0, 1), **tol)
+    _check_qkv(arenas, x, (wq, wk, wv), pos, rd, theta, (H, G, hd, vd), ring)
 
 def test_linear_reduce_sums_splits_in_order_plus_residual():
     g = torch.Generator().manual_seed(6)
