@@ -69,3 +69,27 @@ def test_dry_run_checks_a_planned_call_without_a_gpu(tmp_path):
     assert "=== var-good rc=0" in steps and "=== ab-ab1 rc=0" in steps and "=== tokens-tk rc=0" in steps
     assert "=== var-bad rc=2" in steps
     assert (tmp_path / "logs.tgz").exists() and not list(tmp_path.glob("*.json"))
+
+
+def run_abpick(tmp_path, ci: tuple, unexplained: int) -> list[str]:
+    """The call's step lines after an `ab span` result with 95% interval `ci` and a token check."""
+    (tmp_path / "var-ab-span.json").write_text(json.dumps({"ab": {"diff_median_ms": sum(ci) / 2,
+                                                                  "diff_ci95_ms": list(ci)}}))
+    tokens = json.loads(TOKENS.read_text())
+    tokens["summary"]["plain"]["unexplained"] = unexplained
+    (tmp_path / "tokens-tiny-span.json").write_text(json.dumps(tokens))
+    out = subprocess.run(["bash", str(SCRIPT), "abpick span tokens-tiny-span --lower qkv_span=128", "bench-flash-8"],
+                         env={"OUT": str(tmp_path), "DRY": "1", "PATH": os.environ["PATH"]},
+                         capture_output=True, text=True, check=True)
+    return [line for line in out.stdout.splitlines() if line.startswith("===")]
+
+
+def test_abpick_takes_a_won_ab_with_clean_tokens_else_skips_the_benches(tmp_path):
+    """abpick: the bench steps after it run with the variant's flags when the A/B's whole 95%
+    interval is below 0 and the tokens agree; otherwise they are skipped (not run at the defaults)."""
+    won = run_abpick(tmp_path, (-0.25, -0.15), 0)
+    assert won[0].endswith("bench flags now: --lower qkv_span=128")
+    assert won[1].startswith("=== bench-flash-8 (limit") and won[1].endswith("--lower qkv_span=128")
+    for ci, bad in (((-0.25, 0.01), 0), ((-0.25, -0.15), 1)):     # the interval reaches 0; a divergence
+        lost = run_abpick(tmp_path, ci, bad)
+        assert "not picked" in lost[0] and lost[1] == "=== bench-flash-8 skipped (abpick: not picked)"

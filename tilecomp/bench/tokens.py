@@ -45,10 +45,11 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 def check(target, draft, prompts: list[list[int]], new_tokens: int, schedule=None,
           programs: int | None = None, truth=None, tiles: dict | None = None, lower: dict | None = None,
-          cuda_graph: bool | None = None) -> dict:
+          cuda_graph: bool | None = None, num_warps: int | None = None) -> dict:
     """schedule: the compiled step (a Compiled: decode step + prefill chunk, or a TileProgram);
     truth: the same weights in fp32 (cache-free forward), the arbiter at a divergence; tiles /
-    lower: the megakernel's tuning switches (as `tilecomp bench --tile / --lower`)."""
+    lower / num_warps: the megakernel's tuning switches (as `tilecomp bench --tile / --lower /
+    --num-warps`)."""
     from tilecomp.runtime.megakernel import MegakernelEngine
     from tilecomp.runtime.reference import ReferenceEngine
     from tilecomp.codegen.kernels import step_rows
@@ -56,7 +57,7 @@ def check(target, draft, prompts: list[list[int]], new_tokens: int, schedule=Non
     max_len = max(len(p) for p in prompts) + new_tokens + 2 * step_rows(draft.config if draft else None)
     ref = ReferenceEngine(target, draft, max_len=max_len)
     mk = MegakernelEngine(target, draft, max_len=max_len, programs=programs, schedule=schedule,
-                          tiles=tiles, lower=lower, cuda_graph=cuda_graph)
+                          tiles=tiles, lower=lower, cuda_graph=cuda_graph, num_warps=num_warps)
     rows, deviations = [], []
     for k, prompt in enumerate(prompts):
         row = {"prompt_len": len(prompt)}
@@ -129,10 +130,14 @@ def main(argv=None) -> int:
                    help="a lowering option, as `tilecomp bench --lower` (repeatable)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="the megakernel's steps as CUDA-graph replays (default: on a GPU)")
+    p.add_argument("--num-warps", type=int, default=None,
+                   help="warps per megakernel program, as `tilecomp bench --num-warps`")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
     from tilecomp.commands.bench import dry_run, parse_lower, parse_tiles
     tiles, lower = parse_tiles(args.tile), parse_lower(args.lower)
+    if args.num_warps is not None and args.num_warps not in (1, 2, 4, 8, 16):
+        raise TilecompError(f"--num-warps: expected 1, 2, 4, 8 or 16, found {args.num_warps}")
     if dry_run():
         return 0
     from tilecomp.models import preset
@@ -173,9 +178,9 @@ def main(argv=None) -> int:
         schedule = compile_model(cfg, dcfg, engine_options(max_len, programs, not on_gpu, lower=lower))   # decode step + prefill
     truth = copy.deepcopy(target).float()           # the arbiter at a divergence
     report = check(target, draft, prompts, args.new_tokens, schedule=schedule, programs=programs,
-                   truth=truth, tiles=tiles, lower=lower, cuda_graph=args.cuda_graph)
+                   truth=truth, tiles=tiles, lower=lower, cuda_graph=args.cuda_graph, num_warps=args.num_warps)
     report.update(preset=args.preset, checkpoint=args.checkpoint, layers=cfg.num_hidden_layers, dtype=str(dtype),
-                  tiles=tiles, lower=lower, device=torch.cuda.get_device_name(0) if on_gpu else "cpu", torch=torch.__version__)
+                  tiles=tiles, lower=lower, num_warps=args.num_warps, device=torch.cuda.get_device_name(0) if on_gpu else "cpu", torch=torch.__version__)
     text = json.dumps(report, indent=2)
     if args.json:
         with open(args.json, "w") as f:
