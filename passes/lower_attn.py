@@ -172,7 +172,8 @@ def _lower_qkv_spans(lw: Lowering, op: Op, common: dict, G: int, q: str, kc: str
     cut by `span_cuts` into tasks of one matrix (rope_part 3, rows row0 .. row1 of the matrix):
     a flash q head of 192 rows is 1.5 tasks of 128 instead of two K-loop passes (a 64-row
     rotary chunk and a 128-row one). All of a group's tasks signal the group's counter."""
-    x, wq, wk, wv = (lw.weight(v) if i else v for i, v in enumerate(op.args[:4]))
+    x = op.args[0]
+    wq, wk, wv = (lw.weight(v) for v in op.args[1:4])
     hd, vd, rope, T = common["head_dim"], common["v_head_dim"], common["rope_dim"], lw.shape(x)[0]
     span = lw.options.qkv_span
     for g in range(common["n_kv_heads"]):
