@@ -170,8 +170,12 @@ abpick() {
   if python3 - "$OUT" "$ab" "$tok" <<'PY'
 import json, sys
 out, ab, tok = sys.argv[1:]
-r = json.load(open(f"{out}/var-ab-{ab}.json"))["ab"]
-summary = json.load(open(f"{out}/{tok}.json"))["summary"]
+try:
+    r = json.load(open(f"{out}/var-ab-{ab}.json"))["ab"]
+    summary = json.load(open(f"{out}/{tok}.json"))["summary"]
+except (OSError, ValueError, KeyError) as e:      # a step that did not finish (or DRY=1)
+    print(f"abpick: {ab}: no A/B or tokens result ({e}): not picked")
+    sys.exit(1)
 u = sum(part["unexplained"] for part in summary.values() if isinstance(part, dict))
 lo, hi = r["diff_ci95_ms"]
 won = hi < 0
