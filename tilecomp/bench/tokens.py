@@ -134,10 +134,9 @@ def main(argv=None) -> int:
                    help="warps per megakernel program, as `tilecomp bench --num-warps`")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
-    from tilecomp.commands.bench import dry_run, parse_lower, parse_tiles
+    from tilecomp.commands.bench import check_num_warps, dry_run, parse_lower, parse_tiles
     tiles, lower = parse_tiles(args.tile), parse_lower(args.lower)
-    if args.num_warps is not None and args.num_warps not in (1, 2, 4, 8, 16):
-        raise TilecompError(f"--num-warps: expected 1, 2, 4, 8 or 16, found {args.num_warps}")
+    check_num_warps(args.num_warps)
     if dry_run():
         return 0
     from tilecomp.models import preset

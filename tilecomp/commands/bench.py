@@ -68,8 +68,7 @@ def run(args) -> int:
     args.tiles = parse_tiles(args.tile)
     args.lower_options = parse_lower(args.lower)
     args.ab_tiles, args.ab_lower = parse_tiles(args.ab_tile), parse_lower(args.ab_lower)
-    if args.num_warps is not None and args.num_warps not in (1, 2, 4, 8, 16):
-        raise TilecompError(f"--num-warps: expected 1, 2, 4, 8 or 16, found {args.num_warps}")
+    check_num_warps(args.num_warps)
     args.qkv_q_heads = parse_qkv_q_heads(args.qkv_q_heads)
     for flag, value, least in (("--acceptance-prompts", args.acceptance_prompts, 0),
                                ("--acceptance-prompt-len", args.acceptance_prompt_len, 1),
@@ -163,6 +162,12 @@ def dry_run() -> bool:
         print("dry run: arguments OK", flush=True)
         return True
     return False
+
+
+def check_num_warps(n: int | None) -> None:
+    """--num-warps N: a power of two up to 16 (None: the default, GPU_NUM_WARPS)."""
+    if n is not None and n not in (1, 2, 4, 8, 16):
+        raise TilecompError(f"--num-warps: expected 1, 2, 4, 8 or 16, found {n}")
 
 
 def parse_qkv_q_heads(n: int) -> int | None:
