@@ -167,41 +167,35 @@ def span_cuts(lo: int, hi: int, span: int, hd: int, rd: int) -> list[tuple[int, 
     return out
 
 
-def _lower_qkv_spans(lw: Lowering, op: Op, common: dict, G: int, q: str, kc: str, vc: str, reads0: list):
-    """LowerOptions.qkv_span: per KV group g, its k rows, v rows and G query heads' rows, each
-    cut by `span_cuts` into tasks of one matrix (rope_part 3, rows row0 .. row1 of the matrix):
-    a flash q head of 192 rows is 1.5 tasks of 128 instead of two K-loop passes (a 64-row
-    rotary chunk and a 128-row one). All of a group's tasks signal the group's counter."""
-    x = op.args[0]
-    wq, wk, wv = (lw.weight(v) for v in op.args[1:4])
-    hd, vd, rope, T = common["head_dim"], common["v_head_dim"], common["rope_dim"], lw.shape(x)[0]
-    span = lw.options.qkv_span
-    for g in range(common["n_kv_heads"]):
-        signal = f"c.{q}.h{g}"
-        mats = [("k", wk, g * hd, (g + 1) * hd, hd, rope), ("v", wv, g * vd, (g + 1) * vd, vd, 0),
-                ("q", wq, g * G * hd, (g + 1) * G * hd, hd, rope)]
-        part = 0
-        for which, w, lo, hi, n, rd in mats:
-            for r0, r1 in span_cuts(lo, hi, span, n, rd):
-                if which == "q":
-                    writes, args = [lw.region(q, None, (r0, r1))], dict(wq=w, q_out=q)
-                elif which == "k":
-                    writes, args = [lw.region(kc, (g, g + 1), (0, T, "pos"), (r0 - lo, r1 - lo))], dict(wk=w, k_cache=kc)
-                else:
-                    writes, args = [lw.region(vc, (g, g + 1), (0, T, "pos"), (r0 - lo, r1 - lo))], dict(wv=w, v_cache=vc)
-                lw.task("qkv_rope_kv", {"kv_head": g, "part": part}, [lw.region(x), lw.region(w, (r0, r1))] + reads0,
-                        writes, signal, dict(common, **args, head=g, rope_part=3, row0=r0, row1=r1))
-                part += 1
-        for r in (lw.region(q, None, (g * G * hd, (g + 1) * G * hd)), lw.region(kc, (g, g + 1), (0, T, "pos")),
-                  lw.region(vc, (g, g + 1), (0, T, "pos"))):
-            lw.produce(r, signal)
+def _qkv_span_tasks(lw: Lowering, g: int, common: dict, ws: tuple, G: int, q: str, kc: str, vc: str,
+                    reads0: list, signal: str):
+    """LowerOptions.qkv_span: KV group g's k rows, v rows and G query heads' rows, each cut by
+    `span_cuts` into tasks of one matrix (rope_part 3, rows row0 .. row1 of the matrix): a flash
+    q head of 192 rows is 1.5 tasks of 128 instead of two K-loop passes (a 64-row rotary chunk
+    and a 128-row one). ws: the q, k and v weights."""
+    wq, wk, wv = ws
+    hd, vd, rope, T = common["head_dim"], common["v_head_dim"], common["rope_dim"], common["n_rows"]
+    mats = [("k", wk, g * hd, (g + 1) * hd, hd, rope), ("v", wv, g * vd, (g + 1) * vd, vd, 0),
+            ("q", wq, g * G * hd, (g + 1) * G * hd, hd, rope)]
+    part = 0
+    for which, w, lo, hi, n, rd in mats:
+        for r0, r1 in span_cuts(lo, hi, lw.options.qkv_span, n, rd):
+            if which == "q":
+                writes, args = [lw.region(q, None, (r0, r1))], dict(wq=w, q_out=q)
+            elif which == "k":
+                writes, args = [lw.region(kc, (g, g + 1), (0, T, "pos"), (r0 - lo, r1 - lo))], dict(wk=w, k_cache=kc)
+            else:
+                writes, args = [lw.region(vc, (g, g + 1), (0, T, "pos"), (r0 - lo, r1 - lo))], dict(wv=w, v_cache=vc)
+            lw.task("qkv_rope_kv", {"kv_head": g, "part": part}, [lw.region(common["x"]), lw.region(w, (r0, r1))] + reads0,
+                    writes, signal, dict(common, **args, head=g, rope_part=3, row0=r0, row1=r1))
+            part += 1
 
 
 def lower_qkv(lw: Lowering, op: Op):
     """Per KV head: its G query heads, k and v rows, partial RoPE, cache write. With
     `qkv_q_heads` set, the query heads go in groups of that many per task and one more
     task does k/v + the cache write (finer tasks for big heads; all signal one counter);
-    with `qkv_span`, tasks of one matrix's rows across heads (`_lower_qkv_spans`)."""
+    with `qkv_span`, tasks of one matrix's rows across heads (`_qkv_span_tasks`)."""
     x, wq, wk, wv, k_in, v_in, pos_v = op.args
     a = op.attrs
     hq, hkv, hd, vd = a["n_heads"], a["n_kv_heads"], a["head_dim"], a["v_head_dim"]
@@ -212,31 +206,27 @@ def lower_qkv(lw: Lowering, op: Op):
     norm = op.kwarg("norm") and lw.weight(op.kwarg("norm"))
     pos, pos_regions = lw.scalar_reads(pos_v)
     rope = a["rope_dim"]
-    if lw.options.qkv_span > 0:
-        common = dict(op=q, x=lw.buf[x], x_stride=lw.shape(x)[1], norm=norm, eps=a.get("eps"), n_heads_q=hq,
-                      n_kv_heads=hkv, head_dim=hd, v_head_dim=vd, rope_dim=rope, theta=float(a["theta"]),
-                      v_scale=float(a.get("value_scale", 1.0)), dim=lw.shape(x)[1], pos=pos,
-                      ring=lw.tp.buffers[kc].shape[1], n_rows=T)
-        return _lower_qkv_spans(lw, op, common, G, q, kc, vc, ([lw.region(norm)] if norm else []) + pos_regions)
-    parts = _qkv_row_parts(G, hd, vd, rope, lw.options)
+    common = dict(op=q, x=lw.buf[x], x_stride=lw.shape(x)[1], norm=norm, eps=a.get("eps"), n_heads_q=hq,
+                  n_kv_heads=hkv, head_dim=hd, v_head_dim=vd, rope_dim=rope, theta=float(a["theta"]),
+                  v_scale=float(a.get("value_scale", 1.0)), dim=lw.shape(x)[1], pos=pos,
+                  ring=lw.tp.buffers[kc].shape[1], n_rows=T)
+    reads0 = ([lw.region(norm)] if norm else []) + pos_regions
+    ws = (lw.weight(wq), lw.weight(wk), lw.weight(wv))
+    parts = None if lw.options.qkv_span > 0 else _qkv_row_parts(G, hd, vd, rope, lw.options)
     for g in range(hkv):
         signal = f"c.{q}.h{g}"
-        for part, (h0, nq, kv, rp, (r0, r1), ranged) in enumerate(parts):
+        if parts is None:
+            _qkv_span_tasks(lw, g, common, ws, G, q, kc, vc, reads0, signal)
+        for part, (h0, nq, kv, rp, (r0, r1), ranged) in enumerate(parts or []):
             cols = ((g * G + h0) * hd + r0, (g * G + h0 + nq - 1) * hd + r1) if nq else None
             kv_rows = (r0, r1) if kv != "v" or ranged else None      # v: only a ranged part's rows
-            kv_reads, kv_writes, kv_args = _kv_part(lw, kv, g, lw.weight(wk), lw.weight(wv), kc, vc, T, kv_rows)
-            reads = [lw.region(x)] + ([lw.region(lw.weight(wq), cols)] if nq else []) + kv_reads
-            reads += ([lw.region(norm)] if norm else []) + pos_regions
+            kv_reads, kv_writes, kv_args = _kv_part(lw, kv, g, ws[1], ws[2], kc, vc, T, kv_rows)
+            reads = [lw.region(x)] + ([lw.region(ws[0], cols)] if nq else []) + kv_reads + reads0
             writes = ([lw.region(q, None, cols)] if nq else []) + kv_writes
             coords = {"kv_head": g, "part": part} if len(parts) > 1 else {"kv_head": g}
             lw.task("qkv_rope_kv", coords, reads, writes, signal,
-                    dict(op=q, x=lw.buf[x], x_stride=lw.shape(x)[1], norm=norm, eps=a.get("eps"),
-                         wq=lw.weight(wq) if nq else None, q_out=q if nq else None, **kv_args, head=g, q_head0=h0,
-                         q_heads=nq, n_heads_q=hq, n_kv_heads=hkv, head_dim=hd, v_head_dim=vd,
-                         rope_dim=rope, theta=float(a["theta"]), rope_part=rp,
-                         **(dict(row0=r0, row1=r1) if ranged else {}),
-                         v_scale=float(a.get("value_scale", 1.0)), dim=lw.shape(x)[1], pos=pos,
-                         ring=lw.tp.buffers[kc].shape[1], n_rows=T))
+                    dict(common, wq=ws[0] if nq else None, q_out=q if nq else None, **kv_args, head=g, q_head0=h0,
+                         q_heads=nq, rope_part=rp, **(dict(row0=r0, row1=r1) if ranged else {})))
         for r in (lw.region(q, None, (g * G * hd, (g + 1) * G * hd)), lw.region(kc, (g, g + 1), (0, T, "pos")),
                   lw.region(vc, (g, g + 1), (0, T, "pos"))):
             lw.produce(r, signal)
