@@ -125,6 +125,11 @@ def raise_on_timeout(errors: torch.Tensor, epoch: int, task_names=None, counter_
     lines = []
     for program, (_, task, counter, value, need) in failed:
         tname = task_names[task] if task_names else f"t{task}"
+        if counter <= -2:       # a body's own wait (expert_down under XQUEUE: a slot's count)
+            lines.append(f"program {program}: task {task} ({tname}) waited in its body on slot "
+                         f"{-2 - counter}'s up_gate units done (the expert queue's sync buffer): "
+                         f"value {value}, target {need}")
+            continue
         cname = counter_names[counter] if counter_names else f"c{counter}"
         lines.append(f"program {program}: task {task} ({tname}) waited on counter {counter} "
                      f"({cname}): value {value}, target {need}")

@@ -79,7 +79,7 @@ def _routing_tiles(cfg, rows: int) -> dict:
 
 
 # constexprs the compiled tile program sets (runtime/compiled.py tile_constexprs), never a tile override
-PROGRAM_CONSTEXPRS = ("ARRIVE", "XACT")
+PROGRAM_CONSTEXPRS = ("ARRIVE", "XACT", "XQUEUE")
 
 
 def check_tile_names(names, known) -> None:
@@ -92,7 +92,8 @@ def check_tile_names(names, known) -> None:
     derived = sorted(set(names) & set(PROGRAM_CONSTEXPRS))
     if derived:
         raise TilecompError(f"tiles: {', '.join(derived)} follow the compiled tile program (ARRIVE: "
-                            f"--lower fold_reduce=1; XACT: --lower expert_operands=1), not --tile")
+                            f"--lower fold_reduce=1; XACT: --lower expert_operands=1; XQUEUE: "
+                            f"--lower expert_queue=1), not --tile")
 
 
 def step_rows(dcfg) -> int:

@@ -133,19 +133,23 @@ KINDS: dict[str, KindABI] = _kinds(
     # split != 0: only the logits of experts [e0, e1) (a split router's first phase)
     ("moe_route", ("x", "norm", "eps_bits", "gate", "bias", "xn", "plan", "weights",
                    "n_experts", "top_k", "scale_bits", "norm_topk", "dim", "n_rows",
-                   "split", "e0", "e1", "logits", "arrive", "n_splits", "xn0", "xn1"),
+                   "split", "e0", "e1", "logits", "arrive", "n_splits", "xn0", "xn1", "sync", "n_sync"),
      ("BLOCK_T", "BLOCK_E", "BLOCK_RN", "BLOCK_K", "BLOCK_KR", "STAGES", "WALIGN", "AALIGN", "NORM_F32",
       "ARRIVE", "ROUTE_DOT", "XACT")),
     # (slot, columns n0..n1 in BLOCK_N tiles; n1 <= n0: one tile), the same for expert_down and
     # moe_combine: act[slot] = silu(x @ gate^T) * (x @ up^T), MXFP4 dequantized in registers
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
-                        "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT")),
+                        "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts",
+                        "sync"),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT", "XQUEUE")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     # parts > 0 (both expert kinds): part `part` of `parts` of all routed (slot, tile) units
+    # sync >= 0 (both expert kinds; LowerOptions.expert_queue, kernel XQUEUE): the parts take their
+    # units from the layer's queue (arena_i32 [2 + n_slots], zeroed by moe_route's plan task):
+    # [0] / [1] up_gate / down units taken, [2 + s] slot s's up_gate units done
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
-                     "inter", "dim", "n_rows", "part", "parts"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT")),
+                     "inter", "dim", "n_rows", "part", "parts", "sync"),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT", "XQUEUE")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count); weights:
     # moe_route's per-(slot, token) weights (COMB_GATHER: which slots each row chose)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows", "weights",
@@ -308,7 +312,7 @@ TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
                    "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0, "WPF": 0, "WPFL": 0,
                    "INLINE": 0, "XFLAT": 0, "STAGES_C": 3, "MMAV2": 0, "QKV_LOOP": 0,
-                   "COMB_GATHER": 0, "BLOCK_KS": 8, "BLOCK_SL": 64}
+                   "COMB_GATHER": 0, "BLOCK_KS": 8, "BLOCK_SL": 64, "XQUEUE": 0}
 
 
 # switches that change how the engine writes the weights into its arena (MX_DOT 9's repacked words,

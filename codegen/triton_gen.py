@@ -188,7 +188,18 @@ def _functions(abi: L.KindABI, body: Body, imports) -> dict:
 
     inlined = function(body.prefetch, body.compute)
     own = function("", f"{body.prefetch}\n{body.compute}") if body.prefetch else None
-    return {"body": inlined, "own": own, "noinline": own or inlined}
+    return {"body": inlined, "own": own, "noinline": own or inlined, "returns": returns_status(body.compute)}
+
+
+def returns_status(compute: str) -> bool:
+    """Whether a kind's compute ends with `return <status>`: an int64 that is 0, or an in-body
+    wait that timed out, (slot + 1) << 40 | value << 20 | target (expert_down's per-slot wait
+    under XQUEUE); the frame then reports it as a timed-out wait (counter -2 - slot)."""
+    tree = ast.parse(textwrap.dedent(compute) or "pass")
+    returns = [n for n in ast.walk(tree) if isinstance(n, ast.Return)]
+    if returns and (len(returns) > 1 or tree.body[-1] is not returns[0] or returns[0].value is None):
+        raise ScheduleError("a task body returns only as its last statement, with a status value")
+    return bool(returns)
 
 
 def body_params(abi: L.KindABI, body: Body, imports=()) -> tuple[list[str], list[str]]:
@@ -203,7 +214,7 @@ def body_params(abi: L.KindABI, body: Body, imports=()) -> tuple[list[str], list
     arenas = [a for a in FRAME_VALUES if a in free]
     args = [f"r_{a}" for a in abi.args if f"r_{a}" in free]
     local = sorted(n for n in free if n in pre)
-    consts = [c for c in ("ESIZE",) + abi.constexprs if c in free]
+    consts = [c for c in ("ESIZE", "SPIN_LIMIT") + abi.constexprs if c in free]
     unknown = free - set(arenas) - set(args) - set(local) - set(consts)
     if unknown:
         raise ScheduleError(f"task kind {abi.name!r}: its compute body reads {sorted(unknown)}, which "

@@ -191,7 +191,9 @@ def check_data_dependencies(tp: TileProgram, graph):
     A read of persistent state (kv_cache, state) without such a wait reads the previous
     step's value: then the writer must come after the reader (write-after-read order).
     Tasks that arrive at one counter (`arrive`, passes/fold_reduce.py) may read each other's
-    writes: only the last to arrive does, after every other arrival.
+    writes: only the last to arrive does, after every other arrival. The expert parts of one
+    queue (`sync`, LowerOptions.expert_queue) may too: expert_down's body waits for each unit's
+    slot on the up_gate units' count in the sync buffer.
     """
     writes: dict[str, list] = defaultdict(list)
     for t in tp.tasks:
@@ -213,6 +215,9 @@ def check_data_dependencies(tp: TileProgram, graph):
                     continue
                 if "arrive" in t.attrs and w.attrs.get("arrive") == t.attrs["arrive"]:
                     continue
+                if "sync" in t.attrs and w.attrs.get("sync") == t.attrs["sync"] and t.kind != "moe_route" \
+                        and w.kind != "moe_route":
+                    continue        # the expert queue: the bodies order them per slot (sync buffer)
                 if tp.buffers[r.buffer].kind in ("state", "kv_cache"):
                     previous_step.append((t, r, w, wr))    # checked below, after every direct read
                 else:

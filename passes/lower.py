@@ -80,6 +80,12 @@ class LowerOptions:
     expert_operands: int = 0      # 1: the experts' inputs (moe_route's normed rows, up_gate's act)
     #                               are "operand" buffers, stored in the weights' dtype, so the
     #                               expert K loops load them as the dots' operand (kernel XACT)
+    expert_queue: int = 0         # 1 (with expert parts): the parts take their (slot, tile) units
+    #                               from a run-time queue (an atomic grab each) instead of fixed
+    #                               ranges, and expert_down's parts start a slot when that slot's
+    #                               up_gate units are done (a per-slot count in the body), not when
+    #                               every up_gate part is: the phase boundary and the up_gate
+    #                               units' quantization over the programs go (kernel XQUEUE)
 
 
 # LowerOptions fields that are sizes (at least 1)

@@ -22,6 +22,23 @@ from tilecomp.ir.graph import Op, OpKind
 from .lower import Lowering, _cdiv, balance, expected_unique
 
 
+def expert_parts(lw: Lowering, rows: int) -> int:
+    """Tasks per expert kind in the parts form (0: the per-slot form). Auto (-1): split at run
+    time when the plan can have empty slots (rows > 1; at one row the count is always k = S,
+    and the per-slot form lets a slot's down tiles start when its own up_gate tiles end: H200,
+    flash 8L block 1 6.00 ms against 6.10 ms with parts; block 8 17.07 ms against 15.92 ms with
+    parts)."""
+    parts = lw.options.expert_parts
+    return ((lw.programs or 0) if rows > 1 else 0) if parts < 0 else parts
+
+
+def expert_sync(plan: str) -> str:
+    """The expert queue's int32 buffer of a layer's plan (LowerOptions.expert_queue): [0] the
+    up_gate units taken, [1] the expert_down units taken, [2 + s] slot s's up_gate units done.
+    moe_route's plan task zeroes it each step; only the expert parts' atomics touch it after."""
+    return f"{plan}.sync"
+
+
 def lower_rmsnorm(lw: Lowering, op: Op):
     """A standalone RMSNorm is only lowered as the prologue of the moe_route that reads it."""
     users = lw.consumers.get(op.out.name, [])
@@ -50,6 +67,12 @@ def lower_route(lw: Lowering, op: Op):
     common = dict(op=plan, norm=norm, eps=eps, bias=lw.weight(bias), plan=plan, weights=slot_w, n_experts=E,
                   top_k=a["k"], n_slots=S, scale=float(a.get("scale", 1.0)),
                   norm_topk=bool(a.get("renorm", True)), dim=lw.shape(x_src)[1], n_rows=T)
+    sync_region = []
+    if lw.options.expert_queue and expert_parts(lw, T) > 0:
+        # the expert queue's counts, zeroed by whichever task writes the plan
+        sync = lw.add_buffer(expert_sync(plan), "int32", (2 + S,), "scratch")
+        common.update(sync=sync, n_sync=2 + S)
+        sync_region = [lw.region(sync)]
     eb = lw.options.router_block
     if eb < 0:      # the router is on every MoE layer's critical path: spread it
         eb = balance(E, lw.programs, lw.shape(x_src)[1] * 4, quantum=1)[0] if lw.programs else 32
@@ -89,7 +112,7 @@ def lower_route(lw: Lowering, op: Op):
         final_reads = [lw.region(logits), lw.region(lw.weight(bias))]
         final_attrs = dict(common, x=logits, gate=None, norm=None, xn=None, split=0)
         xn_region = []
-    writes = [lw.region(plan), lw.region(slot_w)] + xn_region
+    writes = [lw.region(plan), lw.region(slot_w)] + xn_region + sync_region
     signal = f"c.{plan}"
     lw.task("moe_route", {"layer": 0}, final_reads, writes, signal, final_attrs)
     for r in writes:
@@ -132,12 +155,7 @@ def lower_experts(lw: Lowering, op: Op):
     res = op.kwarg("residual")
     bn_up, bn_down, bn = lw.options.expert_block_n, lw.options.expert_down_block_n, lw.options.block_n
     routed = min(S, expected_unique(E, max(1, S // T), T)) if S < E else S   # uniform routing
-    parts = lw.options.expert_parts
-    if parts < 0:   # auto: split at run time when the plan can have empty slots (T > 1; at T = 1
-        #             the count is always k = S, and the per-slot form lets a slot's down tiles
-        #             start when its own up_gate tiles end: H200, flash 8L block 1 6.00 ms against
-        #             6.10 ms with parts; block 8 17.07 ms against 15.92 ms with parts)
-        parts = (lw.programs or 0) if T > 1 else 0
+    parts = expert_parts(lw, T)
     common = dict(op=out, plan=plan, n_slots=S, inter=I, dim=D, n_rows=T)
     mats = (gb, gs, ub, us, db, ds)
     if parts > 0:
@@ -201,17 +219,30 @@ def _lower_expert_parts(lw: Lowering, parts: int, common: dict, x: str, plan: st
     up_rows = max(1, min(I, _cdiv(int(routed * I), parts)))
     down_rows = max(1, min(D, _cdiv(int(routed * D), parts)))
     up_signal, down_signal = f"c.{act}", f"c.{eout}"
+    sync = expert_sync(plan)
+    queue = sync in lw.tp.buffers      # LowerOptions.expert_queue: moe_route made the queue's counts
+    sync_attrs = dict(sync=sync) if queue else {}
+    sync_regions = [lw.region(sync)] if queue else []
     for j in range(parts):
-        reads = [lw.region(plan), lw.region(x), lw.region(slot_w, slots)]
+        reads = [lw.region(plan), lw.region(x), lw.region(slot_w, slots)] + sync_regions
         reads += [lw.region(w, expert, (0, up_rows, "part")) for w in (gb, gs, ub, us)]
-        lw.task("expert_up_gate", {"part": j}, reads, [lw.region(act, slots, None, (0, up_rows, "part"))],
+        lw.task("expert_up_gate", {"part": j}, reads,
+                [lw.region(act, slots, None, (0, up_rows, "part"))] + sync_regions,
                 up_signal, dict(common, x=lw.buf[x], gate_blocks=gb, gate_scales=gs, up_blocks=ub,
-                                up_scales=us, act=act, weights=slot_w, slot=0, part=j, parts=parts))
+                                up_scales=us, act=act, weights=slot_w, slot=0, part=j, parts=parts,
+                                **sync_attrs))
     lw.produce(lw.region(act), up_signal)
     for j in range(parts):
-        reads = [lw.region(act, slots, None, None), lw.region(plan), lw.region(slot_w, slots)]
+        reads = [lw.region(act, slots, None, None), lw.region(plan), lw.region(slot_w, slots)] + sync_regions
         reads += [lw.region(w, expert, (0, down_rows, "part")) for w in (db, ds)]
-        lw.task("expert_down", {"part": j}, reads, [lw.region(eout, slots, None, (0, down_rows, "part"))],
-                down_signal, dict(common, act=act, weights=slot_w, blocks=db, scales=ds, out=eout,
-                                  slot=0, part=j, parts=parts))
+        t = lw.task("expert_down", {"part": j}, reads,
+                    [lw.region(eout, slots, None, (0, down_rows, "part"))] + sync_regions,
+                    down_signal, dict(common, act=act, weights=slot_w, blocks=db, scales=ds, out=eout,
+                                      slot=0, part=j, parts=parts, **sync_attrs))
+        if queue:
+            # the queue's protocol: a part waits for ONE up_gate part (every up_gate part ends
+            # when the queue has handed out all its units, so each unit is taken and running),
+            # then per unit for its slot's count in the sync buffer (the body's bounded wait).
+            # The scheduler still orders the down parts after every up_gate part
+            t.waits = [(c, 1) if c == up_signal else (c, n) for c, n in t.waits]
     lw.produce(lw.region(eout), down_signal)

@@ -42,8 +42,13 @@ def test_engine_kernel_is_one_jit_with_one_commented_branch_per_kind_in_order():
         assert f"_{k}_noinline(" in branch and f"_{k}(" in branch
     branches = re.findall(r"^        (?:el)?if kind == (\d+):  # (\w+)$", source, re.M)
     assert [(int(i), k) for i, k in branches] == [(L.KIND_IDS[k], k) for k in KINDS]
-    assert source.count("sem=\"acquire\"") == 2 * len(KINDS)   # first poll + spin, per branch
-    assert source.count("sem=\"release\"") == 1
+    frame = source.split("\ndef decode_step(", 1)[1]
+    assert frame.count("sem=\"acquire\"") == 2 * len(KINDS)   # first poll + spin, per branch
+    assert frame.count("sem=\"release\"") == 1
+    # the bodies' own: expert_down's per-slot wait (XQUEUE) and up_gate's per-slot count
+    bodies = source.split("\ndef decode_step(", 1)[0]
+    assert bodies.count("sem=\"acquire\"") == 2 and bodies.count("sem=\"release\"") == 1
+    assert frame.count("body_status = _expert_down") == 2 and "body_status" not in frame.split("# expert_down\n")[0]
 
 
 @pytest.mark.parametrize("kind,first_weight", [("linear", "ln_w = tl.load(arena_w"),

@@ -1,4 +1,5 @@
 """Lowering fused graphs to tile tasks: kinds, regions, bytes, dependencies, MoE dispatch."""
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -420,3 +421,59 @@ def test_qkv_span_tasks_cover_each_matrix_once_and_never_cut_a_rotary_block(tiny
                     assert w.dims[1][:2] == (t.attrs["row0"], t.attrs["row1"])
                 else:
                     assert w.dims[0][:2] == (g, g + 1) and w.dims[2][:2] == (t.attrs["row0"] - lo, t.attrs["row1"] - lo)
+
+
+@pytest.mark.parametrize("fold", [0, 1])
+def test_expert_queue_parts_share_a_sync_buffer_the_plan_task_zeroes(tiny, fold):
+    """expert_queue: the plan task writes (zeroes) the layer's sync buffer, [2 + slots] int32;
+    every expert part reads and writes it, expert_down's parts wait for ONE up_gate part (their
+    bodies wait per slot), and the verifiers accept exactly that protocol: without the shared
+    `sync` attr the act reads are a missing dependency. With fold_reduce the split router's
+    tasks take the plan task's writes (the last to arrive writes the plan and the zeroes)."""
+    from tilecomp.passes.fold_reduce import fold_reduce
+    from tilecomp.passes.schedule import ScheduleOptions, schedule
+    from tilecomp.errors import ScheduleError
+    cfg, _, c = tiny
+    tp = lower(c.fused, LowerOptions(expert_parts=3, expert_queue=1, router_block=6 if fold else 0))
+    if fold:
+        tp = fold_reduce(tp)
+    sync = "L1.mlp.plan.sync"
+    S = tp.buffers["L1.mlp.plan"].shape[0] - 1
+    assert tp.buffers[sync].shape == (2 + S,) and tp.buffers[sync].dtype == "int32"
+    zeroing = [t for t in tp.tasks if t.kind == "moe_route" and any(w.buffer == sync for w in t.writes)]
+    assert zeroing and all(t.attrs["sync"] == sync and t.attrs["n_sync"] == 2 + S for t in zeroing)
+    assert len(zeroing) == (3 if fold else 1)
+    ups = [t for t in tp.tasks if t.kind == "expert_up_gate" and t.attrs["op"] == "L1.out"]
+    downs = [t for t in tp.tasks if t.kind == "expert_down" and t.attrs["op"] == "L1.out"]
+    assert len(ups) == len(downs) == 3
+    for t in ups + downs:
+        assert t.attrs["sync"] == sync and any(r.buffer == sync for r in t.reads + t.writes)
+    per_step = tp.counters["c.L1.out.act"].expected
+    assert per_step == 3 and all(("c.L1.out.act", 1) in t.waits for t in downs)
+    sched = schedule(tp, ScheduleOptions(programs=4))
+    verify_schedule(sched)
+    first_down = min(i for q in sched.programs for i, t in enumerate(q) if tp.tasks[t] in downs)
+    assert first_down >= 0
+    # every program runs its up_gate parts before its down parts (the scheduler orders the down
+    # parts after every up_gate part: none can wait on a unit nobody has taken)
+    for q in sched.programs:
+        kinds_in_order = [tp.tasks[i].kind for i in q if tp.tasks[i] in ups + downs]
+        assert kinds_in_order == sorted(kinds_in_order, key=lambda k: k != "expert_up_gate")
+    # the protocol is what lets the down parts read act with a partial wait
+    broken = dataclasses.replace(tp, tasks=[dataclasses.replace(t, attrs={k: v for k, v in t.attrs.items()
+                                                                          if k != "sync"})
+                                            if t in downs[:1] else t for t in tp.tasks])
+    with pytest.raises(ScheduleError, match=r"missing dependency: task t\d+ \(expert_(down|up_gate)\) reads L1\.(out\.act|mlp\.plan\.sync)"):
+        verify_schedule(schedule(broken, ScheduleOptions(programs=4)))
+
+
+def test_expert_queue_needs_the_parts_form(tiny):
+    """The queue is a form of the parts: with the per-slot form (expert_parts 0, or the plain
+    step's one row under the automatic choice) there is no queue and no sync buffer."""
+    _, _, c = tiny
+    for graph, parts in ((c.fused, 0), (c.plain_fused, -1)):
+        tp = lower(graph, LowerOptions(expert_parts=parts, expert_queue=1, programs=8))
+        assert not any("sync" in t.attrs for t in tp.tasks)
+        assert not any(b.endswith(".sync") for b in tp.buffers)
+    tp = lower(c.fused, LowerOptions(expert_parts=-1, expert_queue=1, programs=8))
+    assert sum("sync" in t.attrs for t in tp.tasks if t.kind == "expert_down" and t.attrs["op"] == "L1.out") == 8

@@ -463,3 +463,35 @@ def test_read_back_returns_the_values_and_raises_on_a_timed_out_program():
     step.errors[0] = torch.tensor([1, 0, 0, 4, 9])        # (flag, task, counter, value, target)
     with pytest.raises(DeadlockError, match=r"program 0: task 0 .* waited on counter 0 .*value 4, target 9"):
         step.read_back(a, b)
+
+
+def test_expert_queue_gives_the_reference_tokens_logits_and_reports_its_own_wait():
+    """expert_queue: the expert parts take their units from the layer's queue (XQUEUE) and
+    expert_down waits per slot in its body. DFlash tokens and acceptance over several steps and
+    the logits of a three-chunk prompt are the reference's (each launch after the first needs the
+    plan task's zeroing of the queue: without it every later step finds the queue empty). A down
+    part whose slot can never be done (its records claim 8 up_gate units per slot) ends in
+    the DeadlockError that names the slot, the value and the target."""
+    target, draft = models(7)
+    ids = prompt(7, 10)
+    ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 6)
+    lower = {"expert_parts": 3, "qkv_split_rope": 1, "kv_chunk": 0, "expert_queue": 1}
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, qkv_q_heads=1, lower=lower)
+    step = engine.step_program("dflash")
+    assert step.kernel.constexprs["XQUEUE"] == 1
+    down = L.kind_abi("expert_down")
+    syncs = {r[down.arg_word("sync")] for r in step.records.tolist() if r[0] == down.id}
+    assert len(syncs) == sum(target.config.is_moe(i) for i in range(target.config.num_hidden_layers))
+    assert min(syncs) >= 0
+    got = engine.generate(ids, 6)
+    assert got.tokens == ref.tokens and got.acceptance == ref.acceptance
+    long = prompt(7, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prompt_logits(long), target(torch.tensor([long]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+    inter = down.arg_word("inter")
+    rows = step.records[:, 0] == down.id
+    step.records[rows, inter] = 8 * step.kernel.constexprs["BLOCK_NX"]
+    with pytest.raises(DeadlockError, match=r"task \d+ \(expert_down \[[^\]]+\]\) waited in its body on "
+                                            r"slot 0's up_gate units done .*value 1, target 8"):
+        engine.generate(ids, 2)

@@ -23,7 +23,7 @@ ALIASES = {"block": "block", "taps": "taps", "tokens": "out_tokens", "posterior"
 # record args a body treats as absent when < 0; any other missing arg is 0
 OPTIONAL_ARGS = {"norm", "bias", "res", "w_up", "rows", "wq", "wk", "wv", "q_out", "k_cache",
                  "v_cache", "sink", "mask_row", "mask_id", "logits", "draft_block", "xn", "gate",
-                 "arrive"}
+                 "arrive", "sync"}
 # record args that name a counter (its index in the counter array)
 COUNTER_ARGS = {"arrive"}
 FLOAT_ARGS = {"eps_bits": "eps", "theta_bits": "theta", "v_scale_bits": "v_scale",
@@ -221,6 +221,19 @@ def expert_operands(tp) -> int:
     return int(True in forms)
 
 
+def expert_queue(tp) -> int:
+    """1 when the program's expert parts take their units from a run-time queue
+    (LowerOptions.expert_queue; the kernel's XQUEUE), 0 when none does. XQUEUE is one value for
+    the whole kernel, so a program where some expert tasks have a queue and others not is refused."""
+    experts = [t for t in tp.tasks if t.kind in ("expert_up_gate", "expert_down")]
+    queued = [t for t in experts if "sync" in t.attrs]
+    if queued and len(queued) != len(experts):
+        plain = next(t for t in experts if "sync" not in t.attrs)
+        raise ScheduleError(f"task {plain.name} ({plain.kind}) has no expert queue (sync) while "
+                            f"{queued[0].name} has one: the kernel's XQUEUE is one value for all")
+    return int(bool(queued))
+
+
 def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
     """The engine's tile sizes; with `widen`, BLOCK_N (and the experts' BLOCK_NX, the LM head's BLOCK_NH) grow to the widest task of the schedule
     so every task is one tile (fewer tile operations: the interpreter's choice). Without it the
@@ -228,12 +241,13 @@ def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
     small register tiles, and the cached kernel of the engine's own tile sizes fits)."""
     arrive = int(any("arrive" in t.attrs for t in tp.tasks))   # passes/fold_reduce.py's merge
     xact = expert_operands(tp)
+    xqueue = expert_queue(tp)
     if not widen:
-        return dict(base, ARRIVE=arrive, XACT=xact)
+        return dict(base, ARRIVE=arrive, XACT=xact, XQUEUE=xqueue)
     def pow2(n):
         return 1 << max(0, int(n - 1).bit_length())
     widths = [t.attrs["n1"] - t.attrs["n0"] for t in tp.tasks if "n1" in t.attrs and "n0" in t.attrs]
-    consts = dict(base, ARRIVE=arrive, XACT=xact)
+    consts = dict(base, ARRIVE=arrive, XACT=xact, XQUEUE=xqueue)
     if widths:
         consts["BLOCK_N"] = max(consts["BLOCK_N"], pow2(max(widths)))
         consts["BLOCK_NX"] = max(consts.get("BLOCK_NX", 0), consts["BLOCK_N"])     # the experts' rows
