@@ -52,6 +52,7 @@ def moe_arenas(moe, x, norm_w, n_slots, *, logits_in=False):
         b.add(f"{name}_scales", getattr(ex, f"{name}_scales"), "u8")
     b.reserve("xn", (T, D), "f32")
     b.add("plan", torch.full((1 + n_slots,), -7, dtype=torch.int32), "i32")
+    b.add("sync", torch.full((2 + n_slots,), 7, dtype=torch.int32), "i32")    # the plan task zeroes it
     b.add("weights", torch.full((n_slots, T), float("nan")), "f32")
     b.add("act", torch.full((n_slots, T, inter), float("nan")), "f32")
     b.add("part", torch.full((n_slots, T, D), float("nan")), "f32")
@@ -66,7 +67,7 @@ def column_ranges(n, task_n):
     return [(n0, min(n, n0 + task_n)) for n0 in range(0, n, task_n)]
 
 
-def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None, parts=0):
+def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None, parts=0, queue=False):
     E, inter = moe.experts.gate_proj_blocks.shape[:2]
     rsf = moe.gate.routed_scaling_factor
     route = TaskRecord("moe_route", 0, dict(
@@ -74,7 +75,11 @@ def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None, parts=0)
         eps_bits=float_bits(1e-5), gate=-1 if logits_in else b.offset("gate"),
         bias=b.offset("bias"), xn=-1 if logits_in else b.offset("xn"), plan=b.offset("plan"),
         weights=b.offset("weights"), n_experts=E, top_k=moe.gate.top_k, scale_bits=float_bits(rsf),
-        norm_topk=int(moe.gate.norm_topk_prob), dim=D, n_rows=T), signals=[0])
+        norm_topk=int(moe.gate.norm_topk_prob), dim=D, n_rows=T,
+        **(dict(sync=b.offset("sync"), n_sync=2 + n_slots) if queue else {})), signals=[0])
+    # queue (XQUEUE, LowerOptions.expert_queue): the parts take units from the sync buffer, and
+    # expert_down's parts wait for one up_gate part (then per slot in the body)
+    sync = dict(sync=b.offset("sync")) if queue else {}
     up_cols, down_cols = column_ranges(inter, task_n), column_ranges(D, task_n)
     # parts > 0: `parts` tasks per expert kind that split the routed (slot, tile) units (slot,
     # n0, n1 unused: they get values that would be wrong if a body read them)
@@ -87,13 +92,14 @@ def moe_records(b, moe, T, D, n_slots, *, logits_in=False, task_n=None, parts=0)
         x=b.offset("xn"), plan=b.offset("plan"), gate_blocks=b.offset("gate_proj_blocks"),
         gate_scales=b.offset("gate_proj_scales"), up_blocks=b.offset("up_proj_blocks"),
         up_scales=b.offset("up_proj_scales"), act=b.offset("act"), slot=s, n0=n0, n1=n1, inter=inter,
-        dim=D, n_rows=T, weights=b.offset("weights"), part=j, parts=parts), waits=[(0, 1, 1)], signals=[1])
+        dim=D, n_rows=T, weights=b.offset("weights"), part=j, parts=parts, **sync), waits=[(0, 1, 1)],
+        signals=[1])
         for i, (s, (n0, n1), j) in enumerate(units)]
     down = [TaskRecord("expert_down", 1000 + i, dict(
         act=b.offset("act"), plan=b.offset("plan"), weights=b.offset("weights"),
         blocks=b.offset("down_proj_blocks"), scales=b.offset("down_proj_scales"), out=b.offset("part"),
-        slot=s, n0=n0, n1=n1, inter=inter, dim=D, n_rows=T, part=j, parts=parts),
-        waits=[(1, n_up, n_up)], signals=[2])
+        slot=s, n0=n0, n1=n1, inter=inter, dim=D, n_rows=T, part=j, parts=parts, **sync),
+        waits=[(1, 1 if queue else n_up, n_up)], signals=[2])
         for i, (s, (n0, n1), j) in enumerate(down_units)]
     combine = [TaskRecord("moe_combine", 2000 + i, dict(
         part=b.offset("part"), plan=b.offset("plan"), n_slots=n_slots, res=b.offset("x"),
@@ -108,7 +114,8 @@ def run_moe(moe, x, norm_w, n_slots, *, logits_in=False, stages=None, task_n=Non
     T, D = x.shape
     b = moe_arenas(moe, x, norm_w, n_slots, logits_in=logits_in)
     arenas = b.build()
-    recs = moe_records(b, moe, T, D, n_slots, logits_in=logits_in, task_n=task_n, parts=parts)
+    queue = bool((tiles or {}).get("XQUEUE"))
+    recs = moe_records(b, moe, T, D, n_slots, logits_in=logits_in, task_n=task_n, parts=parts, queue=queue)
     if stages is not None:
         recs = [r for r in recs if r.kind in stages]
     E = moe.experts.gate_proj_blocks.shape[0]
@@ -168,6 +175,22 @@ def test_moe_chain_under_combine_and_unit_loop_switches(tiles):
     and slot pipeline depth (STAGES_C), the experts' flattened unit loop (XFLAT), and the
     combine's gather of each row's chosen slots (COMB_GATHER): the same y."""
     check_moe_chain(*CASES[2].values, mx_dot=3, parts=5, tiles=tiles)
+
+
+@pytest.mark.parametrize("case,mx_dot,parts", [(CASES[2], 3, 5), (CASES[1], 3, 40), (CASES[0], 4, 3)],
+                         ids=["partial-tiles-5-parts", "T1-more-parts-than-units", "gemv-3-parts"])
+def test_moe_chain_with_the_expert_queue(case, mx_dot, parts):
+    """XQUEUE (LowerOptions.expert_queue): the plan task zeroes the sync buffer (it starts at 7
+    here), the parts take their units from it, expert_down waits for one up_gate part and then
+    per slot in its body: the same y, every unit taken once ([0] / [1]: the units plus one
+    failed take per part) and each routed slot's count at its up_gate units."""
+    arenas = check_moe_chain(*case.values, mx_dot=mx_dot, parts=parts, tiles=dict(XQUEUE=1))
+    T, dim, inter = case.values[:3]
+    count = int(arenas.view("plan")[0])
+    sync = arenas.view("sync").tolist()
+    up_tiles, down_tiles = -(-inter // BLOCK_N), -(-dim // BLOCK_N)
+    assert sync[:2] == [count * up_tiles + parts, count * down_tiles + parts]
+    assert sync[2:2 + count] == [up_tiles] * count and not any(sync[2 + count:])
 
 
 def check_moe_chain(T, dim, inter, E, top_k, scaling, norm_topk, task_n, mx_dot, parts, tiles=None):
