@@ -141,7 +141,7 @@ KINDS: dict[str, KindABI] = _kinds(
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts",
                         "sync"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT", "XQUEUE")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT", "XQUEUE", "XEVEN")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     # parts > 0 (both expert kinds): part `part` of `parts` of all routed (slot, tile) units
     # sync >= 0 (both expert kinds; LowerOptions.expert_queue, kernel XQUEUE): the parts take their
@@ -149,7 +149,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # [0] / [1] up_gate / down units taken, [2 + s] slot s's up_gate units done
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows", "part", "parts", "sync"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT", "XQUEUE")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT", "XQUEUE", "XEVEN")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count); weights:
     # moe_route's per-(slot, token) weights (COMB_GATHER: which slots each row chose)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows", "weights",
@@ -308,11 +308,18 @@ KINDS: dict[str, KindABI] = _kinds(
 # ones, 335 / 327, and k's, v's and q's 64-row ones, 270 with 16 HMMA); the whole engine kernel 332
 # -> 287 KB, spills 192 / 108 -> 136 / 108 bytes, shared memory 188,416 bytes either way.
 # Measured (v28, H100): -0.259 ms per flash 8L block-8 step; on by default on a GPU (GPU_TUNING).
+# XEVEN (expert_up_gate / expert_down): 1 lets a program whose expert tiles all lie inside their
+# matrices drop the bounds masks of the expert weight loads and of the K of their input's loads
+# (runtime/compiled.expert_tiles_whole decides; the launch gets 0 otherwise). sm_90 build (Triton
+# 3.6, flash, GPU tiles, `bench/sass_loops.py expert_up_gate,expert_down --variant
+# XACT=1[,XEVEN=1]`): the up_gate K step 420 -> 390 instructions, down 259 -> 232, the two kinds'
+# kernel 210 -> 179 registers. Built in session 24 on CPU, not measured yet (`--ab-tile XEVEN=0`
+# is the A/B); on by default on a GPU (GPU_TUNING) as a dead-predicate removal.
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
                    "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0, "WPF": 0, "WPFL": 0,
                    "INLINE": 0, "XFLAT": 0, "STAGES_C": 3, "MMAV2": 0, "QKV_LOOP": 0,
-                   "COMB_GATHER": 0, "BLOCK_KS": 8, "BLOCK_SL": 64, "XQUEUE": 0}
+                   "COMB_GATHER": 0, "BLOCK_KS": 8, "BLOCK_SL": 64, "XQUEUE": 0, "XEVEN": 0}
 
 
 # switches that change how the engine writes the weights into its arena (MX_DOT 9's repacked words,
@@ -455,7 +462,7 @@ GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 4, "
               "BLOCK_TR": 32,
               "MX_DOT": 9,
               "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1, "STILE": 1, "AFRAG": 1,
-              "NOINLINE": 1, "MMAV2": 1, "COMB_GATHER": 1, "BLOCK_NC": 128, "QKV_LOOP": 1}
+              "NOINLINE": 1, "MMAV2": 1, "COMB_GATHER": 1, "BLOCK_NC": 128, "QKV_LOOP": 1, "XEVEN": 1}
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

@@ -193,6 +193,27 @@ def test_moe_chain_with_the_expert_queue(case, mx_dot, parts):
     assert sync[2:2 + count] == [up_tiles] * count and not any(sync[2 + count:])
 
 
+@pytest.mark.parametrize("mx_dot,parts,queue", [(3, 3, 0), (3, 0, 0), (5, 3, 1)],
+                         ids=["parts", "per-slot-tasks", "weights-left-queue"])
+def test_moe_chain_with_whole_tiles_and_no_bounds_masks(mx_dot, parts, queue):
+    """XEVEN (every expert tile inside its matrix, runtime/compiled.expert_tiles_whole): the weight
+    loads and the K of the input loads lose their bounds masks, the same y. With a K that is not
+    a multiple of the K step (96 columns, 64-column steps) the unmasked loads read the next row's
+    bytes: y is wrong, which is why the program sets XEVEN only for whole tiles."""
+    tiles = dict(XPIPE=1, XEVEN=1, XQUEUE=queue)
+    check_moe_chain(*CASES[0].values[:-1], None, mx_dot=mx_dot, parts=parts, tiles=tiles)
+    T, dim, inter, E, top_k, scaling, norm_topk, _ = CASES[2].values
+    gen = torch.Generator().manual_seed(3)
+    moe = make_moe(gen, dim=dim, inter=inter, n_experts=E, top_k=top_k, scaling=scaling, norm_topk=norm_topk)
+    x = torch.randn(T, dim, generator=gen)
+    y = {even: run_moe(moe, x, torch.ones(dim), E, parts=3, block_kx=64, tiles=dict(XPIPE=1, XEVEN=even)).view("y")
+         for even in (0, 1)}
+    with torch.no_grad():
+        want = x + moe(RMSNorm(dim, 1e-5, torch.float32)(x)[None])[0]
+    torch.testing.assert_close(y[0], want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y[1], want, rtol=1e-3, atol=1e-3)
+
+
 def check_moe_chain(T, dim, inter, E, top_k, scaling, norm_topk, task_n, mx_dot, parts, tiles=None):
     gen = torch.Generator().manual_seed(100 * T + dim + E)
     moe = make_moe(gen, dim=dim, inter=inter, n_experts=E, top_k=top_k, scaling=scaling,

@@ -477,3 +477,38 @@ def test_expert_queue_needs_the_parts_form(tiny):
         assert not any(b.endswith(".sync") for b in tp.buffers)
     tp = lower(c.fused, LowerOptions(expert_parts=-1, expert_queue=1, programs=8))
     assert sum("sync" in t.attrs for t in tp.tasks if t.kind == "expert_down" and t.attrs["op"] == "L1.out") == 8
+
+
+def test_xeven_only_for_whole_expert_tiles_in_a_loop_that_reads_no_further(tiny):
+    """The program launches the kernel with XEVEN (no bounds masks on the expert loads; a tile
+    switch, on for GPUs) only when every expert tile lies inside its matrix and the K loop loads
+    only the tile it uses; and XQUEUE
+    with the queue on every expert task (a program mixing both forms is refused)."""
+    from tilecomp.errors import ScheduleError
+    from tilecomp.runtime.compiled import expert_queue, expert_tiles_whole, tile_constexprs
+    cfg, _, c = tiny
+    I, D = cfg.moe_intermediate_size, cfg.hidden_size
+    gpu = dict(BLOCK_NX=I, BLOCK_KX=32, XPIPE=1, MX_DOT=9)
+    parts = lower(c.fused, LowerOptions(expert_parts=3))
+    assert D % I == 0 and expert_tiles_whole(parts, gpu) == 1
+    launch = dict(gpu, BLOCK_N=32, BLOCK_NC=32, BLOCK_NH=32)
+    assert tile_constexprs(parts, dict(launch, XEVEN=1), widen=False)["XEVEN"] == 1
+    assert tile_constexprs(parts, dict(launch, XEVEN=0), widen=False)["XEVEN"] == 0     # --tile XEVEN=0
+    assert tile_constexprs(parts, dict(launch, XEVEN=1, XPIPE=0), widen=False)["XEVEN"] == 0
+    assert expert_tiles_whole(parts, dict(gpu, BLOCK_NX=2 * I)) == 0        # up_gate's rows: half a tile
+    assert expert_tiles_whole(parts, dict(gpu, BLOCK_KX=3 * 32)) == 0       # K not whole steps
+    assert expert_tiles_whole(parts, dict(gpu, XPIPE=0)) == 0               # register prefetch reads ahead
+    assert expert_tiles_whole(parts, dict(gpu, MX_DOT=4)) == 0
+    slots = lower(c.fused, LowerOptions(expert_parts=0, expert_block_n=I // 2, expert_down_block_n=D))
+    assert expert_tiles_whole(slots, dict(gpu, BLOCK_NX=I // 2)) == 1
+    assert expert_tiles_whole(slots, dict(gpu, BLOCK_NX=I // 4)) == 1
+    assert expert_tiles_whole(slots, gpu) == 0                               # a task of half a tile
+    assert expert_queue(parts) == 0
+    queued = lower(c.fused, LowerOptions(expert_parts=3, expert_queue=1))
+    assert expert_queue(queued) == 1
+    mixed = dataclasses.replace(queued, tasks=[dataclasses.replace(t, attrs={k: v for k, v in t.attrs.items()
+                                                                            if k != "sync"})
+                                               if t.kind == "expert_down" and t.attrs["op"] == "L1.out" else t
+                                               for t in queued.tasks])
+    with pytest.raises(ScheduleError, match="has no expert queue"):
+        expert_queue(mixed)

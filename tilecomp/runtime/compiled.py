@@ -234,6 +234,32 @@ def expert_queue(tp) -> int:
     return int(bool(queued))
 
 
+def expert_tiles_whole(tp, consts: dict) -> int:
+    """1 when every MXFP4 tile the expert tasks load lies inside its matrix (what the kernel's
+    XEVEN, when the tiles allow it, needs to drop the bounds masks of the weight loads and of
+    the K of their input's loads; tile_constexprs launches 0 otherwise): rows and K of both
+    expert matrices multiples of BLOCK_NX and BLOCK_KX, per-slot tasks' column ranges on whole
+    tiles, and a K loop that loads only the tile it uses (XPIPE 1, or MX_DOT 1's pipelined
+    dot_scaled); the register-prefetch loops (XPIPE 0, MX_DOT 2 and 4) read one tile past the
+    row end on their last step, which the mask keeps in bounds."""
+    nx, kx = consts.get("BLOCK_NX"), consts.get("BLOCK_KX")
+    experts = [t for t in tp.tasks if t.kind in ("expert_up_gate", "expert_down")]
+    if not experts or not nx or not kx:
+        return 0
+    mx_dot = consts.get("MX_DOT", 0)
+    if mx_dot in (2, 4) or (mx_dot != 1 and not consts.get("XPIPE", 0)):
+        return 0
+    for t in experts:
+        inter, dim = t.attrs["inter"], t.attrs["dim"]
+        rows = inter if t.kind == "expert_up_gate" else dim
+        if rows % nx or inter % kx or dim % kx:
+            return 0
+        n0, n1 = t.attrs.get("n0", 0), t.attrs.get("n1", 0)
+        if not t.attrs.get("parts") and (n0 % nx or (n1 > n0 and n1 < rows and n1 % nx)):
+            return 0
+    return 1
+
+
 def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
     """The engine's tile sizes; with `widen`, BLOCK_N (and the experts' BLOCK_NX, the LM head's BLOCK_NH) grow to the widest task of the schedule
     so every task is one tile (fewer tile operations: the interpreter's choice). Without it the
@@ -243,7 +269,8 @@ def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
     xact = expert_operands(tp)
     xqueue = expert_queue(tp)
     if not widen:
-        return dict(base, ARRIVE=arrive, XACT=xact, XQUEUE=xqueue)
+        return dict(base, ARRIVE=arrive, XACT=xact, XQUEUE=xqueue,
+                    XEVEN=int(bool(base.get("XEVEN")) and expert_tiles_whole(tp, base)))
     def pow2(n):
         return 1 << max(0, int(n - 1).bit_length())
     widths = [t.attrs["n1"] - t.attrs["n0"] for t in tp.tasks if "n1" in t.attrs and "n0" in t.attrs]
@@ -253,4 +280,5 @@ def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
         consts["BLOCK_NX"] = max(consts.get("BLOCK_NX", 0), consts["BLOCK_N"])     # the experts' rows
         consts["BLOCK_NH"] = max(consts.get("BLOCK_NH", 0), consts["BLOCK_N"])     # the LM head's rows
         consts["BLOCK_NC"] = max(consts.get("BLOCK_NC", 0), consts["BLOCK_N"])     # moe_combine's columns
+    consts["XEVEN"] = int(bool(consts.get("XEVEN")) and expert_tiles_whole(tp, consts))
     return consts
