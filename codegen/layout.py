@@ -313,8 +313,11 @@ KINDS: dict[str, KindABI] = _kinds(
 # (runtime/compiled.expert_tiles_whole decides; the launch gets 0 otherwise). sm_90 build (Triton
 # 3.6, flash, GPU tiles, `bench/sass_loops.py expert_up_gate,expert_down --variant
 # XACT=1[,XEVEN=1]`): the up_gate K step 420 -> 390 instructions, down 259 -> 232, the two kinds'
-# kernel 210 -> 179 registers. Built in session 24 on CPU, not measured yet (`--ab-tile XEVEN=0`
-# is the A/B); on by default on a GPU (GPU_TUNING) as a dead-predicate removal.
+# kernel 210 -> 179 registers. Measured (session 24, H100, interleaved A/B of 60 pairs): flash 8L
+# block 8 -0.024 ms (0.3%; `--ab-tile XEVEN=0` against it on: +0.024 [+0.015, +0.033]), block 1
+# inside the noise. Off by default: the one GPU tokens check whose shapes it applies to (the full
+# small preset) showed a median prompt-logit deviation of 2.33 with no baseline of the same
+# configuration to compare (docs/PERF.md "Session 24"); --tile XEVEN=1 turns it on.
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
                    "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0, "WPF": 0, "WPFL": 0,
@@ -462,7 +465,9 @@ GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 4, "
               "BLOCK_TR": 32,
               "MX_DOT": 9,
               "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1, "STILE": 1, "AFRAG": 1,
-              "NOINLINE": 1, "MMAV2": 1, "COMB_GATHER": 1, "BLOCK_NC": 128, "QKV_LOOP": 1, "XEVEN": 1}
+              "NOINLINE": 1, "MMAV2": 1, "COMB_GATHER": 1, "BLOCK_NC": 128, "QKV_LOOP": 1}
+# 16 warps (128 registers per thread, 164 / 376 bytes of spills) measured +23% on flash 8L block 8
+# (session 24, H100: 9.133 against 7.420 ms, 30-step runs on one machine)
 GPU_NUM_WARPS = 8
 
 KIND_IDS = {name: k.id for name, k in KINDS.items()}

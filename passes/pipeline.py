@@ -100,7 +100,10 @@ def engine_options(max_len: int, programs: int, interpreter: bool,
 # reduce_heads 4 = reduce_rows 32 at block 8: 7.851 -> 7.597 ms, -0.256 ms [-0.271, -0.246]
 # xn_split 1 (v31, the same call's kind of A/B): 7.852 -> 7.727 ms, -0.117 ms [-0.133, -0.112];
 # small block 8 -0.031 ms [-0.041, -0.019]
-GPU_LOWER = {"expert_operands": 1, "kv_chunk": 0, "reduce_rows": 32, "xn_split": 1}
+# expert_queue 1 (v33, session 24, H100, the same kind of A/B): 7.716 -> 7.375 ms, -0.348 ms
+# [-0.360, -0.332]; small block 8 -0.066 ms [-0.076, -0.060]; tokens: tiny, small and the shipped
+# model, 0 unexplained divergences
+GPU_LOWER = {"expert_operands": 1, "kv_chunk": 0, "reduce_rows": 32, "xn_split": 1, "expert_queue": 1}
 
 
 def lower_overrides(interpreter: bool, lower: dict | None = None) -> dict:

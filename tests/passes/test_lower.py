@@ -481,9 +481,9 @@ def test_expert_queue_needs_the_parts_form(tiny):
 
 def test_xeven_only_for_whole_expert_tiles_in_a_loop_that_reads_no_further(tiny):
     """The program launches the kernel with XEVEN (no bounds masks on the expert loads; a tile
-    switch, on for GPUs) only when every expert tile lies inside its matrix and the K loop loads
-    only the tile it uses; and XQUEUE
-    with the queue on every expert task (a program mixing both forms is refused)."""
+    switch, off by default) only when it is asked for, every expert tile lies inside its matrix
+    and the K loop loads only the tile it uses; and with XQUEUE only when every expert task has
+    the queue (a program mixing both forms is refused)."""
     from tilecomp.errors import ScheduleError
     from tilecomp.runtime.compiled import expert_queue, expert_tiles_whole, tile_constexprs
     cfg, _, c = tiny
