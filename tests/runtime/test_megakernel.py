@@ -495,3 +495,32 @@ def test_expert_queue_gives_the_reference_tokens_logits_and_reports_its_own_wait
     with pytest.raises(DeadlockError, match=r"task \d+ \(expert_down \[[^\]]+\]\) waited in its body on "
                                             r"slot 0's up_gate units done .*value 1, target 8"):
         engine.generate(ids, 2)
+
+
+def test_xeven_on_the_gpu_expert_path_gives_the_same_logits(monkeypatch):
+    """XEVEN (no bounds masks on whole expert tiles) on the GPU's expert path as far as the
+    interpreter runs it: MX_DOT 9's repacked words (its Triton-op form), AFRAG's order, STILE's
+    scale tiles, the weights as the left operand, the pipelined K loop, bf16-operand inputs and
+    the unit queue, with the GPU's unwidened tile sizes on a 128-wide model whose expert tiles are
+    whole: the prompt's logits are the reference's and bit-identical to XEVEN 0's."""
+    import tilecomp.runtime.megakernel as M
+    real = M.tile_constexprs
+    monkeypatch.setattr(M, "tile_constexprs", lambda tp, base, widen=True: real(tp, base, widen=False))
+    cfg, _ = preset("tiny", layers=2)
+    cfg = dataclasses.replace(cfg, hidden_size=128, moe_intermediate_size=128, intermediate_size=256)
+    torch.manual_seed(9)
+    target = MiMoForCausalLM(cfg)
+    ids = prompt(9, 9)
+    with torch.no_grad():
+        want = target(torch.tensor([ids]))[0, -1]
+    tiles = dict(MX_DOT=9, PTX_ASM=0, AFRAG=1, STILE=1, XPIPE=1, WLEFT=1, BLOCK_NX=64, BLOCK_KX=128)
+    got = {}
+    for even in (0, 1):
+        engine = MegakernelEngine(target, None, max_len=32, tiles=dict(tiles, XEVEN=even),
+                                  lower={"expert_parts": 3, "expert_operands": 1, "expert_queue": 1})
+        consts = engine.step_program("prefill").kernel.constexprs
+        assert (consts["XEVEN"], consts["XQUEUE"], consts["MX_DOT"], consts["AFRAG"], consts["STILE"]) == (even, 1, 9, 1, 1)
+        with torch.no_grad():
+            got[even] = engine.prompt_logits(ids)
+    torch.testing.assert_close(got[1], want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got[1], got[0])
