@@ -221,11 +221,15 @@ def expert_operands(tp) -> int:
     return int(True in forms)
 
 
+def _expert_tasks(tp) -> list:
+    return [t for t in tp.tasks if t.kind in ("expert_up_gate", "expert_down")]
+
+
 def expert_queue(tp) -> int:
     """1 when the program's expert parts take their units from a run-time queue
     (LowerOptions.expert_queue; the kernel's XQUEUE), 0 when none does. XQUEUE is one value for
     the whole kernel, so a program where some expert tasks have a queue and others not is refused."""
-    experts = [t for t in tp.tasks if t.kind in ("expert_up_gate", "expert_down")]
+    experts = _expert_tasks(tp)
     queued = [t for t in experts if "sync" in t.attrs]
     if queued and len(queued) != len(experts):
         plain = next(t for t in experts if "sync" not in t.attrs)
@@ -243,7 +247,7 @@ def expert_tiles_whole(tp, consts: dict) -> int:
     dot_scaled); the register-prefetch loops (XPIPE 0, MX_DOT 2 and 4) read one tile past the
     row end on their last step, which the mask keeps in bounds."""
     nx, kx = consts.get("BLOCK_NX"), consts.get("BLOCK_KX")
-    experts = [t for t in tp.tasks if t.kind in ("expert_up_gate", "expert_down")]
+    experts = _expert_tasks(tp)
     if not experts or not nx or not kx:
         return 0
     mx_dot = consts.get("MX_DOT", 0)
@@ -267,18 +271,14 @@ def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
     small register tiles, and the cached kernel of the engine's own tile sizes fits)."""
     arrive = int(any("arrive" in t.attrs for t in tp.tasks))   # passes/fold_reduce.py's merge
     xact = expert_operands(tp)
-    xqueue = expert_queue(tp)
-    if not widen:
-        return dict(base, ARRIVE=arrive, XACT=xact, XQUEUE=xqueue,
-                    XEVEN=int(bool(base.get("XEVEN")) and expert_tiles_whole(tp, base)))
+    consts = dict(base, ARRIVE=arrive, XACT=xact, XQUEUE=expert_queue(tp))
     def pow2(n):
         return 1 << max(0, int(n - 1).bit_length())
     widths = [t.attrs["n1"] - t.attrs["n0"] for t in tp.tasks if "n1" in t.attrs and "n0" in t.attrs]
-    consts = dict(base, ARRIVE=arrive, XACT=xact, XQUEUE=xqueue)
-    if widths:
+    if widen and widths:
         consts["BLOCK_N"] = max(consts["BLOCK_N"], pow2(max(widths)))
         consts["BLOCK_NX"] = max(consts.get("BLOCK_NX", 0), consts["BLOCK_N"])     # the experts' rows
         consts["BLOCK_NH"] = max(consts.get("BLOCK_NH", 0), consts["BLOCK_N"])     # the LM head's rows
         consts["BLOCK_NC"] = max(consts.get("BLOCK_NC", 0), consts["BLOCK_N"])     # moe_combine's columns
-    consts["XEVEN"] = int(bool(consts.get("XEVEN")) and expert_tiles_whole(tp, consts))
+    consts["XEVEN"] = int(bool(consts.get("XEVEN")) and expert_tiles_whole(tp, consts))   # on the final tiles
     return consts
