@@ -141,7 +141,7 @@ KINDS: dict[str, KindABI] = _kinds(
     ("expert_up_gate", ("x", "plan", "gate_blocks", "gate_scales", "up_blocks", "up_scales",
                         "act", "slot", "n0", "n1", "inter", "dim", "n_rows", "weights", "part", "parts",
                         "sync"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT", "XQUEUE", "XEVEN")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT", "XQUEUE", "XEVEN", "XTILE")),
     # (slot, n tile): out[slot] = weights[slot, t] * (act[slot] @ down^T)
     # parts > 0 (both expert kinds): part `part` of `parts` of all routed (slot, tile) units
     # sync >= 0 (both expert kinds; LowerOptions.expert_queue, kernel XQUEUE): the parts take their
@@ -149,7 +149,7 @@ KINDS: dict[str, KindABI] = _kinds(
     # [0] / [1] up_gate / down units taken, [2 + s] slot s's up_gate units done
     ("expert_down", ("act", "plan", "weights", "blocks", "scales", "out", "slot", "n0", "n1",
                      "inter", "dim", "n_rows", "part", "parts", "sync"),
-     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT", "XQUEUE", "XEVEN")),
+     ("BLOCK_T", "BLOCK_NX", "BLOCK_KX", "MX_DOT", "PTX_ASM", "STAGES_X", "SALIGN", "L2PF", "AALIGN", "XPIPE", "WLEFT", "STILE", "AFRAG", "XACT", "XFLAT", "XQUEUE", "XEVEN", "XTILE")),
     # n tile: y = res + sum of the slot partials (slot order, slots < plan count); weights:
     # moe_route's per-(slot, token) weights (COMB_GATHER: which slots each row chose)
     ("moe_combine", ("part", "plan", "n_slots", "res", "y", "n0", "n1", "dim", "n_rows", "weights",
@@ -318,18 +318,29 @@ KINDS: dict[str, KindABI] = _kinds(
 # inside the noise. Off by default: the one GPU tokens check whose shapes it applies to (the full
 # small preset) showed a median prompt-logit deviation of 2.33 with no baseline of the same
 # configuration to compare (docs/PERF.md "Session 24"); --tile XEVEN=1 turns it on.
+# XTILE (expert kinds): 1 has the engine store each expert matrix's codes tile by tile (tile_blocks
+# below: every BLOCK_NX x BLOCK_KX tile, the bytes one K step of one unit loads, is one contiguous
+# run of BLOCK_NX * BLOCK_KX / 2 bytes, the tiles of a row band in K order), and the loads address
+# it so; 0: the models' row-major [N, K/2] bytes. Row-major, a 128 x 128 K step reads 64 bytes
+# from each of 128 rows K/2 bytes apart (2 KB for up_gate, 1 KB for down at flash shapes): every
+# 64-byte piece is its own DRAM burst in another page, and the row's next 64 bytes come a K step
+# later. The tiled layout streams 8 KB runs instead. Needs every expert matrix's rows and K to be
+# multiples of BLOCK_NX and BLOCK_KX (the engine falls back to 0 otherwise); the arena then
+# depends on those two tiles too (a variant program cannot change them). L2PF's row prefetches
+# still name row-major addresses (a hint: they fetch other lines, nothing reads them wrong).
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
                    "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0, "WPF": 0, "WPFL": 0,
                    "INLINE": 0, "XFLAT": 0, "STAGES_C": 3, "MMAV2": 0, "QKV_LOOP": 0,
-                   "COMB_GATHER": 0, "BLOCK_KS": 8, "BLOCK_SL": 64, "XQUEUE": 0, "XEVEN": 0}
+                   "COMB_GATHER": 0, "BLOCK_KS": 8, "BLOCK_SL": 64, "XQUEUE": 0, "XEVEN": 0,
+                   "XTILE": 0}
 
 
 # switches that change how the engine writes the weights into its arena (MX_DOT 9's repacked words,
 # AFRAG's element order, STILE's scale tiles, NORM_F32's norm gains): a kernel built with another
 # value needs another arena, so `MegakernelEngine.variant_program` (the bench's A/B on one engine)
 # refuses them
-ARENA_TILES = ("MX_DOT", "AFRAG", "STILE", "NORM_F32")
+ARENA_TILES = ("MX_DOT", "AFRAG", "STILE", "NORM_F32", "XTILE")
 
 
 # tile sizes that default to another one when a kernel's constexprs leave them out
@@ -392,6 +403,20 @@ def tile_scales(scales: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"MXFP4 scales of shape {tuple(scales.shape)}: K/32 = {g} is not a multiple of 4 "
                          "(STILE needs whole 32-bit words per row)")
     return scales.reshape(*lead, n, g // 4, 4).transpose(-3, -2).contiguous().reshape(scales.shape)
+
+
+def tile_blocks(blocks: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+    """XTILE's layout of MXFP4 codes: uint8 [..., N, K/32, 16] (row-major, K/2 bytes per row: the
+    models' layout, or MX_DOT 9's repacked words) -> the same shape and bytes with each matrix
+    stored as [N / block_n, K / block_k, block_n, block_k / 2]: tile (i, j), rows block_n i ..
+    and K elements block_k j .., is one contiguous run. N and K must be multiples of the tiles."""
+    *lead, n, g, b = blocks.shape
+    k = 32 * g
+    if b != 16 or n % block_n or k % block_k or block_k % 32:
+        raise ValueError(f"MXFP4 codes of shape {tuple(blocks.shape)}: rows {n} and K {k} must be multiples "
+                         f"of the tile {block_n} x {block_k} (XTILE stores whole tiles)")
+    tiled = blocks.reshape(*lead, n // block_n, block_n, k // block_k, block_k // 2).transpose(-3, -2)
+    return tiled.contiguous().reshape(blocks.shape)
 
 
 def norm_arena(consts: dict) -> str:

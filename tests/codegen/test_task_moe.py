@@ -360,13 +360,14 @@ def test_mxfp4_dequant_matches_models_mxfp4(mode):
 
 
 def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales=(), repack=False, stile=False,
-               afrag=False):
+               afrag=False, xtile=None):
     """One expert (random MXFP4 gate / up / down, scale codes in [lo, hi), `edge_scales` on the
     first groups of row 0) in arenas, with an expert_up_gate record over its whole width (act
     from x) and an expert_down record over its whole dim (out from act_in, token weights w).
     repack: the arenas hold the codes as the engine stores them for MX_DOT 9; stile: the scales
     as the engine stores them for STILE 1 (codegen/layout.py tile_scales); afrag: the codes in
-    AFRAG's element order before the MX_DOT 9 repack.
+    AFRAG's element order before the MX_DOT 9 repack; xtile (BLOCK_NX, BLOCK_KX): the codes
+    stored tile by tile after that (XTILE 1, codegen/layout.py tile_blocks).
     Returns (arenas, [up, down], (wg, wu, wd) dequantized)."""
     from tilecomp.models.mxfp4 import dequantize_mxfp4
     def mx(n, k):
@@ -393,6 +394,9 @@ def one_expert(gen, T, D, inter, scales_lo, scales_hi, x, act_in, w, edge_scales
     if stile:
         from tilecomp.codegen.layout import tile_scales
         b.transform(lambda name, t: tile_scales(t) if name in ("gs", "us", "ds") else t)
+    if xtile:
+        from tilecomp.codegen.layout import tile_blocks
+        b.transform(lambda name, t: tile_blocks(t, *xtile) if name in ("gb", "ub", "db") else t)
     arenas = b.build()
     up = TaskRecord("expert_up_gate", 0, dict(
         x=b.offset("x"), plan=b.offset("plan"), gate_blocks=b.offset("gb"), gate_scales=b.offset("gs"),
@@ -482,6 +486,51 @@ def test_afrag_order_gives_the_exact_products(block_nx, block_kx, xpipe, stile):
     run_tasks([recs], arenas, dict(BLOCK_T=16, BLOCK_NX=block_nx, BLOCK_KX=block_kx, MX_DOT=9, SALIGN=4,
                                    XPIPE=xpipe, STAGES_X=3, WLEFT=1, STILE=stile, AFRAG=1))
     assert_expert_outputs(arenas, x, act_in, wg, wu, wd, [1.0, 0.5])
+
+
+@pytest.mark.parametrize("mode,xpipe,block_nx,block_kx,afrag", [(3, 0, 32, 32, 0), (9, 1, 32, 128, 0), (9, 1, 128, 128, 1)],
+                         ids=["bytes-register-prefetch", "words-xpipe", "afrag-rows-permuted"])
+def test_tiled_codes_read_the_engines_layout(mode, xpipe, block_nx, block_kx, afrag):
+    """XTILE 1: the expert kinds read the codes stored tile by tile (codegen/layout.py
+    tile_blocks: each BLOCK_NX x BLOCK_KX tile one contiguous run), through expert_up_gate (K 256:
+    several K steps per row band) and expert_down (K 384), as bytes (MX_DOT 3, with the register
+    prefetch's masked read past the row end) and as MX_DOT 9 words (AFRAG's permuted rows
+    included): the float64 references. The row-major codes read as tiled fail."""
+    gen = torch.Generator().manual_seed(12)
+    T, D, inter = 2, 256, 384
+    x = torch.randn(T, D, generator=gen) * 1e-3
+    act_in = torch.randn(1, T, inter, generator=gen)
+    tiles = dict(BLOCK_T=16, BLOCK_NX=block_nx, BLOCK_KX=block_kx, MX_DOT=mode, SALIGN=4, XPIPE=xpipe, STAGES_X=3,
+                 WLEFT=int(mode == 9), STILE=1, AFRAG=afrag, XTILE=1)
+    for xtile in ((block_nx, block_kx), None) if mode == 3 else ((block_nx, block_kx),):
+        g = torch.Generator().manual_seed(13)
+        arenas, recs, (wg, wu, wd) = one_expert(g, T, D, inter, 110, 132, x, act_in, torch.tensor([[1.0, 0.5]]),
+                                                repack=mode == 9 and not afrag, afrag=bool(afrag), stile=True,
+                                                xtile=xtile)
+        run_tasks([recs], arenas, tiles)
+        if xtile:
+            assert_expert_outputs(arenas, x, act_in, wg, wu, wd, [1.0, 0.5])
+        else:           # the kernel's tiled addresses on row-major codes
+            with pytest.raises(AssertionError):
+                assert_expert_outputs(arenas, x, act_in, wg, wu, wd, [1.0, 0.5])
+
+
+def test_tile_blocks_layout():
+    """tile_blocks puts tile (i, j) (rows 4i .., K elements 64j ..) at one contiguous run, rows in
+    it in order; shapes that are not whole tiles are refused with the tile named."""
+    from tilecomp.codegen.layout import tile_blocks
+    blocks = torch.randint(0, 256, (2, 8, 6, 16), dtype=torch.uint8)     # 2 matrices of 8 rows x K 192
+    tiled = tile_blocks(blocks, 4, 64)
+    assert tiled.shape == blocks.shape and tiled.dtype == torch.uint8
+    flat, rows = tiled.reshape(2, -1), blocks.reshape(2, 8, 96)
+    for e in range(2):
+        for i in range(2):
+            for j in range(3):
+                start = (i * 3 + j) * 4 * 32
+                want = rows[e, 4 * i:4 * i + 4, 32 * j:32 * j + 32].reshape(-1)
+                assert torch.equal(flat[e, start:start + 128], want)
+    with pytest.raises(ValueError, match=r"rows 8 and K 192 must be multiples of the tile 4 x 128"):
+        tile_blocks(blocks, 4, 128)
 
 
 def test_afrag_source_keeps_each_word_in_one_scale_group():

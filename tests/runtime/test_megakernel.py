@@ -12,7 +12,7 @@ import torch
 
 from tilecomp.codegen.harness import Megakernel
 from tilecomp.codegen import layout as L
-from tilecomp.codegen.layout import KIND_IDS, tile_scales
+from tilecomp.codegen.layout import KIND_IDS, tile_blocks, tile_scales
 from tilecomp.codegen.mxfp4_ptx import afrag_order, repack_words
 from tilecomp.errors import DeadlockError, TilecompError
 from tilecomp.models.dflash import DFlashDraft
@@ -371,6 +371,17 @@ def test_tiled_scales_give_the_reference_logits_and_are_refused_where_rows_are_n
                                    rtol=1e-4, atol=1e-4)
     with pytest.raises(TilecompError, match="AFRAG=1 reorders MX_DOT 9's words.*MX_DOT is 3"):
         MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": 3, "AFRAG": 1})
+    # XTILE on top: the codes tile by tile (the logits: test_xeven_and_xtile_...); the arena then
+    # depends on BLOCK_NX / BLOCK_KX, which a variant program may not change; K 256 is not whole
+    # 512-wide tiles
+    engine = MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"MX_DOT": 9, "BLOCK_KX": 128, "BLOCK_NX": 64,
+                                                                     "AFRAG": 1, "XTILE": 1})
+    for name in (n for n in engine.builder.slots if n.endswith("_blocks")):
+        assert torch.equal(engine.arenas.view(name), tile_blocks(repack_words(afrag_order(buffers[name])), 64, 128)), name
+    with pytest.raises(TilecompError, match="BLOCK_NX.*arena"):
+        engine.variant_program("prefill", {"BLOCK_NX": 32})
+    with pytest.raises(TilecompError, match=r"XTILE=1 .*_blocks is \d+ rows x K 256, not whole 64 x 512 tiles"):
+        MegakernelEngine(target, draft, max_len=MAX_LEN, tiles={"BLOCK_KX": 512, "BLOCK_NX": 64, "XTILE": 1})
     tiny, tiny_draft = models(9)
     with pytest.raises(TilecompError, match=r"STILE=1 .*_scales has 2 groups per row \(K/32\), not a multiple of 4"):
         MegakernelEngine(tiny, tiny_draft, max_len=MAX_LEN, tiles={"STILE": 1})
@@ -497,17 +508,18 @@ def test_expert_queue_gives_the_reference_tokens_logits_and_reports_its_own_wait
         engine.generate(ids, 2)
 
 
-def test_xeven_on_the_gpu_expert_path_gives_the_same_logits(monkeypatch):
-    """XEVEN (no bounds masks on whole expert tiles) on the GPU's expert path as far as the
-    interpreter runs it: MX_DOT 9's repacked words (its Triton-op form), AFRAG's order, STILE's
-    scale tiles, the weights as the left operand, the pipelined K loop, bf16-operand inputs and
-    the unit queue, with the GPU's unwidened tile sizes on a 128-wide model whose expert tiles are
-    whole: the prompt's logits are the reference's and bit-identical to XEVEN 0's."""
+def test_xeven_and_xtile_on_the_gpu_expert_path_give_the_same_logits(monkeypatch):
+    """XEVEN (no bounds masks on whole expert tiles) and XTILE (the codes stored tile by tile) on
+    the GPU's expert path as far as the interpreter runs it: MX_DOT 9's repacked words (its
+    Triton-op form), AFRAG's order, STILE's scale tiles, the weights as the left operand, the
+    pipelined K loop, bf16-operand inputs and the unit queue, with the GPU's unwidened tile sizes
+    on a 256-wide model whose expert tiles are whole (2 K steps per row band): the prompt's logits
+    are the reference's and bit-identical to XEVEN 0 / XTILE 0's."""
     import tilecomp.runtime.megakernel as M
     real = M.tile_constexprs
     monkeypatch.setattr(M, "tile_constexprs", lambda tp, base, widen=True: real(tp, base, widen=False))
     cfg, _ = preset("tiny", layers=2)
-    cfg = dataclasses.replace(cfg, hidden_size=128, moe_intermediate_size=128, intermediate_size=256)
+    cfg = dataclasses.replace(cfg, hidden_size=256, moe_intermediate_size=256, intermediate_size=256)
     torch.manual_seed(9)
     target = MiMoForCausalLM(cfg)
     ids = prompt(9, 9)
@@ -515,12 +527,13 @@ def test_xeven_on_the_gpu_expert_path_gives_the_same_logits(monkeypatch):
         want = target(torch.tensor([ids]))[0, -1]
     tiles = dict(MX_DOT=9, PTX_ASM=0, AFRAG=1, STILE=1, XPIPE=1, WLEFT=1, BLOCK_NX=64, BLOCK_KX=128)
     got = {}
-    for even in (0, 1):
-        engine = MegakernelEngine(target, None, max_len=32, tiles=dict(tiles, XEVEN=even),
+    for even, xtile in ((0, 0), (1, 0), (1, 1)):
+        engine = MegakernelEngine(target, None, max_len=32, tiles=dict(tiles, XEVEN=even, XTILE=xtile),
                                   lower={"expert_parts": 3, "expert_operands": 1, "expert_queue": 1})
         consts = engine.step_program("prefill").kernel.constexprs
-        assert (consts["XEVEN"], consts["XQUEUE"], consts["MX_DOT"], consts["AFRAG"], consts["STILE"]) == (even, 1, 9, 1, 1)
+        assert (consts["XEVEN"], consts["XTILE"], consts["XQUEUE"], consts["MX_DOT"], consts["AFRAG"],
+                consts["STILE"]) == (even, xtile, 1, 9, 1, 1)
         with torch.no_grad():
-            got[even] = engine.prompt_logits(ids)
-    torch.testing.assert_close(got[1], want, rtol=1e-4, atol=1e-4)
-    assert torch.equal(got[1], got[0])
+            got[even, xtile] = engine.prompt_logits(ids)
+    torch.testing.assert_close(got[1, 1], want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got[1, 0], got[0, 0]) and torch.equal(got[1, 1], got[0, 0])

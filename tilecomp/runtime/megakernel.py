@@ -193,6 +193,19 @@ def _afrag(target, draft, consts: dict, tiles: dict) -> int:
                     "BLOCK_KX and every expert K multiples of 128)", why)
 
 
+def _code_tiles(target, draft, consts: dict, tiles: dict) -> int:
+    """XTILE: every MXFP4 code tensor's rows and K multiples of BLOCK_NX and BLOCK_KX."""
+    nx, kx = consts.get("BLOCK_NX", 0), consts.get("BLOCK_KX", 0)
+    why = None
+    for prefix, model in (("", target), ("draft.", draft)):
+        for name, blocks in (model.named_buffers() if model is not None else ()):
+            if why is None and name.endswith("_blocks") and blocks.dim() >= 3 and (
+                    not nx or not kx or blocks.shape[-3] % nx or (32 * blocks.shape[-2]) % kx):
+                why = (f"{prefix}{name} is {blocks.shape[-3]} rows x K {32 * blocks.shape[-2]}, not whole "
+                       f"{nx} x {kx} tiles (BLOCK_NX x BLOCK_KX)")
+    return _applies(tiles, "XTILE", "stores the expert codes in whole BLOCK_NX x BLOCK_KX tiles", why)
+
+
 class MegakernelEngine:
     def __init__(self, target, draft=None, max_len: int = 4096, programs: int | None = None,
                  artifacts=None, cache_dir=None, chunk_len: int | None = None, schedule=None,
@@ -280,6 +293,13 @@ class MegakernelEngine:
             if self.consts["STILE"]:
                 # STILE reads the expert scales tiled by K words (codegen/layout.py tile_scales)
                 builder.transform(lambda name, t: L.tile_scales(t) if name.endswith("_scales") else t)
+        if self.consts.get("XTILE"):
+            self.consts["XTILE"] = _code_tiles(target, draft, self.consts, self.tiles)
+            if self.consts["XTILE"]:
+                # XTILE reads the expert codes tile by tile (codegen/layout.py tile_blocks), after
+                # MX_DOT 9's word repacking (which stays inside a row's 128-element blocks)
+                nx, kx = self.consts["BLOCK_NX"], self.consts["BLOCK_KX"]
+                builder.transform(lambda name, t: L.tile_blocks(t, nx, kx) if name.endswith("_blocks") else t)
         if (self.schedule is None and draft is not None or self.prefill_schedule is None
                 or self.plain_schedule is None):
             self._compile_missing()
@@ -287,7 +307,8 @@ class MegakernelEngine:
                                    if tp is not None))
         self.builder = builder
         if share_experts is not None:
-            differ = [t for t in L.ARENA_TILES if share_experts.consts.get(t) != self.consts.get(t)]
+            arena_tiles = L.ARENA_TILES + (("BLOCK_NX", "BLOCK_KX") if self.consts.get("XTILE") else ())
+            differ = [t for t in arena_tiles if share_experts.consts.get(t) != self.consts.get(t)]
             if differ:
                 raise TilecompError(f"share_experts: the engines write the weights differently "
                                     f"({', '.join(differ)} differ)")
@@ -333,6 +354,8 @@ class MegakernelEngine:
         engine of their own and are refused."""
         check_tile_names(tiles, self.consts)
         bad = sorted(set(tiles) & set(L.ARENA_TILES))
+        if self.consts.get("XTILE"):     # the codes' tiles are the arena's
+            bad += [t for t in ("BLOCK_NX", "BLOCK_KX") if t in tiles and tiles[t] != self.consts.get(t)]
         if bad:
             raise TilecompError(f"tiles: {', '.join(bad)} change(s) how the weights sit in the arena; "
                                 f"a variant program shares this engine's arena (build another engine)")
