@@ -200,6 +200,8 @@ for s in "$@"; do
     sab\ *) sab ${s#sab } ;;             # e.g. 'sab q0 1 --ab-tile QKV_LOOP=0'
     tracev\ *) tracev ${s#tracev } ;;     # e.g. 'tracev small-b1 small 8 1'
     pick\ *) pick ${s#pick } ;;
+    flags\ *) read -r -a BENCH_FLAGS <<< "${s#flags }"   # e.g. 'flags --tile XTILE=1': the bench-* steps after it run with these flags
+               echo "=== flags: bench flags now: ${BENCH_FLAGS[*]}" | tee -a "$OUT/steps.log" ;;
     abpick\ *) abpick ${s#abpick } ;;   # e.g. 'abpick span tokens-tiny-span --lower qkv_span=128'
     sweep-json|logs) ;;     # finalize does both at the end of the call
     install) step install 120 python3 -m pip install --no-deps --no-build-isolation -e . ;;
