@@ -264,7 +264,7 @@ KINDS: dict[str, KindABI] = _kinds(
 # the one loop that loads the up tile masked off (no bytes move, but the zeros are still staged in
 # shared memory, read back and multiplied). sm_90 build (`bench/sass_loops.py linear`): the
 # no-up loop is 265 instructions per 256-wide K step with 16 HMMA, 24 LDSM and 14 async copies,
-# against 343 with 32 / 32 / 22. Not yet measured on a GPU.
+# against 343 with 32 / 32 / 22. Measured: GPU_TUNING's notes below (v37, on by default on a GPU).
 # XACT (moe_route, expert kinds; not a --tile switch: the engine sets it from the tile program,
 # runtime/compiled.py tile_constexprs): 1 when the lowering stored the experts' inputs (moe_route's
 # normed rows xn and up_gate's act) as "operand" buffers, in the weights' dtype in arena_w
@@ -314,10 +314,10 @@ KINDS: dict[str, KindABI] = _kinds(
 # 3.6, flash, GPU tiles, `bench/sass_loops.py expert_up_gate,expert_down --variant
 # XACT=1[,XEVEN=1]`): the up_gate K step 420 -> 390 instructions, down 259 -> 232, the two kinds'
 # kernel 210 -> 179 registers. Measured (session 24, H100, interleaved A/B of 60 pairs): flash 8L
-# block 8 -0.024 ms (0.3%; `--ab-tile XEVEN=0` against it on: +0.024 [+0.015, +0.033]), block 1
-# inside the noise. Off by default: the one GPU tokens check whose shapes it applies to (the full
-# small preset) showed a median prompt-logit deviation of 2.33 with no baseline of the same
-# configuration to compare (docs/PERF.md "Session 24"); --tile XEVEN=1 turns it on.
+# block 8 -0.024 ms (0.3%; `--ab-tile XEVEN=0` against it on: +0.024 [+0.015, +0.033]); block 1
+# +0.007 [+0.002, +0.017] (session 25). Exact on the GPU (session 25: the small preset's tokens
+# check, median prompt-logit deviation 2.3318 with and without it, every margin the same). Off by
+# default: the two blocks' effects cancel; --tile XEVEN=1 turns it on.
 # XTILE (expert kinds): 1 has the engine store each expert matrix's codes tile by tile (tile_blocks
 # below: every BLOCK_NX x BLOCK_KX tile, the bytes one K step of one unit loads, is one contiguous
 # run of BLOCK_NX * BLOCK_KX / 2 bytes, the tiles of a row band in K order), and the loads address
@@ -328,6 +328,9 @@ KINDS: dict[str, KindABI] = _kinds(
 # multiples of BLOCK_NX and BLOCK_KX (the engine falls back to 0 otherwise); the arena then
 # depends on those two tiles too (a variant program cannot change them). L2PF's row prefetches
 # still name row-major addresses (a hint: they fetch other lines, nothing reads them wrong).
+# Measured (v36, session 25, H100): flash 4L block 8 A/B -0.021 ms [-0.030, -0.010] (0.44%); 8L
+# 30-step runs 7.537 against 7.401 ms (within their spread); exact (the small preset's tokens check
+# gives XTILE 0's deviations to the last bit). Off: the experts' access pattern is not what holds them.
 TUNING_DEFAULTS = {"STAGES": 3, "WALIGN": 1, "MX_DOT": 3, "STAGES_X": 3, "SALIGN": 1, "L2PF": 0, "AALIGN": 4,
                    "NORM_F32": 0, "NOINLINE": 0, "PTX_ASM": 0, "ARRIVE": 0, "ROUTE_DOT": 0, "XPIPE": 0,
                    "WLEFT": 0, "STILE": 0, "AFRAG": 0, "UPLOOP": 0, "XACT": 0, "WPF": 0, "WPFL": 0,
@@ -486,11 +489,23 @@ def norm_arena(consts: dict) -> str:
 # flash 8L block 8 8.355 -> 7.976 ms, block 1 3.011 -> 2.909; tokens-tiny 0 unexplained. Measured
 # and left off in the same call: BLOCK_N 128 + BLOCK_K 128 (+0.164), STAGES_X 4 (-0.015, [-0.031,
 # -0.010]: below 0.2%).
+# UPLOOP 1 and BLOCK_NH 128 (v37, session 25, H100, interleaved A/Bs of 60 pairs on one engine;
+# session 17's separate 30-step runs had UPLOOP +0.3 ms, inside their spread): flash 8L block 8
+# UPLOOP -0.190 ms [-0.204, -0.170], BLOCK_NH 128 (the LM head's row tile, 64 before: 256 KB per
+# K-looped tile pass instead of two) -0.049 [-0.074, -0.028]; the two together -0.138 [-0.150,
+# -0.127] at block 8, -0.089 [-0.097, -0.084] at block 1, small block 1 -0.056 [-0.060, -0.052];
+# full benches 7.239 / 2.736 ms (flash 8L block 8 / 1), 1.754 / 1.290 ms (small); tokens-tiny and
+# the shipped model's tokens 0 unexplained. Measured and left off in the same session: BLOCK_TA 128
+# (+1.850), BLOCK_RN 2 (-0.011, noise), BLOCK_KR 256 (+0.035), --lower vocab_quantum=16 (+0.293),
+# XTILE (-0.021 [-0.030, -0.010] on 4 layers: the memory-pattern reading is not what holds the
+# experts), XEVEN at block 1 (+0.007 [+0.002, +0.017]; exact on the GPU: the small preset's tokens
+# check gives the same deviations to the last bit with and without it, and with XTILE).
 GPU_TUNING = {"BLOCK_K": 256, "BLOCK_KX": 128, "BLOCK_NX": 128, "BLOCK_RN": 4, "BLOCK_KR": 128, "L2PF": 0, "BLOCK_TA": 32,
               "BLOCK_TR": 32,
               "MX_DOT": 9,
               "PTX_ASM": 1, "ROUTE_DOT": 2, "XPIPE": 1, "WLEFT": 1, "STILE": 1, "AFRAG": 1,
-              "NOINLINE": 1, "MMAV2": 1, "COMB_GATHER": 1, "BLOCK_NC": 128, "QKV_LOOP": 1}
+              "NOINLINE": 1, "MMAV2": 1, "COMB_GATHER": 1, "BLOCK_NC": 128, "QKV_LOOP": 1,
+              "UPLOOP": 1, "BLOCK_NH": 128}
 # 16 warps (128 registers per thread, 164 / 376 bytes of spills) measured +23% on flash 8L block 8
 # (session 24, H100: 9.133 against 7.420 ms, 30-step runs on one machine)
 GPU_NUM_WARPS = 8
