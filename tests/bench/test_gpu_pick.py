@@ -93,3 +93,18 @@ def test_abpick_takes_a_won_ab_with_clean_tokens_else_skips_the_benches(tmp_path
     for ci, bad in (((-0.25, 0.01), 0), ((-0.25, -0.15), 1)):     # the interval reaches 0; a divergence
         lost = run_abpick(tmp_path, ci, bad)
         assert "not picked" in lost[0] and lost[1] == "=== bench-flash-8 skipped (abpick: not picked)"
+
+
+def test_flags_step_sets_the_bench_flags_of_the_steps_after_it(tmp_path):
+    """'flags FLAGS...': the bench-* steps after it run with FLAGS (a call that measures variants
+    chosen in an earlier call); the ones before it with the defaults."""
+    out = subprocess.run(["bash", str(SCRIPT), "bench-small-8", "flags --tile UPLOOP=1 --tile BLOCK_NH=128",
+                          "bench-small-1"],
+                         env={"OUT": str(tmp_path), "DRY": "1", "PATH": os.environ["PATH"],
+                              "HOME": os.environ.get("HOME", str(tmp_path))},
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("=== bench-small-") and "limit" in line]
+    assert len(lines) == 2
+    assert "--tile" not in lines[0]
+    assert lines[1].endswith("--json " + str(tmp_path / "small-ctx4096-b1.json") + " --tile UPLOOP=1 --tile BLOCK_NH=128")
+    assert "=== flags: bench flags now: --tile UPLOOP=1 --tile BLOCK_NH=128" in out.stdout
