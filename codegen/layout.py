@@ -265,6 +265,14 @@ KINDS: dict[str, KindABI] = _kinds(
 # shared memory, read back and multiplied). sm_90 build (`bench/sass_loops.py linear`): the
 # no-up loop is 265 instructions per 256-wide K step with 16 HMMA, 24 LDSM and 14 async copies,
 # against 343 with 32 / 32 / 22. Measured: GPU_TUNING's notes below (v37, on by default on a GPU).
+# UPLOOP 2: as 1, and the tasks with neither an up matrix nor a norm (o_proj, down_proj, the
+# draft's o / down) run a third loop without the norm gains: the one-norm-loop form loads a
+# [BLOCK_T, BLOCK_K] gain tile masked off every K step (no bytes, but staged through the
+# pipeline and multiplied into x with the row scale). sm_90 build (Triton 3.6, flash, GPU tiles,
+# `bench/sass_loops.py linear --variant UPLOOP=2`): that loop is 185 instructions per 256-wide K
+# step (12 async copies) against the no-up loop's 259 (14); x keeps its multiply by the row
+# scale (1 there): fed from shared memory straight into the dot, the fp32 tile was read with 64
+# LDS.64 per step (258 instructions). Not yet measured on a GPU.
 # XACT (moe_route, expert kinds; not a --tile switch: the engine sets it from the tile program,
 # runtime/compiled.py tile_constexprs): 1 when the lowering stored the experts' inputs (moe_route's
 # normed rows xn and up_gate's act) as "operand" buffers, in the weights' dtype in arena_w

@@ -19,13 +19,14 @@ def linear_record(task, b, n0, k0, k1, *, T, N, K, norm, res, y="y", y_stride=No
 
 @pytest.mark.parametrize("norm,res,stages,norm_f32,noinline,uploop", [
     (False, False, 3, 1, 0, 0), (True, True, 3, 1, 0, 0), (True, True, 1, 1, 0, 0), (True, True, 3, 0, 0, 0),
-    (True, False, 1, 0, 1, 0), (True, True, 3, 1, 0, 1)])
+    (True, False, 1, 0, 1, 0), (True, True, 3, 1, 0, 1), (False, True, 3, 0, 0, 2), (True, True, 3, 0, 0, 2)])
 def test_linear_matches_torch(norm, res, stages, norm_f32, noinline, uploop):
     """stages 3: the tl.range-pipelined K loop; 1: the manual one-tile prefetch before the wait
     (its tiles reach the compute function as arguments). norm_f32: the gain in arena_f32 (1) or
     arena_w (0), as layout.norm_arena places it (the other arena holds other data at that offset,
     so a kernel reading the wrong one fails). noinline: the compute body as a device function.
-    uploop 1: tasks without a SwiGLU up matrix run the pipelined loop that has no up tile."""
+    uploop 1: tasks without a SwiGLU up matrix run the pipelined loop that has no up tile; 2: and
+    the ones without a norm too the loop without the norm gains (a task with a norm keeps them)."""
     g = torch.Generator().manual_seed(1)
     T, K, N = 5, 80, 72  # neither a multiple of the tiles
     x, w, gain, resid = (torch.randn(s, generator=g) for s in [(T, K), (N, K), (K,), (T, N)])
@@ -107,7 +108,7 @@ def test_embed_column_tasks(cols):
             assert out[:, :d0].isnan().all() and out[:, d1:].isnan().all()
 
 
-@pytest.mark.parametrize("stages,uploop", [(3, 0), (1, 0), (3, 1)])
+@pytest.mark.parametrize("stages,uploop", [(3, 0), (1, 0), (3, 1), (3, 2)])
 def test_linear_swiglu_epilogue(stages, uploop):
     g = torch.Generator().manual_seed(8)
     T, K, N = 4, 64, 48

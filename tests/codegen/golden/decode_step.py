@@ -59,7 +59,33 @@ def _linear_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up, r_
             # memory); the tiles loaded before the wait are not used on this path. WALIGN: weight
             # slots, row lengths and K bounds are multiples of WALIGN elements (16-byte loads)
             # (the frame states their WALIGN alignment when it loads them: layout.arg_hint)
-            if (UPLOOP != 0) & (r_w_up < 0):
+            if (UPLOOP == 2) & (r_w_up < 0) & (r_norm < 0):
+                # no up matrix and no norm (o_proj, down_proj, the draft's o / down): nor the gains'
+                # masked-off tile, staged and multiplied every K step like the up tile's zeros
+                ln_wb = r_w
+                ln_kd = r_k_dim
+                ln_k1 = r_k1
+                for ln_kb in tl.range(r_k0, ln_k1, BLOCK_K, num_stages=STAGES):
+                    ln_kk = ln_kb + ln_k
+                    ln_kmask = ln_kk < ln_k1
+                    if L2PF > 0:
+                        if WALIGN >= 8:
+                            # L2 prefetch of the weight tile L2PF K steps ahead (and of the SwiGLU up
+                            # matrix's, at the same rows and columns ln_pr / ln_pc)
+                            ln_pc = ln_kb + L2PF * BLOCK_K
+                            ln_pw = ln_pc >= ln_k1
+                            ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
+                            ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
+                            tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                    ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                    # (the row scale is 1 here; the multiply keeps x's path through registers: fed from shared
+                    # memory straight into the dot, the fp32 tile is read with 64 LDS.64 per K step on sm_90)
+                    ln_x = ln_x * ln_inv[:, None]
+                    ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                    mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
+                    ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
+
+            elif (UPLOOP != 0) & (r_w_up < 0):
                 # no SwiGLU up matrix: a loop without the up tile (the one-loop form loads it masked
                 # off, which moves no bytes but still stages zeros in shared memory and multiplies them)
                 ln_wb = r_w
@@ -206,7 +232,33 @@ def _linear_own_body(arena_w, arena_f32, arena_i32, r_x, r_x_stride, r_w, r_w_up
             # memory); the tiles loaded before the wait are not used on this path. WALIGN: weight
             # slots, row lengths and K bounds are multiples of WALIGN elements (16-byte loads)
             # (the frame states their WALIGN alignment when it loads them: layout.arg_hint)
-            if (UPLOOP != 0) & (r_w_up < 0):
+            if (UPLOOP == 2) & (r_w_up < 0) & (r_norm < 0):
+                # no up matrix and no norm (o_proj, down_proj, the draft's o / down): nor the gains'
+                # masked-off tile, staged and multiplied every K step like the up tile's zeros
+                ln_wb = r_w
+                ln_kd = r_k_dim
+                ln_k1 = r_k1
+                for ln_kb in tl.range(r_k0, ln_k1, BLOCK_K, num_stages=STAGES):
+                    ln_kk = ln_kb + ln_k
+                    ln_kmask = ln_kk < ln_k1
+                    if L2PF > 0:
+                        if WALIGN >= 8:
+                            # L2 prefetch of the weight tile L2PF K steps ahead (and of the SwiGLU up
+                            # matrix's, at the same rows and columns ln_pr / ln_pc)
+                            ln_pc = ln_kb + L2PF * BLOCK_K
+                            ln_pw = ln_pc >= ln_k1
+                            ln_pc = tl.where(ln_pw, ln_pc - (ln_k1 - r_k0), ln_pc)
+                            ln_pr = tl.where(ln_pw, ln_n + BLOCK_N, ln_n)
+                            tl.inline_asm_elementwise("{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r", [arena_w + ln_wb + (ln_pr) * (ln_kd) + (ln_pc), tl.where(ln_pr < ln_n_end, tl.minimum(tl.minimum(BLOCK_K, ln_k1 - ln_pc), ln_kd - (ln_pc)) * ESIZE, 0).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+                    ln_x = tl.load(arena_f32 + r_x + ln_t[:, None] * r_x_stride + ln_kk[None, :], mask=ln_tmask[:, None] & ln_kmask[None, :], other=0.0, cache_modifier=".cg")
+                    # (the row scale is 1 here; the multiply keeps x's path through registers: fed from shared
+                    # memory straight into the dot, the fp32 tile is read with 64 LDS.64 per K step on sm_90)
+                    ln_x = ln_x * ln_inv[:, None]
+                    ln_wt = tl.load(arena_w + ln_wb + ln_n[:, None] * ln_kd + ln_kk[None, :],
+                                    mask=ln_nmask[:, None] & ln_kmask[None, :], other=0.0)
+                    ln_acc = tl.dot(ln_x.to(ln_wt.dtype), tl.trans(ln_wt), ln_acc, input_precision="ieee")
+
+            elif (UPLOOP != 0) & (r_w_up < 0):
                 # no SwiGLU up matrix: a loop without the up tile (the one-loop form loads it masked
                 # off, which moves no bytes but still stages zeros in shared memory and multiplies them)
                 ln_wb = r_w
