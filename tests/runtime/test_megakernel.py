@@ -74,13 +74,14 @@ def test_split_qkv_tasks_and_tuning_switches_give_the_same_tokens():
     """One task per query head and a k and a v task per KV head (the GPU default), each q and k
     head's rotary rows apart from its other rows, 8 warps, other tiles, the experts as 2 tasks
     per kind that split the routed units at run time (the GPU default is one per program), their
-    unit loops marked for flattening (XFLAT; the interpreter runs the nest as written): same
-    tokens."""
+    unit loops marked for flattening (XFLAT; the interpreter runs the nest as written), the linear
+    tasks without an up matrix or a norm in their own K loop (UPLOOP 2): same tokens."""
     target, draft = models(4)
     ids = prompt(4, 9)
     ref = ReferenceEngine(target, draft, max_len=MAX_LEN).generate(ids, 4, use_draft=False)
     engine = MegakernelEngine(target, draft, max_len=MAX_LEN, qkv_q_heads=1, num_warps=8,
-                              tiles={"BLOCK_K": 32, "BLOCK_N": 32, "XFLAT": 1}, lower={"expert_parts": 2, "qkv_split_rope": 1})
+                              tiles={"BLOCK_K": 32, "BLOCK_N": 32, "XFLAT": 1, "UPLOOP": 2},
+                              lower={"expert_parts": 2, "qkv_split_rope": 1})
     records = engine.step_program("plain").records.tolist()
     qkv = [r for r in records if r[0] == KIND_IDS["qkv_rope_kv"]]
     moe_layers = sum(1 for i in range(target.config.num_hidden_layers) if target.config.is_moe(i))
