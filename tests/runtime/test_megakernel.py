@@ -379,6 +379,12 @@ def test_tiled_scales_give_the_reference_logits_and_are_refused_where_rows_are_n
                                                                      "AFRAG": 1, "XTILE": 1})
     for name in (n for n in engine.builder.slots if n.endswith("_blocks")):
         assert torch.equal(engine.arenas.view(name), tile_blocks(repack_words(afrag_order(buffers[name])), 64, 128)), name
+    # the interpreter widens the tiles to the widest task, but not BLOCK_NX under XTILE (the
+    # arena's tile): the experts loop over 64-row sub-tiles and read the codes where they are
+    assert engine.step_program("prefill").kernel.constexprs["BLOCK_NX"] == 64
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prompt_logits(ids), target(torch.tensor([ids]))[0, -1],
+                                   rtol=1e-4, atol=1e-4)
     with pytest.raises(TilecompError, match="BLOCK_NX.*arena"):
         engine.variant_program("prefill", {"BLOCK_NX": 32})
     with pytest.raises(TilecompError, match=r"XTILE=1 .*_blocks is \d+ rows x K 256, not whole 64 x 512 tiles"):

@@ -277,7 +277,8 @@ def tile_constexprs(tp, base: dict, widen: bool = True) -> dict:
     widths = [t.attrs["n1"] - t.attrs["n0"] for t in tp.tasks if "n1" in t.attrs and "n0" in t.attrs]
     if widen and widths:
         consts["BLOCK_N"] = max(consts["BLOCK_N"], pow2(max(widths)))
-        consts["BLOCK_NX"] = max(consts.get("BLOCK_NX", 0), consts["BLOCK_N"])     # the experts' rows
+        if not consts.get("XTILE"):     # (XTILE: the arena's codes are stored in BLOCK_NX tiles)
+            consts["BLOCK_NX"] = max(consts.get("BLOCK_NX", 0), consts["BLOCK_N"])     # the experts' rows
         consts["BLOCK_NH"] = max(consts.get("BLOCK_NH", 0), consts["BLOCK_N"])     # the LM head's rows
         consts["BLOCK_NC"] = max(consts.get("BLOCK_NC", 0), consts["BLOCK_N"])     # moe_combine's columns
     consts["XEVEN"] = int(bool(consts.get("XEVEN")) and expert_tiles_whole(tp, consts))   # on the final tiles
