@@ -193,16 +193,20 @@ def _afrag(target, draft, consts: dict, tiles: dict) -> int:
                     "BLOCK_KX and every expert K multiples of 128)", why)
 
 
-def _code_tiles(target, draft, consts: dict, tiles: dict) -> int:
-    """XTILE: every MXFP4 code tensor's rows and K multiples of BLOCK_NX and BLOCK_KX."""
-    nx, kx = consts.get("BLOCK_NX", 0), consts.get("BLOCK_KX", 0)
-    why = None
+def _codes_not_whole_tiles(target, draft, nx: int, kx: int) -> str | None:
+    """Why the first MXFP4 code tensor is not whole nx x kx tiles, or None."""
     for prefix, model in (("", target), ("draft.", draft)):
         for name, blocks in (model.named_buffers() if model is not None else ()):
-            if why is None and name.endswith("_blocks") and blocks.dim() >= 3 and (
+            if name.endswith("_blocks") and blocks.dim() >= 3 and (
                     not nx or not kx or blocks.shape[-3] % nx or (32 * blocks.shape[-2]) % kx):
-                why = (f"{prefix}{name} is {blocks.shape[-3]} rows x K {32 * blocks.shape[-2]}, not whole "
-                       f"{nx} x {kx} tiles (BLOCK_NX x BLOCK_KX)")
+                return (f"{prefix}{name} is {blocks.shape[-3]} rows x K {32 * blocks.shape[-2]}, not whole "
+                        f"{nx} x {kx} tiles (BLOCK_NX x BLOCK_KX)")
+    return None
+
+
+def _code_tiles(target, draft, consts: dict, tiles: dict) -> int:
+    """XTILE: every MXFP4 code tensor's rows and K multiples of BLOCK_NX and BLOCK_KX."""
+    why = _codes_not_whole_tiles(target, draft, consts.get("BLOCK_NX", 0), consts.get("BLOCK_KX", 0))
     return _applies(tiles, "XTILE", "stores the expert codes in whole BLOCK_NX x BLOCK_KX tiles", why)
 
 
@@ -307,8 +311,8 @@ class MegakernelEngine:
                                    if tp is not None))
         self.builder = builder
         if share_experts is not None:
-            arena_tiles = L.ARENA_TILES + (("BLOCK_NX", "BLOCK_KX") if self.consts.get("XTILE") else ())
-            differ = [t for t in arena_tiles if share_experts.consts.get(t) != self.consts.get(t)]
+            differ = [t for t in L.ARENA_TILES + self._layout_tiles()
+                      if share_experts.consts.get(t) != self.consts.get(t)]
             if differ:
                 raise TilecompError(f"share_experts: the engines write the weights differently "
                                     f"({', '.join(differ)} differ)")
@@ -345,6 +349,11 @@ class MegakernelEngine:
             self._steps[kind] = self._compiled(*self._program_of(kind))
         return self._steps[kind]
 
+    def _layout_tiles(self) -> tuple:
+        """Tile sizes the arena's weight layout depends on besides L.ARENA_TILES: XTILE stores the
+        expert codes in BLOCK_NX x BLOCK_KX tiles."""
+        return ("BLOCK_NX", "BLOCK_KX") if self.consts.get("XTILE") else ()
+
     def variant_program(self, kind: str, tiles: dict) -> StepProgram:
         """A second step program of `kind` on this engine's arenas and weights, its kernel launched
         with `tiles` on top of the engine's tile sizes (its own scoreboard, epoch and graph). What
@@ -354,8 +363,7 @@ class MegakernelEngine:
         engine of their own and are refused."""
         check_tile_names(tiles, self.consts)
         bad = sorted(set(tiles) & set(L.ARENA_TILES))
-        if self.consts.get("XTILE"):     # the codes' tiles are the arena's
-            bad += [t for t in ("BLOCK_NX", "BLOCK_KX") if t in tiles and tiles[t] != self.consts.get(t)]
+        bad += [t for t in self._layout_tiles() if t in tiles and tiles[t] != self.consts.get(t)]
         if bad:
             raise TilecompError(f"tiles: {', '.join(bad)} change(s) how the weights sit in the arena; "
                                 f"a variant program shares this engine's arena (build another engine)")
